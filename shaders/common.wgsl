@@ -1,0 +1,83 @@
+// Shared by every kernel family (pulled in with `#include common`).
+//
+// WG is the workgroup size of the row-reduction kernels (matmul GEMV, norms, softmax,
+// attention). Element-wise kernels use 256 invocations, the portable maximum.
+
+const WG: u32 = 64u;
+const NEG_BIG: f32 = -3.0e38;
+
+struct Ids {
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+#if SUBGROUPS
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_size) sg_size: u32,
+#endif
+}
+
+// Linear workgroup index of a grid spread over x and y (see `recorder::grid`).
+fn group_index(ids: Ids) -> u32 {
+    return ids.wg.x + ids.wg.y * ids.nwg.x;
+}
+
+// Linear invocation index for the 256-wide element-wise kernels.
+fn flat_index(ids: Ids) -> u32 {
+    return group_index(ids) * 256u + ids.lid;
+}
+
+var<workgroup> red: array<f32, WG>;
+
+// Sum of `v` over the WG invocations of the workgroup; every invocation gets the total.
+// Must be called in uniform control flow by all WG invocations.
+fn wg_sum(v: f32, ids: Ids) -> f32 {
+#if SUBGROUPS
+    let s = subgroupAdd(v);
+    workgroupBarrier();
+    red[ids.lid] = select(0.0, s, ids.sg_lane == 0u);
+    workgroupBarrier();
+    // Each subgroup sums every slot once, whatever the subgroup-to-invocation mapping.
+    var t = 0.0;
+    for (var j = ids.sg_lane; j < WG; j += ids.sg_size) {
+        t += red[j];
+    }
+    return subgroupAdd(t);
+#else
+    workgroupBarrier();
+    red[ids.lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (ids.lid < s) {
+            red[ids.lid] += red[ids.lid + s];
+        }
+        workgroupBarrier();
+    }
+    return red[0];
+#endif
+}
+
+// Maximum of `v` over the workgroup; same contract as wg_sum.
+fn wg_max(v: f32, ids: Ids) -> f32 {
+#if SUBGROUPS
+    let s = subgroupMax(v);
+    workgroupBarrier();
+    red[ids.lid] = select(NEG_BIG, s, ids.sg_lane == 0u);
+    workgroupBarrier();
+    var t = NEG_BIG;
+    for (var j = ids.sg_lane; j < WG; j += ids.sg_size) {
+        t = max(t, red[j]);
+    }
+    return subgroupMax(t);
+#else
+    workgroupBarrier();
+    red[ids.lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (ids.lid < s) {
+            red[ids.lid] = max(red[ids.lid], red[ids.lid + s]);
+        }
+        workgroupBarrier();
+    }
+    return red[0];
+#endif
+}

@@ -1,0 +1,28 @@
+// Strided 2-D copy between two buffers: dst[dst_off + r * dst_stride + c] =
+// src[src_off + r * src_stride + c]. Concatenation, slicing and KV-cache writes are copies.
+
+#include common
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    src_off: u32,
+    src_stride: u32,
+    dst_off: u32,
+    dst_stride: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+@compute @workgroup_size(256)
+fn copy_rows(ids: Ids) {
+    let e = flat_index(ids);
+    if (e >= p.rows * p.cols) {
+        return;
+    }
+    let r = e / p.cols;
+    let c = e % p.cols;
+    dst[p.dst_off + r * p.dst_stride + c] = src[p.src_off + r * p.src_stride + c];
+}

@@ -1,0 +1,56 @@
+// Weight storage formats (see src/quant.rs for the byte layout). Exactly one W_* flag is set.
+// Declares binding 2 (`w`, the data words) and, for quantised formats, binding 3 (`w_scales`),
+// and `w_at(i)`: element i (row-major within the tensor part) as f32.
+
+#if W_F32
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+
+fn w_at(i: u32) -> f32 {
+    return w[i];
+}
+#endif
+
+#if W_F16
+#if F16
+// shader-f16: the same bytes read as native halves.
+@group(0) @binding(2) var<storage, read> w: array<vec2<f16>>;
+
+fn w_at(i: u32) -> f32 {
+    return f32(w[i >> 1u][i & 1u]);
+}
+#else
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+
+fn w_at(i: u32) -> f32 {
+    return unpack2x16float(w[i >> 1u])[i & 1u];
+}
+#endif
+#endif
+
+#if W_Q8
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> w_scales: array<u32>;
+
+fn scale_at(b: u32) -> f32 {
+    return unpack2x16float(w_scales[b >> 1u])[b & 1u];
+}
+
+fn w_at(i: u32) -> f32 {
+    let q = extractBits(bitcast<i32>(w[i >> 2u]), (i & 3u) * 8u, 8u);
+    return f32(q) * scale_at(i >> 5u);
+}
+#endif
+
+#if W_Q4
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> w_scales: array<u32>;
+
+fn scale_at(b: u32) -> f32 {
+    return unpack2x16float(w_scales[b >> 1u])[b & 1u];
+}
+
+fn w_at(i: u32) -> f32 {
+    let q = extractBits(w[i >> 3u], (i & 7u) * 4u, 4u);
+    return (f32(q) - 8.0) * scale_at(i >> 5u);
+}
+#endif

@@ -1,0 +1,65 @@
+//! One error type for the whole crate. Every variant carries enough context to tell the user
+//! what was expected and what was found, and where (file, tensor, option, adapter limit).
+
+use std::fmt;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matched (none at all, or none for the requested backend / selector).
+    #[error("no GPU adapter found: {0}")]
+    NoAdapter(String),
+
+    /// The adapter offers less than a model or kernel needs.
+    #[error(
+        "adapter '{adapter}' is too small: limit `{limit}` offered {offered}, needed {needed} ({why})"
+    )]
+    Limit {
+        adapter: String,
+        limit: &'static str,
+        needed: u64,
+        offered: u64,
+        why: String,
+    },
+
+    /// A command-line option or environment variable has a value we do not understand.
+    #[error("invalid value for {name}: {msg}")]
+    InvalidOption { name: String, msg: String },
+
+    /// A tensor's shape, dtype or size is not what an operation or file expects.
+    #[error("tensor `{name}`: expected {expected}, found {found}")]
+    Tensor {
+        name: String,
+        expected: String,
+        found: String,
+    },
+
+    /// The device refused something (device creation, out of memory, device lost, ...).
+    #[error("GPU error: {0}")]
+    Gpu(String),
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Shorthand for a [`Error::Tensor`] error.
+    pub fn tensor(
+        name: impl fmt::Display,
+        expected: impl fmt::Display,
+        found: impl fmt::Display,
+    ) -> Self {
+        Error::Tensor {
+            name: name.to_string(),
+            expected: expected.to_string(),
+            found: found.to_string(),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Instance, adapter and device creation; adapter listing for `minigpt4 info`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::gpu::shader::Variant;
+
+/// How to choose the adapter and which fast paths to allow. Every field can also come from the
+/// environment (see [`GpuOptions::from_env`]); explicit values win.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// `vulkan`, `metal`, `dx12`, `gl` or `webgpu`; `None` = all backends.
+    pub backend: Option<String>,
+    /// An adapter index (as listed by `minigpt4 info`) or a case-insensitive name substring.
+    pub adapter: Option<String>,
+    /// Lower the storage-binding size used to split tensors (tests use it to force splitting).
+    pub max_binding: Option<u64>,
+    /// Use only the portable kernels (f32 arithmetic, no f16 reads, no subgroups).
+    pub portable: bool,
+}
+
+impl GpuOptions {
+    /// Reads `MINIGPT4_BACKEND` (falling back to `WGPU_BACKEND`), `MINIGPT4_ADAPTER`,
+    /// `MINIGPT4_MAX_BINDING` and `MINIGPT4_PORTABLE=1`.
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let max_binding = match var("MINIGPT4_MAX_BINDING") {
+            Some(v) => Some(v.parse::<u64>().map_err(|_| Error::InvalidOption {
+                name: "MINIGPT4_MAX_BINDING".into(),
+                msg: format!("expected a byte count, found '{v}'"),
+            })?),
+            None => None,
+        };
+        Ok(GpuOptions {
+            backend: var("MINIGPT4_BACKEND").or_else(|| var("WGPU_BACKEND")),
+            adapter: var("MINIGPT4_ADAPTER"),
+            max_binding,
+            portable: var("MINIGPT4_PORTABLE").is_some_and(|v| v != "0"),
+        })
+    }
+
+    /// Options given on the command line override the environment.
+    pub fn merged_with_env(self) -> Result<Self> {
+        let env = Self::from_env()?;
+        Ok(GpuOptions {
+            backend: self.backend.or(env.backend),
+            adapter: self.adapter.or(env.adapter),
+            max_binding: self.max_binding.or(env.max_binding),
+            portable: self.portable || env.portable,
+        })
+    }
+
+    pub fn backends(&self) -> Result<wgpu::Backends> {
+        let Some(name) = &self.backend else {
+            return Ok(wgpu::Backends::all());
+        };
+        let mut b = wgpu::Backends::empty();
+        for part in name.split(',').map(|s| s.trim().to_ascii_lowercase()) {
+            b |= match part.as_str() {
+                "vulkan" | "vk" => wgpu::Backends::VULKAN,
+                "metal" | "mtl" => wgpu::Backends::METAL,
+                "dx12" | "d3d12" => wgpu::Backends::DX12,
+                "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+                "webgpu" | "browser" => wgpu::Backends::BROWSER_WEBGPU,
+                _ => {
+                    return Err(Error::InvalidOption {
+                        name: "backend".into(),
+                        msg: format!("expected vulkan, metal, dx12, gl or webgpu, found '{part}'"),
+                    })
+                }
+            };
+        }
+        Ok(b)
+    }
+}
+
+/// What `minigpt4 info` prints about one adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+impl AdapterReport {
+    pub fn shader_f16(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+    pub fn subgroups(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+    }
+    pub fn timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+}
+
+/// Limits a model (or the kernel library itself) needs from an adapter.
+#[derive(Clone, Debug)]
+pub struct Requirements {
+    /// Why these are needed, shown in the error ("kernel library", "Vicuna-7B q4", ...).
+    pub what: String,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_storage_buffers_per_shader_stage: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+impl Requirements {
+    /// What every kernel in `shaders/` needs: the portable floor from DEVELOPERS.md.
+    pub fn kernels() -> Self {
+        Requirements {
+            what: "kernel library".into(),
+            max_buffer_size: 1 << 20,
+            max_storage_buffer_binding_size: 1 << 20,
+            max_storage_buffers_per_shader_stage: 6,
+            max_compute_invocations_per_workgroup: 256,
+            max_compute_workgroup_storage_size: 16 << 10,
+            max_compute_workgroups_per_dimension: 65535,
+        }
+    }
+
+    /// Checks `limits`, naming the first limit that is too small.
+    pub fn check(&self, adapter: &str, limits: &wgpu::Limits) -> Result<()> {
+        let checks: [(&'static str, u64, u64); 6] = [
+            (
+                "max_buffer_size",
+                self.max_buffer_size,
+                limits.max_buffer_size,
+            ),
+            (
+                "max_storage_buffer_binding_size",
+                self.max_storage_buffer_binding_size,
+                limits.max_storage_buffer_binding_size,
+            ),
+            (
+                "max_storage_buffers_per_shader_stage",
+                self.max_storage_buffers_per_shader_stage as u64,
+                limits.max_storage_buffers_per_shader_stage as u64,
+            ),
+            (
+                "max_compute_invocations_per_workgroup",
+                self.max_compute_invocations_per_workgroup as u64,
+                limits.max_compute_invocations_per_workgroup as u64,
+            ),
+            (
+                "max_compute_workgroup_storage_size",
+                self.max_compute_workgroup_storage_size as u64,
+                limits.max_compute_workgroup_storage_size as u64,
+            ),
+            (
+                "max_compute_workgroups_per_dimension",
+                self.max_compute_workgroups_per_dimension as u64,
+                limits.max_compute_workgroups_per_dimension as u64,
+            ),
+        ];
+        for (limit, needed, offered) in checks {
+            if offered < needed {
+                return Err(Error::Limit {
+                    adapter: adapter.to_string(),
+                    limit,
+                    needed,
+                    offered,
+                    why: self.what.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lists the adapters of the chosen backends, in the order `--adapter N` indexes them.
+pub async fn list_adapters(opts: &GpuOptions) -> Result<(wgpu::Instance, Vec<wgpu::Adapter>)> {
+    let backends = opts.backends()?;
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    #[cfg(not(target_arch = "wasm32"))]
+    let adapters = instance.enumerate_adapters(backends).await;
+    #[cfg(target_arch = "wasm32")]
+    let adapters = match instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(a) => vec![a],
+        Err(_) => vec![],
+    };
+    Ok((instance, adapters))
+}
+
+/// Reports for every adapter, and the index of the one [`Gpu::new`] would pick.
+pub async fn adapter_reports(opts: &GpuOptions) -> Result<(Vec<AdapterReport>, Result<usize>)> {
+    let (_instance, adapters) = list_adapters(opts).await?;
+    let reports: Vec<AdapterReport> = adapters
+        .iter()
+        .enumerate()
+        .map(|(index, a)| AdapterReport {
+            index,
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
+        .collect();
+    let chosen = choose(opts, &reports);
+    Ok((reports, chosen))
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn backend_desc(opts: &GpuOptions) -> String {
+    match &opts.backend {
+        Some(b) => format!("backend '{b}'"),
+        None => "any backend".into(),
+    }
+}
+
+/// Picks an adapter: `--adapter N` / `--adapter NAME`, else the most capable device type
+/// (discrete > integrated > virtual > CPU), ties broken by listing order.
+pub fn choose(opts: &GpuOptions, reports: &[AdapterReport]) -> Result<usize> {
+    if reports.is_empty() {
+        return Err(Error::NoAdapter(format!(
+            "no adapter on {} (install a Vulkan, Metal, DX12 or GL driver; on Linux without a GPU, \
+             Mesa's lavapipe: `apt-get install mesa-vulkan-drivers`)",
+            backend_desc(opts)
+        )));
+    }
+    match &opts.adapter {
+        Some(sel) => {
+            if let Ok(i) = sel.trim().parse::<usize>() {
+                if i < reports.len() {
+                    return Ok(i);
+                }
+                return Err(Error::NoAdapter(format!(
+                    "adapter index {i} requested, but {} lists only {} adapter(s) (0..{})",
+                    backend_desc(opts),
+                    reports.len(),
+                    reports.len() - 1
+                )));
+            }
+            let needle = sel.to_ascii_lowercase();
+            reports
+                .iter()
+                .find(|r| r.info.name.to_ascii_lowercase().contains(&needle))
+                .map(|r| r.index)
+                .ok_or_else(|| {
+                    let names: Vec<String> = reports
+                        .iter()
+                        .map(|r| format!("'{}'", r.info.name))
+                        .collect();
+                    Error::NoAdapter(format!(
+                        "no adapter name contains '{sel}' on {}; available: {}",
+                        backend_desc(opts),
+                        names.join(", ")
+                    ))
+                })
+        }
+        None => Ok(reports
+            .iter()
+            .min_by_key(|r| (type_rank(r.info.device_type), r.index))
+            .map(|r| r.index)
+            .unwrap_or(0)),
+    }
+}
+
+type PipelineKey = (&'static str, &'static str, Variant, Vec<&'static str>);
+
+/// An open device with its queue, what it can do, and the compiled-kernel cache.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    /// The fastest kernel variant this device supports (all-false with `portable`).
+    pub best_variant: Variant,
+    /// Largest byte size of one storage binding we use (the adapter's limit, or lower if forced).
+    pub max_binding: u64,
+    pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gpu {
+    /// Opens the adapter chosen by `opts` and requests its own limits.
+    pub async fn new(opts: &GpuOptions) -> Result<Self> {
+        let (_instance, adapters) = list_adapters(opts).await?;
+        let reports: Vec<AdapterReport> = adapters
+            .iter()
+            .enumerate()
+            .map(|(index, a)| AdapterReport {
+                index,
+                info: a.get_info(),
+                limits: a.limits(),
+                features: a.features(),
+            })
+            .collect();
+        let idx = choose(opts, &reports)?;
+        let adapter = &adapters[idx];
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        Requirements::kernels().check(&info.name, &limits)?;
+        let offered = adapter.features();
+        let mut wanted = wgpu::Features::empty();
+        if !opts.portable {
+            wanted |= offered
+                & (wgpu::Features::SHADER_F16
+                    | wgpu::Features::SUBGROUP
+                    | wgpu::Features::TIMESTAMP_QUERY);
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("minigpt4"),
+                required_features: wanted,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("could not open '{}': {e}", info.name)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let best_variant = Variant {
+            f16: wanted.contains(wgpu::Features::SHADER_F16),
+            subgroups: wanted.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size >= 4,
+        };
+        // capped at 1 GiB so that element indices of every format (8 per word for q4) fit in u32
+        let adapter_binding = (limits.max_storage_buffer_binding_size as u64)
+            .min(limits.max_buffer_size)
+            .min(1 << 30);
+        let max_binding = match opts.max_binding {
+            Some(m) => m.clamp(256, adapter_binding),
+            None => adapter_binding,
+        };
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features: wanted,
+            best_variant,
+            max_binding,
+            pipelines: Mutex::new(HashMap::new()),
+            errors,
+        })
+    }
+
+    /// Returns (and clears) the errors the device reported since the last call.
+    pub fn take_error(&self) -> Result<()> {
+        let mut v = self
+            .errors
+            .lock()
+            .map_err(|_| Error::Gpu("error sink poisoned".into()))?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        let msg = v.join("; ");
+        v.clear();
+        Err(Error::Gpu(msg))
+    }
+
+    /// Every kernel variant this device can run, portable first.
+    pub fn variants(&self) -> Vec<Variant> {
+        let mut v = vec![Variant::PORTABLE];
+        if self.best_variant.f16 {
+            v.push(Variant {
+                f16: true,
+                subgroups: false,
+            });
+        }
+        if self.best_variant.subgroups {
+            v.push(Variant {
+                f16: false,
+                subgroups: true,
+            });
+        }
+        if self.best_variant.f16 && self.best_variant.subgroups {
+            v.push(Variant {
+                f16: true,
+                subgroups: true,
+            });
+        }
+        v
+    }
+
+    /// Waits for all submitted work (native); a no-op in the browser.
+    pub fn wait(&self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! Typed wrappers over the WGSL kernels. Each call checks its arguments' shapes and dtypes and
+//! records one or more dispatches; nothing runs until the recorder is submitted.
+
+use crate::error::{Error, Result};
+use crate::gpu::recorder::{grid, Recorder};
+use crate::gpu::tensor::{Ids, Tensor};
+use crate::quant::DType;
+
+fn f(v: f32) -> u32 {
+    v.to_bits()
+}
+
+fn u(v: usize) -> u32 {
+    v as u32
+}
+
+fn wflag(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "W_F32",
+        DType::F16 => "W_F16",
+        DType::Q8 => "W_Q8",
+        DType::Q4 => "W_Q4",
+    }
+}
+
+fn need_f32(t: &Tensor) -> Result<()> {
+    if t.dtype != DType::F32 || t.parts.len() != 1 {
+        return Err(Error::tensor(
+            &t.name,
+            "a single-part f32 activation",
+            format!("{} in {} parts", t.dtype, t.parts.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn need_len(t: &Tensor, what: &str, min: usize) -> Result<()> {
+    if t.numel() < min {
+        return Err(Error::tensor(
+            &t.name,
+            format!("at least {min} elements ({what})"),
+            t.numel(),
+        ));
+    }
+    Ok(())
+}
+
+/// Which matmul kernel to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// GEMV for M <= 4, tiled GEMM otherwise.
+    Auto,
+    Gemv,
+    Gemm,
+}
+
+/// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// Rotary pairing convention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeMode {
+    /// HF `rotate_half`: element i pairs with i + head_dim/2.
+    Half,
+    /// Interleaved (Meta / GGUF): element 2i pairs with 2i + 1.
+    Interleaved,
+}
+
+/// A host-computed cos/sin table for rotary embeddings.
+pub struct RopeTable {
+    pub head_dim: usize,
+    pub max_pos: usize,
+    pub buffer: Tensor,
+}
+
+impl RopeTable {
+    /// cos/sin of `pos * theta^(-2i/head_dim)` for pos < max_pos, in f32 exactly as HF computes
+    /// `inv_freq` and `freqs` (f32 products), then `cos`/`sin` in f32.
+    pub fn values(head_dim: usize, max_pos: usize, theta: f32) -> Vec<f32> {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut v = Vec::with_capacity(max_pos * half * 2);
+        for pos in 0..max_pos {
+            for &fr in &inv {
+                let a = pos as f32 * fr;
+                v.push(a.cos());
+                v.push(a.sin());
+            }
+        }
+        v
+    }
+
+    pub fn new(gpu: &crate::gpu::Gpu, head_dim: usize, max_pos: usize, theta: f32) -> Result<Self> {
+        if !head_dim.is_multiple_of(2) || head_dim == 0 {
+            return Err(Error::tensor("rope", "an even head_dim", head_dim));
+        }
+        let v = Self::values(head_dim, max_pos, theta);
+        let buffer = Tensor::upload(gpu, "rope_table", &[max_pos, head_dim], DType::F32, &v)?;
+        Ok(RopeTable {
+            head_dim,
+            max_pos,
+            buffer,
+        })
+    }
+}
+
+/// A strided view of rows of heads inside an f32 tensor: element (t, h, i) at
+/// `offset + t * stride + h * head_dim + i`.
+#[derive(Clone, Copy)]
+pub struct HeadView<'a> {
+    pub t: &'a Tensor,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+impl<'a> HeadView<'a> {
+    /// A contiguous `[rows, heads * head_dim]` tensor.
+    pub fn whole(t: &'a Tensor) -> Self {
+        HeadView {
+            t,
+            offset: 0,
+            stride: t.cols(),
+        }
+    }
+}
+
+/// Attention geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    /// Query rows.
+    pub t: usize,
+    /// Key/value rows visible (cache length including the new rows).
+    pub s: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl Recorder<'_> {
+    /// `out[M, N] (+)= x[M, K] · Wᵀ (+ bias)` for a weight `[N, K]` in any dtype, split or not.
+    pub fn matmul(
+        &mut self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: &Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.matmul_with(MatmulPath::Auto, x, w, bias, out, accumulate)
+    }
+
+    pub fn matmul_with(
+        &mut self,
+        path: MatmulPath,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: &Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        need_f32(x)?;
+        need_f32(out)?;
+        let (m, k) = (x.rows(), x.cols());
+        let (n, wk) = (w.rows(), w.cols());
+        if w.shape.len() != 2 || wk != k {
+            return Err(Error::tensor(
+                &w.name,
+                format!("a [N, {k}] weight for input `{}` {:?}", x.name, x.shape),
+                format!("{:?}", w.shape),
+            ));
+        }
+        out.expect(None, &{
+            let mut s = x.shape.clone();
+            *s.last_mut().unwrap_or(&mut 0) = n;
+            s
+        })?;
+        if let Some(b) = bias {
+            need_f32(b)?;
+            b.expect(None, &[n])?;
+        }
+        let gemv = match path {
+            MatmulPath::Auto => m <= GEMV_MAX_ROWS,
+            MatmulPath::Gemv => true,
+            MatmulPath::Gemm => false,
+        };
+        let wf = wflag(w.dtype);
+        let flags: &[&'static str] = match (wf, bias.is_some()) {
+            ("W_F32", false) => &["W_F32"],
+            ("W_F16", false) => &["W_F16"],
+            ("W_Q8", false) => &["W_Q8"],
+            ("W_Q4", false) => &["W_Q4"],
+            ("W_F32", true) => &["W_F32", "BIAS"],
+            ("W_F16", true) => &["W_F16", "BIAS"],
+            ("W_Q8", true) => &["W_Q8", "BIAS"],
+            (_, true) => &["W_Q4", "BIAS"],
+            (_, false) => &["W_Q4"],
+        };
+        for part in &w.parts {
+            let params = [
+                u(m),
+                u(part.rows),
+                u(k),
+                u(k),
+                u(n),
+                u(part.row_start),
+                u(part.row_start),
+                accumulate as u32,
+            ];
+            let mut bufs: Vec<(u32, &wgpu::Buffer)> =
+                vec![(1, x.buffer()), (2, &part.data), (5, out.buffer())];
+            if let Some(s) = &part.scales {
+                bufs.push((3, s));
+            }
+            if let Some(b) = bias {
+                bufs.push((4, b.buffer()));
+            }
+            if gemv {
+                let groups = grid(u(m * part.rows));
+                self.dispatch("matmul", "gemv", flags, &params, &bufs, groups)?;
+            } else {
+                let groups = [u(part.rows.div_ceil(64)), u(m.div_ceil(64)), 1];
+                self.dispatch("matmul", "gemm", flags, &params, &bufs, groups)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// LayerNorm over the last dimension (eps as given; statistics in f32).
+    pub fn layer_norm(
+        &mut self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f32,
+        out: &Tensor,
+    ) -> Result<()> {
+        for t in [x, weight, bias, out] {
+            need_f32(t)?;
+        }
+        let (rows, cols) = (x.rows(), x.cols());
+        weight.expect(None, &[cols])?;
+        bias.expect(None, &[cols])?;
+        out.expect(None, &x.shape)?;
+        self.dispatch(
+            "norm",
+            "layer_norm",
+            &[],
+            &[u(rows), u(cols), f(eps), u(cols)],
+            &[
+                (1, x.buffer()),
+                (2, weight.buffer()),
+                (3, bias.buffer()),
+                (4, out.buffer()),
+            ],
+            grid(u(rows)),
+        )
+    }
+
+    /// RMSNorm over the last dimension (LLaMA).
+    pub fn rms_norm(&mut self, x: &Tensor, weight: &Tensor, eps: f32, out: &Tensor) -> Result<()> {
+        for t in [x, weight, out] {
+            need_f32(t)?;
+        }
+        let (rows, cols) = (x.rows(), x.cols());
+        weight.expect(None, &[cols])?;
+        out.expect(None, &x.shape)?;
+        self.dispatch(
+            "norm",
+            "rms_norm",
+            &[],
+            &[u(rows), u(cols), f(eps), u(cols)],
+            &[(1, x.buffer()), (2, weight.buffer()), (4, out.buffer())],
+            grid(u(rows)),
+        )
+    }
+
+    /// In-place softmax of `x * scale` over the last dimension.
+    pub fn softmax(&mut self, x: &Tensor, scale: f32) -> Result<()> {
+        need_f32(x)?;
+        self.dispatch(
+            "softmax",
+            "softmax",
+            &[],
+            &[u(x.rows()), u(x.cols()), f(scale)],
+            &[(1, x.buffer())],
+            grid(u(x.rows())),
+        )
+    }
+
+    fn elementwise(
+        &mut self,
+        entry: &'static str,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        cols: usize,
+        s: f32,
+    ) -> Result<()> {
+        need_f32(x)?;
+        let n = x.numel();
+        let mut bufs = vec![(1, x.buffer())];
+        if let Some(y) = y {
+            need_f32(y)?;
+            bufs.push((2, y.buffer()));
+        }
+        self.dispatch(
+            "elementwise",
+            entry,
+            &[],
+            &[u(n), u(cols), f(s)],
+            &bufs,
+            grid(u(n.div_ceil(256))),
+        )
+    }
+
+    /// `x += y` (same shape).
+    pub fn add(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
+        y.expect(None, &x.shape)?;
+        self.elementwise("add", x, Some(y), 1, 0.0)
+    }
+
+    /// `x[r, c] += bias[c]`.
+    pub fn add_bias(&mut self, x: &Tensor, bias: &Tensor) -> Result<()> {
+        bias.expect(None, &[x.cols()])?;
+        self.elementwise("add_bias", x, Some(bias), x.cols(), 0.0)
+    }
+
+    /// Exact (erf) GELU in place.
+    pub fn gelu(&mut self, x: &Tensor) -> Result<()> {
+        self.elementwise("gelu", x, None, 1, 0.0)
+    }
+
+    /// `gate = silu(gate) * up` in place.
+    pub fn silu_mul(&mut self, gate: &Tensor, up: &Tensor) -> Result<()> {
+        up.expect(None, &gate.shape)?;
+        self.elementwise("silu_mul", gate, Some(up), 1, 0.0)
+    }
+
+    /// `x *= s` in place.
+    pub fn scale(&mut self, x: &Tensor, s: f32) -> Result<()> {
+        self.elementwise("scale", x, None, 1, s)
+    }
+
+    /// Rotary embedding in place on `rows` rows of `heads` heads, positions `pos0..`.
+    pub fn rope(
+        &mut self,
+        x: HeadView,
+        rows: usize,
+        heads: usize,
+        table: &RopeTable,
+        pos0: usize,
+        mode: RopeMode,
+    ) -> Result<()> {
+        need_f32(x.t)?;
+        let d = table.head_dim;
+        if rows > 0 && pos0 + rows > table.max_pos {
+            return Err(Error::tensor(
+                "rope_table",
+                format!("positions up to {}", pos0 + rows),
+                format!("a table of {} positions", table.max_pos),
+            ));
+        }
+        if rows > 0 {
+            need_len(
+                x.t,
+                "rope rows",
+                x.offset + (rows - 1) * x.stride + heads * d,
+            )?;
+        }
+        let n = rows * heads * d / 2;
+        self.dispatch(
+            "rope",
+            "rope",
+            &[],
+            &[
+                u(rows),
+                u(heads),
+                u(d),
+                u(x.offset),
+                u(x.stride),
+                u(pos0),
+                (mode == RopeMode::Interleaved) as u32,
+            ],
+            &[(1, x.t.buffer()), (2, table.buffer.buffer())],
+            grid(u(n.div_ceil(256))),
+        )
+    }
+
+    /// Attention of `t` query rows against `s` key/value rows (see `shaders/attention.wgsl`).
+    /// With `causal`, query i sees keys `0 ..= i + (s - t)`.
+    pub fn attention(
+        &mut self,
+        q: HeadView,
+        k: HeadView,
+        v: HeadView,
+        out: HeadView,
+        a: AttnShape,
+    ) -> Result<()> {
+        for t in [q.t, k.t, v.t, out.t] {
+            need_f32(t)?;
+        }
+        if a.head_dim == 0 || a.head_dim > 256 {
+            return Err(Error::tensor(
+                "attention",
+                "a head_dim in 1..=256",
+                a.head_dim,
+            ));
+        }
+        if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
+            return Err(Error::tensor(
+                "attention",
+                format!("kv_heads dividing heads ({})", a.heads),
+                a.kv_heads,
+            ));
+        }
+        if a.s == 0 || (a.causal && a.s < a.t) {
+            return Err(Error::tensor(
+                "attention",
+                format!("at least {} key rows", a.t.max(1)),
+                a.s,
+            ));
+        }
+        let span = |view: &HeadView, rows: usize, heads: usize| {
+            view.offset + (rows - 1) * view.stride + heads * a.head_dim
+        };
+        need_len(q.t, "queries", span(&q, a.t, a.heads))?;
+        need_len(k.t, "keys", span(&k, a.s, a.kv_heads))?;
+        need_len(v.t, "values", span(&v, a.s, a.kv_heads))?;
+        need_len(out.t, "attention output", span(&out, a.t, a.heads))?;
+        if std::ptr::eq(out.t, q.t) || std::ptr::eq(out.t, k.t) || std::ptr::eq(out.t, v.t) {
+            return Err(Error::tensor(
+                &out.t.name,
+                "an output distinct from q, k and v",
+                "the same tensor",
+            ));
+        }
+        let params = [
+            u(a.t),
+            u(a.s),
+            u(a.heads),
+            u(a.kv_heads),
+            u(a.head_dim),
+            u(q.offset),
+            u(q.stride),
+            u(k.offset),
+            u(k.stride),
+            u(v.offset),
+            u(v.stride),
+            u(out.offset),
+            u(out.stride),
+            a.causal as u32,
+            u(a.s - a.t.min(a.s)),
+            f(a.scale),
+        ];
+        self.dispatch(
+            "attention",
+            "attention",
+            &[],
+            &params,
+            &[
+                (1, q.t.buffer()),
+                (2, k.t.buffer()),
+                (3, v.t.buffer()),
+                (4, out.t.buffer()),
+            ],
+            grid(u(a.t * a.heads)),
+        )
+    }
+
+    /// `out[t] = table[ids[t]]` (dequantised to f32), for a table in any dtype, split or not.
+    pub fn embedding(&mut self, ids: &Ids, table: &Tensor, out: &Tensor) -> Result<()> {
+        need_f32(out)?;
+        let cols = table.cols();
+        out.expect(None, &[ids.len, cols])?;
+        let flags: &[&'static str] = match table.dtype {
+            DType::F32 => &["W_F32"],
+            DType::F16 => &["W_F16"],
+            DType::Q8 => &["W_Q8"],
+            DType::Q4 => &["W_Q4"],
+        };
+        let n = ids.len * cols;
+        for part in &table.parts {
+            let mut bufs: Vec<(u32, &wgpu::Buffer)> =
+                vec![(1, &ids.buffer), (2, &part.data), (5, out.buffer())];
+            if let Some(s) = &part.scales {
+                bufs.push((3, s));
+            }
+            self.dispatch(
+                "embedding",
+                "embedding",
+                flags,
+                &[u(ids.len), u(cols), u(part.row_start), u(part.rows)],
+                &bufs,
+                grid(u(n.div_ceil(256))),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Patches of a `[C, H, W]` image for a `patch`×`patch`, stride-`patch` convolution:
+    /// `out[(H/p)·(W/p), C·p·p]`.
+    pub fn im2col(&mut self, img: &Tensor, patch: usize, out: &Tensor) -> Result<()> {
+        need_f32(img)?;
+        need_f32(out)?;
+        if img.shape.len() != 3
+            || patch == 0
+            || !img.shape[1].is_multiple_of(patch)
+            || !img.shape[2].is_multiple_of(patch)
+        {
+            return Err(Error::tensor(
+                &img.name,
+                format!("[C, H, W] with H and W divisible by {patch}"),
+                format!("{:?}", img.shape),
+            ));
+        }
+        let (c, h, w) = (img.shape[0], img.shape[1], img.shape[2]);
+        let (gh, gw) = (h / patch, w / patch);
+        out.expect(None, &[gh * gw, c * patch * patch])?;
+        self.dispatch(
+            "im2col",
+            "im2col",
+            &[],
+            &[u(c), u(h), u(w), u(patch), u(gw), u(gh)],
+            &[(1, img.buffer()), (2, out.buffer())],
+            grid(u(out.numel().div_ceil(256))),
+        )
+    }
+
+    /// Copies `rows`×`cols` elements between two distinct f32 tensors with row strides and
+    /// element offsets (concat, slice, KV-cache writes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_rows(
+        &mut self,
+        src: &Tensor,
+        src_off: usize,
+        src_stride: usize,
+        dst: &Tensor,
+        dst_off: usize,
+        dst_stride: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        need_f32(src)?;
+        need_f32(dst)?;
+        if std::ptr::eq(src, dst) {
+            return Err(Error::tensor(
+                &dst.name,
+                "a destination distinct from the source",
+                "the same tensor",
+            ));
+        }
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        need_len(src, "copy source", src_off + (rows - 1) * src_stride + cols)?;
+        need_len(
+            dst,
+            "copy destination",
+            dst_off + (rows - 1) * dst_stride + cols,
+        )?;
+        self.dispatch(
+            "copy",
+            "copy_rows",
+            &[],
+            &[
+                u(rows),
+                u(cols),
+                u(src_off),
+                u(src_stride),
+                u(dst_off),
+                u(dst_stride),
+            ],
+            &[(1, src.buffer()), (2, dst.buffer())],
+            grid(u((rows * cols).div_ceil(256))),
+        )
+    }
+}

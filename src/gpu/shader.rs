@@ -1,0 +1,232 @@
+//! WGSL sources, a tiny explicit preprocessor, and the compiled-pipeline cache.
+//!
+//! The preprocessor understands, at the start of a line:
+//! `#include NAME` (another file of `shaders/`), `#if FLAG`, `#if !FLAG`, `#else`, `#endif`.
+//! Flags come from the kernel [`Variant`] (`F16`, `SUBGROUPS`) and from the op (e.g. `W_Q4`).
+//! Nothing else is rewritten, so the shader a driver sees is the file with lines removed.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+
+/// Run-time kernel variant: which optional adapter features a kernel may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Variant {
+    /// Read f16 weights as `vec2<f16>` (needs `shader-f16`); arithmetic stays f32.
+    pub f16: bool,
+    /// Reductions with `subgroupAdd` / `subgroupMax` (needs subgroups).
+    pub subgroups: bool,
+}
+
+impl Variant {
+    /// f32 arithmetic, no f16, no subgroups: runs everywhere.
+    pub const PORTABLE: Variant = Variant {
+        f16: false,
+        subgroups: false,
+    };
+
+    pub fn name(&self) -> String {
+        match (self.f16, self.subgroups) {
+            (false, false) => "portable".into(),
+            (true, false) => "f16".into(),
+            (false, true) => "subgroups".into(),
+            (true, true) => "f16+subgroups".into(),
+        }
+    }
+}
+
+/// Every shader file, embedded at compile time.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("common", include_str!("../../shaders/common.wgsl")),
+    ("weights", include_str!("../../shaders/weights.wgsl")),
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("norm", include_str!("../../shaders/norm.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
+    ("rope", include_str!("../../shaders/rope.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
+    ("im2col", include_str!("../../shaders/im2col.wgsl")),
+    ("copy", include_str!("../../shaders/copy.wgsl")),
+];
+
+/// The kernel families (files with entry points) and the op flag sets each is compiled with.
+/// Used by the naga cross-compilation test to cover every variant a program can request.
+pub const FAMILIES: &[(&str, &[&[&str]])] = &[
+    (
+        "matmul",
+        &[
+            &["W_F32"],
+            &["W_F16"],
+            &["W_Q8"],
+            &["W_Q4"],
+            &["W_F32", "BIAS"],
+            &["W_F16", "BIAS"],
+            &["W_Q8", "BIAS"],
+            &["W_Q4", "BIAS"],
+        ],
+    ),
+    ("norm", &[&[]]),
+    ("softmax", &[&[]]),
+    ("elementwise", &[&[]]),
+    ("rope", &[&[]]),
+    ("attention", &[&[]]),
+    ("embedding", &[&["W_F32"], &["W_F16"], &["W_Q8"], &["W_Q4"]]),
+    ("im2col", &[&[]]),
+    ("copy", &[&[]]),
+];
+
+fn source(name: &str) -> Result<&'static str> {
+    SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| Error::Gpu(format!("no shader file '{name}.wgsl'")))
+}
+
+/// Expands `#include` and `#if` lines of `shaders/<name>.wgsl` for the given flags.
+pub fn preprocess(name: &str, variant: Variant, flags: &[&str], web: bool) -> Result<String> {
+    let mut all: Vec<&str> = flags.to_vec();
+    if variant.f16 {
+        all.push("F16");
+    }
+    if variant.subgroups {
+        all.push("SUBGROUPS");
+    }
+    let mut out = String::new();
+    if variant.f16 {
+        out.push_str("enable f16;\n");
+    }
+    if variant.subgroups && web {
+        // naga (native) rejects this directive; browsers require it.
+        out.push_str("enable subgroups;\n");
+    }
+    expand(name, &all, &mut out, 0)?;
+    Ok(out)
+}
+
+fn expand(name: &str, flags: &[&str], out: &mut String, depth: usize) -> Result<()> {
+    if depth > 4 {
+        return Err(Error::Gpu(format!("#include nested too deep at '{name}'")));
+    }
+    let src = source(name)?;
+    // stack of (this branch active, any enclosing branch inactive)
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |s: &Vec<(bool, bool)>| s.iter().all(|(a, _)| *a);
+    for (lineno, line) in src.lines().enumerate() {
+        let t = line.trim_start();
+        let bad = |what: &str| Error::Gpu(format!("{name}.wgsl:{}: {what}", lineno + 1));
+        if let Some(rest) = t.strip_prefix("#if ") {
+            let rest = rest.trim();
+            let (neg, flag) = match rest.strip_prefix('!') {
+                Some(f) => (true, f.trim()),
+                None => (false, rest),
+            };
+            let on = flags.contains(&flag) != neg;
+            stack.push((on, false));
+        } else if t.starts_with("#else") {
+            let top = stack.last_mut().ok_or_else(|| bad("#else without #if"))?;
+            top.0 = !top.0;
+        } else if t.starts_with("#endif") {
+            stack.pop().ok_or_else(|| bad("#endif without #if"))?;
+        } else if let Some(inc) = t.strip_prefix("#include ") {
+            if active(&stack) {
+                expand(inc.trim(), flags, out, depth + 1)?;
+            }
+        } else if t.starts_with('#') {
+            return Err(bad("unknown directive"));
+        } else if active(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !stack.is_empty() {
+        return Err(Error::Gpu(format!("{name}.wgsl: unterminated #if")));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// The compute pipeline for `entry` of `shaders/<file>.wgsl`, compiled once per
+    /// (file, entry, variant, flags) and cached.
+    pub fn pipeline(
+        &self,
+        file: &'static str,
+        entry: &'static str,
+        variant: Variant,
+        flags: &[&'static str],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = (file, entry, variant, flags.to_vec());
+        if let Some(p) = self.pipelines.lock().map_err(poisoned)?.get(&key) {
+            return Ok(p.clone());
+        }
+        if (variant.f16 && !self.best_variant.f16)
+            || (variant.subgroups && !self.best_variant.subgroups)
+        {
+            return Err(Error::Gpu(format!(
+                "kernel variant '{}' requested, but '{}' does not offer it",
+                variant.name(),
+                self.info.name
+            )));
+        }
+        let web = cfg!(target_arch = "wasm32");
+        let code = preprocess(file, variant, flags, web)?;
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(file),
+                source: wgpu::ShaderSource::Wgsl(code.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        self.take_error().map_err(|e| {
+            Error::Gpu(format!(
+                "compiling {file}.wgsl `{entry}` ({}, {flags:?}): {e}",
+                variant.name()
+            ))
+        })?;
+        let p = Arc::new(pipeline);
+        self.pipelines
+            .lock()
+            .map_err(poisoned)?
+            .insert(key, p.clone());
+        Ok(p)
+    }
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Gpu("pipeline cache lock poisoned".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_preprocesses_for_every_variant() {
+        for (file, flag_sets) in FAMILIES {
+            for flags in flag_sets.iter() {
+                for f16 in [false, true] {
+                    for subgroups in [false, true] {
+                        let v = Variant { f16, subgroups };
+                        let s = preprocess(file, v, flags, false).unwrap();
+                        assert!(!s.contains("#if"), "{file}");
+                        assert_eq!(s.contains("enable f16"), f16);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! GPU tensors: one or more buffers plus shape and dtype.
+//!
+//! A tensor is viewed as a matrix `[rows, cols]` (`cols` = last dimension, `rows` = product of
+//! the others). Its bytes follow the layouts of [`crate::quant`]. A tensor whose bytes exceed the
+//! device's storage-binding limit (128 MiB on lavapipe) is split along rows into *parts*, each its
+//! own buffer laid out as if it were a tensor of its own; kernels run once per part. Activations
+//! (f32) are always a single part.
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+use crate::quant::{self, DType};
+
+/// A contiguous range of rows stored in its own buffer(s).
+pub struct Part {
+    pub row_start: usize,
+    pub rows: usize,
+    /// The data words (f32, packed f16, packed i8 or packed nibbles).
+    pub data: wgpu::Buffer,
+    /// The f16 block scales (quantised dtypes only).
+    pub scales: Option<wgpu::Buffer>,
+}
+
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub parts: Vec<Part>,
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape.split_last() {
+        Some((&c, rest)) => (rest.iter().product(), c),
+        None => (1, 1),
+    }
+}
+
+pub(crate) fn new_buffer(gpu: &Gpu, label: &str, words: usize) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (words.max(1) * 4) as u64,
+        usage: USAGE,
+        mapped_at_creation: false,
+    })
+}
+
+impl Tensor {
+    pub fn rows(&self) -> usize {
+        rows_cols(&self.shape).0
+    }
+    pub fn cols(&self) -> usize {
+        rows_cols(&self.shape).1
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Rows per part so that every buffer of a part fits in one binding.
+    fn rows_per_part(
+        gpu: &Gpu,
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<usize> {
+        let fits = |r: usize| {
+            let n = r * cols;
+            (4 * dtype.data_words(n).max(dtype.scale_words(n))) as u64 <= gpu.max_binding
+        };
+        if fits(rows) {
+            return Ok(rows.max(1));
+        }
+        if !fits(1) {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "rows of at most {} bytes (the device's storage binding limit)",
+                    gpu.max_binding
+                ),
+                format!("a row of {} {} values", cols, dtype),
+            ));
+        }
+        // largest r that fits, by bisection
+        let (mut lo, mut hi) = (1usize, rows);
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if fits(mid) {
+                lo = mid
+            } else {
+                hi = mid
+            }
+        }
+        Ok(lo)
+    }
+
+    /// A zero-filled f32 activation tensor (one buffer; must fit in one binding).
+    pub fn zeros(gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if (n * 4) as u64 > gpu.max_binding {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "an activation of at most {} bytes (storage binding limit)",
+                    gpu.max_binding
+                ),
+                format!("{:?} f32 = {} bytes", shape, n * 4),
+            ));
+        }
+        let (rows, _) = rows_cols(shape);
+        Ok(Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            parts: vec![Part {
+                row_start: 0,
+                rows,
+                data: new_buffer(gpu, name, n),
+                scales: None,
+            }],
+        })
+    }
+
+    /// Encodes `x` into `dtype` on the CPU and uploads it, splitting rows across buffers when the
+    /// tensor exceeds the binding limit. Host memory beyond `x` is one part's encoding.
+    pub fn upload(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        x: &[f32],
+    ) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(shape);
+        if x.len() != rows * cols {
+            return Err(Error::tensor(
+                name,
+                format!("{} values for shape {:?}", rows * cols, shape),
+                x.len(),
+            ));
+        }
+        dtype.check_cols(name, cols)?;
+        let per = Self::rows_per_part(gpu, name, dtype, rows, cols)?;
+        let mut parts = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows.max(1) {
+            let r = per.min(rows - r0);
+            let enc = quant::encode(dtype, &x[r0 * cols..(r0 + r) * cols], cols)?;
+            parts.push(Self::upload_part(gpu, name, r0, r, &enc));
+            r0 += r;
+            if rows == 0 {
+                break;
+            }
+        }
+        Ok(Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            parts,
+        })
+    }
+
+    /// Uploads already-encoded parts (as a model package stores them).
+    pub fn from_encoded_parts(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        parts: &[(usize, usize, &quant::Encoded)],
+    ) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(shape);
+        let dtype = parts.first().map(|p| p.2.dtype).unwrap_or(DType::F32);
+        let mut expect_row = 0;
+        let mut out = Vec::new();
+        for &(r0, r, enc) in parts {
+            if r0 != expect_row || enc.dtype != dtype {
+                return Err(Error::tensor(
+                    name,
+                    format!("contiguous {dtype} parts starting at row {expect_row}"),
+                    format!("{} part at row {r0}", enc.dtype),
+                ));
+            }
+            let n = r * cols;
+            if enc.data.len() != dtype.data_words(n) || enc.scales.len() != dtype.scale_words(n) {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "{} data + {} scale words for rows {r0}..{}",
+                        dtype.data_words(n),
+                        dtype.scale_words(n),
+                        r0 + r
+                    ),
+                    format!("{} + {}", enc.data.len(), enc.scales.len()),
+                ));
+            }
+            if (4 * enc.data.len().max(enc.scales.len())) as u64 > gpu.max_binding {
+                return Err(Error::tensor(
+                    name,
+                    format!("parts of at most {} bytes", gpu.max_binding),
+                    format!("{} bytes", 4 * enc.data.len()),
+                ));
+            }
+            out.push(Self::upload_part(gpu, name, r0, r, enc));
+            expect_row += r;
+        }
+        if expect_row != rows {
+            return Err(Error::tensor(
+                name,
+                format!("{rows} rows"),
+                format!("{expect_row} rows in its parts"),
+            ));
+        }
+        Ok(Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            parts: out,
+        })
+    }
+
+    fn upload_part(
+        gpu: &Gpu,
+        name: &str,
+        row_start: usize,
+        rows: usize,
+        enc: &quant::Encoded,
+    ) -> Part {
+        let data = new_buffer(gpu, name, enc.data.len());
+        gpu.queue
+            .write_buffer(&data, 0, bytemuck::cast_slice(&enc.data));
+        let scales = if enc.dtype.is_quantized() {
+            let s = new_buffer(gpu, name, enc.scales.len());
+            gpu.queue
+                .write_buffer(&s, 0, bytemuck::cast_slice(&enc.scales));
+            Some(s)
+        } else {
+            None
+        };
+        Part {
+            row_start,
+            rows,
+            data,
+            scales,
+        }
+    }
+
+    /// The single buffer of an f32 activation tensor.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.parts[0].data
+    }
+
+    /// Checks dtype and shape (for op arguments).
+    pub fn expect(&self, dtype: Option<DType>, shape: &[usize]) -> Result<()> {
+        if let Some(d) = dtype {
+            if self.dtype != d {
+                return Err(Error::tensor(&self.name, format!("dtype {d}"), self.dtype));
+            }
+        }
+        if self.shape != shape {
+            return Err(Error::tensor(
+                &self.name,
+                format!("shape {shape:?}"),
+                format!("{:?}", self.shape),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Overwrites an f32 tensor from the host.
+    pub fn write_f32(&self, gpu: &Gpu, x: &[f32]) -> Result<()> {
+        if self.dtype != DType::F32 || self.parts.len() != 1 || x.len() != self.numel() {
+            return Err(Error::tensor(
+                &self.name,
+                format!("{} f32 values", self.numel()),
+                format!("{} values for a {} tensor", x.len(), self.dtype),
+            ));
+        }
+        gpu.queue
+            .write_buffer(self.buffer(), 0, bytemuck::cast_slice(x));
+        Ok(())
+    }
+
+    /// Reads an f32 tensor back to the host (submits nothing else; waits for the GPU).
+    pub async fn read_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        if self.dtype != DType::F32 || self.parts.len() != 1 {
+            return Err(Error::tensor(
+                &self.name,
+                "a single-part f32 tensor",
+                format!("{} in {} parts", self.dtype, self.parts.len()),
+            ));
+        }
+        let words = read_words(gpu, self.buffer(), 0, self.numel()).await?;
+        Ok(bytemuck::cast_slice(&words).to_vec())
+    }
+}
+
+/// A buffer of token ids (u32) for the embedding gather.
+pub struct Ids {
+    pub buffer: wgpu::Buffer,
+    pub len: usize,
+}
+
+impl Ids {
+    pub fn new(gpu: &Gpu, ids: &[u32]) -> Ids {
+        let buffer = new_buffer(gpu, "ids", ids.len());
+        gpu.queue
+            .write_buffer(&buffer, 0, bytemuck::cast_slice(ids));
+        Ids {
+            buffer,
+            len: ids.len(),
+        }
+    }
+}
+
+/// Copies `words` u32 words from `buffer` (starting at word `offset`) back to the host.
+pub async fn read_words(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: usize,
+    words: usize,
+) -> Result<Vec<u32>> {
+    let size = (words.max(1) * 4) as u64;
+    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buffer, (offset * 4) as u64, &staging, 0, size);
+    gpu.queue.submit([enc.finish()]);
+    let slice = staging.slice(..);
+    let (tx, rx) = futures_channel::oneshot::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    gpu.wait();
+    rx.await
+        .map_err(|_| Error::Gpu("readback was cancelled (device lost?)".into()))?
+        .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+    let out = {
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("readback mapping failed: {e}")))?;
+        bytemuck::cast_slice(&view[..words * 4]).to_vec()
+    };
+    staging.unmap();
+    Ok(out)
+}

@@ -1,0 +1,650 @@
+//! Every kernel against the plain CPU reference (`minigpt4::cpu`), on random data, at sizes
+//! that are not multiples of the workgroup size, for every weight dtype and every kernel
+//! variant the adapter offers (portable f32 always; f16 reads and subgroups where offered).
+
+#![allow(clippy::too_many_arguments)]
+
+mod common;
+
+use common::{assert_close, gpu, gpu_with, Rng};
+use minigpt4::cpu;
+use minigpt4::gpu::{
+    AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode, RopeTable, Tensor,
+    Variant,
+};
+use minigpt4::quant::{self, DType};
+
+fn t(gpu: &Gpu, name: &str, shape: &[usize], x: &[f32]) -> Tensor {
+    Tensor::upload(gpu, name, shape, DType::F32, x).unwrap()
+}
+
+fn read(gpu: &Gpu, x: &Tensor) -> Vec<f32> {
+    pollster::block_on(x.read_f32(gpu)).unwrap()
+}
+
+fn run(rec: Recorder) {
+    pollster::block_on(rec.submit()).unwrap()
+}
+
+/// Tolerance of a dot product of k f32 terms: a few ulps of the sum of magnitudes.
+fn dot_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f32 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).abs()).sum();
+            t[i * n + j] = 4e-7 * s * (k as f32).sqrt() + 1e-6;
+        }
+    }
+    t
+}
+
+fn check_matmul(
+    gpu: &Gpu,
+    v: Variant,
+    dt: DType,
+    path: MatmulPath,
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+    acc: bool,
+    seed: u64,
+) {
+    let mut r = Rng::new(seed);
+    let x = r.vec(m * k, 1.0);
+    let wv = r.vec(n * k, 0.5);
+    let b = r.vec(n, 1.0);
+    let init = r.vec(m * n, 1.0);
+    let wq = quant::round_trip(dt, &wv, k).unwrap();
+    let mut want = cpu::matmul(&x, m, k, &wq, n, bias.then_some(&b[..]));
+    if acc {
+        for (w, i) in want.iter_mut().zip(&init) {
+            *w += i;
+        }
+    }
+    let xt = t(gpu, "x", &[m, k], &x);
+    let w = Tensor::upload(gpu, "w", &[n, k], dt, &wv).unwrap();
+    let bt = t(gpu, "b", &[n], &b);
+    let out = t(gpu, "out", &[m, n], &init);
+    let mut rec = Recorder::with_variant(gpu, v);
+    rec.matmul_with(path, &xt, &w, bias.then_some(&bt), &out, acc)
+        .unwrap();
+    run(rec);
+    let got = read(gpu, &out);
+    let tol = dot_tol(&x, &wq, m, n, k);
+    for i in 0..m * n {
+        assert!(
+            (got[i] - want[i]).abs() <= tol[i] + 1e-6 * want[i].abs(),
+            "matmul {dt} {path:?} {} m{m} n{n} k{k} bias={bias} acc={acc}: [{i}] got {} want {}",
+            v.name(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+#[test]
+fn matmul_all_dtypes_paths_variants_and_odd_sizes() {
+    let gpu = gpu();
+    let mut seed = 1;
+    for v in gpu.variants() {
+        for dt in DType::ALL {
+            for path in [MatmulPath::Gemv, MatmulPath::Gemm] {
+                // K must be a multiple of 32 for q8/q4; f32/f16 also get odd K
+                let mut shapes = vec![
+                    (1, 1, 32),
+                    (1, 7, 96),
+                    (3, 88, 64),
+                    (7, 65, 160),
+                    (65, 130, 96),
+                ];
+                if !dt.is_quantized() {
+                    shapes.extend([(1, 5, 7), (2, 3, 1), (5, 257, 89), (66, 9, 17)]);
+                }
+                for (m, n, k) in shapes {
+                    seed += 1;
+                    check_matmul(
+                        &gpu,
+                        v,
+                        dt,
+                        path,
+                        m,
+                        n,
+                        k,
+                        seed % 2 == 0,
+                        seed % 3 == 0,
+                        seed,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_at_vit_width_and_auto_path() {
+    let gpu = gpu();
+    // ViT-g width: K = 1408 (44 blocks), a non-multiple-of-64 N.
+    for dt in DType::ALL {
+        check_matmul(
+            &gpu,
+            gpu.best_variant,
+            dt,
+            MatmulPath::Auto,
+            1,
+            33,
+            1408,
+            true,
+            false,
+            7,
+        );
+        check_matmul(
+            &gpu,
+            gpu.best_variant,
+            dt,
+            MatmulPath::Auto,
+            9,
+            20,
+            1408,
+            true,
+            true,
+            8,
+        );
+    }
+}
+
+#[test]
+fn tensors_larger_than_the_binding_limit_are_split_and_still_correct() {
+    // Force a 4 KiB binding limit: a [300, 64] weight becomes several parts in every dtype.
+    let gpu = gpu_with(GpuOptions {
+        max_binding: Some(4096),
+        ..Default::default()
+    });
+    assert_eq!(gpu.max_binding, 4096);
+    let (m, n, k) = (3, 300, 64);
+    let mut r = Rng::new(99);
+    let x = r.vec(m * k, 1.0);
+    let wv = r.vec(n * k, 1.0);
+    let b = r.vec(n, 1.0);
+    for dt in DType::ALL {
+        let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wv).unwrap();
+        assert!(w.parts.len() > 1, "{dt}: expected a split tensor");
+        for p in &w.parts {
+            assert!(p.data.size() <= 4096);
+        }
+        let wq = quant::round_trip(dt, &wv, k).unwrap();
+        for path in [MatmulPath::Gemv, MatmulPath::Gemm] {
+            let xt = t(&gpu, "x", &[m, k], &x);
+            let bt = t(&gpu, "b", &[n], &b);
+            let out = Tensor::zeros(&gpu, "out", &[m, n]).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            rec.matmul_with(path, &xt, &w, Some(&bt), &out, false)
+                .unwrap();
+            run(rec);
+            let want = cpu::matmul(&x, m, k, &wq, n, Some(&b));
+            assert_close(
+                &format!("split matmul {dt} {path:?}"),
+                &read(&gpu, &out),
+                &want,
+                2e-5,
+                1e-5,
+            );
+        }
+        // embedding rows gathered from every part
+        let ids: Vec<u32> = vec![0, 299, 150, 37, 38, 0, 200, 64];
+        let idt = Ids::new(&gpu, &ids);
+        let out = Tensor::zeros(&gpu, "emb", &[ids.len(), k]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        rec.embedding(&idt, &w, &out).unwrap();
+        run(rec);
+        assert_close(
+            &format!("split embedding {dt}"),
+            &read(&gpu, &out),
+            &cpu::embedding(&ids, &wq, k),
+            0.0,
+            0.0,
+        );
+    }
+    // an activation above the limit is refused with the numbers
+    let err = Tensor::zeros(&gpu, "big", &[2048])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("big") && err.contains("4096") && err.contains("8192"),
+        "{err}"
+    );
+}
+
+#[test]
+fn layer_norm_and_rms_norm() {
+    let gpu = gpu();
+    let mut r = Rng::new(3);
+    for v in gpu.variants() {
+        for (rows, cols, eps) in [
+            (1, 1, 1e-5),
+            (3, 7, 1e-6),
+            (257, 88, 1e-12),
+            (2, 1408, 1e-6),
+            (5, 65, 1e-5),
+        ] {
+            let x: Vec<f32> = r.vec(rows * cols, 3.0).iter().map(|v| v + 1.5).collect();
+            let w = r.vec(cols, 1.0);
+            let b = r.vec(cols, 1.0);
+            let (xt, wt, bt) = (
+                t(&gpu, "x", &[rows, cols], &x),
+                t(&gpu, "w", &[cols], &w),
+                t(&gpu, "b", &[cols], &b),
+            );
+            let o1 = Tensor::zeros(&gpu, "ln", &[rows, cols]).unwrap();
+            let o2 = Tensor::zeros(&gpu, "rms", &[rows, cols]).unwrap();
+            let mut rec = Recorder::with_variant(&gpu, v);
+            rec.layer_norm(&xt, &wt, &bt, eps, &o1).unwrap();
+            rec.rms_norm(&xt, &wt, eps, &o2).unwrap();
+            run(rec);
+            let what = format!("{} rows{rows} cols{cols}", v.name());
+            assert_close(
+                &format!("layer_norm {what}"),
+                &read(&gpu, &o1),
+                &cpu::layer_norm(&x, cols, &w, &b, eps),
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                &format!("rms_norm {what}"),
+                &read(&gpu, &o2),
+                &cpu::rms_norm(&x, cols, &w, eps),
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_rows() {
+    let gpu = gpu();
+    let mut r = Rng::new(4);
+    for v in gpu.variants() {
+        for (rows, cols, scale) in [(1, 1, 1.0), (3, 7, 0.5), (4, 257, 0.125), (2, 1000, 2.0)] {
+            let x = r.vec(rows * cols, 8.0);
+            let xt = t(&gpu, "x", &[rows, cols], &x);
+            let mut rec = Recorder::with_variant(&gpu, v);
+            rec.softmax(&xt, scale).unwrap();
+            run(rec);
+            assert_close(
+                &format!("softmax {} {rows}x{cols}", v.name()),
+                &read(&gpu, &xt),
+                &cpu::softmax(&x, cols, scale),
+                1e-6,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_kernels() {
+    let gpu = gpu();
+    let mut r = Rng::new(5);
+    for n in [1usize, 7, 255, 257, 6144 + 3] {
+        let cols = if n % 7 == 0 { 7 } else { 1 };
+        let x = r.vec(n, 10.0);
+        let y = r.vec(n, 2.0);
+        let b = r.vec(cols, 1.0);
+        let xt = |gpu: &Gpu| t(gpu, "x", &[n / cols, cols], &x);
+        let yt = t(&gpu, "y", &[n / cols, cols], &y);
+        let bt = t(&gpu, "b", &[cols], &b);
+        let (a, g, s, sc, ab) = (xt(&gpu), xt(&gpu), xt(&gpu), xt(&gpu), xt(&gpu));
+        let mut rec = Recorder::new(&gpu);
+        rec.add(&a, &yt).unwrap();
+        rec.gelu(&g).unwrap();
+        rec.silu_mul(&s, &yt).unwrap();
+        rec.scale(&sc, -0.37).unwrap();
+        rec.add_bias(&ab, &bt).unwrap();
+        run(rec);
+        let add: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let scaled: Vec<f32> = x.iter().map(|a| a * -0.37).collect();
+        let biased: Vec<f32> = x.iter().enumerate().map(|(i, a)| a + b[i % cols]).collect();
+        assert_close(&format!("add {n}"), &read(&gpu, &a), &add, 0.0, 0.0);
+        assert_close(
+            &format!("gelu {n}"),
+            &read(&gpu, &g),
+            &cpu::gelu(&x),
+            1e-6,
+            2e-6,
+        );
+        assert_close(
+            &format!("silu_mul {n}"),
+            &read(&gpu, &s),
+            &cpu::silu_mul(&x, &y),
+            1e-6,
+            2e-6,
+        );
+        assert_close(&format!("scale {n}"), &read(&gpu, &sc), &scaled, 0.0, 0.0);
+        assert_close(
+            &format!("add_bias {n}"),
+            &read(&gpu, &ab),
+            &biased,
+            0.0,
+            0.0,
+        );
+    }
+}
+
+#[test]
+fn gelu_is_the_exact_erf_form_not_tanh() {
+    let gpu = gpu();
+    // at x = -3 the tanh approximation differs from the erf form by ~3e-4
+    let x = vec![-3.0f32, -1.0, 0.0, 0.5, 2.0, 6.0];
+    let xt = t(&gpu, "x", &[6], &x);
+    let mut rec = Recorder::new(&gpu);
+    rec.gelu(&xt).unwrap();
+    run(rec);
+    let want = [
+        -0.0040496886f32,
+        -0.15865526,
+        0.0,
+        0.34573123,
+        1.9544997,
+        6.0,
+    ];
+    assert_close("gelu erf", &read(&gpu, &xt), &want, 1e-6, 1e-6);
+}
+
+#[test]
+fn rope_both_pairings_with_strided_views() {
+    let gpu = gpu();
+    let mut r = Rng::new(6);
+    for (heads, d, rows, pos0, theta) in [
+        (3, 64, 5, 7, 10000.0f32),
+        (2, 128, 3, 0, 10000.0),
+        (1, 88, 4, 1000, 100000.0),
+        (4, 2, 1, 5, 10000.0),
+    ] {
+        for mode in [RopeMode::Half, RopeMode::Interleaved] {
+            let table = RopeTable::new(&gpu, d, pos0 + rows + 3, theta).unwrap();
+            let x = r.vec(rows * heads * d, 2.0);
+            // place the rows inside a wider "fused qkv" tensor: offset 5, stride heads*d + 11
+            let stride = heads * d + 11;
+            let mut big = r.vec(5 + rows * stride, 1.0);
+            for t in 0..rows {
+                big[5 + t * stride..][..heads * d]
+                    .copy_from_slice(&x[t * heads * d..][..heads * d]);
+            }
+            let bt = t(&gpu, "qkv", &[big.len()], &big);
+            let mut rec = Recorder::new(&gpu);
+            rec.rope(
+                HeadView {
+                    t: &bt,
+                    offset: 5,
+                    stride,
+                },
+                rows,
+                heads,
+                &table,
+                pos0,
+                mode,
+            )
+            .unwrap();
+            run(rec);
+            let got = read(&gpu, &bt);
+            let want = cpu::rope(&x, heads, d, pos0, theta, mode == RopeMode::Interleaved);
+            let mut got_rows = Vec::new();
+            for t in 0..rows {
+                got_rows.extend_from_slice(&got[5 + t * stride..][..heads * d]);
+                // untouched padding
+                assert_eq!(
+                    &got[5 + t * stride + heads * d..]
+                        [..(stride - heads * d).min(got.len() - 5 - t * stride - heads * d)],
+                    &big[5 + t * stride + heads * d..]
+                        [..(stride - heads * d).min(got.len() - 5 - t * stride - heads * d)]
+                );
+            }
+            assert_close(&format!("rope {mode:?} d{d}"), &got_rows, &want, 1e-6, 1e-6);
+        }
+    }
+}
+
+fn check_attention(
+    gpu: &Gpu,
+    v: Variant,
+    t_: usize,
+    s: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    seed: u64,
+) {
+    let mut r = Rng::new(seed);
+    let q = r.vec(t_ * hq * d, 1.0);
+    let k = r.vec(s * hkv * d, 1.0);
+    let vv = r.vec(s * hkv * d, 1.0);
+    let scale = 1.0 / (d as f32).sqrt();
+    let want = cpu::attention(&q, &k, &vv, t_, s, hq, hkv, d, causal, scale);
+    // q inside a fused [t, q | pad] buffer; k and v inside a "cache" with room for more rows
+    let qs = hq * d + 3;
+    let mut qbuf = r.vec(t_ * qs + 2, 1.0);
+    for i in 0..t_ {
+        qbuf[2 + i * qs..][..hq * d].copy_from_slice(&q[i * hq * d..][..hq * d]);
+    }
+    let cap = s + 5;
+    let mut kc = vec![0f32; cap * hkv * d];
+    let mut vc = vec![0f32; cap * hkv * d];
+    kc[..k.len()].copy_from_slice(&k);
+    vc[..vv.len()].copy_from_slice(&vv);
+    let (qt, kt, vt) = (
+        t(gpu, "q", &[qbuf.len()], &qbuf),
+        t(gpu, "k", &[cap, hkv * d], &kc),
+        t(gpu, "v", &[cap, hkv * d], &vc),
+    );
+    let out = Tensor::zeros(gpu, "o", &[t_, hq * d]).unwrap();
+    let mut rec = Recorder::with_variant(gpu, v);
+    rec.attention(
+        HeadView {
+            t: &qt,
+            offset: 2,
+            stride: qs,
+        },
+        HeadView::whole(&kt),
+        HeadView::whole(&vt),
+        HeadView::whole(&out),
+        AttnShape {
+            t: t_,
+            s,
+            heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+            causal,
+            scale,
+        },
+    )
+    .unwrap();
+    run(rec);
+    assert_close(
+        &format!(
+            "attention {} t{t_} s{s} hq{hq} hkv{hkv} d{d} causal={causal}",
+            v.name()
+        ),
+        &read(gpu, &out),
+        &want,
+        2e-6,
+        1e-5,
+    );
+}
+
+#[test]
+fn attention_prefill_decode_cross_and_gqa() {
+    let gpu = gpu();
+    let mut seed = 10;
+    for v in gpu.variants() {
+        for (t_, s, hq, hkv, d, causal) in [
+            (5, 5, 4, 4, 88, false),    // ViT-style, head dim 88
+            (7, 7, 4, 2, 128, true),    // LLaMA prefill, GQA
+            (1, 70, 6, 2, 64, true),    // decode against a cache of 70
+            (3, 10, 2, 1, 64, true),    // prefill continuing after 7 cached tokens
+            (32, 257, 3, 3, 64, false), // Q-Former cross-attention shape (3 heads)
+            (1, 1, 1, 1, 1, true),
+            (2, 65, 3, 1, 200, false),
+        ] {
+            seed += 1;
+            check_attention(&gpu, v, t_, s, hq, hkv, d, causal, seed);
+        }
+    }
+}
+
+#[test]
+fn embedding_gather_every_dtype() {
+    let gpu = gpu();
+    let mut r = Rng::new(8);
+    for v in gpu.variants() {
+        for dt in DType::ALL {
+            let (rows, cols) = (37, if dt.is_quantized() { 96 } else { 7 });
+            let table = r.vec(rows * cols, 1.0);
+            let w = Tensor::upload(&gpu, "emb", &[rows, cols], dt, &table).unwrap();
+            let ids = vec![0u32, 36, 5, 5, 17];
+            let out = Tensor::zeros(&gpu, "out", &[ids.len(), cols]).unwrap();
+            let mut rec = Recorder::with_variant(&gpu, v);
+            rec.embedding(&Ids::new(&gpu, &ids), &w, &out).unwrap();
+            run(rec);
+            let want = cpu::embedding(&ids, &quant::round_trip(dt, &table, cols).unwrap(), cols);
+            assert_close(
+                &format!("embedding {dt} {}", v.name()),
+                &read(&gpu, &out),
+                &want,
+                0.0,
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn patch_embedding_is_im2col_then_matmul() {
+    let gpu = gpu();
+    let mut r = Rng::new(9);
+    for (c, h, w, p) in [(3, 28, 42, 14), (2, 5, 5, 1), (3, 14, 14, 14)] {
+        let img = r.vec(c * h * w, 1.0);
+        let it = t(&gpu, "img", &[c, h, w], &img);
+        let np = (h / p) * (w / p);
+        let cols = Tensor::zeros(&gpu, "cols", &[np, c * p * p]).unwrap();
+        // conv weight [width, C, p, p] seen as [width, C·p·p], with bias
+        let width = 10;
+        let wv = r.vec(width * c * p * p, 0.2);
+        let bias = r.vec(width, 1.0);
+        let wt = Tensor::upload(&gpu, "patch_w", &[width, c * p * p], DType::F16, &wv).unwrap();
+        let bt = t(&gpu, "patch_b", &[width], &bias);
+        let out = Tensor::zeros(&gpu, "patches", &[np, width]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        rec.im2col(&it, p, &cols).unwrap();
+        rec.matmul(&cols, &wt, Some(&bt), &out, false).unwrap();
+        run(rec);
+        let want_cols = cpu::im2col(&img, c, h, w, p);
+        assert_close("im2col", &read(&gpu, &cols), &want_cols, 0.0, 0.0);
+        // direct convolution on the CPU
+        let wq = quant::round_trip(DType::F16, &wv, c * p * p).unwrap();
+        let mut conv = vec![0f32; np * width];
+        for py in 0..h / p {
+            for px in 0..w / p {
+                for o in 0..width {
+                    let mut acc = bias[o] as f64;
+                    for ch in 0..c {
+                        for ky in 0..p {
+                            for kx in 0..p {
+                                acc += img[(ch * h + py * p + ky) * w + px * p + kx] as f64
+                                    * wq[((o * c + ch) * p + ky) * p + kx] as f64;
+                            }
+                        }
+                    }
+                    conv[(py * (w / p) + px) * width + o] = acc as f32;
+                }
+            }
+        }
+        assert_close("patch conv", &read(&gpu, &out), &conv, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn copy_concat_and_slice() {
+    let gpu = gpu();
+    let mut r = Rng::new(11);
+    // concat: [cls(1,5); patches(4,5)] -> [5,5]; then slice rows 1.. back out (drop CLS)
+    let cls = r.vec(5, 1.0);
+    let patches = r.vec(20, 1.0);
+    let (ct, pt) = (
+        t(&gpu, "cls", &[1, 5], &cls),
+        t(&gpu, "patches", &[4, 5], &patches),
+    );
+    let all = Tensor::zeros(&gpu, "all", &[5, 5]).unwrap();
+    let back = Tensor::zeros(&gpu, "back", &[4, 5]).unwrap();
+    // strided: copy column block 1..4 of each row of `all` into a [5, 3] tensor
+    let cols = Tensor::zeros(&gpu, "cols", &[5, 3]).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    rec.copy_rows(&ct, 0, 5, &all, 0, 5, 1, 5).unwrap();
+    rec.copy_rows(&pt, 0, 5, &all, 5, 5, 4, 5).unwrap();
+    run(rec);
+    let mut rec = Recorder::new(&gpu);
+    rec.copy_rows(&all, 5, 5, &back, 0, 5, 4, 5).unwrap();
+    rec.copy_rows(&all, 1, 5, &cols, 0, 3, 5, 3).unwrap();
+    run(rec);
+    let mut want_all = cls.clone();
+    want_all.extend_from_slice(&patches);
+    assert_close("concat", &read(&gpu, &all), &want_all, 0.0, 0.0);
+    assert_close("slice", &read(&gpu, &back), &patches, 0.0, 0.0);
+    let want_cols: Vec<f32> = (0..5)
+        .flat_map(|r| want_all[r * 5 + 1..r * 5 + 4].to_vec())
+        .collect();
+    assert_close("strided", &read(&gpu, &cols), &want_cols, 0.0, 0.0);
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    let gpu = gpu();
+    let x = Tensor::zeros(&gpu, "x", &[2, 64]).unwrap();
+    let w = Tensor::upload(&gpu, "w.weight", &[8, 32], DType::Q4, &[0.0; 256]).unwrap();
+    let out = Tensor::zeros(&gpu, "out", &[2, 8]).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    let e = rec
+        .matmul(&x, &w, None, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("w.weight") && e.contains("[8, 32]") && e.contains("64"),
+        "{e}"
+    );
+    let e = Tensor::upload(&gpu, "odd", &[2, 20], DType::Q8, &[0.0; 40])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("odd") && e.contains("32"), "{e}");
+    let e = Tensor::upload(&gpu, "short", &[2, 20], DType::F32, &[0.0; 39])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("short") && e.contains("40") && e.contains("39"),
+        "{e}"
+    );
+    let q = Tensor::zeros(&gpu, "q", &[1, 64]).unwrap();
+    let e = rec
+        .attention(
+            HeadView::whole(&q),
+            HeadView::whole(&q),
+            HeadView::whole(&q),
+            HeadView::whole(&out),
+            AttnShape {
+                t: 1,
+                s: 1,
+                heads: 3,
+                kv_heads: 2,
+                head_dim: 16,
+                causal: true,
+                scale: 1.0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kv_heads"), "{e}");
+    assert!(rec.is_empty());
+}

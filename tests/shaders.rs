@@ -1,0 +1,114 @@
+//! Every shader family, in every flag set and kernel variant a program can request, is parsed
+//! and validated by naga and translated to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and GLSL
+//! (OpenGL ES 3.1, portable variants only: wgpu's GL backend offers neither f16 nor subgroups),
+//! so a Metal or DX12 break shows up on a Linux machine without those drivers.
+
+use minigpt4::gpu::shader::{preprocess, FAMILIES};
+use minigpt4::gpu::Variant;
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+fn variants() -> [Variant; 4] {
+    [
+        Variant::PORTABLE,
+        Variant {
+            f16: true,
+            subgroups: false,
+        },
+        Variant {
+            f16: false,
+            subgroups: true,
+        },
+        Variant {
+            f16: true,
+            subgroups: true,
+        },
+    ]
+}
+
+#[test]
+fn every_shader_variant_translates_to_spirv_msl_hlsl_and_glsl() {
+    let mut count = 0;
+    for (file, flag_sets) in FAMILIES {
+        for flags in flag_sets.iter() {
+            for v in variants() {
+                let what = format!("{file}.wgsl {flags:?} {}", v.name());
+                let src = preprocess(file, v, flags, false).unwrap();
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                // unpack2x16float: wgpu grants this wherever the downlevel flag SHADER_F16_IN_F32 holds (all
+                // Vulkan, Metal, DX12, GLES 3.1 and WebGPU adapters)
+                let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+                if v.f16 {
+                    caps |= Capabilities::SHADER_FLOAT16;
+                }
+                if v.subgroups {
+                    caps |= Capabilities::SUBGROUP;
+                }
+                let info = Validator::new(ValidationFlags::all(), caps)
+                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+                    .validate(&module)
+                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+
+                let spv_opts = spv::Options {
+                    lang_version: (1, 3),
+                    ..Default::default()
+                };
+                spv::write_vec(&module, &info, &spv_opts, None)
+                    .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+
+                let msl_opts = msl::Options {
+                    lang_version: (2, 4),
+                    fake_missing_bindings: true,
+                    ..Default::default()
+                };
+                msl::write_string(&module, &info, &msl_opts, &msl::PipelineOptions::default())
+                    .unwrap_or_else(|e| panic!("{what}: MSL: {e}"));
+
+                let hlsl_opts = hlsl::Options {
+                    shader_model: hlsl::ShaderModel::V6_2,
+                    fake_missing_bindings: true,
+                    ..Default::default()
+                };
+                let mut out = String::new();
+                hlsl::Writer::new(&mut out, &hlsl_opts, &hlsl::PipelineOptions::default())
+                    .write(&module, &info, None)
+                    .unwrap_or_else(|e| panic!("{what}: HLSL: {e}"));
+
+                if v == Variant::PORTABLE {
+                    for ep in module.entry_points.iter() {
+                        let opts = glsl::Options {
+                            version: glsl::Version::Embedded {
+                                version: 310,
+                                is_webgl: false,
+                            },
+                            ..Default::default()
+                        };
+                        let pipe = glsl::PipelineOptions {
+                            shader_stage: naga::ShaderStage::Compute,
+                            entry_point: ep.name.clone(),
+                            multiview: None,
+                        };
+                        let mut out = String::new();
+                        glsl::Writer::new(
+                            &mut out,
+                            &module,
+                            &info,
+                            &opts,
+                            &pipe,
+                            naga::proc::BoundsCheckPolicies::default(),
+                        )
+                        .and_then(|mut w| w.write().map(|_| ()))
+                        .unwrap_or_else(|e| panic!("{what}: GLSL {}: {e}", ep.name));
+                    }
+                }
+                count += 1;
+            }
+        }
+    }
+    assert_eq!(
+        count,
+        FAMILIES.iter().map(|(_, f)| f.len()).sum::<usize>() * 4
+    );
+}
