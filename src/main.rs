@@ -61,46 +61,30 @@ fn mib(b: u64) -> String {
     }
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn report_json(r: &AdapterReport, chosen: bool) -> String {
+fn report_json(r: &AdapterReport, chosen: bool) -> serde_json::Value {
     let l = &r.limits;
-    format!(
-        "{{\"index\":{},\"chosen\":{},\"name\":{},\"backend\":{},\"device_type\":{},\"driver\":{},\"driver_info\":{},\
-\"shader_f16\":{},\"subgroups\":{},\"subgroup_min_size\":{},\"subgroup_max_size\":{},\"timestamps\":{},\
-\"max_buffer_size\":{},\"max_storage_buffer_binding_size\":{},\"max_storage_buffers_per_shader_stage\":{},\
-\"max_compute_invocations_per_workgroup\":{},\"max_compute_workgroup_storage_size\":{},\"max_compute_workgroups_per_dimension\":{}}}",
-        r.index,
-        chosen,
-        json_str(&r.info.name),
-        json_str(&format!("{:?}", r.info.backend)),
-        json_str(&format!("{:?}", r.info.device_type)),
-        json_str(&r.info.driver),
-        json_str(&r.info.driver_info),
-        r.shader_f16(),
-        r.subgroups(),
-        r.info.subgroup_min_size,
-        r.info.subgroup_max_size,
-        r.timestamps(),
-        l.max_buffer_size,
-        l.max_storage_buffer_binding_size,
-        l.max_storage_buffers_per_shader_stage,
-        l.max_compute_invocations_per_workgroup,
-        l.max_compute_workgroup_storage_size,
-        l.max_compute_workgroups_per_dimension
-    )
+    serde_json::json!({
+        "index": r.index,
+        "chosen": chosen,
+        "name": r.info.name,
+        "backend": format!("{:?}", r.info.backend),
+        "device_type": format!("{:?}", r.info.device_type),
+        "driver": r.info.driver,
+        "driver_info": r.info.driver_info,
+        "shader_f16": r.shader_f16(),
+        "subgroups": r.subgroups(),
+        "subgroup_min_size": r.info.subgroup_min_size,
+        "subgroup_max_size": r.info.subgroup_max_size,
+        "timestamps": r.timestamps(),
+        "limits": {
+            "max_buffer_size": l.max_buffer_size,
+            "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
+            "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
+            "max_compute_invocations_per_workgroup": l.max_compute_invocations_per_workgroup,
+            "max_compute_workgroup_storage_size": l.max_compute_workgroup_storage_size,
+            "max_compute_workgroups_per_dimension": l.max_compute_workgroups_per_dimension,
+        },
+    })
 }
 
 fn info(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
@@ -108,15 +92,16 @@ fn info(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
     let (reports, chosen) = pollster::block_on(adapter_reports(&opts))?;
     let chosen_idx = chosen.as_ref().ok().copied();
     if json {
-        let items: Vec<String> = reports
+        let items: Vec<serde_json::Value> = reports
             .iter()
             .map(|r| report_json(r, Some(r.index) == chosen_idx))
             .collect();
-        println!(
-            "{{\"adapters\":[{}],\"chosen\":{}}}",
-            items.join(","),
-            chosen_idx.map_or("null".into(), |i| i.to_string())
-        );
+        let doc = serde_json::json!({
+            "adapters": items,
+            "chosen": chosen_idx,
+            "error": chosen.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{doc:#}");
     } else {
         for r in &reports {
             let l = &r.limits;

@@ -378,6 +378,11 @@ impl Gpu {
         Err(Error::Gpu(msg))
     }
 
+    /// Checks this device against a model's requirements before anything is loaded.
+    pub fn require(&self, req: &Requirements) -> Result<()> {
+        req.check(&self.info.name, &self.limits)
+    }
+
     /// Every kernel variant this device can run, portable first.
     pub fn variants(&self) -> Vec<Variant> {
         let mut v = vec![Variant::PORTABLE];
@@ -408,5 +413,50 @@ impl Gpu {
         {
             let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_too_small_adapter_is_refused_naming_the_limit_and_both_numbers() {
+        let mut limits = wgpu::Limits::downlevel_defaults();
+        limits.max_storage_buffers_per_shader_stage = 4;
+        let err = Requirements::kernels()
+            .check("tiny", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tiny"), "{err}");
+        assert!(
+            err.contains("max_storage_buffers_per_shader_stage"),
+            "{err}"
+        );
+        assert!(
+            err.contains("offered 4") && err.contains("needed 6"),
+            "{err}"
+        );
+        assert!(Requirements::kernels()
+            .check("big", &wgpu::Limits::default())
+            .is_ok());
+    }
+
+    #[test]
+    fn backend_names_parse_and_bad_ones_are_named() {
+        let o = |b: &str| GpuOptions {
+            backend: Some(b.into()),
+            ..Default::default()
+        };
+        assert_eq!(o("vulkan").backends().unwrap(), wgpu::Backends::VULKAN);
+        assert_eq!(
+            o("GL,vulkan").backends().unwrap(),
+            wgpu::Backends::VULKAN | wgpu::Backends::GL
+        );
+        let e = o("cuda").backends().unwrap_err().to_string();
+        assert!(
+            e.contains("cuda") && e.contains("vulkan, metal, dx12, gl or webgpu"),
+            "{e}"
+        );
     }
 }

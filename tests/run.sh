@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's test command: installs what a fresh Debian 12 machine lacks, then runs every
+# test on three software GPU stacks (lavapipe Vulkan, SwiftShader Vulkan, llvmpipe GL), checks
+# formatting and lints, and builds the wasm library. Used as is by CI (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+need=()
+for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+rustup target add wasm32-unknown-unknown >/dev/null
+rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+export XDG_RUNTIME_DIR="$(mktemp -d)"
+chmod 700 "$XDG_RUNTIME_DIR"
+lavapipe=$(ls /usr/share/vulkan/icd.d/lvp_icd.*.json | head -1)
+swiftshader=/usr/lib/chromium/vk_swiftshader_icd.json
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+# Runs `cargo test ARGS` on one driver, after checking that the driver is the one chosen.
+on_driver() {
+    local name="$1" pattern="$2"
+    shift 2
+    echo "== tests on $name"
+    cargo build -q --bin minigpt4
+    local info
+    info=$(./target/debug/minigpt4 info)
+    echo "$info" | grep "would be used"
+    if ! echo "$info" | grep "would be used" | grep -q "$pattern"; then
+        echo "expected an adapter matching '$pattern' to be chosen" >&2
+        exit 1
+    fi
+    cargo test "$@"
+}
+
+VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan on_driver "lavapipe (Vulkan)" "llvmpipe.*Vulkan"
+VK_ICD_FILENAMES="$swiftshader" WGPU_BACKEND=vulkan on_driver "SwiftShader (Vulkan)" "SwiftShader" --test kernels --test cli
+WGPU_BACKEND=gl on_driver "llvmpipe (OpenGL)" "Gl" --test kernels --test cli
+
+echo "== wasm32 build"
+bash web/build.sh debug
+echo "== all checks passed"
