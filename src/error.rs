@@ -40,6 +40,11 @@ pub enum Error {
     #[error("GPU error: {0}")]
     Gpu(String),
 
+    /// A file's contents are malformed or not what we support (truncated, bad magic, unknown
+    /// type, out-of-range offsets, ...). `detail` says what was expected and what was found.
+    #[error("{path}: {detail}")]
+    Format { path: String, detail: String },
+
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -50,6 +55,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Shorthand for a [`Error::Format`] error.
+    pub fn format(path: impl fmt::Display, detail: impl fmt::Display) -> Self {
+        Error::Format {
+            path: path.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Shorthand for an [`Error::Io`] error.
+    pub fn io(path: impl fmt::Display, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+
     /// Shorthand for a [`Error::Tensor`] error.
     pub fn tensor(
         name: impl fmt::Display,
