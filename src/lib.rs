@@ -7,6 +7,8 @@
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod loader;
+pub mod model;
 pub mod quant;
 
 pub use error::{Error, Result};

@@ -1,0 +1,713 @@
+//! The LLaMA / Vicuna decoder on the GPU: configuration, loading (HF directories and GGUF),
+//! KV cache, prefill and decode.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::gpu::{
+    AttnShape, Gpu, HeadView, Ids, Recorder, Requirements, RopeMode, RopeTable, Tensor,
+};
+use crate::loader::gguf::{self, GgufFile};
+use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
+use crate::loader::TensorSource;
+use crate::quant::DType;
+
+/// Decoder hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub tied: bool,
+    pub max_pos: usize,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+}
+
+fn cfg_err(path: &str, key: &str, expected: &str, found: impl std::fmt::Debug) -> Error {
+    Error::format(
+        path,
+        format!("config `{key}`: expected {expected}, found {found:?}"),
+    )
+}
+
+impl LlamaConfig {
+    /// From a transformers `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(&p, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&p, format!("not valid JSON: {e}")))?;
+        let int = |k: &str| -> Result<Option<usize>> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| cfg_err(&p, k, "a non-negative integer", x)),
+            }
+        };
+        let need = |k: &str| -> Result<usize> {
+            int(k)?
+                .filter(|n| *n > 0)
+                .ok_or_else(|| cfg_err(&p, k, "a positive integer", v.get(k)))
+        };
+        let float = |k: &str, d: f64| -> Result<f32> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(d as f32),
+                Some(x) => x
+                    .as_f64()
+                    .map(|f| f as f32)
+                    .ok_or_else(|| cfg_err(&p, k, "a number", x)),
+            }
+        };
+        if let Some(mt) = v.get("model_type").and_then(|m| m.as_str()) {
+            if mt != "llama" {
+                return Err(cfg_err(&p, "model_type", "\"llama\"", mt));
+            }
+        }
+        let hidden = need("hidden_size")?;
+        let heads = need("num_attention_heads")?;
+        let head_dim = int("head_dim")?.unwrap_or(hidden / heads);
+        let eos = match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|n| n as u32))
+                .collect(),
+            Some(x) => x.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        let cfg = LlamaConfig {
+            hidden,
+            layers: need("num_hidden_layers")?,
+            heads,
+            kv_heads: int("num_key_value_heads")?.unwrap_or(heads),
+            head_dim,
+            intermediate: need("intermediate_size")?,
+            vocab: need("vocab_size")?,
+            rope_theta: float("rope_theta", 10000.0)?,
+            rms_eps: float("rms_norm_eps", 1e-6)?,
+            tied: v
+                .get("tie_word_embeddings")
+                .and_then(|t| t.as_bool())
+                .unwrap_or(false),
+            max_pos: int("max_position_embeddings")?.unwrap_or(2048),
+            bos: int("bos_token_id")?.map(|n| n as u32),
+            eos,
+        };
+        cfg.validate(&p)?;
+        Ok(cfg)
+    }
+
+    /// From GGUF metadata (`general.architecture` must be `llama`).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let p = g.path.display().to_string();
+        let arch = g
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if arch != "llama" {
+            return Err(cfg_err(&p, "general.architecture", "\"llama\"", arch));
+        }
+        let int = |k: &str| {
+            g.get(&format!("llama.{k}"))
+                .and_then(|v| v.as_u64())
+                .map(|n| n as usize)
+        };
+        let need = |k: &str| {
+            int(k).filter(|n| *n > 0).ok_or_else(|| {
+                cfg_err(
+                    &p,
+                    &format!("llama.{k}"),
+                    "a positive integer",
+                    g.get(&format!("llama.{k}")),
+                )
+            })
+        };
+        let hidden = need("embedding_length")?;
+        let heads = need("attention.head_count")?;
+        let embd = g.tensor("token_embd.weight").ok_or_else(|| {
+            Error::tensor("token_embd.weight", format!("present in {p}"), "missing")
+        })?;
+        let tok = |k: &str| {
+            g.get(&format!("tokenizer.ggml.{k}"))
+                .and_then(|v| v.as_u64())
+                .map(|n| n as u32)
+        };
+        let cfg = LlamaConfig {
+            hidden,
+            layers: need("block_count")?,
+            heads,
+            kv_heads: int("attention.head_count_kv").unwrap_or(heads),
+            head_dim: int("attention.key_length").unwrap_or(hidden / heads),
+            intermediate: need("feed_forward_length")?,
+            vocab: embd.shape[0],
+            rope_theta: g
+                .get("llama.rope.freq_base")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0) as f32,
+            rms_eps: g
+                .get("llama.attention.layer_norm_rms_epsilon")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5) as f32,
+            tied: g.tensor("output.weight").is_none(),
+            max_pos: int("context_length").unwrap_or(2048),
+            bos: tok("bos_token_id"),
+            eos: tok("eos_token_id").into_iter().collect(),
+        };
+        cfg.validate(&p)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, p: &str) -> Result<()> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(cfg_err(
+                p,
+                "num_key_value_heads",
+                &format!("a divisor of num_attention_heads ({})", self.heads),
+                self.kv_heads,
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > 256 {
+            return Err(cfg_err(
+                p,
+                "head_dim",
+                "an even number up to 256",
+                self.head_dim,
+            ));
+        }
+        if self.layers > 1024
+            || self.hidden > 1 << 16
+            || self.vocab > 1 << 22
+            || self.intermediate > 1 << 18
+        {
+            return Err(Error::format(
+                p,
+                format!("implausible dimensions: {self:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The expected tensors, HF names, with shapes.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, q, kv, f) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        );
+        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
+        for i in 0..self.layers {
+            let l = format!("model.layers.{i}");
+            v.push((format!("{l}.input_layernorm.weight"), vec![h]));
+            v.push((format!("{l}.self_attn.q_proj.weight"), vec![q, h]));
+            v.push((format!("{l}.self_attn.k_proj.weight"), vec![kv, h]));
+            v.push((format!("{l}.self_attn.v_proj.weight"), vec![kv, h]));
+            v.push((format!("{l}.self_attn.o_proj.weight"), vec![h, q]));
+            v.push((format!("{l}.post_attention_layernorm.weight"), vec![h]));
+            v.push((format!("{l}.mlp.gate_proj.weight"), vec![f, h]));
+            v.push((format!("{l}.mlp.up_proj.weight"), vec![f, h]));
+            v.push((format!("{l}.mlp.down_proj.weight"), vec![h, f]));
+        }
+        v.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tied {
+            v.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        }
+        v
+    }
+
+    /// GPU limits this model needs with a context of `ctx` tokens.
+    pub fn requirements(&self, ctx: usize, prefill: usize) -> Requirements {
+        let kv_bytes = (ctx * self.kv_heads * self.head_dim * 4) as u64;
+        let act = (prefill * self.intermediate.max(self.hidden * 3) * 4) as u64;
+        let logits = (prefill.max(1) * self.vocab * 4) as u64;
+        let mut r = Requirements::kernels();
+        r.what = format!(
+            "LLaMA {}x{} with a {ctx}-token context",
+            self.layers, self.hidden
+        );
+        r.max_storage_buffer_binding_size = kv_bytes
+            .max(act)
+            .max(logits)
+            .max(r.max_storage_buffer_binding_size);
+        r.max_buffer_size = r.max_storage_buffer_binding_size;
+        r
+    }
+}
+
+/// Where the weights come from: names are HF's; GGUF names are mapped and Q/K un-permuted.
+pub enum LlamaFiles {
+    Hf {
+        dir: PathBuf,
+        source: Box<dyn TensorSource>,
+    },
+    Gguf(GgufFile),
+}
+
+impl LlamaFiles {
+    /// Opens a GGUF file or an HF model directory (safetensors, sharded safetensors).
+    pub fn open(path: &Path) -> Result<(LlamaConfig, LlamaFiles)> {
+        let p = path.display().to_string();
+        if path.is_dir() {
+            let cfg = LlamaConfig::from_hf_json(&path.join("config.json"))?;
+            let source: Box<dyn TensorSource> = if path
+                .join("model.safetensors.index.json")
+                .exists()
+            {
+                let shards = index_shards(&path.join("model.safetensors.index.json"))?;
+                let mut v: Vec<Box<dyn TensorSource>> = Vec::new();
+                for s in shards {
+                    v.push(Box::new(SafetensorsFile::open(&s)?));
+                }
+                Box::new(Sharded::new(p.clone(), v)?)
+            } else if path.join("model.safetensors").exists() {
+                Box::new(SafetensorsFile::open(&path.join("model.safetensors"))?)
+            } else {
+                return Err(Error::format(&p, "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this directory"));
+            };
+            Ok((
+                cfg,
+                LlamaFiles::Hf {
+                    dir: path.to_path_buf(),
+                    source,
+                },
+            ))
+        } else {
+            let g = GgufFile::open(path)?;
+            let cfg = LlamaConfig::from_gguf(&g)?;
+            Ok((cfg, LlamaFiles::Gguf(g)))
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            LlamaFiles::Hf { dir, .. } => dir.display().to_string(),
+            LlamaFiles::Gguf(g) => g.path.display().to_string(),
+        }
+    }
+
+    fn gguf_name(name: &str) -> Option<String> {
+        let direct = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        if let Some((_, g)) = direct.iter().find(|(h, _)| *h == name) {
+            return Some(g.to_string());
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (i, tail) = rest.split_once('.')?;
+        let g = match tail {
+            "input_layernorm.weight" => "attn_norm.weight",
+            "self_attn.q_proj.weight" => "attn_q.weight",
+            "self_attn.k_proj.weight" => "attn_k.weight",
+            "self_attn.v_proj.weight" => "attn_v.weight",
+            "self_attn.o_proj.weight" => "attn_output.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            "mlp.gate_proj.weight" => "ffn_gate.weight",
+            "mlp.up_proj.weight" => "ffn_up.weight",
+            "mlp.down_proj.weight" => "ffn_down.weight",
+            _ => return None,
+        };
+        Some(format!("blk.{i}.{g}"))
+    }
+
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            LlamaFiles::Hf { source, .. } => source.shape(name),
+            LlamaFiles::Gguf(g) => Self::gguf_name(name)
+                .and_then(|n| g.tensor(&n))
+                .map(|t| t.shape.clone()),
+        }
+    }
+
+    /// Reads one tensor (HF name) as f32, HF layout.
+    pub fn read(&self, cfg: &LlamaConfig, name: &str) -> Result<Vec<f32>> {
+        match self {
+            LlamaFiles::Hf { source, .. } => source.read_f32(name),
+            LlamaFiles::Gguf(g) => {
+                let gn = Self::gguf_name(name)
+                    .ok_or_else(|| Error::tensor(name, "a LLaMA tensor name", "an unknown name"))?;
+                let t = g.tensor(&gn).ok_or_else(|| {
+                    Error::tensor(&gn, format!("present in {}", g.path.display()), "missing")
+                })?;
+                let w = g.read_f32(t)?;
+                let heads = if name.ends_with("q_proj.weight") {
+                    Some(cfg.heads)
+                } else if name.ends_with("k_proj.weight") {
+                    Some(cfg.kv_heads)
+                } else {
+                    None
+                };
+                Ok(match heads {
+                    Some(h) => gguf::unpermute_qk(&w, t.shape[0], t.shape[1], h),
+                    None => w,
+                })
+            }
+        }
+    }
+
+    /// Checks that every tensor the config implies exists with the right shape.
+    pub fn validate(&self, cfg: &LlamaConfig) -> Result<()> {
+        for (name, shape) in cfg.expected_tensors() {
+            let shown = match self {
+                LlamaFiles::Gguf(_) => Self::gguf_name(&name).unwrap_or(name.clone()),
+                _ => name.clone(),
+            };
+            match self.shape(&name) {
+                None => {
+                    return Err(Error::tensor(
+                        shown,
+                        format!("present with shape {shape:?} in {}", self.describe()),
+                        "missing",
+                    ))
+                }
+                Some(s) if s != shape => {
+                    return Err(Error::tensor(
+                        shown,
+                        format!("shape {shape:?} (from the config) in {}", self.describe()),
+                        format!("{s:?}"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// GPU formats of the weights: `--quant` sets the linear layers; the embedding table and
+/// lm_head follow the rule in [`QuantPolicy::for_linear`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantPolicy {
+    pub linear: DType,
+    pub embed: DType,
+    pub lm_head: DType,
+}
+
+impl QuantPolicy {
+    /// Linear layers in `q`; the embedding gather table in f16 (f32 when `q` is f32): a gather
+    /// reads one row per token, so its size costs memory, not speed; lm_head in q8 when the
+    /// layers are q4 (the logits are the most quantisation-sensitive matmul), else like them.
+    pub fn for_linear(q: DType) -> Self {
+        match q {
+            DType::F32 => QuantPolicy {
+                linear: q,
+                embed: DType::F32,
+                lm_head: DType::F32,
+            },
+            DType::F16 => QuantPolicy {
+                linear: q,
+                embed: DType::F16,
+                lm_head: DType::F16,
+            },
+            DType::Q8 => QuantPolicy {
+                linear: q,
+                embed: DType::F16,
+                lm_head: DType::Q8,
+            },
+            DType::Q4 => QuantPolicy {
+                linear: q,
+                embed: DType::F16,
+                lm_head: DType::Q8,
+            },
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wqkv: Tensor,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+}
+
+/// Per-row-count activation buffers, created on first use and reused.
+struct Scratch {
+    x: Tensor,
+    h: Tensor,
+    qkv: Tensor,
+    attn: Tensor,
+    g: Tensor,
+    u: Tensor,
+    last: Tensor,
+    logits_last: Tensor,
+    logits_all: Option<Tensor>,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub policy: QuantPolicy,
+    /// Context capacity of the KV cache.
+    pub ctx: usize,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RopeTable,
+    scratch: HashMap<(usize, bool), Scratch>,
+    /// Tokens currently in the KV cache.
+    pub pos: usize,
+}
+
+impl Llama {
+    /// Validates every tensor, then uploads them one at a time (host memory ≈ one tensor).
+    pub fn load(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        files: &LlamaFiles,
+        policy: QuantPolicy,
+        ctx: usize,
+    ) -> Result<Self> {
+        let ctx = ctx.min(cfg.max_pos).max(1);
+        files.validate(cfg)?;
+        gpu.require(&cfg.requirements(ctx, 1))?;
+        let f32v = |name: &str| -> Result<Tensor> {
+            let v = files.read(cfg, name)?;
+            Tensor::upload(gpu, name, &[v.len()], DType::F32, &v)
+        };
+        let mat = |name: &str, rows: usize, cols: usize, dt: DType| -> Result<Tensor> {
+            let v = files.read(cfg, name)?;
+            Tensor::upload(gpu, name, &[rows, cols], dt, &v)
+        };
+        let (h, q, kv, f) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+            cfg.intermediate,
+        );
+        let embed = mat("model.embed_tokens.weight", cfg.vocab, h, policy.embed)?;
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let l = format!("model.layers.{i}");
+            let mut qkv = files.read(cfg, &format!("{l}.self_attn.q_proj.weight"))?;
+            qkv.extend(files.read(cfg, &format!("{l}.self_attn.k_proj.weight"))?);
+            qkv.extend(files.read(cfg, &format!("{l}.self_attn.v_proj.weight"))?);
+            let wqkv = Tensor::upload(
+                gpu,
+                &format!("{l}.self_attn.qkv_proj.weight"),
+                &[q + 2 * kv, h],
+                policy.linear,
+                &qkv,
+            )?;
+            drop(qkv);
+            layers.push(Layer {
+                attn_norm: f32v(&format!("{l}.input_layernorm.weight"))?,
+                wqkv,
+                wo: mat(&format!("{l}.self_attn.o_proj.weight"), h, q, policy.linear)?,
+                ffn_norm: f32v(&format!("{l}.post_attention_layernorm.weight"))?,
+                gate: mat(&format!("{l}.mlp.gate_proj.weight"), f, h, policy.linear)?,
+                up: mat(&format!("{l}.mlp.up_proj.weight"), f, h, policy.linear)?,
+                down: mat(&format!("{l}.mlp.down_proj.weight"), h, f, policy.linear)?,
+                k_cache: Tensor::zeros(gpu, &format!("{l}.k_cache"), &[ctx, kv])?,
+                v_cache: Tensor::zeros(gpu, &format!("{l}.v_cache"), &[ctx, kv])?,
+            });
+        }
+        let norm = f32v("model.norm.weight")?;
+        let head_name = if cfg.tied {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let lm_head = mat(head_name, cfg.vocab, h, policy.lm_head)?;
+        let rope = RopeTable::new(gpu, cfg.head_dim, ctx, cfg.rope_theta)?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            policy,
+            ctx,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            scratch: HashMap::new(),
+            pos: 0,
+        })
+    }
+
+    /// Forgets the conversation (the KV cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    fn scratch(&mut self, gpu: &Gpu, t: usize, all_logits: bool) -> Result<()> {
+        if self.scratch.contains_key(&(t, all_logits)) {
+            return Ok(());
+        }
+        let c = &self.cfg;
+        let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let s = Scratch {
+            x: Tensor::zeros(gpu, "x", &[t, c.hidden])?,
+            h: Tensor::zeros(gpu, "h", &[t, c.hidden])?,
+            qkv: Tensor::zeros(gpu, "qkv", &[t, q + 2 * kv])?,
+            attn: Tensor::zeros(gpu, "attn", &[t, q])?,
+            g: Tensor::zeros(gpu, "gate", &[t, c.intermediate])?,
+            u: Tensor::zeros(gpu, "up", &[t, c.intermediate])?,
+            last: Tensor::zeros(gpu, "last", &[1, c.hidden])?,
+            logits_last: Tensor::zeros(gpu, "logits", &[1, c.vocab])?,
+            logits_all: if all_logits {
+                Some(Tensor::zeros(gpu, "logits_all", &[t, c.vocab])?)
+            } else {
+                None
+            },
+        };
+        // keep at most a few prefill sizes around
+        if self.scratch.len() > 4 {
+            self.scratch.retain(|k, _| k.0 == 1);
+        }
+        self.scratch.insert((t, all_logits), s);
+        Ok(())
+    }
+
+    /// Runs `ids` (or, when `embeds` is given, those `[t, hidden]` input rows instead of token
+    /// embeddings) at positions `pos..pos+t`, appends them to the KV cache and returns the
+    /// logits of the last row (or of every row with `all_logits`), f32.
+    pub async fn forward(
+        &mut self,
+        gpu: &Gpu,
+        input: Input<'_>,
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let t = match &input {
+            Input::Ids(ids) => ids.len(),
+            Input::Embeds(e) => e.rows(),
+        };
+        if t == 0 {
+            return Err(Error::tensor("input", "at least one token", 0));
+        }
+        if self.pos + t > self.ctx {
+            return Err(Error::tensor(
+                "input",
+                format!(
+                    "at most {} tokens in the context ({} already used)",
+                    self.ctx, self.pos
+                ),
+                self.pos + t,
+            ));
+        }
+        if let Input::Ids(ids) = &input {
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab) {
+                return Err(Error::tensor(
+                    "input ids",
+                    format!("ids below the vocabulary size {}", self.cfg.vocab),
+                    bad,
+                ));
+            }
+        }
+        self.scratch(gpu, t, all_logits)?;
+        let c = self.cfg.clone();
+        let s = &self.scratch[&(t, all_logits)];
+        let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let pos = self.pos;
+        let mut rec = Recorder::new(gpu);
+        let ids_buf;
+        match &input {
+            Input::Ids(ids) => {
+                ids_buf = Ids::new(gpu, ids);
+                rec.embedding(&ids_buf, &self.embed, &s.x)?;
+            }
+            Input::Embeds(e) => {
+                e.expect(Some(DType::F32), &[t, c.hidden])?;
+                rec.copy_rows(e, 0, c.hidden, &s.x, 0, c.hidden, t, c.hidden)?;
+            }
+        }
+        let qkv_stride = q + 2 * kv;
+        for l in &self.layers {
+            rec.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &s.h)?;
+            rec.matmul(&s.h, &l.wqkv, None, &s.qkv, false)?;
+            rec.rope(
+                HeadView {
+                    t: &s.qkv,
+                    offset: 0,
+                    stride: qkv_stride,
+                },
+                t,
+                c.heads,
+                &self.rope,
+                pos,
+                RopeMode::Half,
+            )?;
+            rec.rope(
+                HeadView {
+                    t: &s.qkv,
+                    offset: q,
+                    stride: qkv_stride,
+                },
+                t,
+                c.kv_heads,
+                &self.rope,
+                pos,
+                RopeMode::Half,
+            )?;
+            rec.copy_rows(&s.qkv, q, qkv_stride, &l.k_cache, pos * kv, kv, t, kv)?;
+            rec.copy_rows(&s.qkv, q + kv, qkv_stride, &l.v_cache, pos * kv, kv, t, kv)?;
+            rec.attention(
+                HeadView {
+                    t: &s.qkv,
+                    offset: 0,
+                    stride: qkv_stride,
+                },
+                HeadView::whole(&l.k_cache),
+                HeadView::whole(&l.v_cache),
+                HeadView::whole(&s.attn),
+                AttnShape {
+                    t,
+                    s: pos + t,
+                    heads: c.heads,
+                    kv_heads: c.kv_heads,
+                    head_dim: c.head_dim,
+                    causal: true,
+                    scale: 1.0 / (c.head_dim as f32).sqrt(),
+                },
+            )?;
+            rec.matmul(&s.attn, &l.wo, None, &s.x, true)?;
+            rec.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &s.h)?;
+            rec.matmul(&s.h, &l.gate, None, &s.g, false)?;
+            rec.matmul(&s.h, &l.up, None, &s.u, false)?;
+            rec.silu_mul(&s.g, &s.u)?;
+            rec.matmul(&s.g, &l.down, None, &s.x, true)?;
+        }
+        rec.rms_norm(&s.x, &self.norm, c.rms_eps, &s.h)?;
+        let out = if let Some(all) = &s.logits_all {
+            rec.matmul(&s.h, &self.lm_head, None, all, false)?;
+            all
+        } else {
+            rec.copy_rows(
+                &s.h,
+                (t - 1) * c.hidden,
+                c.hidden,
+                &s.last,
+                0,
+                c.hidden,
+                1,
+                c.hidden,
+            )?;
+            rec.matmul(&s.last, &self.lm_head, None, &s.logits_last, false)?;
+            &s.logits_last
+        };
+        rec.submit().await?;
+        let logits = out.read_f32(gpu).await?;
+        self.pos += t;
+        Ok(logits)
+    }
+}
+
+/// What a forward pass consumes.
+pub enum Input<'a> {
+    Ids(&'a [u32]),
+    /// Precomputed input rows `[t, hidden]` (MiniGPT-4 splices image embeddings this way).
+    Embeds(&'a Tensor),
+}

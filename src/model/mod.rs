@@ -1,0 +1,3 @@
+//! Model stages, one file each.
+
+pub mod llama;
