@@ -4,6 +4,7 @@
 //! Layers, bottom up: [`quant`] (weight formats, CPU side), [`gpu`] (device, tensors, WGSL
 //! kernels, recorder), [`cpu`] (plain reference implementations the kernels are tested against).
 
+pub mod chat;
 pub mod cpu;
 pub mod error;
 pub mod gpu;

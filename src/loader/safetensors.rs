@@ -175,7 +175,8 @@ impl SafetensorsFile {
         })
     }
 
-    pub fn read_f32_of(&self, t: &StTensor) -> Result<Vec<f32>> {
+    /// A tensor's raw little-endian bytes.
+    pub fn read_bytes(&self, t: &StTensor) -> Result<Vec<u8>> {
         let p = self.path.display().to_string();
         let mut f = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
         f.seek(SeekFrom::Start(t.start))
@@ -183,6 +184,41 @@ impl SafetensorsFile {
         let mut b = vec![0u8; (t.end - t.start) as usize];
         f.read_exact(&mut b)
             .map_err(|e| Error::format(&p, format!("tensor `{}`: {e}", t.name)))?;
+        Ok(b)
+    }
+
+    /// An integer tensor (I32 or I64) as i64 values.
+    pub fn read_ints(&self, name: &str) -> Result<Vec<i64>> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!("present in {}", self.path.display()),
+                "missing",
+            )
+        })?;
+        let b = self.read_bytes(t)?;
+        Ok(match t.dtype {
+            StDType::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+            StDType::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            other => {
+                return Err(Error::tensor(
+                    name,
+                    "an I32 or I64 tensor",
+                    format!("{other:?}"),
+                ))
+            }
+        })
+    }
+
+    pub fn read_f32_of(&self, t: &StTensor) -> Result<Vec<f32>> {
+        let p = self.path.display().to_string();
+        let b = self.read_bytes(t)?;
         Ok(match t.dtype {
             StDType::F32 => b
                 .chunks_exact(4)

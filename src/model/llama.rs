@@ -84,6 +84,39 @@ impl LlamaConfig {
             Some(x) => x.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
             None => vec![],
         };
+        // transformers >= 5 nests rope settings in `rope_parameters`; older files use `rope_theta`
+        // and `rope_scaling`. Only the default (unscaled) rotary embedding is supported.
+        let rope_params = v.get("rope_parameters").filter(|r| !r.is_null());
+        for (key, r) in [
+            ("rope_parameters", rope_params),
+            (
+                "rope_scaling",
+                v.get("rope_scaling").filter(|r| !r.is_null()),
+            ),
+        ] {
+            if let Some(r) = r {
+                let ty = r
+                    .get("rope_type")
+                    .or_else(|| r.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
+                if ty != "default" {
+                    return Err(cfg_err(
+                        &p,
+                        key,
+                        "the default rotary embedding (no scaling)",
+                        ty,
+                    ));
+                }
+            }
+        }
+        let rope_theta = match rope_params.and_then(|r| r.get("rope_theta")) {
+            Some(t) => t
+                .as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| cfg_err(&p, "rope_parameters.rope_theta", "a number", t))?,
+            None => float("rope_theta", 10000.0)?,
+        };
         let cfg = LlamaConfig {
             hidden,
             layers: need("num_hidden_layers")?,
@@ -92,7 +125,7 @@ impl LlamaConfig {
             head_dim,
             intermediate: need("intermediate_size")?,
             vocab: need("vocab_size")?,
-            rope_theta: float("rope_theta", 10000.0)?,
+            rope_theta,
             rms_eps: float("rms_norm_eps", 1e-6)?,
             tied: v
                 .get("tie_word_embeddings")

@@ -1,0 +1,388 @@
+//! Sampling and the generation loop (the chat templates join them with the MiniGPT-4 issue).
+//!
+//! Sampling reproduces transformers' `generate()` (4.30, the version MiniGPT-4 pins): per step,
+//! repetition penalty over the given tokens → temperature (skipped at exactly 1.0) → top-k
+//! (ties with the k-th value kept) → top-p (ascending sort, cumulative softmax, drop while
+//! `cum <= 1 − top_p`, keep at least one) → softmax → one multinomial draw. The random numbers
+//! come from our own seeded generator, so a seed reproduces our runs, not PyTorch's.
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::model::llama::{Input, Llama};
+
+/// How the next token is chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Argmax (first index of the maximum, as `torch.argmax`); the other fields are ignored
+    /// except `repetition_penalty`.
+    pub greedy: bool,
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 1.0 disables. HF formula: `logit < 0 ? logit·p : logit/p` for every id in the penalty set.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    /// transformers' defaults for a plain `generate(do_sample=True)`.
+    fn default() -> Self {
+        Sampling {
+            greedy: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Sampling {
+            greedy: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &str, msg: String| {
+            Err(Error::InvalidOption {
+                name: name.into(),
+                msg,
+            })
+        };
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(
+                "temperature",
+                format!("expected a positive number, found {}", self.temperature),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(
+                "top-p",
+                format!("expected a number in (0, 1], found {}", self.top_p),
+            );
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(
+                "repetition-penalty",
+                format!(
+                    "expected a positive number, found {}",
+                    self.repetition_penalty
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A small seeded generator (SplitMix64).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Applies HF's repetition penalty in place to each distinct id of `ids`.
+pub fn repetition_penalty(logits: &mut [f32], ids: &[u32], p: f32) {
+    if p == 1.0 {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &id in ids {
+        if let Some(l) = logits.get_mut(id as usize) {
+            if seen.insert(id) {
+                *l = if *l < 0.0 { *l * p } else { *l / p };
+            }
+        }
+    }
+}
+
+/// The probability distribution after temperature, top-k and top-p (zeros for removed ids).
+pub fn warp(logits: &[f32], s: &Sampling) -> Vec<f64> {
+    let mut l: Vec<f32> = logits.to_vec();
+    if s.temperature != 1.0 {
+        for v in l.iter_mut() {
+            *v /= s.temperature;
+        }
+    }
+    let ninf = f32::NEG_INFINITY;
+    if s.top_k > 0 && s.top_k < l.len() {
+        let mut sorted: Vec<f32> = l.iter().copied().filter(|v| !v.is_nan()).collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[s.top_k - 1];
+        for v in l.iter_mut() {
+            if *v < kth {
+                *v = ninf;
+            }
+        }
+    }
+    if s.top_p < 1.0 {
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|&a, &b| l[a].total_cmp(&l[b]));
+        let probs = softmax(&idx.iter().map(|&i| l[i]).collect::<Vec<_>>());
+        let mut cum = 0f64;
+        let last = idx.len() - 1;
+        let mut remove = Vec::new();
+        for (j, &i) in idx.iter().enumerate() {
+            cum += probs[j];
+            if cum <= (1.0 - s.top_p as f64) && j != last {
+                remove.push(i);
+            }
+        }
+        for i in remove {
+            l[i] = ninf;
+        }
+    }
+    softmax(&l)
+}
+
+fn softmax(l: &[f32]) -> Vec<f64> {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = l
+        .iter()
+        .map(|&v| {
+            if v == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (v as f64 - m).exp()
+            }
+        })
+        .collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// Index of the first maximum.
+pub fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Chooses the next token. `penalty_ids` are the ids the repetition penalty applies to;
+/// ids at or above `allowed` (e.g. Vicuna-v0's row 32000, which has no tokenizer piece) are
+/// never chosen.
+pub fn sample(
+    logits: &mut [f32],
+    penalty_ids: &[u32],
+    allowed: usize,
+    s: &Sampling,
+    rng: &mut Rng,
+) -> u32 {
+    let n = allowed.min(logits.len()).max(1);
+    let logits = &mut logits[..n];
+    repetition_penalty(logits, penalty_ids, s.repetition_penalty);
+    if s.greedy {
+        return argmax(logits);
+    }
+    let probs = warp(logits, s);
+    let u = rng.uniform();
+    let mut cum = 0f64;
+    let mut last_nonzero = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            last_nonzero = i;
+            cum += p;
+            if u < cum {
+                return i as u32;
+            }
+        }
+    }
+    last_nonzero as u32
+}
+
+/// When generation ends.
+#[derive(Clone, Debug, Default)]
+pub struct Stop {
+    pub max_new_tokens: usize,
+    pub eos: Vec<u32>,
+    /// Stop when the generated ids end with any of these.
+    pub sequences: Vec<Vec<u32>>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Eos,
+    StopSequence,
+    MaxTokens,
+    Cancelled,
+}
+
+/// Prefills `prompt` (in chunks) and decodes until a stop. `on_token(id)` is called for every
+/// generated id (streaming); returning false cancels. Returns the generated ids (stop tokens
+/// included, as transformers returns them) and why it finished.
+pub async fn generate(
+    gpu: &Gpu,
+    model: &mut Llama,
+    prompt: &[u32],
+    sampling: &Sampling,
+    stop: &Stop,
+    allowed: usize,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, Finish)> {
+    sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::InvalidOption {
+            name: "prompt".into(),
+            msg: "the prompt has no tokens".into(),
+        });
+    }
+    let need = model.pos + prompt.len() + stop.max_new_tokens;
+    if need > model.ctx {
+        return Err(Error::InvalidOption {
+            name: "max-new-tokens".into(),
+            msg: format!(
+                "prompt ({} tokens) + max new tokens ({}) = {} exceeds the context of {} tokens",
+                model.pos + prompt.len(),
+                stop.max_new_tokens,
+                need,
+                model.ctx
+            ),
+        });
+    }
+    let mut rng = Rng::new(sampling.seed);
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = model.forward(gpu, Input::Ids(chunk), false).await?;
+    }
+    let mut out: Vec<u32> = Vec::new();
+    loop {
+        if out.len() >= stop.max_new_tokens {
+            return Ok((out, Finish::MaxTokens));
+        }
+        let id = sample(&mut logits, &out, allowed, sampling, &mut rng);
+        out.push(id);
+        if !on_token(id) {
+            return Ok((out, Finish::Cancelled));
+        }
+        if stop.eos.contains(&id) {
+            return Ok((out, Finish::Eos));
+        }
+        if stop
+            .sequences
+            .iter()
+            .any(|s| !s.is_empty() && out.ends_with(s))
+        {
+            return Ok((out, Finish::StopSequence));
+        }
+        if out.len() >= stop.max_new_tokens {
+            return Ok((out, Finish::MaxTokens));
+        }
+        logits = model.forward(gpu, Input::Ids(&[id]), false).await?;
+    }
+}
+
+/// Rows per prefill dispatch batch (bounds activation memory for long prompts).
+pub const PREFILL_CHUNK: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_penalty_uses_the_hf_formula_once_per_id() {
+        let mut l = vec![2.0, -2.0, 1.0];
+        repetition_penalty(&mut l, &[0, 1, 0], 2.0);
+        assert_eq!(l, vec![1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn top_k_keeps_ties_and_top_p_keeps_the_smallest_set_reaching_p() {
+        let s = Sampling {
+            top_k: 2,
+            ..Default::default()
+        };
+        let p = warp(&[1.0, 3.0, 3.0, 2.0], &s);
+        assert_eq!(p[0], 0.0);
+        assert_eq!(p[3], 0.0);
+        assert!((p[1] - 0.5).abs() < 1e-12);
+        // probs 0.5, 0.3, 0.2: top_p 0.7 keeps {0.5, 0.3} (0.2 <= 0.3 removed)
+        let l: Vec<f32> = [0.5f32, 0.3, 0.2].iter().map(|p| p.ln()).collect();
+        let s = Sampling {
+            top_k: 0,
+            top_p: 0.7,
+            ..Default::default()
+        };
+        let p = warp(&l, &s);
+        assert_eq!(p[2], 0.0);
+        assert!((p[0] - 0.625).abs() < 1e-6);
+        // top_p tiny still keeps the best one
+        let s = Sampling {
+            top_k: 0,
+            top_p: 1e-6,
+            ..Default::default()
+        };
+        assert_eq!(warp(&l, &s), vec![1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn temperature_sharpens_and_sampling_is_seeded_and_respects_allowed() {
+        let l = vec![0.0f32, 1.0];
+        let cold = warp(
+            &l,
+            &Sampling {
+                temperature: 0.5,
+                top_k: 0,
+                ..Default::default()
+            },
+        );
+        let warm = warp(
+            &l,
+            &Sampling {
+                top_k: 0,
+                ..Default::default()
+            },
+        );
+        assert!(cold[1] > warm[1]);
+        let s = Sampling {
+            top_k: 0,
+            ..Default::default()
+        };
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..50)
+                .map(|_| sample(&mut [0.0, 0.1, 0.2, 9.0], &[], 3, &s, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert!(draw(7).iter().all(|&i| i < 3), "id 3 is beyond `allowed`");
+        assert!(draw(7).contains(&0) && draw(7).contains(&2));
+        assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1);
+    }
+
+    #[test]
+    fn bad_sampling_values_are_named() {
+        let e = Sampling {
+            top_p: 1.5,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("top-p") && e.contains("1.5"), "{e}");
+    }
+}
