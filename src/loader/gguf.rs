@@ -318,7 +318,7 @@ impl GgufFile {
         let n_kv = r.u64("metadata count")?;
         // each KV needs at least 8 (key len) + 4 (type) + 1 bytes; each tensor info at least 8 + 4 + 8 + 4 + 8
         if n_kv.saturating_mul(13) > len || n_tensors.saturating_mul(32) > len {
-            return Err(Error::format(&p, format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than a {len}-byte file can hold")));
+            return Err(Error::format(&p, format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than a {len}-byte file can hold: truncated or corrupt")));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
