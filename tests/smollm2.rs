@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use common::gpu;
 use minigpt4::chat::{generate, Sampling, Stop};
 use minigpt4::loader::gguf::GgufFile;
-use minigpt4::model::llama::{Llama, LlamaConfig, LlamaFiles, QuantPolicy};
+use minigpt4::loader::safetensors::SafetensorsFile;
+use minigpt4::loader::TensorSource;
+use minigpt4::model::llama::{Input, Llama, LlamaConfig, LlamaFiles, QuantPolicy};
 use minigpt4::quant::DType;
 
 pub fn smollm2() -> PathBuf {
@@ -61,18 +63,42 @@ fn gguf_metadata_gives_the_smollm2_config() {
     assert!(c.tied);
 }
 
-/// Greedy 32 tokens in f32 equal transformers' on every prompt of the fixture.
+/// Greedy 32 tokens in f32 equal transformers' on every prompt, except that a divergence is
+/// accepted at a step where the reference's top-1/top-2 margin is below the logit error we
+/// measure on the first step (a near-tie that rounding order may flip) — and at least three
+/// prompts must match completely.
 #[test]
 fn greedy_f32_generation_equals_transformers() {
     let gpu = gpu();
     let (cfg, files) = LlamaFiles::open(&smollm2()).unwrap();
     let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(DType::F32), 256).unwrap();
     let fx = fixture("greedy.json");
+    let first = SafetensorsFile::open(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smollm2/first_logits.safetensors"),
+    )
+    .unwrap();
     let prompts = fx["prompts"].as_array().expect("prompts");
-    assert!(prompts.len() >= 3);
-    for p in prompts {
+    let mut identical = 0;
+    for (i, p) in prompts.iter().enumerate() {
         let prompt = ids(&p["prompt_ids"]);
         let want = ids(&p["generated_ids"]);
+        let margins: Vec<f64> = p["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        m.reset();
+        let logits = pollster::block_on(m.forward(&gpu, Input::Ids(&prompt), false)).unwrap();
+        let reference = first.read_f32(&format!("p{i}")).unwrap();
+        let err = logits
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("prompt {i}: first-step logits max-abs error {err}");
+        assert!(err <= 2e-3, "prompt {i}: first-step logits differ by {err}");
         m.reset();
         let stop = Stop {
             max_new_tokens: want.len(),
@@ -89,6 +115,17 @@ fn greedy_f32_generation_equals_transformers() {
             |_| true,
         ))
         .unwrap();
-        assert_eq!(got, want, "prompt {:?}", p["prompt"]);
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None => identical += 1,
+            Some(step) => assert!(
+                (margins[step] as f32) < 4.0 * err.max(1e-4),
+                "prompt {i} {:?}: diverged at step {step} (got {}, want {}) where the reference margin {} is well above the logit error {err}",
+                p["prompt"], got[step], want[step], margins[step]
+            ),
+        }
     }
+    assert!(
+        identical >= 3,
+        "only {identical} prompts generated identically"
+    );
 }
