@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod loader;
 pub mod quant;
 
 pub use error::{Error, Result};
