@@ -1746,3 +1746,490 @@ fn parse_state_dict(pickle: &[u8]) -> VmResult<Vec<(String, Rc<TensorRec>)>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Minimal pickle writer for hand-built test pickles.
+    #[derive(Default)]
+    struct P(Vec<u8>);
+
+    impl P {
+        fn op(&mut self, b: &[u8]) -> &mut Self {
+            self.0.extend_from_slice(b);
+            self
+        }
+        fn s(&mut self, s: &str) -> &mut Self {
+            self.0.push(b'X');
+            self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            self.0.extend_from_slice(s.as_bytes());
+            self
+        }
+        fn int(&mut self, i: i32) -> &mut Self {
+            self.0.push(b'J');
+            self.0.extend_from_slice(&i.to_le_bytes());
+            self
+        }
+        fn global(&mut self, m: &str, n: &str) -> &mut Self {
+            self.0.extend_from_slice(format!("c{m}\n{n}\n").as_bytes());
+            self
+        }
+        fn ints(&mut self, v: &[i32]) -> &mut Self {
+            self.op(b"(");
+            for &i in v {
+                self.int(i);
+            }
+            self.op(b"t")
+        }
+        /// `_rebuild_tensor_v2(('storage', torch.FloatStorage, key, 'cpu', numel), off, size, stride, False, OrderedDict())`
+        fn tensor(
+            &mut self,
+            key: &str,
+            numel: i32,
+            off: i32,
+            size: &[i32],
+            stride: &[i32],
+        ) -> &mut Self {
+            self.global("torch._utils", "_rebuild_tensor_v2")
+                .op(b"((")
+                .s("storage");
+            self.global("torch", "FloatStorage")
+                .s(key)
+                .s("cpu")
+                .int(numel)
+                .op(b"tQ");
+            self.int(off).ints(size).ints(stride).op(b"\x89");
+            self.global("collections", "OrderedDict").op(b")RtR")
+        }
+        /// `{name: tensor}` around `body`, a complete pickle.
+        fn dict1(name: &str, body: impl FnOnce(&mut P)) -> Vec<u8> {
+            let mut p = P::default();
+            p.op(b"\x80\x02}q\x00").s(name);
+            body(&mut p);
+            p.op(b"s.");
+            p.0
+        }
+    }
+
+    fn zip(entries: &[(&str, &[u8])], zip64: bool, method: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut cd = Vec::new();
+        for (name, data) in entries {
+            let lho = out.len() as u64;
+            out.extend_from_slice(&LFH_SIG.to_le_bytes());
+            out.extend_from_slice(&[20, 0, 0, 0]);
+            out.extend_from_slice(&method.to_le_bytes());
+            out.extend_from_slice(&[0; 8]);
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(data);
+            let sat = |v: u64| if zip64 { 0xFFFF_FFFF } else { v as u32 };
+            cd.extend_from_slice(&CDH_SIG.to_le_bytes());
+            cd.extend_from_slice(&[20, 0, 20, 0, 0, 0]);
+            cd.extend_from_slice(&method.to_le_bytes());
+            cd.extend_from_slice(&[0; 8]);
+            cd.extend_from_slice(&sat(data.len() as u64).to_le_bytes());
+            cd.extend_from_slice(&sat(data.len() as u64).to_le_bytes());
+            cd.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            cd.extend_from_slice(&(if zip64 { 28u16 } else { 0 }).to_le_bytes());
+            cd.extend_from_slice(&[0; 10]);
+            cd.extend_from_slice(&sat(lho).to_le_bytes());
+            cd.extend_from_slice(name.as_bytes());
+            if zip64 {
+                cd.extend_from_slice(&[1, 0, 24, 0]);
+                cd.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                cd.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                cd.extend_from_slice(&lho.to_le_bytes());
+            }
+        }
+        let cd_off = out.len() as u64;
+        out.extend_from_slice(&cd);
+        let n = entries.len() as u64;
+        if zip64 {
+            let rec = out.len() as u64;
+            out.extend_from_slice(&EOCD64_SIG.to_le_bytes());
+            out.extend_from_slice(&44u64.to_le_bytes());
+            out.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            for v in [n, n, cd.len() as u64, cd_off] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&EOCD64_LOC_SIG.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&rec.to_le_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+        }
+        out.extend_from_slice(&EOCD_SIG.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        if zip64 {
+            out.extend_from_slice(&[0xFF; 12]);
+        } else {
+            out.extend_from_slice(&(n as u16).to_le_bytes());
+            out.extend_from_slice(&(n as u16).to_le_bytes());
+            out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(cd_off as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+
+    fn floats(n: usize) -> Vec<u8> {
+        (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect()
+    }
+
+    fn open_bytes(tag: &str, bytes: &[u8]) -> Result<TorchCheckpoint> {
+        let path =
+            std::env::temp_dir().join(format!("minigpt4-torch-unit-{}-{tag}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let r = TorchCheckpoint::open(&path);
+        // Read everything while the file exists.
+        let r = r.and_then(|ck| {
+            for t in ck.tensors() {
+                ck.read_f32(&t.name)?;
+            }
+            Ok(ck)
+        });
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    fn ckpt(pkl: &[u8], data: &[u8], zip64: bool) -> Vec<u8> {
+        zip(
+            &[
+                ("arc/data.pkl", pkl),
+                ("arc/byteorder", b"little"),
+                ("arc/data/0", data),
+            ],
+            zip64,
+            0,
+        )
+    }
+
+    fn err(tag: &str, bytes: &[u8]) -> String {
+        match open_bytes(tag, bytes) {
+            Ok(_) => panic!("{tag}: expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn zip64_directory_and_3d_permuted_view() {
+        // A [2,3,4] storage viewed as its (2,0,1) permutation: shape [4,2,3], strides [1,12,4].
+        let pkl = P::dict1("w", |p| {
+            p.tensor("0", 24, 0, &[4, 2, 3], &[1, 12, 4]);
+        });
+        for zip64 in [false, true] {
+            let path = std::env::temp_dir().join(format!(
+                "minigpt4-torch-unit-{}-z64{zip64}",
+                std::process::id()
+            ));
+            std::fs::write(&path, ckpt(&pkl, &floats(24), zip64)).unwrap();
+            let ck = TorchCheckpoint::open(&path).unwrap();
+            let got = ck.read_f32("w").unwrap();
+            let mut want = Vec::new();
+            for k in 0..4 {
+                for i in 0..2 {
+                    for j in 0..3 {
+                        want.push((i * 12 + j * 4 + k) as f32);
+                    }
+                }
+            }
+            assert_eq!(got, want, "zip64={zip64}");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    #[test]
+    fn offset_view_reads_only_its_range() {
+        let pkl = P::dict1("w", |p| {
+            p.tensor("0", 10, 7, &[3], &[1]);
+        });
+        let ck_bytes = ckpt(&pkl, &floats(10), false);
+        let path =
+            std::env::temp_dir().join(format!("minigpt4-torch-unit-{}-off", std::process::id()));
+        std::fs::write(&path, &ck_bytes).unwrap();
+        let ck = TorchCheckpoint::open(&path).unwrap();
+        assert_eq!(ck.read_f32("w").unwrap(), vec![7.0, 8.0, 9.0]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn view_outside_storage_is_an_error_naming_the_tensor() {
+        let pkl = P::dict1("enc.w", |p| {
+            p.tensor("0", 10, 5, &[2, 4], &[4, 1]);
+        });
+        let msg = err("outside", &ckpt(&pkl, &floats(10), false));
+        assert!(
+            msg.contains("tensor `enc.w`") && msg.contains("reaches element 12"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn overflowing_shape_is_an_error() {
+        let pkl = P::dict1("w", |p| {
+            p.tensor(
+                "0",
+                10,
+                0,
+                &[i32::MAX, i32::MAX, i32::MAX, i32::MAX, 0x7fff],
+                &[0, 0, 0, 0, 0],
+            );
+        });
+        let msg = err("overflow", &ckpt(&pkl, &floats(10), false));
+        assert!(
+            msg.contains("tensor `w`") && msg.contains("overflows"),
+            "{msg}"
+        );
+        let pkl = P::dict1("w", |p| {
+            p.tensor("0", 10, 0, &[-1], &[1]);
+        });
+        let msg = err("negative", &ckpt(&pkl, &floats(10), false));
+        assert!(
+            msg.contains("tensor `w`") && msg.contains("non-negative"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn storage_claims_more_than_record() {
+        let pkl = P::dict1("w", |p| {
+            p.tensor("0", 11, 0, &[2], &[1]);
+        });
+        let msg = err("short-record", &ckpt(&pkl, &floats(10), false));
+        assert!(
+            msg.contains("tensor `w`") && msg.contains("claims 11 elements"),
+            "{msg}"
+        );
+        let pkl = P::dict1("w", |p| {
+            p.tensor("7", 1, 0, &[1], &[1]);
+        });
+        let msg = err("missing-record", &ckpt(&pkl, &floats(10), false));
+        assert!(
+            msg.contains("tensor `w`") && msg.contains("arc/data/7"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn disallowed_globals_are_named() {
+        let pkl = P::dict1("x", |p| {
+            p.global("builtins", "eval").s("1+1").op(b"\x85R");
+        });
+        let msg = err("eval", &ckpt(&pkl, &floats(1), false));
+        assert!(msg.contains("`builtins.eval` is not allowed"), "{msg}");
+        // STACK_GLOBAL (protocol 4) goes through the same allow-list.
+        let pkl = P::dict1("x", |p| {
+            p.s("posix").s("system").op(b"\x93").s("true").op(b"\x85R");
+        });
+        let msg = err("stack-global", &ckpt(&pkl, &floats(1), false));
+        assert!(msg.contains("`posix.system` is not allowed"), "{msg}");
+        // Even where it would sit outside the state dict.
+        let mut p = P::default();
+        p.op(b"\x80\x02}(").s("model").op(b"}").s("optimizer");
+        p.global("subprocess", "Popen").op(b"u.");
+        let msg = err("outside-sd", &ckpt(&p.0, &floats(1), false));
+        assert!(msg.contains("subprocess.Popen"), "{msg}");
+    }
+
+    #[test]
+    fn inert_globals_outside_the_state_dict_are_tolerated() {
+        // {'model': {'w': tensor}, 'optimizer': {'b': _codecs.encode('x', 'latin1'), 's': set()}}
+        let mut p = P::default();
+        p.op(b"\x80\x02}(").s("model").op(b"}").s("w");
+        p.tensor("0", 4, 0, &[2, 2], &[2, 1])
+            .op(b"s")
+            .s("optimizer")
+            .op(b"}(")
+            .s("b");
+        p.global("_codecs", "encode")
+            .s("x")
+            .s("latin1")
+            .op(b"\x86R")
+            .s("s");
+        p.global("builtins", "set")
+            .op(b"]\x85R")
+            .op(b"u")
+            .s("epoch")
+            .int(3)
+            .op(b"u.");
+        let ck = open_bytes("inert", &ckpt(&p.0, &floats(4), false)).unwrap();
+        let names: Vec<&str> = ck.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["w"]);
+    }
+
+    #[test]
+    fn rebuild_parameter_and_from_type_v2() {
+        let mut p = P::default();
+        p.op(b"\x80\x02}(").s("p");
+        p.global("torch._utils", "_rebuild_parameter").op(b"(");
+        p.tensor("0", 4, 0, &[4], &[1]).op(b"\x88");
+        p.global("collections", "OrderedDict").op(b")Rt").op(b"R");
+        p.s("q")
+            .global("torch._tensor", "_rebuild_from_type_v2")
+            .op(b"(");
+        p.global("torch._utils", "_rebuild_tensor_v2")
+            .global("torch._tensor", "Tensor");
+        p.op(b"((")
+            .s("storage")
+            .global("torch", "FloatStorage")
+            .s("0")
+            .s("cpu")
+            .int(4)
+            .op(b"tQ");
+        p.int(1)
+            .ints(&[3])
+            .ints(&[1])
+            .op(b"\x89")
+            .global("collections", "OrderedDict");
+        p.op(b")Rt}").op(b"tR").op(b"u.");
+        let path =
+            std::env::temp_dir().join(format!("minigpt4-torch-unit-{}-param", std::process::id()));
+        std::fs::write(&path, ckpt(&p.0, &floats(4), false)).unwrap();
+        let ck = TorchCheckpoint::open(&path).unwrap();
+        assert_eq!(ck.read_f32("p").unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(ck.read_f32("q").unwrap(), vec![1.0, 2.0, 3.0]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn unknown_and_unsupported_opcodes_name_offset() {
+        let msg = parse_state_dict(b"\x80\x02}\xff.").unwrap_err();
+        assert!(
+            msg.contains("unknown pickle opcode 0xff") && msg.contains("byte 3"),
+            "{msg}"
+        );
+        let msg = parse_state_dict(b"\x80\x02I42\n.").unwrap_err();
+        assert!(
+            msg.contains("unsupported pickle opcode INT") && msg.contains("byte 2"),
+            "{msg}"
+        );
+        let msg = parse_state_dict(b"\x80\x02\x97.").unwrap_err();
+        assert!(msg.contains("NEXT_BUFFER"), "{msg}");
+    }
+
+    #[test]
+    fn vm_bounds() {
+        // String longer than the data.
+        let msg = parse_state_dict(b"\x80\x02X\xff\xff\xff\x7fabc.").unwrap_err();
+        assert!(msg.contains("expected 2147483647 bytes"), "{msg}");
+        let msg =
+            parse_state_dict(b"\x80\x02\x8d\xff\xff\xff\xff\xff\xff\xff\xffabc.").unwrap_err();
+        assert!(msg.contains("left in the pickle"), "{msg}");
+        // Memo read before write, stack underflow, mark/stack confusion.
+        assert!(parse_state_dict(b"\x80\x02h\x05.")
+            .unwrap_err()
+            .contains("memo key 5"));
+        assert!(parse_state_dict(b"\x80\x02s.")
+            .unwrap_err()
+            .contains("underflow"));
+        assert!(parse_state_dict(b"\x80\x02}(s.")
+            .unwrap_err()
+            .contains("underflow"));
+        assert!(parse_state_dict(b"\x80\x02t.")
+            .unwrap_err()
+            .contains("MARK"));
+        assert!(parse_state_dict(b"").unwrap_err().contains("opcode"));
+        // Deep tuple nesting is bounded (no recursion blow-up on drop).
+        let mut deep = b"\x80\x02)".to_vec();
+        deep.extend(std::iter::repeat_n(0x85u8, 100_000));
+        deep.push(b'.');
+        assert!(parse_state_dict(&deep)
+            .unwrap_err()
+            .contains("nested deeper"));
+        // Stack depth is bounded.
+        let mut wide = b"\x80\x02".to_vec();
+        wide.extend(std::iter::repeat_n(b'N', MAX_STACK + 1));
+        assert!(parse_state_dict(&wide)
+            .unwrap_err()
+            .contains("stack exceeds"));
+        let mut marks = b"\x80\x02".to_vec();
+        marks.extend(std::iter::repeat_n(b'(', MAX_MARKS + 1));
+        assert!(parse_state_dict(&marks).unwrap_err().contains("MARK"));
+        // Top level must be a dict.
+        let msg = parse_state_dict(b"\x80\x02K\x07.").unwrap_err();
+        assert!(
+            msg.contains("top-level object to be a dict") && msg.contains("int 7"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn long_decoding() {
+        assert!(matches!(decode_long(&[]), Value::Int(0)));
+        assert!(matches!(decode_long(&[0xff]), Value::Int(-1)));
+        assert!(matches!(decode_long(&[0x00, 0x01]), Value::Int(256)));
+        assert!(matches!(decode_long(&[0x80, 0x00]), Value::Int(128)));
+        let max = i64::MAX.to_le_bytes();
+        assert!(matches!(decode_long(&max), Value::Int(i64::MAX)));
+        let mut nine = i64::MIN.to_le_bytes().to_vec();
+        nine.push(0xff);
+        assert!(matches!(decode_long(&nine), Value::Int(i64::MIN)));
+        assert!(matches!(
+            decode_long(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]),
+            Value::Opaque(_)
+        ));
+        assert!(matches!(
+            decode_long(&[0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Value::Opaque(_)
+        ));
+    }
+
+    #[test]
+    fn big_endian_compressed_and_layout_errors() {
+        let pkl = P::dict1("w", |p| {
+            p.tensor("0", 1, 0, &[1], &[1]);
+        });
+        let be = zip(
+            &[
+                ("arc/data.pkl", &pkl),
+                ("arc/byteorder", b"big"),
+                ("arc/data/0", &floats(1)),
+            ],
+            false,
+            0,
+        );
+        assert!(err("be", &be).contains("big-endian"));
+        let deflated = zip(&[("arc/data.pkl", &pkl)], false, 8);
+        assert!(err("deflate", &deflated).contains("compression method 8"));
+        let flat = zip(&[("data.pkl", &pkl)], false, 0);
+        assert!(err("noarchive", &flat).contains("archive directory"));
+        let nopkl = zip(&[("arc/version", b"3")], false, 0);
+        assert!(err("nopkl", &nopkl).contains("arc/data.pkl"));
+    }
+
+    #[test]
+    fn every_truncation_and_mutation_of_a_real_pickle_is_handled() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/torch/wrapper.pt"
+        );
+        let ck = TorchCheckpoint::open(Path::new(path)).unwrap();
+        let mut f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        let pkl_entry = ck
+            .entries
+            .iter()
+            .find(|e| e.name.ends_with("/data.pkl"))
+            .unwrap();
+        let pkl = read_entry(&mut f, len, pkl_entry, path).unwrap();
+        let n = parse_state_dict(&pkl).unwrap().len();
+        assert_eq!(n, ck.tensors().len());
+        for cut in 0..pkl.len() - 1 {
+            assert!(parse_state_dict(&pkl[..cut]).is_err(), "prefix {cut}");
+        }
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..3000 {
+            let mut b = pkl.clone();
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let i = (s % b.len() as u64) as usize;
+            b[i] = (s >> 32) as u8;
+            let _ = parse_state_dict(&b);
+        }
+    }
+}
