@@ -150,8 +150,8 @@ pub struct TorchTensorInfo {
 impl TorchTensorInfo {
     /// Number of elements of the view.
     pub fn numel(&self) -> usize {
-        // Overflow was ruled out when the checkpoint was opened.
-        self.shape.iter().product()
+        // Overflow was ruled out when the checkpoint was opened (saturating for edited clones).
+        self.shape.iter().fold(1usize, |a, &s| a.saturating_mul(s))
     }
 
     /// Whether the view is row-major contiguous.
@@ -736,7 +736,7 @@ fn read_zip_directory(file: &mut File, file_len: u64, p: &str) -> Result<Vec<Zip
         )));
     }
     let cd = read_at(file, file_len, cd_offset, cd_size, p)?;
-    let mut entries = Vec::with_capacity(count as usize);
+    let mut entries = Vec::with_capacity(count.min(4096) as usize);
     let mut pos = 0usize;
     for n in 0..count {
         let trunc = || {
@@ -1064,9 +1064,14 @@ fn resolve_global(module: &str, name: &str) -> VmResult<Global> {
         ("torch._tensor", "_rebuild_from_type_v2") => Global::RebuildFromTypeV2,
         ("torch._tensor", "Tensor") | ("torch", "Tensor") => Global::TensorClass,
         ("torch.nn.parameter", "Parameter") => Global::ParameterClass,
-        ("torch", s) if TorchDType::from_storage_class(s).is_some() => {
-            Global::Storage(TorchDType::from_storage_class(s).unwrap_or(TorchDType::U8))
-        }
+        ("torch", s) if s.ends_with("Storage") => match TorchDType::from_storage_class(s) {
+            Some(dtype) => Global::Storage(dtype),
+            None => {
+                return Err(format!(
+                    "storage class `torch.{s}` is not supported (expected one of torch.Float/Half/BFloat16/Double/Long/Int/Short/Char/Byte/BoolStorage)"
+                ))
+            }
+        },
         ("_codecs", "encode") => Global::Inert("bytes"),
         ("builtins", "set") | ("__builtin__", "set") => Global::Inert("set"),
         ("builtins", "frozenset") | ("__builtin__", "frozenset") => Global::Inert("frozenset"),
@@ -1251,7 +1256,7 @@ impl<'a> Vm<'a> {
         Ok(Value::Str(Rc::from(s)))
     }
     fn setitems(&mut self, target: Value, items: Vec<Value>) -> VmResult<()> {
-        if items.len() % 2 != 0 {
+        if items.len() & 1 != 0 {
             return Err(format!(
                 "SETITEMS with an odd number of items ({})",
                 items.len()
@@ -2027,6 +2032,14 @@ mod tests {
         });
         let msg = err("stack-global", &ckpt(&pkl, &floats(1), false));
         assert!(msg.contains("`posix.system` is not allowed"), "{msg}");
+        let pkl = P::dict1("x", |p| {
+            p.global("torch", "ComplexFloatStorage");
+        });
+        let msg = err("complex", &ckpt(&pkl, &floats(1), false));
+        assert!(
+            msg.contains("`torch.ComplexFloatStorage` is not supported"),
+            "{msg}"
+        );
         // Even where it would sit outside the state dict.
         let mut p = P::default();
         p.op(b"\x80\x02}(").s("model").op(b"}").s("optimizer");
