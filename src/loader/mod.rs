@@ -3,6 +3,7 @@
 
 pub mod gguf;
 pub mod safetensors;
+pub mod torch;
 
 use crate::error::Result;
 
