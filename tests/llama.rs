@@ -86,6 +86,16 @@ fn gqa_tied_head_dim_64_sharded_safetensors() {
     check_f32("gqa_tied_hd64");
 }
 
+#[test]
+fn gqa_untied_head_dim_128_sharded_fp16_pytorch_bin() {
+    check_f32("gqa_untied_hd128");
+}
+
+#[test]
+fn mha_tied_head_dim_128_single_pytorch_bin() {
+    check_f32("mha_tied_hd128");
+}
+
 /// Quantised weights stay close to the f32 reference (same argmax at most positions).
 #[test]
 fn quantized_formats_track_the_reference() {

@@ -2246,3 +2246,18 @@ mod tests {
         }
     }
 }
+
+impl crate::loader::TensorSource for TorchCheckpoint {
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors().iter().map(|t| t.name.clone()).collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.get(name).map(|t| t.shape.clone())
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        TorchCheckpoint::read_f32(self, name)
+    }
+}

@@ -10,6 +10,7 @@ use crate::gpu::{
 };
 use crate::loader::gguf::{self, GgufFile};
 use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
+use crate::loader::torch::TorchCheckpoint;
 use crate::loader::TensorSource;
 use crate::quant::DType;
 
@@ -303,6 +304,15 @@ impl LlamaFiles {
                 Box::new(Sharded::new(p.clone(), v)?)
             } else if path.join("model.safetensors").exists() {
                 Box::new(SafetensorsFile::open(&path.join("model.safetensors"))?)
+            } else if path.join("pytorch_model.bin.index.json").exists() {
+                let shards = index_shards(&path.join("pytorch_model.bin.index.json"))?;
+                let mut v: Vec<Box<dyn TensorSource>> = Vec::new();
+                for s in shards {
+                    v.push(Box::new(TorchCheckpoint::open(&s)?));
+                }
+                Box::new(Sharded::new(p.clone(), v)?)
+            } else if path.join("pytorch_model.bin").exists() {
+                Box::new(TorchCheckpoint::open(&path.join("pytorch_model.bin"))?)
             } else {
                 return Err(Error::format(&p, "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this directory"));
             };
