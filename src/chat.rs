@@ -265,16 +265,30 @@ pub async fn generate(
         });
     }
     let mut rng = Rng::new(sampling.seed);
+    // Greedy without a penalty needs no logits on the host: the GPU picks the token.
+    let on_gpu = sampling.greedy && sampling.repetition_penalty == 1.0;
     let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = model.forward(gpu, Input::Ids(chunk), false).await?;
+    let mut next = 0u32;
+    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        if on_gpu && i + 1 == chunks.len() {
+            next = model
+                .forward_argmax(gpu, Input::Ids(chunk), allowed)
+                .await?;
+        } else {
+            logits = model.forward(gpu, Input::Ids(chunk), false).await?;
+        }
     }
     let mut out: Vec<u32> = Vec::new();
     loop {
         if out.len() >= stop.max_new_tokens {
             return Ok((out, Finish::MaxTokens));
         }
-        let id = sample(&mut logits, &out, allowed, sampling, &mut rng);
+        let id = if on_gpu {
+            next
+        } else {
+            sample(&mut logits, &out, allowed, sampling, &mut rng)
+        };
         out.push(id);
         if !on_token(id) {
             return Ok((out, Finish::Cancelled));
@@ -292,7 +306,13 @@ pub async fn generate(
         if out.len() >= stop.max_new_tokens {
             return Ok((out, Finish::MaxTokens));
         }
-        logits = model.forward(gpu, Input::Ids(&[id]), false).await?;
+        if on_gpu {
+            next = model
+                .forward_argmax(gpu, Input::Ids(&[id]), allowed)
+                .await?;
+        } else {
+            logits = model.forward(gpu, Input::Ids(&[id]), false).await?;
+        }
     }
 }
 

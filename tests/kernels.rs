@@ -648,3 +648,26 @@ fn bad_arguments_are_errors_not_panics() {
     assert!(e.contains("kv_heads"), "{e}");
     assert!(rec.is_empty());
 }
+
+#[test]
+fn argmax_first_maximum() {
+    let gpu = gpu();
+    let mut r = Rng::new(12);
+    for n in [1usize, 7, 64, 65, 1000, 32001] {
+        let mut x = r.vec(n, 5.0);
+        if n > 10 {
+            // a tie: the lower index wins
+            x[n / 3] = 9.0;
+            x[n / 2] = 9.0;
+        }
+        let xt = t(&gpu, "x", &[n], &x);
+        let out = Ids::new(&gpu, &[123456]);
+        let limit = if n > 10 { n - 1 } else { n };
+        let mut rec = Recorder::new(&gpu);
+        rec.argmax(&xt, limit, &out).unwrap();
+        run(rec);
+        let got = pollster::block_on(minigpt4::gpu::tensor::read_words(&gpu, &out.buffer, 0, 1))
+            .unwrap()[0];
+        assert_eq!(got, minigpt4::chat::argmax(&x[..limit]), "n {n}");
+    }
+}

@@ -529,6 +529,26 @@ impl Recorder<'_> {
         )
     }
 
+    /// Index of the first maximum of the first `n` elements of `x`, written to `out[0]` (u32).
+    pub fn argmax(&mut self, x: &Tensor, n: usize, out: &Ids) -> Result<()> {
+        need_f32(x)?;
+        if n == 0 || n > x.numel() {
+            return Err(Error::tensor(
+                &x.name,
+                format!("at least {n} elements (n >= 1)"),
+                x.numel(),
+            ));
+        }
+        self.dispatch(
+            "argmax",
+            "argmax",
+            &[],
+            &[u(n)],
+            &[(1, x.buffer()), (2, &out.buffer)],
+            [1, 1, 1],
+        )
+    }
+
     /// Copies `rows`×`cols` elements between two distinct f32 tensors with row strides and
     /// element offsets (concat, slice, KV-cache writes).
     #[allow(clippy::too_many_arguments)]

@@ -52,6 +52,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("im2col", include_str!("../../shaders/im2col.wgsl")),
     ("copy", include_str!("../../shaders/copy.wgsl")),
+    ("argmax", include_str!("../../shaders/argmax.wgsl")),
 ];
 
 /// The kernel families (files with entry points) and the op flag sets each is compiled with.
@@ -78,6 +79,7 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("embedding", &[&["W_F32"], &["W_F16"], &["W_Q8"], &["W_Q4"]]),
     ("im2col", &[&[]]),
     ("copy", &[&[]]),
+    ("argmax", &[&[]]),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::gpu::tensor::read_words;
 use crate::gpu::{
     AttnShape, Gpu, HeadView, Ids, Recorder, Requirements, RopeMode, RopeTable, Tensor,
 };
@@ -489,6 +490,12 @@ struct Scratch {
     last: Tensor,
     logits_last: Tensor,
     logits_all: Option<Tensor>,
+    token: Ids,
+}
+
+enum Output {
+    Logits(Vec<f32>),
+    Argmax(u32),
 }
 
 pub struct Llama {
@@ -606,6 +613,7 @@ impl Llama {
             } else {
                 None
             },
+            token: Ids::new(gpu, &[0]),
         };
         // keep at most a few prefill sizes around
         if self.scratch.len() > 4 {
@@ -624,6 +632,40 @@ impl Llama {
         input: Input<'_>,
         all_logits: bool,
     ) -> Result<Vec<f32>> {
+        match self.run(gpu, input, all_logits, None).await? {
+            Output::Logits(l) => Ok(l),
+            Output::Argmax(_) => Err(Error::Gpu(
+                "internal: argmax output for a logits request".into(),
+            )),
+        }
+    }
+
+    /// Like [`Llama::forward`] for the last row, but picks the greedy token (argmax over ids
+    /// `< allowed`) on the GPU and reads back only its 4 bytes.
+    pub async fn forward_argmax(
+        &mut self,
+        gpu: &Gpu,
+        input: Input<'_>,
+        allowed: usize,
+    ) -> Result<u32> {
+        match self
+            .run(gpu, input, false, Some(allowed.clamp(1, self.cfg.vocab)))
+            .await?
+        {
+            Output::Argmax(id) => Ok(id),
+            Output::Logits(_) => Err(Error::Gpu(
+                "internal: logits output for an argmax request".into(),
+            )),
+        }
+    }
+
+    async fn run(
+        &mut self,
+        gpu: &Gpu,
+        input: Input<'_>,
+        all_logits: bool,
+        argmax: Option<usize>,
+    ) -> Result<Output> {
         let t = match &input {
             Input::Ids(ids) => ids.len(),
             Input::Embeds(e) => e.rows(),
@@ -741,10 +783,38 @@ impl Llama {
             rec.matmul(&s.last, &self.lm_head, None, &s.logits_last, false)?;
             &s.logits_last
         };
+        if let Some(n) = argmax {
+            rec.argmax(out, n, &s.token)?;
+            rec.submit().await?;
+            let id = read_words(gpu, &s.token.buffer, 0, 1).await?[0];
+            self.pos += t;
+            return Ok(Output::Argmax(id));
+        }
         rec.submit().await?;
         let logits = out.read_f32(gpu).await?;
         self.pos += t;
-        Ok(logits)
+        Ok(Output::Logits(logits))
+    }
+}
+
+impl Llama {
+    /// Teacher-forced top-1 prediction after every prefix of `ids` (position i predicts token
+    /// i + 1), computed in chunks of `chunk` rows from a reset cache.
+    pub async fn top1_predictions(
+        &mut self,
+        gpu: &Gpu,
+        ids: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<u32>> {
+        self.reset();
+        let mut out = Vec::with_capacity(ids.len());
+        for c in ids.chunks(chunk.max(1)) {
+            let logits = self.forward(gpu, Input::Ids(c), true).await?;
+            for row in logits.chunks(self.cfg.vocab) {
+                out.push(crate::chat::argmax(row));
+            }
+        }
+        Ok(out)
     }
 }
 
