@@ -1752,6 +1752,21 @@ fn parse_state_dict(pickle: &[u8]) -> VmResult<Vec<(String, Rc<TensorRec>)>> {
     Ok(out)
 }
 
+impl crate::loader::TensorSource for TorchCheckpoint {
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors().iter().map(|t| t.name.clone()).collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.get(name).map(|t| t.shape.clone())
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        TorchCheckpoint::read_f32(self, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2247,17 +2262,3 @@ mod tests {
     }
 }
 
-impl crate::loader::TensorSource for TorchCheckpoint {
-    fn describe(&self) -> String {
-        self.path().display().to_string()
-    }
-    fn names(&self) -> Vec<String> {
-        self.tensors().iter().map(|t| t.name.clone()).collect()
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.get(name).map(|t| t.shape.clone())
-    }
-    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        TorchCheckpoint::read_f32(self, name)
-    }
-}
