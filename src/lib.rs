@@ -10,5 +10,6 @@ pub mod gpu;
 pub mod loader;
 pub mod model;
 pub mod quant;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
