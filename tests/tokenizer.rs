@@ -350,11 +350,14 @@ fn strs(v: &[&str]) -> Value {
     Value::Arr(v.iter().map(|s| Value::Str(s.to_string())).collect())
 }
 
+/// Metadata, and the strings its error must mention.
+type BadCase<'a> = (Vec<(&'a str, Value)>, &'a [&'a str]);
+
 #[test]
 fn bad_gguf_tokenizer_metadata_is_an_error() {
     let s = |v: &str| Value::Str(v.to_string());
     let tokens = strs(&["a", "b", "ab"]);
-    let cases: Vec<(Vec<(&str, Value)>, &[&str])> = vec![
+    let cases: Vec<BadCase> = vec![
         (vec![], &["tokenizer.ggml.model"]),
         (
             vec![("tokenizer.ggml.model", s("gpt2"))],
