@@ -450,3 +450,56 @@ fn bad_gguf_tokenizer_metadata_is_an_error() {
     assert_eq!(t.encode("ab", false).unwrap(), [2]);
     assert!(t.encode("ab", true).is_err(), "no BOS token to add");
 }
+
+/// The SmolLM2 reference ids shared with the model tests (tests/fixtures/smollm2, made by
+/// tests/golden/make_smollm2_goldens.py): ids with and without special tokens, pieces, and
+/// decode with special tokens kept.
+#[test]
+fn smollm2_gguf_matches_shared_fixture() {
+    let p = repo().join("tests/fixtures/smollm2/tokenizer_ids.json");
+    let doc: Json = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let g = GgufFile::open(&smollm2_gguf()).unwrap();
+    let t = Tokenizer::from_gguf(&g).unwrap();
+    assert_eq!(t.add_bos_default(), doc["add_bos_token"].as_bool().unwrap());
+    assert_eq!(t.bos().map(u64::from), doc["bos_token_id"].as_u64());
+    assert_eq!(t.eos().map(u64::from), doc["eos_token_id"].as_u64());
+    for (id, name) in doc["added_tokens"].as_object().unwrap() {
+        assert_eq!(t.id_to_piece(id.parse().unwrap()).as_deref(), name.as_str());
+    }
+    let ids = |v: &Json| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for s in doc["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        let with = ids(&s["ids_add_special_tokens"]);
+        let without = ids(&s["ids_no_special_tokens"]);
+        assert_eq!(
+            t.encode(text, t.add_bos_default()).unwrap(),
+            with,
+            "{text:?}"
+        );
+        assert_eq!(t.encode(text, false).unwrap(), without, "{text:?}");
+        let pieces: Vec<String> = without.iter().map(|&i| t.id_to_piece(i).unwrap()).collect();
+        let want: Vec<&str> = s["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(pieces, want, "{text:?}");
+        assert_eq!(
+            t.decode(&with, false).unwrap(),
+            s["decode_add_special_tokens"].as_str().unwrap(),
+            "{text:?}"
+        );
+        assert_eq!(
+            t.decode(&without, false).unwrap(),
+            s["decode_no_special_tokens"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}
