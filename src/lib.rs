@@ -11,5 +11,6 @@ pub mod gpu;
 pub mod loader;
 pub mod model;
 pub mod quant;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
