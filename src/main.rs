@@ -2,8 +2,15 @@
 
 use std::process::ExitCode;
 
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use minigpt4::gpu::{adapter_reports, AdapterReport, GpuOptions};
+use minigpt4::chat::{generate, Sampling, Stop};
+use minigpt4::gpu::{adapter_reports, AdapterReport, Gpu, GpuOptions};
+use minigpt4::model::llama::{Llama, LlamaFiles, QuantPolicy};
+use minigpt4::quant::DType;
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +48,89 @@ impl GpuArgs {
     }
 }
 
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Greedy decoding (argmax); the other sampling flags are ignored except --repetition-penalty
+    #[arg(long)]
+    greedy: bool,
+    /// Softmax temperature
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0 = off)
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1 = off)
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Penalise tokens already generated (1 = off; HF formula)
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed (runs with the same seed and settings repeat exactly)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            greedy: self.greedy,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Generate text with a LLaMA model (GGUF file or Hugging Face model directory)
+    Generate {
+        /// A .gguf file or an HF directory (config.json + safetensors or pytorch_model*.bin)
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// GPU format of the linear layers
+        #[arg(long, default_value = "q4")]
+        quant: String,
+        /// Do not add the BOS token even if the tokenizer's config asks for it
+        #[arg(long)]
+        no_bos: bool,
+        /// Context size (KV cache capacity; default: the model's, at most 4096)
+        #[arg(long)]
+        ctx: Option<usize>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
+    /// Teacher-forced top-1 agreement of quantised weights with f32 on a text
+    Agreement {
+        #[arg(long)]
+        model: PathBuf,
+        /// The text to run (its first --positions + 1 tokens are used)
+        #[arg(long)]
+        text_file: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        positions: usize,
+        /// Formats to compare with f32
+        #[arg(long, default_value = "f16,q8,q4")]
+        quants: String,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
     /// List every GPU adapter, what it offers, and which one would be used
     Info {
         #[command(flatten)]
@@ -143,10 +231,106 @@ fn info(gpu: &GpuArgs, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn open_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
+    Ok(pollster::block_on(Gpu::new(&args.options()?))?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generate(
+    model: &PathBuf,
+    prompt: &str,
+    max_new_tokens: usize,
+    sampling: &SamplingArgs,
+    quant: &str,
+    no_bos: bool,
+    ctx: Option<usize>,
+    format: Format,
+    gpu_args: &GpuArgs,
+) -> anyhow::Result<()> {
+    let quant = DType::parse(quant)?;
+    let sampling = sampling.sampling();
+    sampling.validate()?;
+    let (cfg, files) = LlamaFiles::open(model)?;
+    let tok = files.tokenizer(&cfg)?;
+    let add_bos = tok.add_bos_default() && !no_bos;
+    let prompt_ids = tok.encode(prompt, add_bos)?;
+    let ctx = ctx.unwrap_or(cfg.max_pos.min(4096));
+    if prompt_ids.len() + max_new_tokens > ctx.min(cfg.max_pos) {
+        anyhow::bail!(
+            "prompt ({} tokens) + --max-new-tokens ({max_new_tokens}) = {} exceeds the context of {} tokens",
+            prompt_ids.len(),
+            prompt_ids.len() + max_new_tokens,
+            ctx.min(cfg.max_pos)
+        );
+    }
+    let gpu = open_gpu(gpu_args)?;
+    let mut llm = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(quant), ctx)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let mut eos = cfg.eos.clone();
+    eos.extend(tok.eos());
+    let stop = Stop { max_new_tokens, eos, sequences: vec![] };
+    let mut ids: Vec<u32> = Vec::new();
+    let mut emitted = 0;
+    let mut out = std::io::stdout();
+    let (generated, _finish) = pollster::block_on(generate(&gpu, &mut llm, &prompt_ids, &sampling, &stop, tok.vocab_size().min(cfg.vocab), |id| {
+        ids.push(id);
+        if format == Format::Text && !stop.eos.contains(&id) {
+            if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
+                emitted = n;
+                let _ = write!(out, "{piece}");
+                let _ = out.flush();
+            }
+        }
+        true
+    }))?;
+    let text = tok.decode(&generated, true)?;
+    match format {
+        Format::Text => println!(),
+        Format::Json => println!("{}", serde_json::json!({ "prompt_token_ids": prompt_ids, "token_ids": generated, "text": text })),
+    }
+    Ok(())
+}
+
+fn run_agreement(model: &PathBuf, text_file: &PathBuf, positions: usize, quants: &str, gpu_args: &GpuArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(text_file).with_context(|| format!("reading {}", text_file.display()))?;
+    let (cfg, files) = LlamaFiles::open(model)?;
+    let tok = files.tokenizer(&cfg)?;
+    let mut ids = tok.encode(&text, tok.add_bos_default())?;
+    if ids.len() < positions + 1 {
+        anyhow::bail!("{} has {} tokens; --positions {positions} needs at least {}", text_file.display(), ids.len(), positions + 1);
+    }
+    ids.truncate(positions + 1);
+    let input = &ids[..positions];
+    let gpu = open_gpu(gpu_args)?;
+    let ctx = positions.min(cfg.max_pos);
+    let reference = {
+        let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(DType::F32), ctx)?;
+        pollster::block_on(m.top1_predictions(&gpu, input, 128))?
+    };
+    let mut results = serde_json::Map::new();
+    for q in quants.split(',').map(str::trim).filter(|q| !q.is_empty()) {
+        let dt = DType::parse(q)?;
+        let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(dt), ctx)?;
+        let preds = pollster::block_on(m.top1_predictions(&gpu, input, 128))?;
+        let same = preds.iter().zip(&reference).filter(|(a, b)| a == b).count();
+        results.insert(dt.name().into(), serde_json::json!(same as f64 / positions as f64));
+    }
+    let text_top1 = reference.iter().zip(&ids[1..]).filter(|(a, b)| a == b).count() as f64 / positions as f64;
+    println!(
+        "{:#}",
+        serde_json::json!({ "model": model.display().to_string(), "positions": positions, "agreement_with_f32": results, "f32_next_token_accuracy": text_top1 })
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Info { gpu, json } => info(gpu, *json),
+        Cmd::Generate { model, prompt, max_new_tokens, sampling, quant, no_bos, ctx, format, gpu } => {
+            run_generate(model, prompt, *max_new_tokens, sampling, quant, *no_bos, *ctx, *format, gpu)
+        }
+        Cmd::Agreement { model, text_file, positions, quants, gpu } => run_agreement(model, text_file, *positions, quants, gpu),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,3 +47,24 @@ PY
     mv "$tmp" "$dest"
 fi
 echo "$PWD/$dest"
+
+# The real LLaMA / Vicuna SentencePiece tokenizer, from the shared data beside the checkout
+# (md5 eeec4125e9c7560836b4873b6f8e3025).
+tok=.models/llama-tokenizer.model
+if [ ! -s "$tok" ]; then
+    src=""
+    for cand in ../shared/data/llama-tokenizer/tokenizer.model "${LLAMA_TOKENIZER_MODEL:-}"; do
+        if [ -n "$cand" ] && [ -s "$cand" ]; then src="$cand"; break; fi
+    done
+    if [ -z "$src" ]; then
+        echo "no LLaMA tokenizer.model found (expected ../shared/data/llama-tokenizer/tokenizer.model)" >&2
+        exit 1
+    fi
+    sum=$(md5sum "$src" | cut -d' ' -f1)
+    if [ "$sum" != eeec4125e9c7560836b4873b6f8e3025 ]; then
+        echo "$src has md5 $sum, expected eeec4125e9c7560836b4873b6f8e3025 (the stock LLaMA tokenizer)" >&2
+        exit 1
+    fi
+    cp "$src" "$tok.tmp" && mv "$tok.tmp" "$tok"
+fi
+echo "$(pwd)/$tok"

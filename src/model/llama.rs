@@ -14,6 +14,7 @@ use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
 use crate::loader::torch::TorchCheckpoint;
 use crate::loader::TensorSource;
 use crate::quant::DType;
+use crate::tokenizer::Tokenizer;
 
 /// Decoder hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -397,6 +398,30 @@ impl LlamaFiles {
                 })
             }
         }
+    }
+
+    /// The model's tokenizer: from the GGUF metadata, or `tokenizer.json` / `tokenizer.model`
+    /// in the HF directory. A tokenizer with more tokens than the embedding has rows is refused.
+    pub fn tokenizer(&self, cfg: &LlamaConfig) -> Result<Tokenizer> {
+        let tok = match self {
+            LlamaFiles::Gguf(g) => Tokenizer::from_gguf(g)?,
+            LlamaFiles::Hf { dir, .. } => {
+                if dir.join("tokenizer.json").exists() {
+                    Tokenizer::from_json_file(&dir.join("tokenizer.json"))?
+                } else if dir.join("tokenizer.model").exists() {
+                    Tokenizer::from_sentencepiece(&dir.join("tokenizer.model"))?
+                } else {
+                    return Err(Error::format(dir.display(), "no tokenizer.json or tokenizer.model in the model directory"));
+                }
+            }
+        };
+        if tok.vocab_size() > cfg.vocab {
+            return Err(Error::format(
+                self.describe(),
+                format!("the tokenizer has {} tokens but the model's embedding has only {} rows: tokenizer and weights do not belong together", tok.vocab_size(), cfg.vocab),
+            ));
+        }
+        Ok(tok)
     }
 
     /// Checks that every tensor the config implies exists with the right shape.
