@@ -54,3 +54,15 @@ fn w_at(i: u32) -> f32 {
     return (f32(q) - 8.0) * scale_at(i >> 5u);
 }
 #endif
+
+#if W_Q4M
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> w_scales: array<u32>;
+
+// One word per block: f16 scale d (low half), f16 minimum m (high half); w = q * d + m.
+fn w_at(i: u32) -> f32 {
+    let q = extractBits(w[i >> 3u], (i & 7u) * 4u, 4u);
+    let dm = unpack2x16float(w_scales[i >> 5u]);
+    return f32(q) * dm.x + dm.y;
+}
+#endif

@@ -268,36 +268,63 @@ fn run_generate(
         .with_context(|| format!("loading {}", model.display()))?;
     let mut eos = cfg.eos.clone();
     eos.extend(tok.eos());
-    let stop = Stop { max_new_tokens, eos, sequences: vec![] };
+    let stop = Stop {
+        max_new_tokens,
+        eos,
+        sequences: vec![],
+    };
     let mut ids: Vec<u32> = Vec::new();
     let mut emitted = 0;
     let mut out = std::io::stdout();
-    let (generated, _finish) = pollster::block_on(generate(&gpu, &mut llm, &prompt_ids, &sampling, &stop, tok.vocab_size().min(cfg.vocab), |id| {
-        ids.push(id);
-        if format == Format::Text && !stop.eos.contains(&id) {
-            if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
-                emitted = n;
-                let _ = write!(out, "{piece}");
-                let _ = out.flush();
+    let (generated, _finish) = pollster::block_on(generate(
+        &gpu,
+        &mut llm,
+        &prompt_ids,
+        &sampling,
+        &stop,
+        tok.vocab_size().min(cfg.vocab),
+        |id| {
+            ids.push(id);
+            if format == Format::Text && !stop.eos.contains(&id) {
+                if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
+                    emitted = n;
+                    let _ = write!(out, "{piece}");
+                    let _ = out.flush();
+                }
             }
-        }
-        true
-    }))?;
+            true
+        },
+    ))?;
     let text = tok.decode(&generated, true)?;
     match format {
         Format::Text => println!(),
-        Format::Json => println!("{}", serde_json::json!({ "prompt_token_ids": prompt_ids, "token_ids": generated, "text": text })),
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({ "prompt_token_ids": prompt_ids, "token_ids": generated, "text": text })
+        ),
     }
     Ok(())
 }
 
-fn run_agreement(model: &PathBuf, text_file: &PathBuf, positions: usize, quants: &str, gpu_args: &GpuArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(text_file).with_context(|| format!("reading {}", text_file.display()))?;
+fn run_agreement(
+    model: &PathBuf,
+    text_file: &PathBuf,
+    positions: usize,
+    quants: &str,
+    gpu_args: &GpuArgs,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(text_file)
+        .with_context(|| format!("reading {}", text_file.display()))?;
     let (cfg, files) = LlamaFiles::open(model)?;
     let tok = files.tokenizer(&cfg)?;
     let mut ids = tok.encode(&text, tok.add_bos_default())?;
     if ids.len() < positions + 1 {
-        anyhow::bail!("{} has {} tokens; --positions {positions} needs at least {}", text_file.display(), ids.len(), positions + 1);
+        anyhow::bail!(
+            "{} has {} tokens; --positions {positions} needs at least {}",
+            text_file.display(),
+            ids.len(),
+            positions + 1
+        );
     }
     ids.truncate(positions + 1);
     let input = &ids[..positions];
@@ -313,9 +340,17 @@ fn run_agreement(model: &PathBuf, text_file: &PathBuf, positions: usize, quants:
         let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(dt), ctx)?;
         let preds = pollster::block_on(m.top1_predictions(&gpu, input, 128))?;
         let same = preds.iter().zip(&reference).filter(|(a, b)| a == b).count();
-        results.insert(dt.name().into(), serde_json::json!(same as f64 / positions as f64));
+        results.insert(
+            dt.name().into(),
+            serde_json::json!(same as f64 / positions as f64),
+        );
     }
-    let text_top1 = reference.iter().zip(&ids[1..]).filter(|(a, b)| a == b).count() as f64 / positions as f64;
+    let text_top1 = reference
+        .iter()
+        .zip(&ids[1..])
+        .filter(|(a, b)| a == b)
+        .count() as f64
+        / positions as f64;
     println!(
         "{:#}",
         serde_json::json!({ "model": model.display().to_string(), "positions": positions, "agreement_with_f32": results, "f32_next_token_accuracy": text_top1 })
@@ -327,10 +362,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Info { gpu, json } => info(gpu, *json),
-        Cmd::Generate { model, prompt, max_new_tokens, sampling, quant, no_bos, ctx, format, gpu } => {
-            run_generate(model, prompt, *max_new_tokens, sampling, quant, *no_bos, *ctx, *format, gpu)
-        }
-        Cmd::Agreement { model, text_file, positions, quants, gpu } => run_agreement(model, text_file, *positions, quants, gpu),
+        Cmd::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            sampling,
+            quant,
+            no_bos,
+            ctx,
+            format,
+            gpu,
+        } => run_generate(
+            model,
+            prompt,
+            *max_new_tokens,
+            sampling,
+            quant,
+            *no_bos,
+            *ctx,
+            *format,
+            gpu,
+        ),
+        Cmd::Agreement {
+            model,
+            text_file,
+            positions,
+            quants,
+            gpu,
+        } => run_agreement(model, text_file, *positions, quants, gpu),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

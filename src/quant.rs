@@ -13,11 +13,14 @@
 //! | `f16` | `N*K` IEEE halves, two per `u32`, element `i` in the low half of word `i/2` when `i` is even | — | 16 |
 //! | `q8`  | `N*K` signed bytes, four per `u32`, element `k` of a row in byte `k%4` (little end first) of word `n*K/4 + k/4` | `N*K/32` f16 scales, two per `u32` | 8.5 |
 //! | `q4`  | `N*K` 4-bit codes, eight per `u32`, element `k` in bits `4*(k%8)..` of word `n*K/8 + k/8` | `N*K/32` f16 scales, two per `u32` | 4.5 |
+//! | `q4m` | as `q4` | `N*K/32` words, each an f16 scale `d` (low half) and an f16 minimum `m` (high half) | 5 |
 //!
 //! Quantised formats use blocks of 32 consecutive weights along `K` (so `K % 32 == 0`), one f16
 //! scale `d` per block, symmetric: `q8`: `w = q · d`, `q ∈ [-127, 127]`; `q4`: `w = (q − 8) · d`,
 //! `q ∈ [0, 15]`. The q4 scale is chosen as GGUF's Q4_0 does (the largest-magnitude weight maps
 //! to code 0, i.e. `d = w_max / −8`), so GGUF Q4_0 converts to this layout without loss.
+//! `q4m` is asymmetric, `w = q · d + m`, `q ∈ [0, 15]`: GGUF Q4_1 (and Q4_K, up to the f16
+//! rounding of its sub-block scales) convert to it without requantising.
 
 use half::f16;
 
@@ -33,10 +36,11 @@ pub enum DType {
     F16,
     Q8,
     Q4,
+    Q4M,
 }
 
 impl DType {
-    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::Q8, DType::Q4];
+    pub const ALL: [DType; 5] = [DType::F32, DType::F16, DType::Q8, DType::Q4, DType::Q4M];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +48,7 @@ impl DType {
             DType::F16 => "f16",
             DType::Q8 => "q8",
             DType::Q4 => "q4",
+            DType::Q4M => "q4m",
         }
     }
 
@@ -53,15 +58,16 @@ impl DType {
             "f16" => Ok(DType::F16),
             "q8" => Ok(DType::Q8),
             "q4" => Ok(DType::Q4),
+            "q4m" => Ok(DType::Q4M),
             _ => Err(Error::InvalidOption {
                 name: "dtype".into(),
-                msg: format!("expected one of f32, f16, q8, q4, found '{s}'"),
+                msg: format!("expected one of f32, f16, q8, q4, q4m, found '{s}'"),
             }),
         }
     }
 
     pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q8 | DType::Q4)
+        matches!(self, DType::Q8 | DType::Q4 | DType::Q4M)
     }
 
     /// Number of `u32` words of the data array for `n` elements.
@@ -70,16 +76,16 @@ impl DType {
             DType::F32 => n,
             DType::F16 => n.div_ceil(2),
             DType::Q8 => n.div_ceil(4),
-            DType::Q4 => n.div_ceil(8),
+            DType::Q4 | DType::Q4M => n.div_ceil(8),
         }
     }
 
     /// Number of `u32` words of the scales array for `n` elements (0 for f32/f16).
     pub fn scale_words(self, n: usize) -> usize {
-        if self.is_quantized() {
-            n.div_ceil(QBLOCK).div_ceil(2)
-        } else {
-            0
+        match self {
+            DType::Q8 | DType::Q4 => n.div_ceil(QBLOCK).div_ceil(2),
+            DType::Q4M => n.div_ceil(QBLOCK),
+            DType::F32 | DType::F16 => 0,
         }
     }
 
@@ -171,6 +177,25 @@ pub fn encode(dtype: DType, x: &[f32], cols: usize) -> Result<Encoded> {
             }
             (data, pack_halves(scales.into_iter()))
         }
+        DType::Q4M => {
+            let mut data = vec![0u32; x.len() / 8];
+            let mut scales = Vec::with_capacity(x.len() / QBLOCK);
+            for (b, block) in x.chunks(QBLOCK).enumerate() {
+                let lo = block.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = f16::from_f32((hi - lo) / 15.0);
+                let m = f16::from_f32(lo);
+                let (df, mf) = (d.to_f32(), m.to_f32());
+                let inv = if df != 0.0 { 1.0 / df } else { 0.0 };
+                for (j, &v) in block.iter().enumerate() {
+                    let q = ((v - mf) * inv).round().clamp(0.0, 15.0) as u32;
+                    let k = b * QBLOCK + j;
+                    data[k / 8] |= q << (4 * (k % 8));
+                }
+                scales.push(d.to_bits() as u32 | (m.to_bits() as u32) << 16);
+            }
+            (data, scales)
+        }
     };
     Ok(Encoded {
         dtype,
@@ -180,6 +205,40 @@ pub fn encode(dtype: DType, x: &[f32], cols: usize) -> Result<Encoded> {
 }
 
 impl Encoded {
+    /// Rows `r0..r1` of a `[rows, cols]` tensor, when both arrays split on word boundaries there
+    /// (always for f32 and q4m; for the others when a row is a whole number of words).
+    pub fn slice_rows(&self, cols: usize, r0: usize, r1: usize) -> Option<Encoded> {
+        let n = cols;
+        let dw = self.dtype.data_words(n);
+        let sw = self.dtype.scale_words(n);
+        let exact = |words: usize, per_row_elems: f64| (words as f64 - per_row_elems).abs() < 1e-9;
+        let data_ok = exact(
+            dw,
+            match self.dtype {
+                DType::F32 => n as f64,
+                DType::F16 => n as f64 / 2.0,
+                DType::Q8 => n as f64 / 4.0,
+                DType::Q4 | DType::Q4M => n as f64 / 8.0,
+            },
+        );
+        let scale_ok = match self.dtype {
+            DType::Q8 | DType::Q4 => (n / QBLOCK).is_multiple_of(2),
+            _ => true,
+        };
+        if !data_ok || !scale_ok {
+            return None;
+        }
+        Some(Encoded {
+            dtype: self.dtype,
+            data: self.data.get(r0 * dw..r1 * dw)?.to_vec(),
+            scales: if sw > 0 {
+                self.scales.get(r0 * sw..r1 * sw)?.to_vec()
+            } else {
+                vec![]
+            },
+        })
+    }
+
     /// Element `i` (row-major index) decoded to f32, exactly as the kernels decode it.
     pub fn get(&self, i: usize) -> f32 {
         match self.dtype {
@@ -192,6 +251,11 @@ impl Encoded {
             DType::Q4 => {
                 let q = (self.data[i / 8] >> (4 * (i % 8))) & 15;
                 (q as f32 - 8.0) * half_at(&self.scales, i / QBLOCK)
+            }
+            DType::Q4M => {
+                let q = (self.data[i / 8] >> (4 * (i % 8))) & 15;
+                let b = i / QBLOCK;
+                q as f32 * half_at(&self.scales, 2 * b) + half_at(&self.scales, 2 * b + 1)
             }
         }
     }
@@ -240,6 +304,7 @@ mod tests {
                     DType::Q8 => amax / 127.0 * 0.5 + amax * 1e-3,
                     // Q4_0-style: the side opposite the largest magnitude clips at +7·d
                     DType::Q4 => amax / 8.0 + amax * 1e-3,
+                    DType::Q4M => 2.0 * amax / 15.0 * 0.5 + amax * 1e-3,
                 };
                 for i in b * 32..b * 32 + 32 {
                     assert!((x[i] - y[i]).abs() <= tol, "{dt} {i}: {} vs {}", x[i], y[i]);

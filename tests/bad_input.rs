@@ -305,3 +305,22 @@ fn directory_without_weights_and_bad_config() {
     let e = err_of(LlamaFiles::open(&d));
     assert!(e.contains("model_type") && e.contains("bert"), "{e}");
 }
+
+#[test]
+fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
+    let d = tmpdir("tok-mismatch");
+    copy_dir(&fixture("mha_untied_hd64"), &d);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join(".models/llama-tokenizer.model");
+    assert!(
+        model.exists(),
+        "{} is missing: run `bash tests/fetch-models.sh`",
+        model.display()
+    );
+    std::fs::copy(&model, d.join("tokenizer.model")).unwrap();
+    let (cfg, files) = LlamaFiles::open(&d).unwrap();
+    let e = err_of(files.tokenizer(&cfg));
+    assert!(
+        e.contains("32000 tokens") && e.contains("320 rows") && e.contains("tok-mismatch"),
+        "{e}"
+    );
+}

@@ -86,3 +86,117 @@ fn a_backend_without_adapters_is_an_error_not_a_panic() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+fn smollm2() -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash tests/fetch-models.sh`",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+#[test]
+fn generate_json_reproduces_the_transformers_greedy_tokens() {
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/smollm2/greedy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let p = &fx["prompts"][0];
+    let prompt = p["prompt"].as_str().unwrap();
+    let want: Vec<u64> = p["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(12)
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let model = smollm2();
+    let (ok, out, err) = minigpt4(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--greedy",
+        "--quant",
+        "f32",
+        "--max-new-tokens",
+        "12",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["prompt_token_ids"], p["prompt_ids"]);
+    let got: Vec<u64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        v["text"].as_str().unwrap().starts_with(" Paris"),
+        "{}",
+        v["text"]
+    );
+}
+
+#[test]
+fn generate_text_streams_and_bad_requests_are_clear_errors() {
+    let model = smollm2();
+    let (ok, out, err) = minigpt4(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty());
+    let (ok, _, err) = minigpt4(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "Hello",
+        "--ctx",
+        "16",
+        "--max-new-tokens",
+        "100",
+    ]);
+    assert!(
+        !ok && err.contains("exceeds the context of 16 tokens") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = minigpt4(&[
+        "generate", "--model", &model, "--prompt", "Hello", "--top-p", "0",
+    ]);
+    assert!(!ok && err.contains("top-p"), "{err}");
+    let (ok, _, err) = minigpt4(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "Hello",
+    ]);
+    assert!(
+        !ok && err.contains("/nonexistent/model.gguf") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = minigpt4(&[
+        "generate", "--model", &model, "--prompt", "Hello", "--quant", "q3",
+    ]);
+    assert!(!ok && err.contains("q3"), "{err}");
+}

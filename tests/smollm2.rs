@@ -129,3 +129,31 @@ fn greedy_f32_generation_equals_transformers() {
         "only {identical} prompts generated identically"
     );
 }
+
+/// Teacher-forced top-1 agreement with f32 over 256 positions of a text: q4 (which converts
+/// the GGUF's Q4_1 blocks to q4m without requantising) must reach the 98 % goal; q8
+/// requantises those 4-bit weights and is held to 97 % (measured: 98.3 %).
+#[test]
+fn quantized_top1_agreement_with_f32() {
+    let gpu = gpu();
+    let (cfg, files) = LlamaFiles::open(&smollm2()).unwrap();
+    let tok = files.tokenizer(&cfg).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/agreement.txt"),
+    )
+    .unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    assert!(ids.len() >= 256, "{} tokens", ids.len());
+    let input = &ids[..256];
+    let top1 = |q: DType| {
+        let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(q), 256).unwrap();
+        pollster::block_on(m.top1_predictions(&gpu, input, 128)).unwrap()
+    };
+    let reference = top1(DType::F32);
+    for (q, goal) in [(DType::Q4, 0.98), (DType::Q8, 0.97)] {
+        let p = top1(q);
+        let agree = p.iter().zip(&reference).filter(|(a, b)| a == b).count() as f64 / 256.0;
+        eprintln!("{q}: top-1 agreement with f32 {agree}");
+        assert!(agree >= goal, "{q}: top-1 agreement {agree} < {goal}");
+    }
+}

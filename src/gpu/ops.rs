@@ -20,6 +20,7 @@ fn wflag(d: DType) -> &'static str {
         DType::F16 => "W_F16",
         DType::Q8 => "W_Q8",
         DType::Q4 => "W_Q4",
+        DType::Q4M => "W_Q4M",
     }
 }
 
@@ -196,8 +197,9 @@ impl Recorder<'_> {
             ("W_F32", true) => &["W_F32", "BIAS"],
             ("W_F16", true) => &["W_F16", "BIAS"],
             ("W_Q8", true) => &["W_Q8", "BIAS"],
-            (_, true) => &["W_Q4", "BIAS"],
-            (_, false) => &["W_Q4"],
+            ("W_Q4", true) => &["W_Q4", "BIAS"],
+            (_, true) => &["W_Q4M", "BIAS"],
+            (_, false) => &["W_Q4M"],
         };
         for part in &w.parts {
             let params = [
@@ -480,6 +482,7 @@ impl Recorder<'_> {
             DType::F16 => &["W_F16"],
             DType::Q8 => &["W_Q8"],
             DType::Q4 => &["W_Q4"],
+            DType::Q4M => &["W_Q4M"],
         };
         let n = ids.len * cols;
         for part in &table.parts {

@@ -161,6 +161,62 @@ impl Tensor {
         })
     }
 
+    /// Uploads a whole tensor already encoded in its GPU layout, split into parts on row
+    /// boundaries when it exceeds the binding limit (the encoding must split on word boundaries
+    /// there, see [`quant::Encoded::slice_rows`]).
+    pub fn upload_encoded(
+        gpu: &Gpu,
+        name: &str,
+        shape: &[usize],
+        enc: &quant::Encoded,
+    ) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(shape);
+        let n = rows * cols;
+        if enc.data.len() != enc.dtype.data_words(n) || enc.scales.len() != enc.dtype.scale_words(n)
+        {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "{} data + {} scale words for {shape:?} {}",
+                    enc.dtype.data_words(n),
+                    enc.dtype.scale_words(n),
+                    enc.dtype
+                ),
+                format!("{} + {}", enc.data.len(), enc.scales.len()),
+            ));
+        }
+        let per = Self::rows_per_part(gpu, name, enc.dtype, rows, cols)?;
+        if per >= rows {
+            let parts = vec![Self::upload_part(gpu, name, 0, rows, enc)];
+            return Ok(Tensor {
+                name: name.into(),
+                shape: shape.to_vec(),
+                dtype: enc.dtype,
+                parts,
+            });
+        }
+        let mut parts = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + per).min(rows);
+            let slice = enc.slice_rows(cols, r0, r1).ok_or_else(|| {
+                Error::tensor(
+                    name,
+                    format!("rows of whole words in {} so it can be split", enc.dtype),
+                    format!("{cols} columns"),
+                )
+            })?;
+            parts.push(Self::upload_part(gpu, name, r0, r1 - r0, &slice));
+            r0 = r1;
+        }
+        Ok(Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: enc.dtype,
+            parts,
+        })
+    }
+
     /// Uploads already-encoded parts (as a model package stores them).
     pub fn from_encoded_parts(
         gpu: &Gpu,

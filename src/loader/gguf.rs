@@ -524,6 +524,68 @@ pub fn dequantize(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
+/// Converts Q4_1 or Q4_K blocks to the `q4m` layout (4-bit codes with an f16 scale and f16
+/// minimum per 32 weights) without requantising: Q4_1 is copied exactly; Q4_K's sub-block
+/// scale and minimum (`d·sc`, `−dmin·m`) are rounded to f16 once. `None` for other types.
+pub fn to_q4m(ty: GgmlType, b: &[u8], n: usize) -> Option<crate::quant::Encoded> {
+    let mut data = vec![0u32; n / 8];
+    let mut scales = Vec::with_capacity(n / 32);
+    let mut put = |k: usize, q: u8| data[k / 8] |= (q as u32 & 15) << (4 * (k % 8));
+    match ty {
+        GgmlType::Q4_1 => {
+            for (bi, blk) in b.chunks_exact(20).take(n / 32).enumerate() {
+                let d = u16::from_le_bytes([blk[0], blk[1]]) as u32;
+                let m = u16::from_le_bytes([blk[2], blk[3]]) as u32;
+                scales.push(d | m << 16);
+                for (j, &q) in blk[4..20].iter().enumerate() {
+                    put(bi * 32 + j, q & 15);
+                    put(bi * 32 + j + 16, q >> 4);
+                }
+            }
+        }
+        GgmlType::Q4K => {
+            for (bi, blk) in b.chunks_exact(144).take(n / 256).enumerate() {
+                let (d, dmin) = (h(blk, 0), h(blk, 2));
+                let sc = &blk[4..16];
+                for (k, q) in blk[16..144].chunks_exact(32).enumerate() {
+                    for (sub, shift) in [(2 * k, 0u8), (2 * k + 1, 4u8)] {
+                        let (s, m) = scale_min_k4(sub, sc);
+                        let dd = f16::from_f32(d * s as f32).to_bits() as u32;
+                        let mm = f16::from_f32(-dmin * m as f32).to_bits() as u32;
+                        scales.push(dd | mm << 16);
+                        for (l, &v) in q.iter().enumerate() {
+                            put(bi * 256 + sub * 32 + l, v >> shift);
+                        }
+                    }
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(crate::quant::Encoded {
+        dtype: crate::quant::DType::Q4M,
+        data,
+        scales,
+    })
+}
+
+/// Reorders whole rows of raw tensor bytes with the Q/K un-permutation below.
+pub fn unpermute_qk_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let rb = b.len() / rows.max(1);
+    let hd = rows / heads.max(1);
+    let half = hd / 2;
+    let mut out = vec![0u8; b.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let (src, dst) = (h * hd + 2 * i + j, h * hd + j * half + i);
+                out[dst * rb..(dst + 1) * rb].copy_from_slice(&b[src * rb..(src + 1) * rb]);
+            }
+        }
+    }
+    out
+}
+
 /// Undoes the row permutation llama.cpp's converter applies to Q and K projections (it
 /// interleaves the two rotary halves of every head): row `h·d + 2i + j` of the GGUF tensor is
 /// row `h·d + j·d/2 + i` of the HF (rotate-half) weight.
@@ -562,6 +624,36 @@ mod tests {
         b[33] = 5;
         let v = dequantize(GgmlType::Q8_0, &b, 32);
         assert_eq!((v[0], v[31], v[1]), (-2.0, 10.0, 0.0));
+    }
+
+    #[test]
+    fn q4_1_converts_to_q4m_exactly() {
+        let mut b = vec![0u8; 40];
+        for (blk, (d, m)) in [(0.25f32, -1.5f32), (0.125, 0.5)].iter().enumerate() {
+            b[blk * 20..blk * 20 + 2].copy_from_slice(&f16::from_f32(*d).to_le_bytes());
+            b[blk * 20 + 2..blk * 20 + 4].copy_from_slice(&f16::from_f32(*m).to_le_bytes());
+            for j in 0..16 {
+                b[blk * 20 + 4 + j] = (j as u8) | ((15 - j as u8) << 4);
+            }
+        }
+        let want = dequantize(GgmlType::Q4_1, &b, 64);
+        let e = to_q4m(GgmlType::Q4_1, &b, 64).unwrap();
+        assert_eq!(e.decode(64), want);
+    }
+
+    #[test]
+    fn q4_k_converts_to_q4m_up_to_f16_rounding() {
+        let mut b = vec![0u8; 144];
+        b[0..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(0.003).to_le_bytes());
+        for (i, v) in b[4..144].iter_mut().enumerate() {
+            *v = (i * 37 % 251) as u8;
+        }
+        let want = dequantize(GgmlType::Q4K, &b, 256);
+        let got = to_q4m(GgmlType::Q4K, &b, 256).unwrap().decode(256);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 2e-3 * w.abs().max(0.1), "{g} vs {w}");
+        }
     }
 
     #[test]

@@ -9,11 +9,11 @@ use crate::gpu::tensor::read_words;
 use crate::gpu::{
     AttnShape, Gpu, HeadView, Ids, Recorder, Requirements, RopeMode, RopeTable, Tensor,
 };
-use crate::loader::gguf::{self, GgufFile};
+use crate::loader::gguf::{self, GgmlType, GgufFile};
 use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
 use crate::loader::torch::TorchCheckpoint;
 use crate::loader::TensorSource;
-use crate::quant::DType;
+use crate::quant::{DType, Encoded};
 use crate::tokenizer::Tokenizer;
 
 /// Decoder hyper-parameters.
@@ -411,7 +411,10 @@ impl LlamaFiles {
                 } else if dir.join("tokenizer.model").exists() {
                     Tokenizer::from_sentencepiece(&dir.join("tokenizer.model"))?
                 } else {
-                    return Err(Error::format(dir.display(), "no tokenizer.json or tokenizer.model in the model directory"));
+                    return Err(Error::format(
+                        dir.display(),
+                        "no tokenizer.json or tokenizer.model in the model directory",
+                    ));
                 }
             }
         };
@@ -422,6 +425,27 @@ impl LlamaFiles {
             ));
         }
         Ok(tok)
+    }
+
+    /// The tensor (HF name, HF row order) as `q4m` blocks converted without requantising, when
+    /// the file stores it as GGUF Q4_1 or Q4_K; `None` otherwise.
+    pub fn read_q4m(&self, cfg: &LlamaConfig, name: &str) -> Result<Option<Encoded>> {
+        let LlamaFiles::Gguf(g) = self else {
+            return Ok(None);
+        };
+        let Some(t) = Self::gguf_name(name).and_then(|n| g.tensor(&n)) else {
+            return Ok(None);
+        };
+        if !matches!(t.ty, GgmlType::Q4_1 | GgmlType::Q4K) {
+            return Ok(None);
+        }
+        let mut raw = g.read_raw(t)?;
+        if name.ends_with("q_proj.weight") {
+            raw = gguf::unpermute_qk_bytes(&raw, t.shape[0], cfg.heads);
+        } else if name.ends_with("k_proj.weight") {
+            raw = gguf::unpermute_qk_bytes(&raw, t.shape[0], cfg.kv_heads);
+        }
+        Ok(gguf::to_q4m(t.ty, &raw, t.numel()))
     }
 
     /// Checks that every tensor the config implies exists with the right shape.
@@ -483,7 +507,7 @@ impl QuantPolicy {
                 embed: DType::F16,
                 lm_head: DType::Q8,
             },
-            DType::Q4 => QuantPolicy {
+            DType::Q4 | DType::Q4M => QuantPolicy {
                 linear: q,
                 embed: DType::F16,
                 lm_head: DType::Q8,
@@ -564,29 +588,79 @@ impl Llama {
             cfg.kv_heads * cfg.head_dim,
             cfg.intermediate,
         );
+        // A linear layer (several source tensors are stacked by rows, e.g. Q, K, V). With 4-bit
+        // layers, GGUF Q4_1 / Q4_K sources are converted block by block to q4m instead of
+        // being requantised from their dequantised values.
+        let lin = |names: &[String], rows: usize, cols: usize, out: &str| -> Result<Tensor> {
+            if matches!(policy.linear, DType::Q4 | DType::Q4M) {
+                let mut encs = Vec::new();
+                for n in names {
+                    match files.read_q4m(cfg, n)? {
+                        Some(e) => encs.push(e),
+                        None => break,
+                    }
+                }
+                if encs.len() == names.len() {
+                    let mut all = Encoded {
+                        dtype: DType::Q4M,
+                        data: vec![],
+                        scales: vec![],
+                    };
+                    for e in encs {
+                        all.data.extend(e.data);
+                        all.scales.extend(e.scales);
+                    }
+                    return Tensor::upload_encoded(gpu, out, &[rows, cols], &all);
+                }
+            }
+            let mut v = Vec::with_capacity(rows * cols);
+            for n in names {
+                v.extend(files.read(cfg, n)?);
+            }
+            Tensor::upload(gpu, out, &[rows, cols], policy.linear, &v)
+        };
         let embed = mat("model.embed_tokens.weight", cfg.vocab, h, policy.embed)?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let l = format!("model.layers.{i}");
-            let mut qkv = files.read(cfg, &format!("{l}.self_attn.q_proj.weight"))?;
-            qkv.extend(files.read(cfg, &format!("{l}.self_attn.k_proj.weight"))?);
-            qkv.extend(files.read(cfg, &format!("{l}.self_attn.v_proj.weight"))?);
-            let wqkv = Tensor::upload(
-                gpu,
+            let wqkv = lin(
+                &[
+                    format!("{l}.self_attn.q_proj.weight"),
+                    format!("{l}.self_attn.k_proj.weight"),
+                    format!("{l}.self_attn.v_proj.weight"),
+                ],
+                q + 2 * kv,
+                h,
                 &format!("{l}.self_attn.qkv_proj.weight"),
-                &[q + 2 * kv, h],
-                policy.linear,
-                &qkv,
             )?;
-            drop(qkv);
             layers.push(Layer {
                 attn_norm: f32v(&format!("{l}.input_layernorm.weight"))?,
                 wqkv,
-                wo: mat(&format!("{l}.self_attn.o_proj.weight"), h, q, policy.linear)?,
+                wo: lin(
+                    &[format!("{l}.self_attn.o_proj.weight")],
+                    h,
+                    q,
+                    &format!("{l}.self_attn.o_proj.weight"),
+                )?,
                 ffn_norm: f32v(&format!("{l}.post_attention_layernorm.weight"))?,
-                gate: mat(&format!("{l}.mlp.gate_proj.weight"), f, h, policy.linear)?,
-                up: mat(&format!("{l}.mlp.up_proj.weight"), f, h, policy.linear)?,
-                down: mat(&format!("{l}.mlp.down_proj.weight"), h, f, policy.linear)?,
+                gate: lin(
+                    &[format!("{l}.mlp.gate_proj.weight")],
+                    f,
+                    h,
+                    &format!("{l}.mlp.gate_proj.weight"),
+                )?,
+                up: lin(
+                    &[format!("{l}.mlp.up_proj.weight")],
+                    f,
+                    h,
+                    &format!("{l}.mlp.up_proj.weight"),
+                )?,
+                down: lin(
+                    &[format!("{l}.mlp.down_proj.weight")],
+                    h,
+                    f,
+                    &format!("{l}.mlp.down_proj.weight"),
+                )?,
                 k_cache: Tensor::zeros(gpu, &format!("{l}.k_cache"), &[ctx, kv])?,
                 v_cache: Tensor::zeros(gpu, &format!("{l}.v_cache"), &[ctx, kv])?,
             });
