@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -237,7 +237,7 @@ fn open_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
 
 #[allow(clippy::too_many_arguments)]
 fn run_generate(
-    model: &PathBuf,
+    model: &Path,
     prompt: &str,
     max_new_tokens: usize,
     sampling: &SamplingArgs,
@@ -307,8 +307,8 @@ fn run_generate(
 }
 
 fn run_agreement(
-    model: &PathBuf,
-    text_file: &PathBuf,
+    model: &Path,
+    text_file: &Path,
     positions: usize,
     quants: &str,
     gpu_args: &GpuArgs,
