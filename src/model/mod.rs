@@ -1,3 +1,5 @@
 //! Model stages, one file each.
 
 pub mod llama;
+pub mod qformer;
+pub mod vit;

@@ -1,0 +1,286 @@
+//! The BLIP-2 Q-Former as MiniGPT-4 runs it (spec §3): learned query tokens through the
+//! embedding LayerNorm, then post-LN BERT layers — self-attention over the queries,
+//! cross-attention to the image tokens on even layers, the `*_query` feed-forward — LayerNorm
+//! eps 1e-12 computed in f32; then `llama_proj`.
+
+use crate::error::{Error, Result};
+use crate::gpu::{AttnShape, Gpu, HeadView, Recorder, Tensor};
+use crate::loader::TensorSource;
+use crate::model::vit::read_checked;
+use crate::quant::DType;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct QFormerConfig {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub queries: usize,
+    /// Width of the image tokens (the ViT width).
+    pub encoder_width: usize,
+    pub cross_every: usize,
+    pub eps: f32,
+}
+
+impl QFormerConfig {
+    /// BERT-base with cross-attention every other layer, 32 queries, ViT-g image tokens.
+    pub fn blip2() -> Self {
+        QFormerConfig {
+            hidden: 768,
+            layers: 12,
+            heads: 12,
+            intermediate: 3072,
+            queries: 32,
+            encoder_width: 1408,
+            cross_every: 2,
+            eps: 1e-12,
+        }
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+struct Attn {
+    qkv_w: Option<Tensor>,
+    qkv_b: Option<Tensor>,
+    q_w: Option<Tensor>,
+    q_b: Option<Tensor>,
+    kv_w: Option<Tensor>,
+    kv_b: Option<Tensor>,
+    out_w: Tensor,
+    out_b: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+}
+
+struct QLayer {
+    self_attn: Attn,
+    cross: Option<Attn>,
+    inter_w: Tensor,
+    inter_b: Tensor,
+    out_w: Tensor,
+    out_b: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+}
+
+pub struct QFormer {
+    pub cfg: QFormerConfig,
+    queries: Tensor,
+    emb_ln_w: Tensor,
+    emb_ln_b: Tensor,
+    layers: Vec<QLayer>,
+}
+
+impl QFormer {
+    pub fn load(
+        gpu: &Gpu,
+        cfg: &QFormerConfig,
+        src: &dyn TensorSource,
+        dtype: DType,
+    ) -> Result<Self> {
+        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) || cfg.cross_every == 0 {
+            return Err(Error::InvalidOption {
+                name: "Q-Former config".into(),
+                msg: format!("inconsistent dimensions: {cfg:?}"),
+            });
+        }
+        let (d, e, f) = (cfg.hidden, cfg.encoder_width, cfg.intermediate);
+        let vec = |name: &str, n: usize| -> Result<Tensor> {
+            let x = read_checked(src, name, &[n])?;
+            Tensor::upload(gpu, name, &[n], DType::F32, &x)
+        };
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor> {
+            let x = read_checked(src, name, &[rows, cols])?;
+            Tensor::upload(gpu, name, &[rows, cols], dtype, &x)
+        };
+        // rows of several [n, cols] weights stacked into one matrix (fused projections)
+        let stacked = |names: &[String], rows: usize, cols: usize, out: &str| -> Result<Tensor> {
+            let mut x = Vec::with_capacity(names.len() * rows * cols);
+            for n in names {
+                x.extend(read_checked(src, n, &[rows, cols])?);
+            }
+            Tensor::upload(gpu, out, &[names.len() * rows, cols], dtype, &x)
+        };
+        let stacked_bias = |names: &[String], n: usize, out: &str| -> Result<Tensor> {
+            let mut x = Vec::new();
+            for name in names {
+                x.extend(read_checked(src, name, &[n])?);
+            }
+            Tensor::upload(gpu, out, &[x.len()], DType::F32, &x)
+        };
+        let queries = {
+            let x = read_checked(src, "query_tokens", &[1, cfg.queries, d])?;
+            Tensor::upload(gpu, "query_tokens", &[cfg.queries, d], DType::F32, &x)?
+        };
+        let p = "Qformer.bert.";
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let l = format!("{p}encoder.layer.{i}.");
+            let names = |kind: &str, parts: &[&str], suffix: &str| -> Vec<String> {
+                parts
+                    .iter()
+                    .map(|x| format!("{l}{kind}.self.{x}.{suffix}"))
+                    .collect()
+            };
+            let self_attn = Attn {
+                qkv_w: Some(stacked(
+                    &names("attention", &["query", "key", "value"], "weight"),
+                    d,
+                    d,
+                    &format!("{l}attention.qkv.weight"),
+                )?),
+                qkv_b: Some(stacked_bias(
+                    &names("attention", &["query", "key", "value"], "bias"),
+                    d,
+                    &format!("{l}attention.qkv.bias"),
+                )?),
+                q_w: None,
+                q_b: None,
+                kv_w: None,
+                kv_b: None,
+                out_w: mat(&format!("{l}attention.output.dense.weight"), d, d)?,
+                out_b: vec(&format!("{l}attention.output.dense.bias"), d)?,
+                ln_w: vec(&format!("{l}attention.output.LayerNorm.weight"), d)?,
+                ln_b: vec(&format!("{l}attention.output.LayerNorm.bias"), d)?,
+            };
+            let cross = if i % cfg.cross_every == 0 {
+                Some(Attn {
+                    qkv_w: None,
+                    qkv_b: None,
+                    q_w: Some(mat(&format!("{l}crossattention.self.query.weight"), d, d)?),
+                    q_b: Some(vec(&format!("{l}crossattention.self.query.bias"), d)?),
+                    kv_w: Some(stacked(
+                        &names("crossattention", &["key", "value"], "weight"),
+                        d,
+                        e,
+                        &format!("{l}crossattention.kv.weight"),
+                    )?),
+                    kv_b: Some(stacked_bias(
+                        &names("crossattention", &["key", "value"], "bias"),
+                        d,
+                        &format!("{l}crossattention.kv.bias"),
+                    )?),
+                    out_w: mat(&format!("{l}crossattention.output.dense.weight"), d, d)?,
+                    out_b: vec(&format!("{l}crossattention.output.dense.bias"), d)?,
+                    ln_w: vec(&format!("{l}crossattention.output.LayerNorm.weight"), d)?,
+                    ln_b: vec(&format!("{l}crossattention.output.LayerNorm.bias"), d)?,
+                })
+            } else {
+                None
+            };
+            layers.push(QLayer {
+                self_attn,
+                cross,
+                inter_w: mat(&format!("{l}intermediate_query.dense.weight"), f, d)?,
+                inter_b: vec(&format!("{l}intermediate_query.dense.bias"), f)?,
+                out_w: mat(&format!("{l}output_query.dense.weight"), d, f)?,
+                out_b: vec(&format!("{l}output_query.dense.bias"), d)?,
+                ln_w: vec(&format!("{l}output_query.LayerNorm.weight"), d)?,
+                ln_b: vec(&format!("{l}output_query.LayerNorm.bias"), d)?,
+            });
+        }
+        Ok(QFormer {
+            cfg: cfg.clone(),
+            queries,
+            emb_ln_w: vec(&format!("{p}embeddings.LayerNorm.weight"), d)?,
+            emb_ln_b: vec(&format!("{p}embeddings.LayerNorm.bias"), d)?,
+            layers,
+        })
+    }
+
+    /// Records the Q-Former over `image [tokens, encoder_width]`; returns `[queries, hidden]`.
+    pub fn record(&self, gpu: &Gpu, rec: &mut Recorder, image: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (n, d, hd) = (c.queries, c.hidden, c.head_dim());
+        let t_img = image.rows();
+        image.expect(Some(DType::F32), &[t_img, c.encoder_width])?;
+        let h = Tensor::zeros(gpu, "qf_h", &[n, d])?;
+        let tmp = Tensor::zeros(gpu, "qf_tmp", &[n, d])?;
+        let qkv = Tensor::zeros(gpu, "qf_qkv", &[n, 3 * d])?;
+        let q = Tensor::zeros(gpu, "qf_q", &[n, d])?;
+        let kv = Tensor::zeros(gpu, "qf_kv", &[t_img, 2 * d])?;
+        let attn = Tensor::zeros(gpu, "qf_attn", &[n, d])?;
+        let ffn = Tensor::zeros(gpu, "qf_ffn", &[n, c.intermediate])?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        rec.layer_norm(&self.queries, &self.emb_ln_w, &self.emb_ln_b, c.eps, &h)?;
+        // h = LN(h + attn·Wo + bo), through `tmp` (LayerNorm reads and writes distinct buffers)
+        let residual_ln = |rec: &mut Recorder, a: &Attn| -> Result<()> {
+            rec.matmul(&attn, &a.out_w, Some(&a.out_b), &h, true)?;
+            rec.layer_norm(&h, &a.ln_w, &a.ln_b, c.eps, &tmp)?;
+            rec.copy_rows(&tmp, 0, d, &h, 0, d, n, d)
+        };
+        for l in &self.layers {
+            let a = &l.self_attn;
+            if let (Some(w), Some(b)) = (&a.qkv_w, &a.qkv_b) {
+                rec.matmul(&h, w, Some(b), &qkv, false)?;
+            }
+            rec.attention(
+                HeadView {
+                    t: &qkv,
+                    offset: 0,
+                    stride: 3 * d,
+                },
+                HeadView {
+                    t: &qkv,
+                    offset: d,
+                    stride: 3 * d,
+                },
+                HeadView {
+                    t: &qkv,
+                    offset: 2 * d,
+                    stride: 3 * d,
+                },
+                HeadView::whole(&attn),
+                AttnShape {
+                    t: n,
+                    s: n,
+                    heads: c.heads,
+                    kv_heads: c.heads,
+                    head_dim: hd,
+                    causal: false,
+                    scale,
+                },
+            )?;
+            residual_ln(rec, a)?;
+            if let Some(x) = &l.cross {
+                if let (Some(qw), Some(qb), Some(kw), Some(kb)) = (&x.q_w, &x.q_b, &x.kv_w, &x.kv_b)
+                {
+                    rec.matmul(&h, qw, Some(qb), &q, false)?;
+                    rec.matmul(image, kw, Some(kb), &kv, false)?;
+                }
+                rec.attention(
+                    HeadView::whole(&q),
+                    HeadView {
+                        t: &kv,
+                        offset: 0,
+                        stride: 2 * d,
+                    },
+                    HeadView {
+                        t: &kv,
+                        offset: d,
+                        stride: 2 * d,
+                    },
+                    HeadView::whole(&attn),
+                    AttnShape {
+                        t: n,
+                        s: t_img,
+                        heads: c.heads,
+                        kv_heads: c.heads,
+                        head_dim: hd,
+                        causal: false,
+                        scale,
+                    },
+                )?;
+                residual_ln(rec, x)?;
+            }
+            rec.matmul(&h, &l.inter_w, Some(&l.inter_b), &ffn, false)?;
+            rec.gelu(&ffn)?;
+            rec.matmul(&ffn, &l.out_w, Some(&l.out_b), &h, true)?;
+            rec.layer_norm(&h, &l.ln_w, &l.ln_b, c.eps, &tmp)?;
+            rec.copy_rows(&tmp, 0, d, &h, 0, d, n, d)?;
+        }
+        Ok(h)
+    }
+}

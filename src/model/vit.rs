@@ -1,0 +1,281 @@
+//! EVA ViT-g/14 as MiniGPT-4 uses it (spec §2): patch embedding (conv = im2col + matmul, with
+//! bias), CLS token, learned position table, pre-LN blocks (LayerNorm eps 1e-6, fused qkv with
+//! q and v biases but no k bias, exact-erf GELU MLP), then `ln_vision` (eps 1e-5).
+//!
+//! Weight names are MiniGPT-4's (`visual_encoder.*`, `ln_vision.*`); transformers' fused
+//! `attn.qkv.bias` is accepted in place of `q_bias`/`v_bias`.
+
+use crate::error::{Error, Result};
+use crate::gpu::{AttnShape, Gpu, HeadView, Recorder, Tensor};
+use crate::loader::TensorSource;
+use crate::quant::DType;
+
+/// ViT hyper-parameters (ViT-g: width 1408, 39 layers, 16 heads, MLP 6144, patch 14).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VitConfig {
+    pub image_size: usize,
+    pub patch: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    /// LayerNorm eps inside the blocks (1e-6).
+    pub eps: f32,
+    /// `ln_vision` eps (1e-5, PyTorch's default; spec §8.4).
+    pub ln_vision_eps: f32,
+}
+
+impl VitConfig {
+    /// EVA ViT-g as BLIP-2 / MiniGPT-4 use it, at 224 px (448 for MiniGPT-v2).
+    pub fn eva_vit_g(image_size: usize) -> Self {
+        VitConfig {
+            image_size,
+            patch: 14,
+            width: 1408,
+            layers: 39,
+            heads: 16,
+            mlp: 6144,
+            eps: 1e-6,
+            ln_vision_eps: 1e-5,
+        }
+    }
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch
+    }
+    /// Tokens out: CLS + grid².
+    pub fn tokens(&self) -> usize {
+        1 + self.grid() * self.grid()
+    }
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.patch == 0
+            || !self.image_size.is_multiple_of(self.patch)
+            || self.heads == 0
+            || !self.width.is_multiple_of(self.heads)
+            || self.head_dim() > 256
+        {
+            return Err(Error::InvalidOption {
+                name: "vision config".into(),
+                msg: format!("inconsistent dimensions: {self:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    norm1_w: Tensor,
+    norm1_b: Tensor,
+    qkv_w: Tensor,
+    qkv_b: Tensor,
+    proj_w: Tensor,
+    proj_b: Tensor,
+    norm2_w: Tensor,
+    norm2_b: Tensor,
+    fc1_w: Tensor,
+    fc1_b: Tensor,
+    fc2_w: Tensor,
+    fc2_b: Tensor,
+}
+
+pub struct Vit {
+    pub cfg: VitConfig,
+    cls: Tensor,
+    pos: Tensor,
+    patch_w: Tensor,
+    patch_b: Tensor,
+    blocks: Vec<Block>,
+    ln_w: Tensor,
+    ln_b: Tensor,
+}
+
+/// Reads `name` as f32 and checks its shape (any leading dims of size 1 are ignored).
+pub(crate) fn read_checked(
+    src: &dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let found = src.shape(name).ok_or_else(|| {
+        Error::tensor(
+            name,
+            format!("present with shape {shape:?} in {}", src.describe()),
+            "missing",
+        )
+    })?;
+    let squeeze = |s: &[usize]| {
+        s.iter()
+            .copied()
+            .skip_while(|&d| d == 1)
+            .collect::<Vec<_>>()
+    };
+    if squeeze(&found) != squeeze(shape) {
+        return Err(Error::tensor(
+            name,
+            format!("shape {shape:?} in {}", src.describe()),
+            format!("{found:?}"),
+        ));
+    }
+    src.read_f32(name)
+}
+
+impl Vit {
+    /// Loads the ViT and `ln_vision` (identity when the checkpoint has none, spec §2.3).
+    /// Linear weights are stored as `dtype`; the patch embedding (K = 3·p², not a multiple of
+    /// 32) as f16 unless `dtype` is f32.
+    pub fn load(gpu: &Gpu, cfg: &VitConfig, src: &dyn TensorSource, dtype: DType) -> Result<Self> {
+        cfg.validate()?;
+        let (w, t, m, p) = (cfg.width, cfg.tokens(), cfg.mlp, cfg.patch);
+        let v = "visual_encoder.";
+        let vec = |name: &str, n: usize| -> Result<Tensor> {
+            let x = read_checked(src, name, &[n])?;
+            Tensor::upload(gpu, name, &[n], DType::F32, &x)
+        };
+        let mat = |name: &str, rows: usize, cols: usize, dt: DType| -> Result<Tensor> {
+            let x = read_checked(src, name, &[rows, cols])?;
+            Tensor::upload(gpu, name, &[rows, cols], dt, &x)
+        };
+        let cls = {
+            let x = read_checked(src, &format!("{v}cls_token"), &[1, 1, w])?;
+            Tensor::upload(gpu, "cls_token", &[1, w], DType::F32, &x)?
+        };
+        let pos = {
+            let x = read_checked(src, &format!("{v}pos_embed"), &[1, t, w])?;
+            Tensor::upload(gpu, "pos_embed", &[t, w], DType::F32, &x)?
+        };
+        let patch_dt = if dtype == DType::F32 {
+            DType::F32
+        } else {
+            DType::F16
+        };
+        let patch_w = {
+            let x = read_checked(src, &format!("{v}patch_embed.proj.weight"), &[w, 3, p, p])?;
+            Tensor::upload(gpu, "patch_embed", &[w, 3 * p * p], patch_dt, &x)?
+        };
+        let patch_b = vec(&format!("{v}patch_embed.proj.bias"), w)?;
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let b = format!("{v}blocks.{i}.");
+            let qkv_b = if src.shape(&format!("{b}attn.qkv.bias")).is_some() {
+                read_checked(src, &format!("{b}attn.qkv.bias"), &[3 * w])?
+            } else {
+                let mut x = read_checked(src, &format!("{b}attn.q_bias"), &[w])?;
+                x.extend(std::iter::repeat_n(0.0, w));
+                x.extend(read_checked(src, &format!("{b}attn.v_bias"), &[w])?);
+                x
+            };
+            blocks.push(Block {
+                norm1_w: vec(&format!("{b}norm1.weight"), w)?,
+                norm1_b: vec(&format!("{b}norm1.bias"), w)?,
+                qkv_w: mat(&format!("{b}attn.qkv.weight"), 3 * w, w, dtype)?,
+                qkv_b: Tensor::upload(
+                    gpu,
+                    &format!("{b}attn.qkv.bias"),
+                    &[3 * w],
+                    DType::F32,
+                    &qkv_b,
+                )?,
+                proj_w: mat(&format!("{b}attn.proj.weight"), w, w, dtype)?,
+                proj_b: vec(&format!("{b}attn.proj.bias"), w)?,
+                norm2_w: vec(&format!("{b}norm2.weight"), w)?,
+                norm2_b: vec(&format!("{b}norm2.bias"), w)?,
+                fc1_w: mat(&format!("{b}mlp.fc1.weight"), m, w, dtype)?,
+                fc1_b: vec(&format!("{b}mlp.fc1.bias"), m)?,
+                fc2_w: mat(&format!("{b}mlp.fc2.weight"), w, m, dtype)?,
+                fc2_b: vec(&format!("{b}mlp.fc2.bias"), w)?,
+            });
+        }
+        let (ln_w, ln_b) = if src.shape("ln_vision.weight").is_some() {
+            (vec("ln_vision.weight", w)?, vec("ln_vision.bias", w)?)
+        } else {
+            (
+                Tensor::upload(gpu, "ln_vision.weight", &[w], DType::F32, &vec![1.0; w])?,
+                Tensor::upload(gpu, "ln_vision.bias", &[w], DType::F32, &vec![0.0; w])?,
+            )
+        };
+        Ok(Vit {
+            cfg: cfg.clone(),
+            cls,
+            pos,
+            patch_w,
+            patch_b,
+            blocks,
+            ln_w,
+            ln_b,
+        })
+    }
+
+    /// Records the encoder for one preprocessed image `[3, S, S]`; returns the `ln_vision`
+    /// output `[tokens, width]`. With `taps`, the residual stream after each block is also
+    /// copied out (for golden tests).
+    pub fn record(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        pixels: &Tensor,
+        taps: Option<&[Tensor]>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (s, w, t, g, p) = (c.image_size, c.width, c.tokens(), c.grid(), c.patch);
+        pixels.expect(Some(DType::F32), &[3, s, s])?;
+        let cols = Tensor::zeros(gpu, "patches", &[g * g, 3 * p * p])?;
+        let tok = Tensor::zeros(gpu, "patch_tokens", &[g * g, w])?;
+        let x = Tensor::zeros(gpu, "vit_x", &[t, w])?;
+        let h = Tensor::zeros(gpu, "vit_h", &[t, w])?;
+        let qkv = Tensor::zeros(gpu, "vit_qkv", &[t, 3 * w])?;
+        let attn = Tensor::zeros(gpu, "vit_attn", &[t, w])?;
+        let mlp = Tensor::zeros(gpu, "vit_mlp", &[t, c.mlp])?;
+        let out = Tensor::zeros(gpu, "image_embeds", &[t, w])?;
+        rec.im2col(pixels, p, &cols)?;
+        rec.matmul(&cols, &self.patch_w, Some(&self.patch_b), &tok, false)?;
+        rec.copy_rows(&self.cls, 0, w, &x, 0, w, 1, w)?;
+        rec.copy_rows(&tok, 0, w, &x, w, w, g * g, w)?;
+        rec.add(&x, &self.pos)?;
+        let shape = AttnShape {
+            t,
+            s: t,
+            heads: c.heads,
+            kv_heads: c.heads,
+            head_dim: c.head_dim(),
+            causal: false,
+            scale: (c.head_dim() as f32).powf(-0.5),
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            rec.layer_norm(&x, &b.norm1_w, &b.norm1_b, c.eps, &h)?;
+            rec.matmul(&h, &b.qkv_w, Some(&b.qkv_b), &qkv, false)?;
+            rec.attention(
+                HeadView {
+                    t: &qkv,
+                    offset: 0,
+                    stride: 3 * w,
+                },
+                HeadView {
+                    t: &qkv,
+                    offset: w,
+                    stride: 3 * w,
+                },
+                HeadView {
+                    t: &qkv,
+                    offset: 2 * w,
+                    stride: 3 * w,
+                },
+                HeadView::whole(&attn),
+                shape,
+            )?;
+            rec.matmul(&attn, &b.proj_w, Some(&b.proj_b), &x, true)?;
+            rec.layer_norm(&x, &b.norm2_w, &b.norm2_b, c.eps, &h)?;
+            rec.matmul(&h, &b.fc1_w, Some(&b.fc1_b), &mlp, false)?;
+            rec.gelu(&mlp)?;
+            rec.matmul(&mlp, &b.fc2_w, Some(&b.fc2_b), &x, true)?;
+            if let Some(taps) = taps {
+                if let Some(tap) = taps.get(i) {
+                    rec.copy_rows(&x, 0, w, tap, 0, w, t, w)?;
+                }
+            }
+        }
+        rec.layer_norm(&x, &self.ln_w, &self.ln_b, c.ln_vision_eps, &out)?;
+        Ok(out)
+    }
+}
