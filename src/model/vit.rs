@@ -279,3 +279,67 @@ impl Vit {
         Ok(out)
     }
 }
+
+/// PyTorch's bicubic kernel (A = −0.75) weights for fractional offset `t`.
+fn cubic_weights(t: f32) -> [f32; 4] {
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// Source index and fraction for output `o` (align_corners = false). The index may fall
+/// outside the grid; the taps are clamped to the edge when read (as PyTorch's bicubic does).
+fn source_index(o: usize, in_size: usize, out_size: usize) -> (isize, f32) {
+    let scale = in_size as f32 / out_size as f32;
+    let real = scale * (o as f32 + 0.5) - 0.5;
+    let idx = real.floor();
+    (idx as isize, real - idx)
+}
+
+/// MiniGPT-v2's position-table resize (spec §2.1): the `old × old` grid part of
+/// `pos [1 + old², width]` is resized to `new × new` with `F.interpolate(mode='bicubic',
+/// align_corners=False)` (A = −0.75, edges clamped); the CLS row is kept as is.
+pub fn interpolate_pos_embed(
+    pos: &[f32],
+    width: usize,
+    old: usize,
+    new: usize,
+) -> Result<Vec<f32>> {
+    if pos.len() != (1 + old * old) * width {
+        return Err(Error::tensor(
+            "pos_embed",
+            format!("[{}, {width}] for a {old}x{old} grid", 1 + old * old),
+            format!("{} values", pos.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity((1 + new * new) * width);
+    out.extend_from_slice(&pos[..width]);
+    let grid = &pos[width..];
+    let at = |y: isize, x: isize, c: usize| -> f32 {
+        let y = y.clamp(0, old as isize - 1) as usize;
+        let x = x.clamp(0, old as isize - 1) as usize;
+        grid[(y * old + x) * width + c]
+    };
+    for oy in 0..new {
+        let (iy, ty) = source_index(oy, old, new);
+        let wy = cubic_weights(ty);
+        for ox in 0..new {
+            let (ix, tx) = source_index(ox, old, new);
+            let wx = cubic_weights(tx);
+            for c in 0..width {
+                let mut acc = 0f32;
+                for (j, wyj) in wy.iter().enumerate() {
+                    let y = iy - 1 + j as isize;
+                    let row = wx[0] * at(y, ix - 1, c)
+                        + wx[1] * at(y, ix, c)
+                        + wx[2] * at(y, ix + 1, c)
+                        + wx[3] * at(y, ix + 2, c);
+                    acc += wyj * row;
+                }
+                out.push(acc);
+            }
+        }
+    }
+    Ok(out)
+}
