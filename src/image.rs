@@ -26,8 +26,11 @@ use ::image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, 
 use crate::error::{Error, Result};
 
 /// OpenAI CLIP normalisation mean (BLIP-2 / MiniGPT-4 `BlipImageBaseProcessor` defaults).
+/// (Digits as in the Python source; they round to the same f32 values torch uses.)
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP normalisation standard deviation.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Largest accepted width or height of an input image.

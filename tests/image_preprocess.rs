@@ -233,13 +233,9 @@ fn truncated_files_are_errors() {
         }
         if png {
             let whole = decode_rgb(&bytes, file).unwrap();
-            for cut in [1] {
-                let img = decode_rgb(&bytes[..bytes.len() - cut], file).unwrap();
-                assert_eq!(
-                    img, whole,
-                    "{file} without the last {cut} bytes (PIL accepts it)"
-                );
-            }
+            // A PNG whose IEND CRC is cut short still decodes, to the same pixels.
+            let img = decode_rgb(&bytes[..bytes.len() - 1], file).unwrap();
+            assert_eq!(img, whole, "{file} without its last byte (PIL accepts it)");
         }
     }
 }
@@ -283,7 +279,7 @@ fn decompression_bombs_are_refused_before_allocating() {
         let m = expect_err(&read(file), file, &[dims, &limit]);
         eprintln!("{m}");
     }
-    assert!(MAX_DECODE_BYTES <= 1 << 30);
+    const { assert!(MAX_DECODE_BYTES <= 1 << 30) };
 }
 
 #[test]
