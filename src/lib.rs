@@ -8,6 +8,7 @@ pub mod chat;
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod image;
 pub mod loader;
 pub mod model;
 pub mod quant;
