@@ -365,3 +365,23 @@ fn real_vit_g_and_qformer_shapes_run_within_the_adapter_limits() {
     let spread: f32 = v[..768].iter().map(|x| x * x).sum::<f32>() / 768.0;
     assert!(spread > 0.1 && spread < 10.0, "{spread}");
 }
+
+/// A 224-px-style table (4×4 grid) loaded for twice the image size is resized on load, and
+/// the encoder then runs on the larger image (MiniGPT-v2's 448-px path, spec §2.1).
+#[test]
+fn a_smaller_position_table_is_interpolated_for_a_larger_image() {
+    let gpu = gpu();
+    let c = config("qformer_tiny");
+    let mut vc = vit_config(&c);
+    vc.image_size *= 2;
+    let weights = SafetensorsFile::open(&dir("qformer_tiny").join("weights_minigpt4.safetensors")).unwrap();
+    let vit = Vit::load(&gpu, &vc, &weights, DType::F32).unwrap();
+    let s = vc.image_size;
+    let mut r = common::Rng::new(3);
+    let pixels = Tensor::upload(&gpu, "pixels", &[3, s, s], DType::F32, &r.vec(3 * s * s, 1.0)).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    let img = vit.record(&gpu, &mut rec, &pixels, None).unwrap();
+    pollster::block_on(rec.submit()).unwrap();
+    assert_eq!(img.shape, vec![1 + 8 * 8, vc.width]);
+    assert!(read(&gpu, &img).iter().all(|x| x.is_finite()));
+}

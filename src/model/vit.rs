@@ -142,7 +142,18 @@ impl Vit {
             Tensor::upload(gpu, "cls_token", &[1, w], DType::F32, &x)?
         };
         let pos = {
-            let x = read_checked(src, &format!("{v}pos_embed"), &[1, t, w])?;
+            // A table for another grid (MiniGPT-v2 runs the 224-px table at 448 px) is resized
+            // bicubically as MiniGPT-v2 does at load time (spec §2.1).
+            let name = format!("{v}pos_embed");
+            let found = src.shape(&name).unwrap_or_default();
+            let rows = found.iter().rev().nth(1).copied().unwrap_or(0);
+            let old = ((rows.max(1) - 1) as f64).sqrt().round() as usize;
+            let x = if rows != t && rows > 1 && 1 + old * old == rows && found.last() == Some(&w) {
+                let x = read_checked(src, &name, &[1, rows, w])?;
+                interpolate_pos_embed(&x, w, old, cfg.grid())?
+            } else {
+                read_checked(src, &name, &[1, t, w])?
+            };
             Tensor::upload(gpu, "pos_embed", &[t, w], DType::F32, &x)?
         };
         let patch_dt = if dtype == DType::F32 {
