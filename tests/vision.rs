@@ -112,7 +112,10 @@ fn check_qformer_tiny(dtype: DType) {
         .collect();
     let mut rec = Recorder::new(&gpu);
     let img = vit.record(&gpu, &mut rec, &pixels, Some(&taps)).unwrap();
-    let qout = qf.record(&gpu, &mut rec, &img).unwrap();
+    let qtaps: Vec<Tensor> = (0..qc.layers)
+        .map(|i| Tensor::zeros(&gpu, &format!("qtap{i}"), &[qc.queries, qc.hidden]).unwrap())
+        .collect();
+    let qout = qf.record(&gpu, &mut rec, &img, Some(&qtaps)).unwrap();
     let proj = Tensor::zeros(&gpu, "proj", &[qc.queries, llm]).unwrap();
     rec.matmul(&qout, &proj_w, Some(&proj_b), &proj, false)
         .unwrap();
@@ -352,7 +355,7 @@ fn real_vit_g_and_qformer_shapes_run_within_the_adapter_limits() {
     .unwrap();
     let mut rec = Recorder::new(&gpu);
     let img = vit.record(&gpu, &mut rec, &pixels, None).unwrap();
-    let out = qf.record(&gpu, &mut rec, &img).unwrap();
+    let out = qf.record(&gpu, &mut rec, &img, None).unwrap();
     pollster::block_on(rec.submit()).unwrap();
     assert_eq!(img.shape, vec![257, 1408]);
     assert_eq!(out.shape, vec![32, 768]);
@@ -374,11 +377,19 @@ fn a_smaller_position_table_is_interpolated_for_a_larger_image() {
     let c = config("qformer_tiny");
     let mut vc = vit_config(&c);
     vc.image_size *= 2;
-    let weights = SafetensorsFile::open(&dir("qformer_tiny").join("weights_minigpt4.safetensors")).unwrap();
+    let weights =
+        SafetensorsFile::open(&dir("qformer_tiny").join("weights_minigpt4.safetensors")).unwrap();
     let vit = Vit::load(&gpu, &vc, &weights, DType::F32).unwrap();
     let s = vc.image_size;
     let mut r = common::Rng::new(3);
-    let pixels = Tensor::upload(&gpu, "pixels", &[3, s, s], DType::F32, &r.vec(3 * s * s, 1.0)).unwrap();
+    let pixels = Tensor::upload(
+        &gpu,
+        "pixels",
+        &[3, s, s],
+        DType::F32,
+        &r.vec(3 * s * s, 1.0),
+    )
+    .unwrap();
     let mut rec = Recorder::new(&gpu);
     let img = vit.record(&gpu, &mut rec, &pixels, None).unwrap();
     pollster::block_on(rec.submit()).unwrap();

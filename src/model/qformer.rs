@@ -191,7 +191,14 @@ impl QFormer {
     }
 
     /// Records the Q-Former over `image [tokens, encoder_width]`; returns `[queries, hidden]`.
-    pub fn record(&self, gpu: &Gpu, rec: &mut Recorder, image: &Tensor) -> Result<Tensor> {
+    /// With `taps`, each layer's output is also copied out (for golden tests).
+    pub fn record(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        image: &Tensor,
+        taps: Option<&[Tensor]>,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (n, d, hd) = (c.queries, c.hidden, c.head_dim());
         let t_img = image.rows();
@@ -211,7 +218,7 @@ impl QFormer {
             rec.layer_norm(&h, &a.ln_w, &a.ln_b, c.eps, &tmp)?;
             rec.copy_rows(&tmp, 0, d, &h, 0, d, n, d)
         };
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
             let a = &l.self_attn;
             if let (Some(w), Some(b)) = (&a.qkv_w, &a.qkv_b) {
                 rec.matmul(&h, w, Some(b), &qkv, false)?;
@@ -280,6 +287,9 @@ impl QFormer {
             rec.matmul(&ffn, &l.out_w, Some(&l.out_b), &h, true)?;
             rec.layer_norm(&h, &l.ln_w, &l.ln_b, c.eps, &tmp)?;
             rec.copy_rows(&tmp, 0, d, &h, 0, d, n, d)?;
+            if let Some(tap) = taps.and_then(|t| t.get(i)) {
+                rec.copy_rows(&h, 0, d, tap, 0, d, n, d)?;
+            }
         }
         Ok(h)
     }

@@ -11,7 +11,7 @@ Writes tests/fixtures/vision/<case>/:
                                   qformer.*, language_projection.*); the tiny LLaMA text model is not saved
     weights_minigpt4.safetensors  MiniGPT-4 / LAVIS key names (visual_encoder.*, ln_vision.*, query_tokens,
                                   Qformer.bert.*, llama_proj.*), spec 8.2
-    golden.safetensors            pixel_values, vit_block_{0..L-1}, ln_vision, qformer_out, proj_out
+    golden.safetensors            pixel_values, vit_block_{0..L-1}, ln_vision, qformer_layer_{0..N-1}, qformer_out, proj_out
     config.json                   dims, eps, activations, key naming, init scheme, versions, check results
   noqformer_tiny/                 Llama-2 MiniGPT-4 / MiniGPT-v2 path (spec 4): no Q-Former
     weights_minigpt4.safetensors  visual_encoder.*, llama_proj.* (no ln_vision: identity-affine LN)
@@ -445,12 +445,20 @@ def make_qformer_tiny():
         eps_effect = maxdiff(ln_vision, vout.last_hidden_state)
 
         img_mask = torch.ones(ln_vision.shape[:-1], dtype=torch.long)
+        q_layers = []
+        hooks = [
+            layer.register_forward_hook(lambda _m, _i, out: q_layers.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+            for layer in model.qformer.encoder.layer
+        ]
         qout = model.qformer(
             query_embeds=model.query_tokens.expand(1, -1, -1),
             encoder_hidden_states=ln_vision,
             encoder_attention_mask=img_mask,
             return_dict=True,
         ).last_hidden_state
+        for h in hooks:
+            h.remove()
+        assert len(q_layers) == QFORMER["num_hidden_layers"] and torch.equal(q_layers[-1], qout)
         proj = model.language_projection(qout)
 
         # HF's own composite path, with the post_layernorm eps patched to MiniGPT-4's 1e-5
@@ -475,6 +483,8 @@ def make_qformer_tiny():
     golden = {"pixel_values": px, "ln_vision": ln_vision, "qformer_out": qout, "proj_out": proj}
     for i, b in enumerate(blocks):
         golden[f"vit_block_{i}"] = b
+    for i, q in enumerate(q_layers):
+        golden[f"qformer_layer_{i}"] = q
     assert qout.shape == (1, NUM_QUERY_TOKENS, QFORMER["hidden_size"]) and proj.shape == (1, NUM_QUERY_TOKENS, LLM_HIDDEN)
 
     # ---- MiniGPT-4 naming
@@ -499,7 +509,7 @@ def make_qformer_tiny():
     with torch.no_grad():
         ref32 = run_ref(torch.float32)
         ref64 = run_ref(torch.float64)
-    assert sorted(ref32) == sorted(k for k in golden if k != "pixel_values")
+    assert sorted(ref32) == sorted(k for k in golden if k != "pixel_values" and not k.startswith("qformer_layer_"))
     diff32 = {k: maxdiff(golden[k], ref32[k]) for k in sorted(ref32)}
     diff64 = {k: maxdiff(golden[k], ref64[k]) for k in sorted(ref64)}
     worst32 = max(diff32.values())
