@@ -7,7 +7,7 @@
 //! come from our own seeded generator, so a seed reproduces our runs, not PyTorch's.
 
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Tensor};
 use crate::model::llama::{Input, Llama};
 
 /// How the next token is chosen.
@@ -232,6 +232,15 @@ pub enum Finish {
     Cancelled,
 }
 
+/// What generation starts from.
+#[derive(Clone, Copy)]
+pub enum Prompt<'a> {
+    /// Token ids, prefilled in chunks of [`PREFILL_CHUNK`].
+    Ids(&'a [u32]),
+    /// Input rows `[t, hidden]` (text embeddings with image embeddings spliced in).
+    Embeds(&'a Tensor),
+}
+
 /// Prefills `prompt` (in chunks) and decodes until a stop. `on_token(id)` is called for every
 /// generated id (streaming); returning false cancels. Returns the generated ids (stop tokens
 /// included, as transformers returns them) and why it finished.
@@ -242,22 +251,48 @@ pub async fn generate(
     sampling: &Sampling,
     stop: &Stop,
     allowed: usize,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, Finish)> {
+    generate_from(
+        gpu,
+        model,
+        Prompt::Ids(prompt),
+        sampling,
+        stop,
+        allowed,
+        on_token,
+    )
+    .await
+}
+
+/// [`generate`] from ids or from input embeddings.
+pub async fn generate_from(
+    gpu: &Gpu,
+    model: &mut Llama,
+    prompt: Prompt<'_>,
+    sampling: &Sampling,
+    stop: &Stop,
+    allowed: usize,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, Finish)> {
     sampling.validate()?;
-    if prompt.is_empty() {
+    let len = match prompt {
+        Prompt::Ids(ids) => ids.len(),
+        Prompt::Embeds(e) => e.rows(),
+    };
+    if len == 0 {
         return Err(Error::InvalidOption {
             name: "prompt".into(),
             msg: "the prompt has no tokens".into(),
         });
     }
-    let need = model.pos + prompt.len() + stop.max_new_tokens;
+    let need = model.pos + len + stop.max_new_tokens;
     if need > model.ctx {
         return Err(Error::InvalidOption {
             name: "max-new-tokens".into(),
             msg: format!(
                 "prompt ({} tokens) + max new tokens ({}) = {} exceeds the context of {} tokens",
-                model.pos + prompt.len(),
+                model.pos + len,
                 stop.max_new_tokens,
                 need,
                 model.ctx
@@ -269,14 +304,16 @@ pub async fn generate(
     let on_gpu = sampling.greedy && sampling.repetition_penalty == 1.0;
     let mut logits = Vec::new();
     let mut next = 0u32;
-    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
-    for (i, chunk) in chunks.iter().enumerate() {
-        if on_gpu && i + 1 == chunks.len() {
-            next = model
-                .forward_argmax(gpu, Input::Ids(chunk), allowed)
-                .await?;
+    let inputs: Vec<Input> = match prompt {
+        Prompt::Ids(ids) => ids.chunks(PREFILL_CHUNK).map(Input::Ids).collect(),
+        Prompt::Embeds(e) => vec![Input::Embeds(e)],
+    };
+    let n = inputs.len();
+    for (i, input) in inputs.into_iter().enumerate() {
+        if on_gpu && i + 1 == n {
+            next = model.forward_argmax(gpu, input, allowed).await?;
         } else {
-            logits = model.forward(gpu, Input::Ids(chunk), false).await?;
+            logits = model.forward(gpu, input, false).await?;
         }
     }
     let mut out: Vec<u32> = Vec::new();
@@ -404,5 +441,168 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("top-p") && e.contains("1.5"), "{e}");
+    }
+}
+
+/// The MiniGPT-4 family members (they differ in template, visual path and stops).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelVariant {
+    /// MiniGPT-4 with Vicuna v0 7B or 13B (Q-Former path).
+    Vicuna0,
+    /// MiniGPT-4 with Llama-2-chat 7B (no Q-Former: 4 ViT tokens concatenated).
+    Llama2,
+    /// MiniGPT-v2 (Llama-2-chat 7B, 448 px, 4-token concatenation).
+    MiniGptV2,
+}
+
+impl ModelVariant {
+    /// The conversation template, verbatim from the reference (spec §7.2).
+    pub fn template(self) -> Template {
+        const SYSTEM: &str = "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. Please answer my questions.";
+        match self {
+            ModelVariant::Vicuna0 => Template {
+                system: SYSTEM,
+                roles: ["Human: ", "Assistant: "],
+                sep: "###",
+            },
+            ModelVariant::Llama2 => Template {
+                system: SYSTEM,
+                roles: ["<s>[INST] ", " [/INST] "],
+                sep: "",
+            },
+            ModelVariant::MiniGptV2 => Template {
+                system: "",
+                roles: ["<s>[INST] ", " [/INST]"],
+                sep: "",
+            },
+        }
+    }
+
+    /// Stop sequences of the reference demo: `###` as `▁###` or `##`,`#` for MiniGPT-4
+    /// (`demo.py`), `</s>` for MiniGPT-v2 (`demo_v2.py`).
+    pub fn stop_sequences(self) -> Vec<Vec<u32>> {
+        match self {
+            ModelVariant::Vicuna0 | ModelVariant::Llama2 => vec![vec![835], vec![2277, 29937]],
+            ModelVariant::MiniGptV2 => vec![vec![2]],
+        }
+    }
+}
+
+/// A `SeparatorStyle.SINGLE` conversation template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Template {
+    pub system: &'static str,
+    pub roles: [&'static str; 2],
+    pub sep: &'static str,
+}
+
+/// The image placeholder the prompt is split at.
+pub const IMAGE_PLACEHOLDER: &str = "<ImageHere>";
+
+/// A conversation as the reference `Chat` builds it (spec §7.1): uploading an image adds the
+/// user message `<Img><ImageHere></Img>`; the first question is appended to it with a space.
+#[derive(Clone, Debug)]
+pub struct Conversation {
+    pub template: Template,
+    /// (role index 0 = user, 1 = assistant, message)
+    pub messages: Vec<(usize, String)>,
+}
+
+impl Conversation {
+    pub fn new(variant: ModelVariant) -> Self {
+        Conversation {
+            template: variant.template(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// Adds the image placeholder message.
+    pub fn add_image(&mut self) {
+        self.messages
+            .push((0, format!("<Img>{IMAGE_PLACEHOLDER}</Img>")));
+    }
+
+    /// Adds a user question (`Chat.ask`).
+    pub fn ask(&mut self, text: &str) {
+        match self.messages.last_mut() {
+            Some((0, m)) if m.ends_with("</Img>") => *m = format!("{m} {text}"),
+            _ => self.messages.push((0, text.to_string())),
+        }
+    }
+
+    /// Records the assistant's (trimmed) answer for the next turn.
+    pub fn add_answer(&mut self, text: &str) {
+        self.messages.push((1, text.to_string()));
+    }
+
+    /// The prompt with an open assistant turn (`get_prompt` after `answer_prepare`).
+    pub fn prompt(&self) -> String {
+        let t = &self.template;
+        let mut ret = format!("{}{}", t.system, t.sep);
+        for (role, msg) in &self.messages {
+            ret.push_str(t.roles[*role]);
+            ret.push_str(msg);
+            ret.push_str(t.sep);
+        }
+        ret.push_str(t.roles[1]);
+        ret
+    }
+}
+
+/// `Chat.answer`'s trimming: cut at `###`, keep what follows the last `Assistant:`, strip.
+pub fn trim_answer(decoded: &str) -> String {
+    let first = decoded.split("###").next().unwrap_or("");
+    first
+        .rsplit("Assistant:")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_the_reference_strings() {
+        let mut c = Conversation::new(ModelVariant::Vicuna0);
+        c.add_image();
+        c.ask("Describe this image in detail.");
+        assert_eq!(
+            c.prompt(),
+            "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. Please answer my questions.###Human: <Img><ImageHere></Img> Describe this image in detail.###Assistant: "
+        );
+        c.add_answer("A cat.");
+        c.ask("What colour?");
+        assert!(c.prompt().ends_with("###Human: <Img><ImageHere></Img> Describe this image in detail.###Assistant: A cat.###Human: What colour?###Assistant: "));
+
+        let mut l = Conversation::new(ModelVariant::Llama2);
+        l.add_image();
+        l.ask("Q");
+        assert!(l
+            .prompt()
+            .ends_with("Please answer my questions.<s>[INST] <Img><ImageHere></Img> Q [/INST] "));
+        l.add_answer("A1");
+        l.ask("Q2");
+        assert!(l.prompt().ends_with(" [/INST] A1<s>[INST] Q2 [/INST] "));
+
+        let mut v = Conversation::new(ModelVariant::MiniGptV2);
+        v.add_image();
+        v.ask("[vqa] What is in the image?");
+        assert_eq!(
+            v.prompt(),
+            "<s>[INST] <Img><ImageHere></Img> [vqa] What is in the image? [/INST]"
+        );
+    }
+
+    #[test]
+    fn answers_are_trimmed_like_chat_answer() {
+        assert_eq!(
+            trim_answer(" A cat on a mat.###Human: more"),
+            "A cat on a mat."
+        );
+        assert_eq!(trim_answer("Assistant: hello ###"), "hello");
+        assert_eq!(trim_answer("plain"), "plain");
     }
 }

@@ -687,6 +687,11 @@ impl Llama {
         })
     }
 
+    /// Records the embedding-table gather of `ids` into `out [ids.len, hidden]`.
+    pub fn embed_into(&self, rec: &mut Recorder, ids: &Ids, out: &Tensor) -> Result<()> {
+        rec.embedding(ids, &self.embed, out)
+    }
+
     /// Forgets the conversation (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
         self.pos = 0;
