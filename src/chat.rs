@@ -456,6 +456,50 @@ pub enum ModelVariant {
 }
 
 impl ModelVariant {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "vicuna0" | "vicuna0-7b" | "vicuna0-13b" => Ok(ModelVariant::Vicuna0),
+            "llama2" | "llama2-7b" => Ok(ModelVariant::Llama2),
+            "minigptv2" => Ok(ModelVariant::MiniGptV2),
+            _ => Err(Error::InvalidOption {
+                name: "variant".into(),
+                msg: format!(
+                    "expected vicuna0-7b, vicuna0-13b, llama2-7b or minigptv2, found '{s}'"
+                ),
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelVariant::Vicuna0 => "vicuna0",
+            ModelVariant::Llama2 => "llama2",
+            ModelVariant::MiniGptV2 => "minigptv2",
+        }
+    }
+
+    /// Image side the variant's preprocessing resizes to.
+    pub fn image_size(self) -> usize {
+        if self == ModelVariant::MiniGptV2 {
+            448
+        } else {
+            224
+        }
+    }
+
+    /// The reference demo's sampling (spec §7.5): temperature 1, top-k 50, top-p 0.9,
+    /// repetition penalty 1.05 on generated tokens.
+    pub fn demo_sampling(self) -> Sampling {
+        Sampling {
+            greedy: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+            repetition_penalty: 1.05,
+            seed: 0,
+        }
+    }
+
     /// The conversation template, verbatim from the reference (spec §7.2).
     pub fn template(self) -> Template {
         const SYSTEM: &str = "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. Please answer my questions.";

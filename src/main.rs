@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use minigpt4::chat::{generate, Sampling, Stop};
+use minigpt4::chat::{generate, Conversation, ModelVariant, Sampling, Stop};
 use minigpt4::gpu::{adapter_reports, AdapterReport, Gpu, GpuOptions};
 use minigpt4::model::llama::{Llama, LlamaFiles, QuantPolicy};
+use minigpt4::model::minigpt4::{vision_sources, MiniGpt4};
+use minigpt4::model::qformer::QFormerConfig;
+use minigpt4::model::vit::VitConfig;
 use minigpt4::quant::DType;
 
 #[derive(Parser)]
@@ -91,6 +94,57 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Chat about an image with MiniGPT-4
+    Chat {
+        /// vicuna0-7b, vicuna0-13b, llama2-7b or minigptv2
+        #[arg(long, default_value = "vicuna0-7b")]
+        variant: String,
+        /// EVA ViT-g weights (eva_vit_g.pth, or any .pth/.safetensors with MiniGPT-4 names)
+        #[arg(long)]
+        vit: PathBuf,
+        /// BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth; Vicuna variants)
+        #[arg(long)]
+        qformer: Option<PathBuf>,
+        /// MiniGPT-4 checkpoint holding llama_proj (when not in the --vit file)
+        #[arg(long)]
+        minigpt4: Option<PathBuf>,
+        /// The LLM: HF directory or GGUF file
+        #[arg(long)]
+        llm: PathBuf,
+        /// JSON with "vit" and "qformer" objects overriding the standard dimensions
+        #[arg(long)]
+        vision_config: Option<PathBuf>,
+        #[arg(long)]
+        image: PathBuf,
+        /// One question (streamed answer); without it, an interactive chat on stdin
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        max_new_tokens: usize,
+        /// Greedy decoding instead of the reference demo's sampling
+        #[arg(long)]
+        greedy: bool,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.05)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// GPU format of the LLM's linear layers
+        #[arg(long, default_value = "q4")]
+        quant: String,
+        /// GPU format of the vision weights
+        #[arg(long, default_value = "f16")]
+        vision_quant: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
     /// Generate text with a LLaMA model (GGUF file or Hugging Face model directory)
     Generate {
         /// A .gguf file or an HF directory (config.json + safetensors or pytorch_model*.bin)
@@ -358,10 +412,203 @@ fn run_agreement(
     Ok(())
 }
 
+struct ChatArgs<'a> {
+    variant: &'a str,
+    vit: &'a Path,
+    qformer: Option<&'a Path>,
+    minigpt4: Option<&'a Path>,
+    llm: &'a Path,
+    vision_config: Option<&'a Path>,
+    image: &'a Path,
+    prompt: Option<&'a str>,
+    max_new_tokens: usize,
+    sampling: Sampling,
+    quant: &'a str,
+    vision_quant: &'a str,
+    format: Format,
+    gpu: &'a GpuArgs,
+}
+
+fn load_image(model: &MiniGpt4, path: &Path) -> anyhow::Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(minigpt4::image::preprocess(
+        &bytes,
+        &path.display().to_string(),
+        model.vit.cfg.image_size,
+    )?)
+}
+
+fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
+    let variant = ModelVariant::parse(a.variant)?;
+    a.sampling.validate()?;
+    let mut files: Vec<&Path> = vec![a.vit];
+    files.extend(a.qformer);
+    files.extend(a.minigpt4);
+    let vision = vision_sources(&files)?;
+    let (mut vit_cfg, mut qf_cfg) = (
+        VitConfig::eva_vit_g(variant.image_size()),
+        QFormerConfig::blip2(),
+    );
+    if let Some(p) = a.vision_config {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{}: not valid JSON", p.display()))?;
+        if let Some(x) = v.get("vit") {
+            vit_cfg = serde_json::from_value(x.clone())
+                .with_context(|| format!("{}: `vit`", p.display()))?;
+        }
+        if let Some(x) = v.get("qformer") {
+            qf_cfg = serde_json::from_value(x.clone())
+                .with_context(|| format!("{}: `qformer`", p.display()))?;
+        }
+    }
+    let gpu = open_gpu(a.gpu)?;
+    let qf = (variant == ModelVariant::Vicuna0).then_some(&qf_cfg);
+    let mut model = MiniGpt4::load(
+        &gpu,
+        variant,
+        &vit_cfg,
+        qf,
+        vision.as_ref(),
+        a.llm,
+        DType::parse(a.vision_quant)?,
+        DType::parse(a.quant)?,
+        2048,
+    )?;
+    let mut image = pollster::block_on(model.encode_image(&gpu, &load_image(&model, a.image)?))?;
+    let mut conv = Conversation::new(variant);
+    conv.add_image();
+    let ask = |model: &mut MiniGpt4,
+               conv: &mut Conversation,
+               image: &minigpt4::gpu::Tensor,
+               q: &str|
+     -> anyhow::Result<()> {
+        conv.ask(q);
+        let tok = model.tok.clone();
+        let mut ids = Vec::new();
+        let mut emitted = 0;
+        let mut shown = String::new();
+        let mut out = std::io::stdout();
+        let answer = pollster::block_on(model.answer(
+            &gpu,
+            conv,
+            image,
+            &a.sampling,
+            a.max_new_tokens,
+            |id| {
+                ids.push(id);
+                if a.format == Format::Text {
+                    if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
+                        emitted = n;
+                        shown.push_str(&piece);
+                        // stream until the stop marker appears
+                        if !shown.contains("###") {
+                            let _ = write!(out, "{piece}");
+                            let _ = out.flush();
+                        }
+                    }
+                }
+                true
+            },
+        ))?;
+        match a.format {
+            Format::Text => println!(),
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "variant": variant.name(),
+                    "prompt_token_ids": answer.prompt_token_ids,
+                    "image_tokens": answer.image_tokens,
+                    "token_ids": answer.token_ids,
+                    "text": answer.text,
+                })
+            ),
+        }
+        conv.add_answer(&answer.text);
+        Ok(())
+    };
+    if let Some(q) = a.prompt {
+        return ask(&mut model, &mut conv, &image, q);
+    }
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let q = line.trim();
+        if q.is_empty() {
+            continue;
+        } else if q == "/quit" {
+            return Ok(());
+        } else if q == "/reset" {
+            conv = Conversation::new(variant);
+            conv.add_image();
+        } else if let Some(p) = q.strip_prefix("/image ") {
+            match load_image(&model, Path::new(p.trim())) {
+                Ok(px) => {
+                    image = pollster::block_on(model.encode_image(&gpu, &px))?;
+                    conv = Conversation::new(variant);
+                    conv.add_image();
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+        } else if let Err(e) = ask(&mut model, &mut conv, &image, q) {
+            eprintln!("error: {e:#}");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Info { gpu, json } => info(gpu, *json),
+        Cmd::Chat {
+            variant,
+            vit,
+            qformer,
+            minigpt4,
+            llm,
+            vision_config,
+            image,
+            prompt,
+            max_new_tokens,
+            greedy,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            quant,
+            vision_quant,
+            format,
+            gpu,
+        } => run_chat(ChatArgs {
+            variant,
+            vit,
+            qformer: qformer.as_deref(),
+            minigpt4: minigpt4.as_deref(),
+            llm,
+            vision_config: vision_config.as_deref(),
+            image,
+            prompt: prompt.as_deref(),
+            max_new_tokens: *max_new_tokens,
+            sampling: Sampling {
+                greedy: *greedy,
+                temperature: *temperature,
+                top_k: *top_k,
+                top_p: *top_p,
+                repetition_penalty: *repetition_penalty,
+                seed: *seed,
+            },
+            quant,
+            vision_quant,
+            format: *format,
+            gpu,
+        }),
         Cmd::Generate {
             model,
             prompt,

@@ -200,3 +200,94 @@ fn generate_text_streams_and_bad_requests_are_clear_errors() {
     ]);
     assert!(!ok && err.contains("q3"), "{err}");
 }
+
+fn fixture_path(p: &str) -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(p)
+        .display()
+        .to_string()
+}
+
+/// `chat` with the tiny Vicuna-v0 model: the prompt segments are the reference's, the image
+/// gives 8 query embeddings, and the JSON object has the documented fields.
+#[test]
+fn chat_json_on_a_tiny_vicuna0_model() {
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path(
+            "tests/fixtures/minigpt4/vicuna0_tiny/config.json",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let (v, q) = (&cfg["vision"], &cfg["qformer"]);
+    let vision_config = serde_json::json!({
+        "vit": {
+            "image_size": v["image_size"], "patch": v["patch_size"], "width": v["hidden_size"], "layers": v["num_hidden_layers"],
+            "heads": v["num_attention_heads"], "mlp": v["intermediate_size"], "eps": v["layer_norm_eps"], "ln_vision_eps": cfg["ln_vision_eps"]
+        },
+        "qformer": {
+            "hidden": q["hidden_size"], "layers": q["num_hidden_layers"], "heads": q["num_attention_heads"], "intermediate": q["intermediate_size"],
+            "queries": q["num_query_tokens"], "encoder_width": q["encoder_hidden_size"], "cross_every": q["cross_attention_frequency"], "eps": q["layer_norm_eps"]
+        }
+    });
+    let path = std::env::temp_dir().join(format!(
+        "minigpt4-vision-config-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&path, vision_config.to_string()).unwrap();
+    let (ok, out, err) = minigpt4(&[
+        "chat",
+        "--variant",
+        "vicuna0-7b",
+        "--vit",
+        &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/vision.safetensors"),
+        "--llm",
+        &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/llm"),
+        "--vision-config",
+        &path.display().to_string(),
+        "--image",
+        &fixture_path("tests/fixtures/images/chelsea.png"),
+        "--prompt",
+        "Describe this image in detail.",
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+        "--quant",
+        "f32",
+        "--vision-quant",
+        "f32",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(j["variant"], "vicuna0");
+    assert_eq!(j["image_tokens"], 8);
+    let segs = j["prompt_token_ids"].as_array().unwrap();
+    assert_eq!(segs.len(), 2);
+    assert_eq!(segs[0].as_array().unwrap().len(), 42);
+    assert_eq!(segs[1].as_array().unwrap().len(), 16);
+    let ids = j["token_ids"].as_array().unwrap();
+    assert!(!ids.is_empty() && ids.len() <= 8);
+    assert!(
+        ids.iter().all(|i| i.as_u64().unwrap() < 32000),
+        "row 32000 must never be sampled"
+    );
+    assert!(j["text"].is_string());
+
+    let (ok, _, err) = minigpt4(&[
+        "chat",
+        "--vit",
+        "/nonexistent/eva_vit_g.pth",
+        "--llm",
+        "/nonexistent",
+        "--image",
+        "x.png",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(
+        !ok && err.contains("/nonexistent/eva_vit_g.pth") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -18,3 +18,55 @@ pub trait TensorSource {
     /// The tensor's values converted to f32, row-major.
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
 }
+
+/// Another source with `prefix` put in front of every name (e.g. `eva_vit_g.pth`, whose keys
+/// lack MiniGPT-4's `visual_encoder.` prefix).
+pub struct Prefixed {
+    pub inner: Box<dyn TensorSource>,
+    pub prefix: String,
+}
+
+impl TensorSource for Prefixed {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner
+            .names()
+            .into_iter()
+            .map(|n| format!("{}{n}", self.prefix))
+            .collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        name.strip_prefix(&self.prefix)
+            .and_then(|n| self.inner.shape(n))
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        match name.strip_prefix(&self.prefix) {
+            Some(n) => self.inner.read_f32(n),
+            None => Err(crate::error::Error::tensor(
+                name,
+                format!("a name starting with `{}`", self.prefix),
+                "another name",
+            )),
+        }
+    }
+}
+
+/// Opens a weights file by its contents: safetensors, or a PyTorch checkpoint (`.pth`, `.bin`).
+pub fn open_weights(path: &std::path::Path) -> Result<Box<dyn TensorSource>> {
+    let p = path.display().to_string();
+    let mut head = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| crate::error::Error::io(&p, e))?;
+        let _ = f
+            .read(&mut head)
+            .map_err(|e| crate::error::Error::io(&p, e))?;
+    }
+    if &head[..2] == b"PK" || head[0] == 0x80 {
+        Ok(Box::new(torch::TorchCheckpoint::open(path)?))
+    } else {
+        Ok(Box::new(safetensors::SafetensorsFile::open(path)?))
+    }
+}

@@ -30,6 +30,67 @@ pub struct MiniGpt4 {
     pub tok: Tokenizer,
 }
 
+/// The vision-side weights from the files users have (spec §8.1): the ViT (`eva_vit_g.pth`,
+/// whose keys lack the `visual_encoder.` prefix, or any file with MiniGPT-4 names), the BLIP-2
+/// Q-Former checkpoint, and the MiniGPT-4 checkpoint (`llama_proj`), seen as one source. A name
+/// present in two files is an error naming both.
+pub fn vision_sources(paths: &[&Path]) -> Result<Box<dyn TensorSource>> {
+    let mut v: Vec<Box<dyn TensorSource>> = Vec::new();
+    for p in paths {
+        let src = crate::loader::open_weights(p)?;
+        let names = src.names();
+        let bare_vit = names
+            .iter()
+            .any(|n| n == "blocks.0.norm1.weight" || n == "cls_token");
+        // training-side extras MiniGPT-4 never uses (spec §8.2)
+        let keep = |n: &str| !n.starts_with("t5_proj.") && !n.ends_with("position_ids");
+        let src: Box<dyn TensorSource> = if bare_vit {
+            Box::new(crate::loader::Prefixed {
+                inner: src,
+                prefix: "visual_encoder.".into(),
+            })
+        } else {
+            src
+        };
+        v.push(Box::new(Filtered {
+            inner: src,
+            keep: Box::new(keep),
+        }));
+    }
+    Ok(Box::new(crate::loader::safetensors::Sharded::new(
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        v,
+    )?))
+}
+
+struct Filtered {
+    inner: Box<dyn TensorSource>,
+    keep: Box<dyn Fn(&str) -> bool>,
+}
+
+impl TensorSource for Filtered {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner
+            .names()
+            .into_iter()
+            .filter(|n| (self.keep)(n))
+            .collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.inner.shape(name)
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.inner.read_f32(name)
+    }
+}
+
 /// One generated answer.
 #[derive(Clone, Debug)]
 pub struct Answer {

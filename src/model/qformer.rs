@@ -9,7 +9,7 @@ use crate::loader::TensorSource;
 use crate::model::vit::read_checked;
 use crate::quant::DType;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct QFormerConfig {
     pub hidden: usize,
     pub layers: usize,

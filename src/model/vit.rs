@@ -11,7 +11,7 @@ use crate::loader::TensorSource;
 use crate::quant::DType;
 
 /// ViT hyper-parameters (ViT-g: width 1408, 39 layers, 16 heads, MLP 6144, patch 14).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct VitConfig {
     pub image_size: usize,
     pub patch: usize,
