@@ -7,13 +7,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_close, gpu};
+use common::{assert_close, gpu, json_ids, qformer_config, vit_config};
 use minigpt4::chat::{generate_from, Conversation, ModelVariant, Prompt, Sampling, Stop};
 use minigpt4::loader::safetensors::SafetensorsFile;
 use minigpt4::loader::TensorSource;
 use minigpt4::model::llama::Input;
 use minigpt4::model::minigpt4::MiniGpt4;
-use minigpt4::model::qformer::QFormerConfig;
 use minigpt4::model::vit::VitConfig;
 use minigpt4::quant::DType;
 
@@ -21,18 +20,6 @@ fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/minigpt4")
         .join(name)
-}
-
-fn u(v: &serde_json::Value) -> usize {
-    v.as_u64().unwrap() as usize
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn check_case(name: &str, variant: ModelVariant) {
@@ -43,30 +30,11 @@ fn check_case(name: &str, variant: ModelVariant) {
     let g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
     let golden = SafetensorsFile::open(&d.join("golden.safetensors")).unwrap();
-    let v = &c["vision"];
-    let vc = VitConfig {
-        image_size: u(&v["image_size"]),
-        patch: u(&v["patch_size"]),
-        width: u(&v["hidden_size"]),
-        layers: u(&v["num_hidden_layers"]),
-        heads: u(&v["num_attention_heads"]),
-        mlp: u(&v["intermediate_size"]),
-        eps: v["layer_norm_eps"].as_f64().unwrap() as f32,
-        ln_vision_eps: c["ln_vision_eps"].as_f64().unwrap() as f32,
-    };
+    let vc = vit_config(&c);
     let qc = c
         .get("qformer")
         .filter(|q| q.is_object())
-        .map(|q| QFormerConfig {
-            hidden: u(&q["hidden_size"]),
-            layers: u(&q["num_hidden_layers"]),
-            heads: u(&q["num_attention_heads"]),
-            intermediate: u(&q["intermediate_size"]),
-            queries: u(&q["num_query_tokens"]),
-            encoder_width: u(&q["encoder_hidden_size"]),
-            cross_every: u(&q["cross_attention_frequency"]),
-            eps: q["layer_norm_eps"].as_f64().unwrap() as f32,
-        });
+        .map(qformer_config);
     let vision = SafetensorsFile::open(&d.join("vision.safetensors")).unwrap();
     let mut m = MiniGpt4::load(
         &gpu,
@@ -130,7 +98,7 @@ fn check_case(name: &str, variant: ModelVariant) {
 
     // greedy continuation; token 32000 (Vicuna-v0's row without a tokenizer piece) is never chosen
     m.llm.reset();
-    let want = ids(&g["greedy_ids_masked"]);
+    let want = json_ids(&g["greedy_ids_masked"]);
     let stop = Stop {
         max_new_tokens: want.len(),
         eos: vec![],

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::gpu;
+use common::{gpu, json_ids};
 use minigpt4::chat::{generate, Sampling, Stop};
 use minigpt4::loader::gguf::GgufFile;
 use minigpt4::loader::safetensors::SafetensorsFile;
@@ -32,14 +32,6 @@ fn fixture(name: &str) -> serde_json::Value {
         &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
     )
     .unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]
@@ -81,8 +73,8 @@ fn greedy_f32_generation_equals_transformers() {
     let prompts = fx["prompts"].as_array().expect("prompts");
     let mut identical = 0;
     for (i, p) in prompts.iter().enumerate() {
-        let prompt = ids(&p["prompt_ids"]);
-        let want = ids(&p["generated_ids"]);
+        let prompt = json_ids(&p["prompt_ids"]);
+        let want = json_ids(&p["generated_ids"]);
         let margins: Vec<f64> = p["margins"]
             .as_array()
             .unwrap()

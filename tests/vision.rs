@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_close, gpu};
+use common::{assert_close, gpu, json_usize, qformer_config, vit_config};
 use minigpt4::gpu::{Gpu, Recorder, Tensor};
 use minigpt4::loader::safetensors::SafetensorsFile;
 use minigpt4::loader::TensorSource;
@@ -22,24 +22,6 @@ fn dir(name: &str) -> PathBuf {
 
 fn config(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir(name).join("config.json")).unwrap()).unwrap()
-}
-
-fn u(v: &serde_json::Value) -> usize {
-    v.as_u64().unwrap() as usize
-}
-
-fn vit_config(c: &serde_json::Value) -> VitConfig {
-    let v = &c["vision"];
-    VitConfig {
-        image_size: u(&v["image_size"]),
-        patch: u(&v["patch_size"]),
-        width: u(&v["hidden_size"]),
-        layers: u(&v["num_hidden_layers"]),
-        heads: u(&v["num_attention_heads"]),
-        mlp: u(&v["intermediate_size"]),
-        eps: v["layer_norm_eps"].as_f64().unwrap() as f32,
-        ln_vision_eps: c["ln_vision_eps"].as_f64().unwrap() as f32,
-    }
 }
 
 fn read(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
@@ -85,18 +67,8 @@ fn check_qformer_tiny(dtype: DType) {
     let gpu = gpu();
     let c = config("qformer_tiny");
     let vc = vit_config(&c);
-    let q = &c["qformer"];
-    let qc = QFormerConfig {
-        hidden: u(&q["hidden_size"]),
-        layers: u(&q["num_hidden_layers"]),
-        heads: u(&q["num_attention_heads"]),
-        intermediate: u(&q["intermediate_size"]),
-        queries: u(&q["num_query_tokens"]),
-        encoder_width: u(&q["encoder_hidden_size"]),
-        cross_every: u(&q["cross_attention_frequency"]),
-        eps: q["layer_norm_eps"].as_f64().unwrap() as f32,
-    };
-    let llm = u(&c["llm_hidden"]);
+    let qc = qformer_config(&c["qformer"]);
+    let llm = json_usize(&c["llm_hidden"]);
     let weights =
         SafetensorsFile::open(&dir("qformer_tiny").join("weights_minigpt4.safetensors")).unwrap();
     let golden = SafetensorsFile::open(&dir("qformer_tiny").join("golden.safetensors")).unwrap();
@@ -153,7 +125,7 @@ fn no_qformer_path_concatenates_four_tokens_and_projects() {
     let gpu = gpu();
     let c = config("noqformer_tiny");
     let vc = vit_config(&c);
-    let llm = u(&c["llm_hidden"]);
+    let llm = json_usize(&c["llm_hidden"]);
     let weights =
         SafetensorsFile::open(&dir("noqformer_tiny").join("weights_minigpt4.safetensors")).unwrap();
     assert!(

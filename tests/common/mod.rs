@@ -58,3 +58,46 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
         );
     }
 }
+
+/// A JSON number as usize (fixtures only).
+pub fn json_usize(v: &serde_json::Value) -> usize {
+    v.as_u64().expect("a non-negative integer") as usize
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|x| json_usize(x) as u32)
+        .collect()
+}
+
+/// The ViT configuration of a vision fixture's `config.json` (HF names under `vision`).
+pub fn vit_config(c: &serde_json::Value) -> minigpt4::model::vit::VitConfig {
+    let v = &c["vision"];
+    minigpt4::model::vit::VitConfig {
+        image_size: json_usize(&v["image_size"]),
+        patch: json_usize(&v["patch_size"]),
+        width: json_usize(&v["hidden_size"]),
+        layers: json_usize(&v["num_hidden_layers"]),
+        heads: json_usize(&v["num_attention_heads"]),
+        mlp: json_usize(&v["intermediate_size"]),
+        eps: v["layer_norm_eps"].as_f64().expect("eps") as f32,
+        ln_vision_eps: c["ln_vision_eps"].as_f64().expect("ln_vision_eps") as f32,
+    }
+}
+
+/// The Q-Former configuration of a fixture's `config.json` (HF names under `qformer`).
+pub fn qformer_config(q: &serde_json::Value) -> minigpt4::model::qformer::QFormerConfig {
+    minigpt4::model::qformer::QFormerConfig {
+        hidden: json_usize(&q["hidden_size"]),
+        layers: json_usize(&q["num_hidden_layers"]),
+        heads: json_usize(&q["num_attention_heads"]),
+        intermediate: json_usize(&q["intermediate_size"]),
+        queries: json_usize(&q["num_query_tokens"]),
+        encoder_width: json_usize(&q["encoder_hidden_size"]),
+        cross_every: json_usize(&q["cross_attention_frequency"]),
+        eps: q["layer_norm_eps"].as_f64().expect("eps") as f32,
+    }
+}
