@@ -163,3 +163,97 @@ fn a_projection_for_another_variant_is_diagnosed() {
         "{err}"
     );
 }
+
+fn load_vicuna0(gpu: &minigpt4::gpu::Gpu) -> (MiniGpt4, SafetensorsFile) {
+    let d = dir("vicuna0_tiny");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let vision = SafetensorsFile::open(&d.join("vision.safetensors")).unwrap();
+    let qc = qformer_config(&c["qformer"]);
+    let m = MiniGpt4::load(
+        gpu,
+        ModelVariant::Vicuna0,
+        &vit_config(&c),
+        Some(&qc),
+        &vision,
+        &d.join("llm"),
+        DType::F32,
+        DType::F32,
+        256,
+    )
+    .unwrap();
+    (
+        m,
+        SafetensorsFile::open(&d.join("golden.safetensors")).unwrap(),
+    )
+}
+
+/// The reference keeps only the last `max_length − max_new_tokens` prompt positions
+/// (`answer_prepare`): the truncated splice is exactly the tail of the full one.
+#[test]
+fn context_truncation_keeps_the_last_positions() {
+    let gpu = gpu();
+    let (m, golden) = load_vicuna0(&gpu);
+    let mut conv = Conversation::new(ModelVariant::Vicuna0);
+    conv.add_image();
+    conv.ask("Describe this image in detail.");
+    let segments = m.segment_ids(&conv.prompt()).unwrap();
+    let image = pollster::block_on(m.encode_image(&gpu, &golden.read_f32("pixel_values").unwrap()))
+        .unwrap();
+    let full = pollster::block_on(
+        pollster::block_on(m.splice(&gpu, &segments, &[&image], usize::MAX))
+            .unwrap()
+            .read_f32(&gpu),
+    )
+    .unwrap();
+    let h = m.llm.cfg.hidden;
+    for keep in [66, 50, 24, 10, 1] {
+        let cut = pollster::block_on(
+            pollster::block_on(m.splice(&gpu, &segments, &[&image], keep))
+                .unwrap()
+                .read_f32(&gpu),
+        )
+        .unwrap();
+        assert_eq!(cut.len(), keep * h, "keep {keep}");
+        assert_eq!(&cut[..], &full[(66 - keep) * h..], "keep {keep}");
+    }
+}
+
+/// A second turn carries the first (trimmed) answer in the prompt, still one image.
+#[test]
+fn multi_turn_conversation_reuses_the_image() {
+    let gpu = gpu();
+    let (mut m, golden) = load_vicuna0(&gpu);
+    let image = pollster::block_on(m.encode_image(&gpu, &golden.read_f32("pixel_values").unwrap()))
+        .unwrap();
+    let mut conv = Conversation::new(ModelVariant::Vicuna0);
+    conv.add_image();
+    conv.ask("Describe this image in detail.");
+    let a1 = pollster::block_on(m.answer(&gpu, &conv, &image, &Sampling::greedy(), 6, |_| true))
+        .unwrap();
+    assert!(a1.token_ids.len() <= 6 && a1.image_tokens == 8);
+    conv.add_answer(&a1.text);
+    conv.ask("And the colours?");
+    let prompt = conv.prompt();
+    assert!(
+        prompt.ends_with(&format!(
+            "###Assistant: {}###Human: And the colours?###Assistant: ",
+            a1.text
+        )),
+        "{prompt}"
+    );
+    let a2 = pollster::block_on(m.answer(&gpu, &conv, &image, &Sampling::greedy(), 6, |_| true))
+        .unwrap();
+    assert_eq!(a2.prompt_token_ids.len(), 2);
+    assert_eq!(a2.prompt_token_ids[0], a1.prompt_token_ids[0]);
+    assert!(a2.prompt_token_ids[1].len() > a1.prompt_token_ids[1].len());
+    // cancelling from the callback ends the answer at once
+    let mut seen = 0;
+    let a3 = pollster::block_on(m.answer(&gpu, &conv, &image, &Sampling::greedy(), 6, |_| {
+        seen += 1;
+        seen < 2
+    }))
+    .unwrap();
+    assert_eq!(a3.token_ids.len(), 2);
+    assert_eq!(a3.finish, minigpt4::chat::Finish::Cancelled);
+}
