@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -438,7 +439,22 @@ fn load_image(model: &MiniGpt4, path: &Path) -> anyhow::Result<Vec<f32>> {
     )?)
 }
 
+/// Set while an answer is being generated: Ctrl-C then stops that answer, not the program.
+static GENERATING: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn install_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    });
+}
+
 fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
+    install_ctrl_c();
     let variant = ModelVariant::parse(a.variant)?;
     a.sampling.validate()?;
     let mut files: Vec<&Path> = vec![a.vit];
@@ -490,6 +506,8 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
         let mut emitted = 0;
         let mut shown = String::new();
         let mut out = std::io::stdout();
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        GENERATING.store(true, Ordering::SeqCst);
         let answer = pollster::block_on(model.answer(
             &gpu,
             conv,
@@ -497,6 +515,9 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
             &a.sampling,
             a.max_new_tokens,
             |id| {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    return false;
+                }
                 ids.push(id);
                 if a.format == Format::Text {
                     if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
@@ -511,7 +532,12 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
                 }
                 true
             },
-        ))?;
+        ));
+        GENERATING.store(false, Ordering::SeqCst);
+        let answer = answer?;
+        if answer.finish == minigpt4::chat::Finish::Cancelled {
+            eprintln!("[stopped]");
+        }
         match a.format {
             Format::Text => println!(),
             Format::Json => println!(

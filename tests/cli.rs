@@ -291,3 +291,55 @@ fn chat_json_on_a_tiny_vicuna0_model() {
         "{err}"
     );
 }
+
+/// Ctrl-C (SIGINT) during an answer stops that answer; the chat goes on and `/quit` ends it.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_the_answer_not_the_program() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
+        .args([
+            "chat",
+            "--vit",
+            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/vision.safetensors"),
+            "--llm",
+            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/llm"),
+            "--vision-config",
+            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/vision_config.json"),
+            "--image",
+            &fixture_path("tests/fixtures/images/chelsea.png"),
+            "--max-new-tokens",
+            "180",
+            "--quant",
+            "f32",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin
+        .write_all(b"Describe this image in detail.\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    // wait for the answer to start streaming, then interrupt it
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stdin.write_all(b"/quit\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(err.contains("[stopped]"), "{err}");
+}
