@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip; do
+for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip procps; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
