@@ -22,24 +22,24 @@ fn dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn check_case(name: &str, variant: ModelVariant) {
-    let gpu = gpu();
+/// Loads a tiny case in f32: the model, its golden tensors and its config.
+fn load_case(
+    gpu: &minigpt4::gpu::Gpu,
+    name: &str,
+    variant: ModelVariant,
+) -> (MiniGpt4, SafetensorsFile, serde_json::Value) {
     let d = dir(name);
     let c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
-    let g: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
-    let golden = SafetensorsFile::open(&d.join("golden.safetensors")).unwrap();
-    let vc = vit_config(&c);
+    let vision = SafetensorsFile::open(&d.join("vision.safetensors")).unwrap();
     let qc = c
         .get("qformer")
         .filter(|q| q.is_object())
         .map(qformer_config);
-    let vision = SafetensorsFile::open(&d.join("vision.safetensors")).unwrap();
-    let mut m = MiniGpt4::load(
-        &gpu,
+    let m = MiniGpt4::load(
+        gpu,
         variant,
-        &vc,
+        &vit_config(&c),
         qc.as_ref(),
         &vision,
         &d.join("llm"),
@@ -48,6 +48,20 @@ fn check_case(name: &str, variant: ModelVariant) {
         256,
     )
     .unwrap();
+    (
+        m,
+        SafetensorsFile::open(&d.join("golden.safetensors")).unwrap(),
+        c,
+    )
+}
+
+fn check_case(name: &str, variant: ModelVariant) {
+    let gpu = gpu();
+    let (mut m, golden, c) = load_case(&gpu, name, variant);
+    let d = dir(name);
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
+    let vision = SafetensorsFile::open(&d.join("vision.safetensors")).unwrap();
 
     // the prompt from the template, and its segments
     let mut conv = Conversation::new(variant);
@@ -165,27 +179,8 @@ fn a_projection_for_another_variant_is_diagnosed() {
 }
 
 fn load_vicuna0(gpu: &minigpt4::gpu::Gpu) -> (MiniGpt4, SafetensorsFile) {
-    let d = dir("vicuna0_tiny");
-    let c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
-    let vision = SafetensorsFile::open(&d.join("vision.safetensors")).unwrap();
-    let qc = qformer_config(&c["qformer"]);
-    let m = MiniGpt4::load(
-        gpu,
-        ModelVariant::Vicuna0,
-        &vit_config(&c),
-        Some(&qc),
-        &vision,
-        &d.join("llm"),
-        DType::F32,
-        DType::F32,
-        256,
-    )
-    .unwrap();
-    (
-        m,
-        SafetensorsFile::open(&d.join("golden.safetensors")).unwrap(),
-    )
+    let (m, golden, _) = load_case(gpu, "vicuna0_tiny", ModelVariant::Vicuna0);
+    (m, golden)
 }
 
 /// The reference keeps only the last `max_length − max_new_tokens` prompt positions
