@@ -675,3 +675,59 @@ mod tests {
         assert_eq!(unpermute_qk(&perm, rows, cols, heads), orig);
     }
 }
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    /// Every supported block type against gguf-py's `dequantize` on random blocks
+    /// (tests/golden/make_gguf_block_goldens.py); Q4_1 and Q4_K also through q4m.
+    #[test]
+    fn block_types_match_gguf_py() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/gguf/blocks.json"
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for (name, ty) in [
+            ("Q4_0", GgmlType::Q4_0),
+            ("Q4_1", GgmlType::Q4_1),
+            ("Q8_0", GgmlType::Q8_0),
+            ("Q4_K", GgmlType::Q4K),
+            ("Q6_K", GgmlType::Q6K),
+        ] {
+            let c = &doc["cases"][name];
+            let raw: Vec<u8> = c["raw"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u8)
+                .collect();
+            let n = c["n"].as_u64().unwrap() as usize;
+            let want: Vec<f32> = c["values_f32_bits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| f32::from_bits(v.as_u64().unwrap() as u32))
+                .collect();
+            let got = dequantize(ty, &raw, n);
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "{name}[{i}]: {g} vs {w}"
+                );
+            }
+            if let Some(e) = to_q4m(ty, &raw, n) {
+                let tol = if ty == GgmlType::Q4_1 { 0.0 } else { 2e-3 };
+                for (i, (g, w)) in e.decode(n).iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= tol * w.abs().max(0.05),
+                        "{name} as q4m [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
