@@ -324,3 +324,32 @@ fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn generation_config_eos_overrides_config_and_bad_values_are_named() {
+    let d = tmpdir("genconfig");
+    copy_dir(&fixture("mha_untied_hd64"), &d);
+    std::fs::write(
+        d.join("generation_config.json"),
+        "{\"bos_token_id\": 0, \"eos_token_id\": 1}",
+    )
+    .unwrap();
+    let (cfg, _) = LlamaFiles::open(&d).unwrap();
+    assert_eq!(cfg.eos, vec![1]);
+    std::fs::write(
+        d.join("generation_config.json"),
+        "{\"eos_token_id\": [2, 7]}",
+    )
+    .unwrap();
+    assert_eq!(LlamaFiles::open(&d).unwrap().0.eos, vec![2, 7]);
+    std::fs::write(
+        d.join("generation_config.json"),
+        "{\"eos_token_id\": \"two\"}",
+    )
+    .unwrap();
+    let e = err_of(LlamaFiles::open(&d));
+    assert!(
+        e.contains("generation_config.json") && e.contains("eos_token_id") && e.contains("two"),
+        "{e}"
+    );
+}

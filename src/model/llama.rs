@@ -139,7 +139,34 @@ impl LlamaConfig {
             eos,
         };
         cfg.validate(&p)?;
-        Ok(cfg)
+        cfg.with_generation_config(path)
+    }
+
+    /// transformers' `generate()` stops on `generation_config.json`'s `eos_token_id` when the
+    /// file exists (Vision-CAIR's Vicuna-v0 sets 1 there, spec §7.5), so we do too.
+    fn with_generation_config(mut self, config_json: &Path) -> Result<Self> {
+        let path = config_json.with_file_name("generation_config.json");
+        if !path.exists() {
+            return Ok(self);
+        }
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&p, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&p, format!("not valid JSON: {e}")))?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => {
+                self.eos = a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|n| n as u32))
+                    .collect()
+            }
+            Some(x) if x.is_u64() => {
+                self.eos = x.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Null) | None => {}
+            Some(x) => return Err(cfg_err(&p, "eos_token_id", "an id or a list of ids", x)),
+        }
+        Ok(self)
     }
 
     /// From GGUF metadata (`general.architecture` must be `llama`).
