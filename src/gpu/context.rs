@@ -194,10 +194,8 @@ pub async fn list_adapters(opts: &GpuOptions) -> Result<(wgpu::Instance, Vec<wgp
     Ok((instance, adapters))
 }
 
-/// Reports for every adapter, and the index of the one [`Gpu::new`] would pick.
-pub async fn adapter_reports(opts: &GpuOptions) -> Result<(Vec<AdapterReport>, Result<usize>)> {
-    let (_instance, adapters) = list_adapters(opts).await?;
-    let reports: Vec<AdapterReport> = adapters
+fn reports_of(adapters: &[wgpu::Adapter]) -> Vec<AdapterReport> {
+    adapters
         .iter()
         .enumerate()
         .map(|(index, a)| AdapterReport {
@@ -206,7 +204,13 @@ pub async fn adapter_reports(opts: &GpuOptions) -> Result<(Vec<AdapterReport>, R
             limits: a.limits(),
             features: a.features(),
         })
-        .collect();
+        .collect()
+}
+
+/// Reports for every adapter, and the index of the one [`Gpu::new`] would pick.
+pub async fn adapter_reports(opts: &GpuOptions) -> Result<(Vec<AdapterReport>, Result<usize>)> {
+    let (_instance, adapters) = list_adapters(opts).await?;
+    let reports = reports_of(&adapters);
     let chosen = choose(opts, &reports);
     Ok((reports, chosen))
 }
@@ -298,16 +302,7 @@ impl Gpu {
     /// Opens the adapter chosen by `opts` and requests its own limits.
     pub async fn new(opts: &GpuOptions) -> Result<Self> {
         let (_instance, adapters) = list_adapters(opts).await?;
-        let reports: Vec<AdapterReport> = adapters
-            .iter()
-            .enumerate()
-            .map(|(index, a)| AdapterReport {
-                index,
-                info: a.get_info(),
-                limits: a.limits(),
-                features: a.features(),
-            })
-            .collect();
+        let reports = reports_of(&adapters);
         let idx = choose(opts, &reports)?;
         let adapter = &adapters[idx];
         let info = adapter.get_info();

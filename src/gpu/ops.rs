@@ -188,18 +188,11 @@ impl Recorder<'_> {
             MatmulPath::Gemv => true,
             MatmulPath::Gemm => false,
         };
-        let wf = wflag(w.dtype);
-        let flags: &[&'static str] = match (wf, bias.is_some()) {
-            ("W_F32", false) => &["W_F32"],
-            ("W_F16", false) => &["W_F16"],
-            ("W_Q8", false) => &["W_Q8"],
-            ("W_Q4", false) => &["W_Q4"],
-            ("W_F32", true) => &["W_F32", "BIAS"],
-            ("W_F16", true) => &["W_F16", "BIAS"],
-            ("W_Q8", true) => &["W_Q8", "BIAS"],
-            ("W_Q4", true) => &["W_Q4", "BIAS"],
-            (_, true) => &["W_Q4M", "BIAS"],
-            (_, false) => &["W_Q4M"],
+        let with_bias = [wflag(w.dtype), "BIAS"];
+        let flags = if bias.is_some() {
+            &with_bias[..]
+        } else {
+            &with_bias[..1]
         };
         for part in &w.parts {
             let params = [
@@ -477,13 +470,7 @@ impl Recorder<'_> {
         need_f32(out)?;
         let cols = table.cols();
         out.expect(None, &[ids.len, cols])?;
-        let flags: &[&'static str] = match table.dtype {
-            DType::F32 => &["W_F32"],
-            DType::F16 => &["W_F16"],
-            DType::Q8 => &["W_Q8"],
-            DType::Q4 => &["W_Q4"],
-            DType::Q4M => &["W_Q4M"],
-        };
+        let flags = [wflag(table.dtype)];
         let n = ids.len * cols;
         for part in &table.parts {
             let mut bufs: Vec<(u32, &wgpu::Buffer)> =
@@ -494,7 +481,7 @@ impl Recorder<'_> {
             self.dispatch(
                 "embedding",
                 "embedding",
-                flags,
+                &flags,
                 &[u(ids.len), u(cols), u(part.row_start), u(part.rows)],
                 &bufs,
                 grid(u(n.div_ceil(256))),

@@ -217,63 +217,6 @@ impl Tensor {
         })
     }
 
-    /// Uploads already-encoded parts (as a model package stores them).
-    pub fn from_encoded_parts(
-        gpu: &Gpu,
-        name: &str,
-        shape: &[usize],
-        parts: &[(usize, usize, &quant::Encoded)],
-    ) -> Result<Tensor> {
-        let (rows, cols) = rows_cols(shape);
-        let dtype = parts.first().map(|p| p.2.dtype).unwrap_or(DType::F32);
-        let mut expect_row = 0;
-        let mut out = Vec::new();
-        for &(r0, r, enc) in parts {
-            if r0 != expect_row || enc.dtype != dtype {
-                return Err(Error::tensor(
-                    name,
-                    format!("contiguous {dtype} parts starting at row {expect_row}"),
-                    format!("{} part at row {r0}", enc.dtype),
-                ));
-            }
-            let n = r * cols;
-            if enc.data.len() != dtype.data_words(n) || enc.scales.len() != dtype.scale_words(n) {
-                return Err(Error::tensor(
-                    name,
-                    format!(
-                        "{} data + {} scale words for rows {r0}..{}",
-                        dtype.data_words(n),
-                        dtype.scale_words(n),
-                        r0 + r
-                    ),
-                    format!("{} + {}", enc.data.len(), enc.scales.len()),
-                ));
-            }
-            if (4 * enc.data.len().max(enc.scales.len())) as u64 > gpu.max_binding {
-                return Err(Error::tensor(
-                    name,
-                    format!("parts of at most {} bytes", gpu.max_binding),
-                    format!("{} bytes", 4 * enc.data.len()),
-                ));
-            }
-            out.push(Self::upload_part(gpu, name, r0, r, enc));
-            expect_row += r;
-        }
-        if expect_row != rows {
-            return Err(Error::tensor(
-                name,
-                format!("{rows} rows"),
-                format!("{expect_row} rows in its parts"),
-            ));
-        }
-        Ok(Tensor {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            parts: out,
-        })
-    }
-
     fn upload_part(
         gpu: &Gpu,
         name: &str,

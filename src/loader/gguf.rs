@@ -569,36 +569,20 @@ pub fn to_q4m(ty: GgmlType, b: &[u8], n: usize) -> Option<crate::quant::Encoded>
     })
 }
 
-/// Reorders whole rows of raw tensor bytes with the Q/K un-permutation below.
-pub fn unpermute_qk_bytes(b: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let rb = b.len() / rows.max(1);
+/// Undoes the row permutation llama.cpp's converter applies to Q and K projections (it
+/// interleaves the two rotary halves of every head): row `h·d + 2i + j` of the GGUF tensor is
+/// row `h·d + j·d/2 + i` of the HF (rotate-half) weight. Rows are whole rows of `w` (`rows`
+/// of them), whatever the element: f32 values or raw quantised blocks.
+pub fn unpermute_qk<T: Copy + Default>(w: &[T], rows: usize, heads: usize) -> Vec<T> {
+    let rl = w.len() / rows.max(1);
     let hd = rows / heads.max(1);
     let half = hd / 2;
-    let mut out = vec![0u8; b.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
                 let (src, dst) = (h * hd + 2 * i + j, h * hd + j * half + i);
-                out[dst * rb..(dst + 1) * rb].copy_from_slice(&b[src * rb..(src + 1) * rb]);
-            }
-        }
-    }
-    out
-}
-
-/// Undoes the row permutation llama.cpp's converter applies to Q and K projections (it
-/// interleaves the two rotary halves of every head): row `h·d + 2i + j` of the GGUF tensor is
-/// row `h·d + j·d/2 + i` of the HF (rotate-half) weight.
-pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * hd + 2 * i + j;
-                let dst = h * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                out[dst * rl..(dst + 1) * rl].copy_from_slice(&w[src * rl..(src + 1) * rl]);
             }
         }
     }
@@ -672,7 +656,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(unpermute_qk(&perm, rows, cols, heads), orig);
+        assert_eq!(unpermute_qk(&perm, rows, heads), orig);
     }
 }
 

@@ -19,14 +19,23 @@ pub trait TensorSource {
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
 }
 
-/// Another source with `prefix` put in front of every name (e.g. `eva_vit_g.pth`, whose keys
-/// lack MiniGPT-4's `visual_encoder.` prefix).
-pub struct Prefixed {
+/// Another source seen through a renaming: names for which `skip` is true are hidden, and
+/// `prefix` is put in front of the others (e.g. `eva_vit_g.pth`, whose keys lack MiniGPT-4's
+/// `visual_encoder.` prefix).
+pub struct Renamed {
     pub inner: Box<dyn TensorSource>,
     pub prefix: String,
+    pub skip: fn(&str) -> bool,
 }
 
-impl TensorSource for Prefixed {
+impl Renamed {
+    fn inner_name<'a>(&self, name: &'a str) -> Option<&'a str> {
+        name.strip_prefix(self.prefix.as_str())
+            .filter(|n| !(self.skip)(n))
+    }
+}
+
+impl TensorSource for Renamed {
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -34,20 +43,20 @@ impl TensorSource for Prefixed {
         self.inner
             .names()
             .into_iter()
+            .filter(|n| !(self.skip)(n))
             .map(|n| format!("{}{n}", self.prefix))
             .collect()
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        name.strip_prefix(&self.prefix)
-            .and_then(|n| self.inner.shape(n))
+        self.inner_name(name).and_then(|n| self.inner.shape(n))
     }
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        match name.strip_prefix(&self.prefix) {
+        match self.inner_name(name) {
             Some(n) => self.inner.read_f32(n),
             None => Err(crate::error::Error::tensor(
                 name,
-                format!("a name starting with `{}`", self.prefix),
-                "another name",
+                format!("present in {}", self.describe()),
+                "missing",
             )),
         }
     }

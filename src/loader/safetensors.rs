@@ -187,15 +187,20 @@ impl SafetensorsFile {
         Ok(b)
     }
 
-    /// An integer tensor (I32 or I64) as i64 values.
-    pub fn read_ints(&self, name: &str) -> Result<Vec<i64>> {
-        let t = self.tensors.get(name).ok_or_else(|| {
+    /// The header entry of `name`, or an error naming the tensor and the file.
+    pub fn entry(&self, name: &str) -> Result<&StTensor> {
+        self.tensors.get(name).ok_or_else(|| {
             Error::tensor(
                 name,
                 format!("present in {}", self.path.display()),
                 "missing",
             )
-        })?;
+        })
+    }
+
+    /// An integer tensor (I32 or I64) as i64 values.
+    pub fn read_ints(&self, name: &str) -> Result<Vec<i64>> {
+        let t = self.entry(name)?;
         let b = self.read_bytes(t)?;
         Ok(match t.dtype {
             StDType::I32 => b
@@ -258,13 +263,7 @@ impl TensorSource for SafetensorsFile {
         self.tensors.get(name).map(|t| t.shape.clone())
     }
     fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let t = self.tensors.get(name).ok_or_else(|| {
-            Error::tensor(
-                name,
-                format!("present in {}", self.path.display()),
-                "missing",
-            )
-        })?;
+        let t = self.entry(name)?;
         self.read_f32_of(t)
     }
 }

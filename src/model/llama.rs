@@ -412,15 +412,8 @@ impl LlamaFiles {
                     Error::tensor(&gn, format!("present in {}", g.path.display()), "missing")
                 })?;
                 let w = g.read_f32(t)?;
-                let heads = if name.ends_with("q_proj.weight") {
-                    Some(cfg.heads)
-                } else if name.ends_with("k_proj.weight") {
-                    Some(cfg.kv_heads)
-                } else {
-                    None
-                };
-                Ok(match heads {
-                    Some(h) => gguf::unpermute_qk(&w, t.shape[0], t.shape[1], h),
+                Ok(match qk_heads(cfg, name) {
+                    Some(h) => gguf::unpermute_qk(&w, t.shape[0], h),
                     None => w,
                 })
             }
@@ -467,10 +460,8 @@ impl LlamaFiles {
             return Ok(None);
         }
         let mut raw = g.read_raw(t)?;
-        if name.ends_with("q_proj.weight") {
-            raw = gguf::unpermute_qk_bytes(&raw, t.shape[0], cfg.heads);
-        } else if name.ends_with("k_proj.weight") {
-            raw = gguf::unpermute_qk_bytes(&raw, t.shape[0], cfg.kv_heads);
+        if let Some(h) = qk_heads(cfg, name) {
+            raw = gguf::unpermute_qk(&raw, t.shape[0], h);
         }
         Ok(gguf::to_q4m(t.ty, &raw, t.numel()))
     }
@@ -501,6 +492,17 @@ impl LlamaFiles {
             }
         }
         Ok(())
+    }
+}
+
+/// Heads of a Q or K projection (whose GGUF rows are permuted), `None` for other tensors.
+fn qk_heads(cfg: &LlamaConfig, name: &str) -> Option<usize> {
+    if name.ends_with("q_proj.weight") {
+        Some(cfg.heads)
+    } else if name.ends_with("k_proj.weight") {
+        Some(cfg.kv_heads)
+    } else {
+        None
     }
 }
 
@@ -566,6 +568,8 @@ struct Scratch {
     last: Tensor,
     logits_last: Tensor,
     logits_all: Option<Tensor>,
+    /// Input token ids (t of them), rewritten every forward.
+    ids: Ids,
     token: Ids,
 }
 
@@ -744,6 +748,7 @@ impl Llama {
             } else {
                 None
             },
+            ids: Ids::new(gpu, &vec![0; t]),
             token: Ids::new(gpu, &[0]),
         };
         // keep at most a few prefill sizes around
@@ -824,16 +829,16 @@ impl Llama {
             }
         }
         self.scratch(gpu, t, all_logits)?;
-        let c = self.cfg.clone();
+        let c = &self.cfg;
         let s = &self.scratch[&(t, all_logits)];
         let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let pos = self.pos;
         let mut rec = Recorder::new(gpu);
-        let ids_buf;
         match &input {
             Input::Ids(ids) => {
-                ids_buf = Ids::new(gpu, ids);
-                rec.embedding(&ids_buf, &self.embed, &s.x)?;
+                gpu.queue
+                    .write_buffer(&s.ids.buffer, 0, bytemuck::cast_slice(ids));
+                rec.embedding(&s.ids, &self.embed, &s.x)?;
             }
             Input::Embeds(e) => {
                 e.expect(Some(DType::F32), &[t, c.hidden])?;

@@ -42,19 +42,15 @@ pub fn vision_sources(paths: &[&Path]) -> Result<Box<dyn TensorSource>> {
         let bare_vit = names
             .iter()
             .any(|n| n == "blocks.0.norm1.weight" || n == "cls_token");
-        // training-side extras MiniGPT-4 never uses (spec §8.2)
-        let keep = |n: &str| !n.starts_with("t5_proj.") && !n.ends_with("position_ids");
-        let src: Box<dyn TensorSource> = if bare_vit {
-            Box::new(crate::loader::Prefixed {
-                inner: src,
-                prefix: "visual_encoder.".into(),
-            })
-        } else {
-            src
-        };
-        v.push(Box::new(Filtered {
+        v.push(Box::new(crate::loader::Renamed {
             inner: src,
-            keep: Box::new(keep),
+            prefix: if bare_vit {
+                "visual_encoder.".into()
+            } else {
+                String::new()
+            },
+            // training-side extras MiniGPT-4 never uses (spec §8.2)
+            skip: |n| n.starts_with("t5_proj.") || n.ends_with("position_ids"),
         }));
     }
     Ok(Box::new(crate::loader::safetensors::Sharded::new(
@@ -65,30 +61,6 @@ pub fn vision_sources(paths: &[&Path]) -> Result<Box<dyn TensorSource>> {
             .join(" + "),
         v,
     )?))
-}
-
-struct Filtered {
-    inner: Box<dyn TensorSource>,
-    keep: Box<dyn Fn(&str) -> bool>,
-}
-
-impl TensorSource for Filtered {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn names(&self) -> Vec<String> {
-        self.inner
-            .names()
-            .into_iter()
-            .filter(|n| (self.keep)(n))
-            .collect()
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.inner.shape(name)
-    }
-    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        self.inner.read_f32(name)
-    }
 }
 
 /// One generated answer.
