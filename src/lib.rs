@@ -5,13 +5,17 @@
 //! kernels, recorder), [`cpu`] (plain reference implementations the kernels are tested against).
 
 pub mod chat;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod convert;
 pub mod cpu;
 pub mod error;
 pub mod gpu;
 pub mod image;
 pub mod loader;
 pub mod model;
+pub mod package;
 pub mod quant;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -8,12 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use minigpt4::chat::{generate, Conversation, ModelVariant, Sampling, Stop};
+use minigpt4::chat::{generate, Conversation, Sampling, Stop};
 use minigpt4::gpu::{adapter_reports, AdapterReport, Gpu, GpuOptions};
 use minigpt4::model::llama::{Llama, LlamaFiles, QuantPolicy};
-use minigpt4::model::minigpt4::{vision_sources, MiniGpt4};
-use minigpt4::model::qformer::QFormerConfig;
-use minigpt4::model::vit::VitConfig;
+use minigpt4::model::minigpt4::MiniGpt4;
 use minigpt4::quant::DType;
 
 #[derive(Parser)]
@@ -97,24 +95,9 @@ enum Format {
 enum Cmd {
     /// Chat about an image with MiniGPT-4
     Chat {
-        /// vicuna0-7b, vicuna0-13b, llama2-7b or minigptv2
-        #[arg(long, default_value = "vicuna0-7b")]
-        variant: String,
-        /// EVA ViT-g weights (eva_vit_g.pth, or any .pth/.safetensors with MiniGPT-4 names)
+        /// A model package directory (made by `minigpt4 convert`)
         #[arg(long)]
-        vit: PathBuf,
-        /// BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth; Vicuna variants)
-        #[arg(long)]
-        qformer: Option<PathBuf>,
-        /// MiniGPT-4 checkpoint holding llama_proj (when not in the --vit file)
-        #[arg(long)]
-        minigpt4: Option<PathBuf>,
-        /// The LLM: HF directory or GGUF file
-        #[arg(long)]
-        llm: PathBuf,
-        /// JSON with "vit" and "qformer" objects overriding the standard dimensions
-        #[arg(long)]
-        vision_config: Option<PathBuf>,
+        model: PathBuf,
         #[arg(long)]
         image: PathBuf,
         /// One question (streamed answer); without it, an interactive chat on stdin
@@ -135,16 +118,40 @@ enum Cmd {
         repetition_penalty: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// GPU format of the LLM's linear layers
-        #[arg(long, default_value = "q4")]
-        quant: String,
-        /// GPU format of the vision weights
-        #[arg(long, default_value = "f16")]
-        vision_quant: String,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
         #[command(flatten)]
         gpu: GpuArgs,
+    },
+    /// Convert the original MiniGPT-4 checkpoints into a model package
+    Convert {
+        /// vicuna0-7b, vicuna0-13b, llama2-7b or minigptv2
+        #[arg(long)]
+        variant: String,
+        /// EVA ViT-g weights (eva_vit_g.pth, or any .pth/.safetensors with MiniGPT-4 names)
+        #[arg(long)]
+        vit: PathBuf,
+        /// BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth; Vicuna variants)
+        #[arg(long)]
+        qformer: Option<PathBuf>,
+        /// MiniGPT-4 checkpoint (pretrained_minigpt4*.pth: llama_proj, LoRA for MiniGPT-v2)
+        #[arg(long)]
+        minigpt4: Option<PathBuf>,
+        /// The LLM: HF directory (safetensors or pytorch_model*.bin, tokenizer) or GGUF file
+        #[arg(long)]
+        llm: PathBuf,
+        /// JSON with "vit" and/or "qformer" objects overriding the standard dimensions
+        #[arg(long)]
+        vision_config: Option<PathBuf>,
+        /// The package directory to create
+        #[arg(long)]
+        out: PathBuf,
+        /// GPU format of the LLM's linear layers: q4, q8, f16 or f32
+        #[arg(long, default_value = "q4")]
+        llm_quant: String,
+        /// GPU format of the vision linear layers: f16, q8, q4 or f32
+        #[arg(long, default_value = "f16")]
+        vision_quant: String,
     },
     /// Generate text with a LLaMA model (GGUF file or Hugging Face model directory)
     Generate {
@@ -414,18 +421,11 @@ fn run_agreement(
 }
 
 struct ChatArgs<'a> {
-    variant: &'a str,
-    vit: &'a Path,
-    qformer: Option<&'a Path>,
-    minigpt4: Option<&'a Path>,
-    llm: &'a Path,
-    vision_config: Option<&'a Path>,
+    model: &'a Path,
     image: &'a Path,
     prompt: Option<&'a str>,
     max_new_tokens: usize,
     sampling: Sampling,
-    quant: &'a str,
-    vision_quant: &'a str,
     format: Format,
     gpu: &'a GpuArgs,
 }
@@ -455,43 +455,11 @@ fn install_ctrl_c() {
 
 fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
     install_ctrl_c();
-    let variant = ModelVariant::parse(a.variant)?;
     a.sampling.validate()?;
-    let mut files: Vec<&Path> = vec![a.vit];
-    files.extend(a.qformer);
-    files.extend(a.minigpt4);
-    let vision = vision_sources(&files)?;
-    let (mut vit_cfg, mut qf_cfg) = (
-        VitConfig::eva_vit_g(variant.image_size()),
-        QFormerConfig::blip2(),
-    );
-    if let Some(p) = a.vision_config {
-        let v: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("{}: not valid JSON", p.display()))?;
-        if let Some(x) = v.get("vit") {
-            vit_cfg = serde_json::from_value(x.clone())
-                .with_context(|| format!("{}: `vit`", p.display()))?;
-        }
-        if let Some(x) = v.get("qformer") {
-            qf_cfg = serde_json::from_value(x.clone())
-                .with_context(|| format!("{}: `qformer`", p.display()))?;
-        }
-    }
     let gpu = open_gpu(a.gpu)?;
-    let qf = (variant == ModelVariant::Vicuna0).then_some(&qf_cfg);
-    let mut model = MiniGpt4::load(
-        &gpu,
-        variant,
-        &vit_cfg,
-        qf,
-        vision.as_ref(),
-        a.llm,
-        DType::parse(a.vision_quant)?,
-        DType::parse(a.quant)?,
-        2048,
-    )?;
+    let mut model = minigpt4::package::load(&gpu, a.model, 2048)?;
+    let variant = model.variant;
+    let label = model.label.clone();
     let mut image = pollster::block_on(model.encode_image(&gpu, &load_image(&model, a.image)?))?;
     let mut conv = Conversation::new(variant);
     conv.add_image();
@@ -543,7 +511,7 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
             Format::Json => println!(
                 "{}",
                 serde_json::json!({
-                    "variant": variant.name(),
+                    "variant": label,
                     "prompt_token_ids": answer.prompt_token_ids,
                     "image_tokens": answer.image_tokens,
                     "token_ids": answer.token_ids,
@@ -588,17 +556,54 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn run_convert(
+    variant: &str,
+    vit: &Path,
+    qformer: Option<&Path>,
+    minigpt4: Option<&Path>,
+    llm: &Path,
+    vision_config: Option<&Path>,
+    out: &Path,
+    llm_quant: &str,
+    vision_quant: &str,
+) -> anyhow::Result<()> {
+    let mut vision = vec![vit.to_path_buf()];
+    vision.extend(qformer.map(Path::to_path_buf));
+    vision.extend(minigpt4.map(Path::to_path_buf));
+    let args = minigpt4::convert::ConvertArgs {
+        variant: variant.into(),
+        vision,
+        llm: llm.into(),
+        vision_config: vision_config.map(Path::to_path_buf),
+        out: out.into(),
+        llm_quant: DType::parse(llm_quant)?,
+        vision_quant: DType::parse(vision_quant)?,
+    };
+    let start = std::time::Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let path = minigpt4::convert::convert(&args, |i, n, name| {
+        if tty && n > 0 {
+            eprint!("\r\x1b[2K[{i}/{n}] {name}");
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    eprintln!(
+        "wrote {} in {:.1} s",
+        path.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Info { gpu, json } => info(gpu, *json),
         Cmd::Chat {
-            variant,
-            vit,
-            qformer,
-            minigpt4,
-            llm,
-            vision_config,
+            model,
             image,
             prompt,
             max_new_tokens,
@@ -608,17 +613,10 @@ fn main() -> ExitCode {
             top_p,
             repetition_penalty,
             seed,
-            quant,
-            vision_quant,
             format,
             gpu,
         } => run_chat(ChatArgs {
-            variant,
-            vit,
-            qformer: qformer.as_deref(),
-            minigpt4: minigpt4.as_deref(),
-            llm,
-            vision_config: vision_config.as_deref(),
+            model,
             image,
             prompt: prompt.as_deref(),
             max_new_tokens: *max_new_tokens,
@@ -630,11 +628,30 @@ fn main() -> ExitCode {
                 repetition_penalty: *repetition_penalty,
                 seed: *seed,
             },
-            quant,
-            vision_quant,
             format: *format,
             gpu,
         }),
+        Cmd::Convert {
+            variant,
+            vit,
+            qformer,
+            minigpt4,
+            llm,
+            vision_config,
+            out,
+            llm_quant,
+            vision_quant,
+        } => run_convert(
+            variant,
+            vit,
+            qformer.as_deref(),
+            minigpt4.as_deref(),
+            llm,
+            vision_config.as_deref(),
+            out,
+            llm_quant,
+            vision_quant,
+        ),
         Cmd::Generate {
             model,
             prompt,

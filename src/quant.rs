@@ -107,6 +107,19 @@ impl DType {
     }
 }
 
+impl serde::Serialize for DType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DType::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -205,40 +218,6 @@ pub fn encode(dtype: DType, x: &[f32], cols: usize) -> Result<Encoded> {
 }
 
 impl Encoded {
-    /// Rows `r0..r1` of a `[rows, cols]` tensor, when both arrays split on word boundaries there
-    /// (always for f32 and q4m; for the others when a row is a whole number of words).
-    pub fn slice_rows(&self, cols: usize, r0: usize, r1: usize) -> Option<Encoded> {
-        let n = cols;
-        let dw = self.dtype.data_words(n);
-        let sw = self.dtype.scale_words(n);
-        let exact = |words: usize, per_row_elems: f64| (words as f64 - per_row_elems).abs() < 1e-9;
-        let data_ok = exact(
-            dw,
-            match self.dtype {
-                DType::F32 => n as f64,
-                DType::F16 => n as f64 / 2.0,
-                DType::Q8 => n as f64 / 4.0,
-                DType::Q4 | DType::Q4M => n as f64 / 8.0,
-            },
-        );
-        let scale_ok = match self.dtype {
-            DType::Q8 | DType::Q4 => (n / QBLOCK).is_multiple_of(2),
-            _ => true,
-        };
-        if !data_ok || !scale_ok {
-            return None;
-        }
-        Some(Encoded {
-            dtype: self.dtype,
-            data: self.data.get(r0 * dw..r1 * dw)?.to_vec(),
-            scales: if sw > 0 {
-                self.scales.get(r0 * sw..r1 * sw)?.to_vec()
-            } else {
-                vec![]
-            },
-        })
-    }
-
     /// Element `i` (row-major index) decoded to f32, exactly as the kernels decode it.
     pub fn get(&self, i: usize) -> f32 {
         match self.dtype {

@@ -68,7 +68,30 @@ impl Tokenizer {
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(&shown, e))?;
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let config_path = path.with_file_name("tokenizer_config.json");
+        let config = if config_path.is_file() {
+            let cshown = config_path.display().to_string();
+            let b = std::fs::read(&config_path).map_err(|e| Error::io(&cshown, e))?;
+            Some((cshown, b))
+        } else {
+            None
+        };
+        Self::from_json_bytes(
+            &shown,
+            &bytes,
+            config.as_ref().map(|(n, b)| (n.as_str(), b.as_slice())),
+        )
+    }
+
+    /// [`Tokenizer::from_json_file`] from bytes: `tokenizer.json` (named `shown` in errors) and
+    /// optionally `tokenizer_config.json` (name, bytes).
+    pub fn from_json_bytes(
+        shown: &str,
+        bytes: &[u8],
+        config: Option<(&str, &[u8])>,
+    ) -> Result<Self> {
+        let shown = shown.to_string();
+        let text = std::str::from_utf8(bytes).map_err(|e| {
             Error::format(
                 &shown,
                 format!("expected a UTF-8 tokenizer.json, found invalid UTF-8 ({e})"),
@@ -97,13 +120,10 @@ impl Tokenizer {
         let mut add_bos = tpl_add_bos;
         let mut bos = tpl_bos;
         let mut eos = None;
-        let config_path = path.with_file_name("tokenizer_config.json");
-        if config_path.is_file() {
-            let cshown = config_path.display().to_string();
-            let cbytes = std::fs::read(&config_path).map_err(|e| Error::io(&cshown, e))?;
-            let config: Json = serde_json::from_slice(&cbytes).map_err(|e| {
+        if let Some((cshown, cbytes)) = config {
+            let config: Json = serde_json::from_slice(cbytes).map_err(|e| {
                 Error::format(
-                    &cshown,
+                    cshown,
                     format!("expected tokenizer_config.json to be JSON: {e}"),
                 )
             })?;
@@ -116,7 +136,7 @@ impl Tokenizer {
                         Some(id) => *slot = Some(id),
                         None => {
                             return Err(Error::format(
-                                &cshown,
+                                cshown,
                                 format!("{key} {name:?} is not in the vocabulary of {shown}"),
                             ))
                         }
@@ -400,11 +420,11 @@ impl Tokenizer {
         })
     }
 
-    /// The tokenizer as a HF `tokenizer.json` (pretty-printed). Loading it with
+    /// The tokenizer as a HF `tokenizer.json` (compact). Loading it with
     /// [`Tokenizer::from_json_file`] gives a tokenizer with the same ids; when BOS is added by
     /// default the JSON carries a `TemplateProcessing` post-processor saying so.
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(true).map_err(|e| {
+        self.inner.to_string(false).map_err(|e| {
             Error::format(
                 &self.source,
                 format!("could not serialise the tokenizer: {e}"),

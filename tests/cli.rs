@@ -208,43 +208,37 @@ fn fixture_path(p: &str) -> String {
         .to_string()
 }
 
-/// `chat` with the tiny Vicuna-v0 model: the prompt segments are the reference's, the image
-/// gives 8 query embeddings, and the JSON object has the documented fields.
+/// `convert` then `chat` with the tiny Vicuna-v0 model: the prompt segments are the
+/// reference's, the image gives 8 query embeddings, and the JSON object has the documented
+/// fields.
 #[test]
-fn chat_json_on_a_tiny_vicuna0_model() {
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_path(
-            "tests/fixtures/minigpt4/vicuna0_tiny/config.json",
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let (v, q) = (&cfg["vision"], &cfg["qformer"]);
-    let vision_config = serde_json::json!({
-        "vit": {
-            "image_size": v["image_size"], "patch": v["patch_size"], "width": v["hidden_size"], "layers": v["num_hidden_layers"],
-            "heads": v["num_attention_heads"], "mlp": v["intermediate_size"], "eps": v["layer_norm_eps"], "ln_vision_eps": cfg["ln_vision_eps"]
-        },
-        "qformer": {
-            "hidden": q["hidden_size"], "layers": q["num_hidden_layers"], "heads": q["num_attention_heads"], "intermediate": q["intermediate_size"],
-            "queries": q["num_query_tokens"], "encoder_width": q["encoder_hidden_size"], "cross_every": q["cross_attention_frequency"], "eps": q["layer_norm_eps"]
-        }
-    });
-    let path = std::env::temp_dir().join(format!(
-        "minigpt4-vision-config-{}.json",
-        std::process::id()
-    ));
-    std::fs::write(&path, vision_config.to_string()).unwrap();
+fn convert_then_chat_json_on_a_tiny_vicuna0_model() {
+    let d = "tests/fixtures/minigpt4/vicuna0_tiny";
+    let pkg = std::env::temp_dir().join(format!("minigpt4-cli-pkg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pkg);
+    let (ok, _, err) = minigpt4(&[
+        "convert",
+        "--variant",
+        "vicuna0",
+        "--vit",
+        &fixture_path(&format!("{d}/vision.safetensors")),
+        "--llm",
+        &fixture_path(&format!("{d}/llm")),
+        "--vision-config",
+        &fixture_path(&format!("{d}/vision_config.json")),
+        "--llm-quant",
+        "f32",
+        "--vision-quant",
+        "f32",
+        "--out",
+        &pkg.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("wrote"), "{err}");
     let (ok, out, err) = minigpt4(&[
         "chat",
-        "--variant",
-        "vicuna0-7b",
-        "--vit",
-        &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/vision.safetensors"),
-        "--llm",
-        &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/llm"),
-        "--vision-config",
-        &path.display().to_string(),
+        "--model",
+        &pkg.display().to_string(),
         "--image",
         &fixture_path("tests/fixtures/images/chelsea.png"),
         "--prompt",
@@ -252,13 +246,10 @@ fn chat_json_on_a_tiny_vicuna0_model() {
         "--greedy",
         "--max-new-tokens",
         "8",
-        "--quant",
-        "f32",
-        "--vision-quant",
-        "f32",
         "--format",
         "json",
     ]);
+    let _ = std::fs::remove_dir_all(&pkg);
     assert!(ok, "{err}");
     let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     assert_eq!(j["variant"], "vicuna0");
@@ -274,17 +265,48 @@ fn chat_json_on_a_tiny_vicuna0_model() {
         "row 32000 must never be sampled"
     );
     assert!(j["text"].is_string());
+}
+
+/// The README's smoke command: the committed tiny package, demo sampling, text output.
+#[test]
+fn chat_runs_on_the_smoke_package() {
+    let (ok, out, err) = minigpt4(&[
+        "chat",
+        "--model",
+        &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny_pkg"),
+        "--image",
+        &fixture_path("tests/fixtures/images/chelsea_q90.jpg"),
+        "--prompt",
+        "What is in this picture?",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty(), "no answer: {err}");
 
     let (ok, _, err) = minigpt4(&[
         "chat",
-        "--vit",
-        "/nonexistent/eva_vit_g.pth",
-        "--llm",
-        "/nonexistent",
+        "--model",
+        "/nonexistent/pkg",
         "--image",
         "x.png",
         "--prompt",
         "hi",
+    ]);
+    assert!(
+        !ok && err.contains("/nonexistent/pkg") && err.contains("not a model package"),
+        "{err}"
+    );
+    let (ok, _, err) = minigpt4(&[
+        "convert",
+        "--variant",
+        "vicuna0-7b",
+        "--vit",
+        "/nonexistent/eva_vit_g.pth",
+        "--llm",
+        "/nonexistent",
+        "--out",
+        "/tmp/never",
     ]);
     assert!(
         !ok && err.contains("/nonexistent/eva_vit_g.pth") && !err.contains("panicked"),
@@ -301,18 +323,12 @@ fn ctrl_c_stops_the_answer_not_the_program() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
         .args([
             "chat",
-            "--vit",
-            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/vision.safetensors"),
-            "--llm",
-            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/llm"),
-            "--vision-config",
-            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/vision_config.json"),
+            "--model",
+            &fixture_path("tests/fixtures/minigpt4/vicuna0_tiny_pkg"),
             "--image",
             &fixture_path("tests/fixtures/images/chelsea.png"),
             "--max-new-tokens",
-            "180",
-            "--quant",
-            "f32",
+            "250",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -1,7 +1,8 @@
 //! MiniGPT-4 end to end against the reference computation (tests/golden/make_minigpt4_goldens.py):
 //! tiny random Vicuna-v0-style (Q-Former) and Llama-2-style (4-token concatenation) models with
 //! the real LLaMA tokenizer — the prompt built from the template, its segment ids, the image
-//! embeddings, the spliced input, the last logits and a 16-token greedy continuation.
+//! embeddings, the spliced input, the logits at every prompt position and a 16-token greedy
+//! continuation.
 
 mod common;
 
@@ -12,9 +13,19 @@ use minigpt4::chat::{generate_from, Conversation, ModelVariant, Prompt, Sampling
 use minigpt4::loader::safetensors::SafetensorsFile;
 use minigpt4::loader::TensorSource;
 use minigpt4::model::llama::Input;
-use minigpt4::model::minigpt4::MiniGpt4;
+use minigpt4::model::llama::{LlamaFiles, QuantPolicy};
+use minigpt4::model::minigpt4::{Formats, MiniGpt4, MiniGpt4Config};
 use minigpt4::model::vit::VitConfig;
 use minigpt4::quant::DType;
+
+const F32_FORMATS: Formats = Formats {
+    vision: DType::F32,
+    llm: QuantPolicy {
+        linear: DType::F32,
+        embed: DType::F32,
+        lm_head: DType::F32,
+    },
+};
 
 fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,18 +47,14 @@ fn load_case(
         .get("qformer")
         .filter(|q| q.is_object())
         .map(qformer_config);
-    let m = MiniGpt4::load(
-        gpu,
+    let (llm, files) = LlamaFiles::open(&d.join("llm")).unwrap();
+    let cfg = MiniGpt4Config {
         variant,
-        &vit_config(&c),
-        qc.as_ref(),
-        &vision,
-        &d.join("llm"),
-        DType::F32,
-        DType::F32,
-        256,
-    )
-    .unwrap();
+        vision: vit_config(&c),
+        qformer: qc,
+        llm,
+    };
+    let m = MiniGpt4::load(gpu, &cfg, F32_FORMATS, &vision, &files, 256).unwrap();
     (
         m,
         SafetensorsFile::open(&d.join("golden.safetensors")).unwrap(),
@@ -99,7 +106,29 @@ fn check_case(name: &str, variant: ModelVariant) {
         1e-4,
     );
 
-    // last-position logits
+    // logits at every prompt position (on the golden's column subset), and the last in full
+    m.llm.reset();
+    let all = pollster::block_on(m.llm.forward(&gpu, Input::Embeds(&spliced), true)).unwrap();
+    let v = m.llm.cfg.vocab;
+    let rows = spliced.rows();
+    assert_eq!(all.len(), rows * v);
+    let cols: Vec<usize> = golden
+        .read_ints("logits_cols")
+        .unwrap()
+        .into_iter()
+        .map(|c| c as usize)
+        .collect();
+    let sub: Vec<f32> = (0..rows)
+        .flat_map(|r| cols.iter().map(move |&c| (r, c)))
+        .map(|(r, c)| all[r * v + c])
+        .collect();
+    assert_close(
+        "logits at every position",
+        &sub,
+        &golden.read_f32("logits_every_position").unwrap(),
+        1e-4,
+        1e-4,
+    );
     m.llm.reset();
     let logits = pollster::block_on(m.llm.forward(&gpu, Input::Embeds(&spliced), false)).unwrap();
     assert_close(
@@ -155,25 +184,22 @@ fn a_projection_for_another_variant_is_diagnosed() {
     vc.layers = 3;
     vc.heads = 2;
     vc.mlp = 256;
-    let err = match MiniGpt4::load(
-        &gpu,
-        ModelVariant::Llama2,
-        &vc,
-        None,
-        &vision,
-        &d.join("llm"),
-        DType::F32,
-        DType::F32,
-        64,
-    ) {
+    let (llm, files) = LlamaFiles::open(&d.join("llm")).unwrap();
+    let cfg = MiniGpt4Config {
+        variant: ModelVariant::Llama2,
+        vision: vc,
+        qformer: None,
+        llm,
+    };
+    let err = match MiniGpt4::load(&gpu, &cfg, F32_FORMATS, &vision, &files, 64) {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),
     };
     assert!(
         err.contains("llama_proj.weight")
-            && err.contains("704")
+            && err.contains("[32, 704]")
             && err.contains("[32, 64]")
-            && err.contains("does not belong"),
+            && err.contains("Vicuna-v0 checkpoint"),
         "{err}"
     );
 }

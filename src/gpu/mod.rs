@@ -10,4 +10,4 @@ pub use context::{adapter_reports, AdapterReport, Gpu, GpuOptions, Requirements}
 pub use ops::{AttnShape, HeadView, MatmulPath, RopeMode, RopeTable};
 pub use recorder::Recorder;
 pub use shader::Variant;
-pub use tensor::{Ids, Tensor};
+pub use tensor::{stored_row_bytes, Ids, Tensor};

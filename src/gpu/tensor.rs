@@ -11,6 +11,7 @@ use crate::gpu::context::Gpu;
 use crate::quant::{self, DType};
 
 /// A contiguous range of rows stored in its own buffer(s).
+#[derive(Clone)]
 pub struct Part {
     pub row_start: usize,
     pub rows: usize,
@@ -20,6 +21,8 @@ pub struct Part {
     pub scales: Option<wgpu::Buffer>,
 }
 
+/// Cloning shares the buffers (wgpu handles are reference-counted).
+#[derive(Clone)]
 pub struct Tensor {
     pub name: String,
     pub shape: Vec<usize>,
@@ -35,6 +38,20 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
     match shape.split_last() {
         Some((&c, rest)) => (rest.iter().product(), c),
         None => (1, 1),
+    }
+}
+
+/// Bytes of one row of the stored data array (or scales array) of a `dtype` tensor with `cols`
+/// columns (may be fractional words; see [`crate::package`] for the stored form).
+pub fn stored_row_bytes(dtype: DType, cols: usize, scales: bool) -> usize {
+    match (dtype, scales) {
+        (DType::F32, false) => 4 * cols,
+        (DType::F16, false) => 2 * cols,
+        (DType::Q8, false) => cols,
+        (DType::Q4 | DType::Q4M, false) => cols / 2,
+        (DType::Q8 | DType::Q4, true) => 2 * (cols / quant::QBLOCK),
+        (DType::Q4M, true) => 4 * (cols / quant::QBLOCK),
+        (DType::F32 | DType::F16, true) => 0,
     }
 }
 
@@ -83,7 +100,8 @@ impl Tensor {
                 format!("a row of {} {} values", cols, dtype),
             ));
         }
-        // largest r that fits, by bisection
+        // largest r that fits, by bisection, rounded down so that every part starts on a word
+        // boundary of both stored arrays (see `write_stored`)
         let (mut lo, mut hi) = (1usize, rows);
         while lo + 1 < hi {
             let mid = (lo + hi) / 2;
@@ -93,7 +111,23 @@ impl Tensor {
                 hi = mid
             }
         }
-        Ok(lo)
+        let align = (1..=4)
+            .find(|a| {
+                (a * stored_row_bytes(dtype, cols, false)).is_multiple_of(4)
+                    && (a * stored_row_bytes(dtype, cols, true)).is_multiple_of(4)
+            })
+            .unwrap_or(4);
+        if lo < align {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "{align} rows of at most {} bytes (the device's storage binding limit)",
+                    gpu.max_binding
+                ),
+                format!("rows of {} {} values", cols, dtype),
+            ));
+        }
+        Ok(lo / align * align)
     }
 
     /// A zero-filled f32 activation tensor (one buffer; must fit in one binding).
@@ -162,8 +196,7 @@ impl Tensor {
     }
 
     /// Uploads a whole tensor already encoded in its GPU layout, split into parts on row
-    /// boundaries when it exceeds the binding limit (the encoding must split on word boundaries
-    /// there, see [`quant::Encoded::slice_rows`]).
+    /// boundaries when it exceeds the binding limit.
     pub fn upload_encoded(
         gpu: &Gpu,
         name: &str,
@@ -185,36 +218,70 @@ impl Tensor {
                 format!("{} + {}", enc.data.len(), enc.scales.len()),
             ));
         }
-        let per = Self::rows_per_part(gpu, name, enc.dtype, rows, cols)?;
-        if per >= rows {
-            let parts = vec![Self::upload_part(gpu, name, 0, rows, enc)];
-            return Ok(Tensor {
-                name: name.into(),
-                shape: shape.to_vec(),
-                dtype: enc.dtype,
-                parts,
-            });
+        let t = Self::empty(gpu, name, shape, enc.dtype)?;
+        t.write_stored(&gpu.queue, false, 0, bytemuck::cast_slice(&enc.data));
+        if enc.dtype.is_quantized() {
+            t.write_stored(&gpu.queue, true, 0, bytemuck::cast_slice(&enc.scales));
         }
+        Ok(t)
+    }
+
+    /// Allocates a weight tensor of `dtype` without data, split into parts like
+    /// [`Tensor::upload_encoded`]; fill it with [`Tensor::write_stored`].
+    pub fn empty(gpu: &Gpu, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(shape);
+        dtype.check_cols(name, cols)?;
+        let per = Self::rows_per_part(gpu, name, dtype, rows, cols)?;
         let mut parts = Vec::new();
         let mut r0 = 0;
-        while r0 < rows {
-            let r1 = (r0 + per).min(rows);
-            let slice = enc.slice_rows(cols, r0, r1).ok_or_else(|| {
-                Error::tensor(
-                    name,
-                    format!("rows of whole words in {} so it can be split", enc.dtype),
-                    format!("{cols} columns"),
-                )
-            })?;
-            parts.push(Self::upload_part(gpu, name, r0, r1 - r0, &slice));
-            r0 = r1;
+        while r0 < rows.max(1) {
+            let r = per.min(rows - r0).max(rows.min(1));
+            let n = r.max(1) * cols;
+            parts.push(Part {
+                row_start: r0,
+                rows: r,
+                data: new_buffer(gpu, name, dtype.data_words(n)),
+                scales: dtype
+                    .is_quantized()
+                    .then(|| new_buffer(gpu, name, dtype.scale_words(n))),
+            });
+            r0 += r.max(1);
         }
         Ok(Tensor {
             name: name.into(),
             shape: shape.to_vec(),
-            dtype: enc.dtype,
+            dtype,
             parts,
         })
+    }
+
+    /// Writes bytes of the tensor's stored form (its data array, or with `scales` its scales
+    /// array, as one contiguous little-endian run across all parts) starting at byte `offset`.
+    /// `offset` and the length must be multiples of 4.
+    pub fn write_stored(&self, queue: &wgpu::Queue, scales: bool, offset: u64, bytes: &[u8]) {
+        let cols = self.cols();
+        let row_bytes = stored_row_bytes(self.dtype, cols, scales) as u64;
+        let end = offset + bytes.len() as u64;
+        for p in &self.parts {
+            let buf = match (scales, &p.scales) {
+                (false, _) => &p.data,
+                (true, Some(s)) => s,
+                (true, None) => continue,
+            };
+            // the last part also takes the padding after the last row
+            let last = p.row_start + p.rows >= self.rows();
+            let p0 = p.row_start as u64 * row_bytes;
+            let p1 = if last {
+                u64::MAX
+            } else {
+                (p.row_start + p.rows) as u64 * row_bytes
+            };
+            let (a, b) = (offset.max(p0), end.min(p1));
+            if a < b {
+                let src = &bytes[(a - offset) as usize..(b - offset) as usize];
+                queue.write_buffer(buf, a - p0, src);
+            }
+        }
     }
 
     fn upload_part(

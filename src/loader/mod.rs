@@ -17,6 +17,11 @@ pub trait TensorSource {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The tensor's values converted to f32, row-major.
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// The tensor as `q4m` blocks converted without requantising, when the file stores it in
+    /// a 4-bit format that allows it (GGUF Q4_1, Q4_K); `None` otherwise.
+    fn read_q4m(&self, _name: &str) -> Result<Option<crate::quant::Encoded>> {
+        Ok(None)
+    }
 }
 
 /// Another source seen through a renaming: names for which `skip` is true are hidden, and
@@ -58,6 +63,12 @@ impl TensorSource for Renamed {
                 format!("present in {}", self.describe()),
                 "missing",
             )),
+        }
+    }
+    fn read_q4m(&self, name: &str) -> Result<Option<crate::quant::Encoded>> {
+        match self.inner_name(name) {
+            Some(n) => self.inner.read_q4m(n),
+            None => Ok(None),
         }
     }
 }

@@ -92,82 +92,7 @@ impl SafetensorsFile {
         }
         let mut hb = vec![0u8; n as usize];
         f.read_exact(&mut hb).map_err(|e| Error::io(&p, e))?;
-        let header: serde_json::Value = serde_json::from_slice(&hb)
-            .map_err(|e| Error::format(&p, format!("header is not valid JSON: {e}")))?;
-        let obj = header
-            .as_object()
-            .ok_or_else(|| Error::format(&p, "header is not a JSON object"))?;
-        let data_start = 8 + n;
-        let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (name, v) in obj {
-            if name == "__metadata__" {
-                if let Some(m) = v.as_object() {
-                    for (k, v) in m {
-                        metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                    }
-                }
-                continue;
-            }
-            let bad = |what: String| Error::format(&p, format!("tensor `{name}`: {what}"));
-            let dt = v
-                .get("dtype")
-                .and_then(|d| d.as_str())
-                .ok_or_else(|| bad("missing dtype".into()))?;
-            let dtype = StDType::parse(dt).ok_or_else(|| bad(format!("unsupported dtype {dt}")))?;
-            let shape: Vec<usize> = v
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .ok_or_else(|| bad("missing shape".into()))?
-                .iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
-            let offs = v
-                .get("data_offsets")
-                .and_then(|s| s.as_array())
-                .filter(|a| a.len() == 2)
-                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-                .ok_or_else(|| bad("data_offsets must be [begin, end]".into()))?;
-            let numel = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .and_then(|n| n.checked_mul(dtype.size()))
-                .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-            if offs.1 < offs.0 || (offs.1 - offs.0) as usize != numel {
-                return Err(bad(format!(
-                    "shape {shape:?} × {dt} needs {numel} bytes, data_offsets {:?} give {}",
-                    [offs.0, offs.1],
-                    offs.1 as i128 - offs.0 as i128
-                )));
-            }
-            if data_start + offs.1 > len {
-                return Err(bad(format!(
-                    "data ends at byte {} but the file has {len}: truncated",
-                    data_start + offs.1
-                )));
-            }
-            tensors.insert(
-                name.clone(),
-                StTensor {
-                    name: name.clone(),
-                    dtype,
-                    shape,
-                    start: data_start + offs.0,
-                    end: data_start + offs.1,
-                },
-            );
-        }
-        let mut sorted: Vec<&StTensor> = tensors.values().collect();
-        sorted.sort_by_key(|t| t.start);
-        for w in sorted.windows(2) {
-            if w[0].end > w[1].start {
-                return Err(Error::format(
-                    &p,
-                    format!("tensors `{}` and `{}` overlap", w[0].name, w[1].name),
-                ));
-            }
-        }
+        let (tensors, metadata) = parse_header(&p, &hb, 8 + n, Some(len))?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             tensors,
@@ -268,6 +193,93 @@ impl TensorSource for SafetensorsFile {
     }
 }
 
+/// Parses a safetensors JSON header: every entry's dtype, shape and byte range is checked
+/// (shape × dtype size = length, no overlaps, and inside the file when its length `len` is
+/// known). Ranges are returned as absolute offsets (`data_start` = 8 + header length).
+pub fn parse_header(
+    p: &str,
+    hb: &[u8],
+    data_start: u64,
+    len: Option<u64>,
+) -> Result<(BTreeMap<String, StTensor>, BTreeMap<String, String>)> {
+    let header: serde_json::Value = serde_json::from_slice(hb)
+        .map_err(|e| Error::format(p, format!("header is not valid JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| Error::format(p, "header is not a JSON object"))?;
+    let mut tensors = BTreeMap::new();
+    let mut metadata = BTreeMap::new();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                }
+            }
+            continue;
+        }
+        let bad = |what: String| Error::format(p, format!("tensor `{name}`: {what}"));
+        let dt = v
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad("missing dtype".into()))?;
+        let dtype = StDType::parse(dt).ok_or_else(|| bad(format!("unsupported dtype {dt}")))?;
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad("missing shape".into()))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
+        let offs = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+            .ok_or_else(|| bad("data_offsets must be [begin, end]".into()))?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        if offs.1 < offs.0 || (offs.1 - offs.0) as usize != numel {
+            return Err(bad(format!(
+                "shape {shape:?} × {dt} needs {numel} bytes, data_offsets {:?} give {}",
+                [offs.0, offs.1],
+                offs.1 as i128 - offs.0 as i128
+            )));
+        }
+        if let Some(len) = len.filter(|&l| data_start + offs.1 > l) {
+            return Err(bad(format!(
+                "data ends at byte {} but the file has {len}: truncated",
+                data_start + offs.1
+            )));
+        }
+        tensors.insert(
+            name.clone(),
+            StTensor {
+                name: name.clone(),
+                dtype,
+                shape,
+                start: data_start + offs.0,
+                end: data_start + offs.1,
+            },
+        );
+    }
+    let mut sorted: Vec<&StTensor> = tensors.values().collect();
+    sorted.sort_by_key(|t| t.start);
+    for w in sorted.windows(2) {
+        if w[0].end > w[1].start {
+            return Err(Error::format(
+                p,
+                format!("tensors `{}` and `{}` overlap", w[0].name, w[1].name),
+            ));
+        }
+    }
+    Ok((tensors, metadata))
+}
+
 /// Several sources seen as one (a sharded checkpoint); each name must live in exactly one.
 pub struct Sharded {
     pub what: String,
@@ -322,6 +334,12 @@ impl TensorSource for Sharded {
                 format!("present in {}", self.what),
                 "missing",
             )),
+        }
+    }
+    fn read_q4m(&self, name: &str) -> Result<Option<crate::quant::Encoded>> {
+        match self.index.get(name) {
+            Some(&i) => self.shards[i].read_q4m(name),
+            None => Ok(None),
         }
     }
 }

@@ -15,9 +15,10 @@ use crate::loader::torch::TorchCheckpoint;
 use crate::loader::TensorSource;
 use crate::quant::{DType, Encoded};
 use crate::tokenizer::Tokenizer;
+use crate::weights::{Piece, Recipe, TensorMap, TensorSpec};
 
 /// Decoder hyper-parameters.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LlamaConfig {
     pub hidden: usize,
     pub layers: usize,
@@ -229,7 +230,10 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    fn validate(&self, p: &str) -> Result<()> {
+    pub fn validate(&self, p: &str) -> Result<()> {
+        if self.heads == 0 || self.hidden == 0 || self.layers == 0 || self.vocab == 0 {
+            return Err(Error::format(p, format!("zero dimensions: {self:?}")));
+        }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(cfg_err(
                 p,
@@ -506,6 +510,42 @@ fn qk_heads(cfg: &LlamaConfig, name: &str) -> Option<usize> {
     }
 }
 
+/// The checkpoint seen as a [`TensorSource`] with HF names (GGUF names mapped, Q/K rows
+/// un-permuted, Q4_1 / Q4_K blocks offered as `q4m`).
+pub struct LlamaSource<'a> {
+    cfg: &'a LlamaConfig,
+    files: &'a LlamaFiles,
+}
+
+impl LlamaFiles {
+    pub fn source<'a>(&'a self, cfg: &'a LlamaConfig) -> LlamaSource<'a> {
+        LlamaSource { cfg, files: self }
+    }
+}
+
+impl TensorSource for LlamaSource<'_> {
+    fn describe(&self) -> String {
+        self.files.describe()
+    }
+    fn names(&self) -> Vec<String> {
+        self.cfg
+            .expected_tensors()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| self.files.shape(n).is_some())
+            .collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.files.shape(name)
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.files.read(self.cfg, name)
+    }
+    fn read_q4m(&self, name: &str) -> Result<Option<Encoded>> {
+        self.files.read_q4m(self.cfg, name)
+    }
+}
+
 /// GPU formats of the weights: `--quant` sets the linear layers; the embedding table and
 /// lm_head follow the rule in [`QuantPolicy::for_linear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -594,7 +634,124 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// The GPU tensors and how each comes from the HF-named checkpoint tensors: Q, K and V
+    /// fused into one matrix per layer; lm_head from the embedding table when tied.
+    pub fn specs(cfg: &LlamaConfig, policy: QuantPolicy) -> Vec<TensorSpec> {
+        let (h, q, kv, f, v) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+            cfg.intermediate,
+            cfg.vocab,
+        );
+        let mut s = Vec::new();
+        let norm = |s: &mut Vec<TensorSpec>, name: String| {
+            s.push(TensorSpec::new(
+                name.clone(),
+                &[h],
+                DType::F32,
+                Recipe::copy(name, &[h]),
+            ))
+        };
+        let lin = |s: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
+            s.push(TensorSpec::new(
+                name.clone(),
+                &[rows, cols],
+                policy.linear,
+                Recipe::copy(name, &[rows, cols]),
+            ))
+        };
+        s.push(TensorSpec::new(
+            "model.embed_tokens.weight",
+            &[v, h],
+            policy.embed,
+            Recipe::copy("model.embed_tokens.weight", &[v, h]),
+        ));
+        for i in 0..cfg.layers {
+            let l = format!("model.layers.{i}");
+            norm(&mut s, format!("{l}.input_layernorm.weight"));
+            s.push(TensorSpec::new(
+                format!("{l}.self_attn.qkv_proj.weight"),
+                &[q + 2 * kv, h],
+                policy.linear,
+                Recipe::Concat(vec![
+                    Piece::tensor(format!("{l}.self_attn.q_proj.weight"), &[q, h]),
+                    Piece::tensor(format!("{l}.self_attn.k_proj.weight"), &[kv, h]),
+                    Piece::tensor(format!("{l}.self_attn.v_proj.weight"), &[kv, h]),
+                ]),
+            ));
+            lin(&mut s, format!("{l}.self_attn.o_proj.weight"), h, q);
+            norm(&mut s, format!("{l}.post_attention_layernorm.weight"));
+            lin(&mut s, format!("{l}.mlp.gate_proj.weight"), f, h);
+            lin(&mut s, format!("{l}.mlp.up_proj.weight"), f, h);
+            lin(&mut s, format!("{l}.mlp.down_proj.weight"), h, f);
+        }
+        norm(&mut s, "model.norm.weight".into());
+        s.push(TensorSpec::new(
+            "lm_head.weight",
+            &[v, h],
+            policy.lm_head,
+            Recipe::copy(
+                if cfg.tied {
+                    "model.embed_tokens.weight"
+                } else {
+                    "lm_head.weight"
+                },
+                &[v, h],
+            ),
+        ));
+        s
+    }
+
+    /// Builds the decoder from uploaded tensors (see [`Llama::specs`]) with a KV cache of
+    /// `ctx` positions.
+    pub fn build(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        policy: QuantPolicy,
+        t: &mut TensorMap,
+        ctx: usize,
+    ) -> Result<Self> {
+        let ctx = ctx.min(cfg.max_pos).max(1);
+        gpu.require(&cfg.requirements(ctx, 1))?;
+        let (h, q, kv, f) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_heads * cfg.head_dim,
+            cfg.intermediate,
+        );
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let l = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: t.take(&format!("{l}.input_layernorm.weight"), &[h])?,
+                wqkv: t.take(&format!("{l}.self_attn.qkv_proj.weight"), &[q + 2 * kv, h])?,
+                wo: t.take(&format!("{l}.self_attn.o_proj.weight"), &[h, q])?,
+                ffn_norm: t.take(&format!("{l}.post_attention_layernorm.weight"), &[h])?,
+                gate: t.take(&format!("{l}.mlp.gate_proj.weight"), &[f, h])?,
+                up: t.take(&format!("{l}.mlp.up_proj.weight"), &[f, h])?,
+                down: t.take(&format!("{l}.mlp.down_proj.weight"), &[h, f])?,
+                k_cache: Tensor::zeros(gpu, &format!("{l}.k_cache"), &[ctx, kv])?,
+                v_cache: Tensor::zeros(gpu, &format!("{l}.v_cache"), &[ctx, kv])?,
+            });
+        }
+        Ok(Llama {
+            cfg: cfg.clone(),
+            policy,
+            ctx,
+            embed: t.take("model.embed_tokens.weight", &[cfg.vocab, h])?,
+            layers,
+            norm: t.take("model.norm.weight", &[h])?,
+            lm_head: t.take("lm_head.weight", &[cfg.vocab, h])?,
+            rope: RopeTable::new(gpu, cfg.head_dim, ctx, cfg.rope_theta)?,
+            scratch: HashMap::new(),
+            pos: 0,
+        })
+    }
+
     /// Validates every tensor, then uploads them one at a time (host memory ≈ one tensor).
+    /// With 4-bit layers, GGUF Q4_1 / Q4_K sources are converted block by block to q4m instead
+    /// of being requantised from their dequantised values.
     pub fn load(
         gpu: &Gpu,
         cfg: &LlamaConfig,
@@ -602,123 +759,19 @@ impl Llama {
         policy: QuantPolicy,
         ctx: usize,
     ) -> Result<Self> {
-        let ctx = ctx.min(cfg.max_pos).max(1);
         files.validate(cfg)?;
-        gpu.require(&cfg.requirements(ctx, 1))?;
-        let f32v = |name: &str| -> Result<Tensor> {
-            let v = files.read(cfg, name)?;
-            Tensor::upload(gpu, name, &[v.len()], DType::F32, &v)
-        };
-        let mat = |name: &str, rows: usize, cols: usize, dt: DType| -> Result<Tensor> {
-            let v = files.read(cfg, name)?;
-            Tensor::upload(gpu, name, &[rows, cols], dt, &v)
-        };
-        let (h, q, kv, f) = (
-            cfg.hidden,
-            cfg.heads * cfg.head_dim,
-            cfg.kv_heads * cfg.head_dim,
-            cfg.intermediate,
-        );
-        // A linear layer (several source tensors are stacked by rows, e.g. Q, K, V). With 4-bit
-        // layers, GGUF Q4_1 / Q4_K sources are converted block by block to q4m instead of
-        // being requantised from their dequantised values.
-        let lin = |names: &[String], rows: usize, cols: usize, out: &str| -> Result<Tensor> {
-            if matches!(policy.linear, DType::Q4 | DType::Q4M) {
-                let mut encs = Vec::new();
-                for n in names {
-                    match files.read_q4m(cfg, n)? {
-                        Some(e) => encs.push(e),
-                        None => break,
-                    }
-                }
-                if encs.len() == names.len() {
-                    let mut all = Encoded {
-                        dtype: DType::Q4M,
-                        data: vec![],
-                        scales: vec![],
-                    };
-                    for e in encs {
-                        all.data.extend(e.data);
-                        all.scales.extend(e.scales);
-                    }
-                    return Tensor::upload_encoded(gpu, out, &[rows, cols], &all);
-                }
-            }
-            let mut v = Vec::with_capacity(rows * cols);
-            for n in names {
-                v.extend(files.read(cfg, n)?);
-            }
-            Tensor::upload(gpu, out, &[rows, cols], policy.linear, &v)
-        };
-        let embed = mat("model.embed_tokens.weight", cfg.vocab, h, policy.embed)?;
-        let mut layers = Vec::with_capacity(cfg.layers);
-        for i in 0..cfg.layers {
-            let l = format!("model.layers.{i}");
-            let wqkv = lin(
-                &[
-                    format!("{l}.self_attn.q_proj.weight"),
-                    format!("{l}.self_attn.k_proj.weight"),
-                    format!("{l}.self_attn.v_proj.weight"),
-                ],
-                q + 2 * kv,
-                h,
-                &format!("{l}.self_attn.qkv_proj.weight"),
-            )?;
-            layers.push(Layer {
-                attn_norm: f32v(&format!("{l}.input_layernorm.weight"))?,
-                wqkv,
-                wo: lin(
-                    &[format!("{l}.self_attn.o_proj.weight")],
-                    h,
-                    q,
-                    &format!("{l}.self_attn.o_proj.weight"),
-                )?,
-                ffn_norm: f32v(&format!("{l}.post_attention_layernorm.weight"))?,
-                gate: lin(
-                    &[format!("{l}.mlp.gate_proj.weight")],
-                    f,
-                    h,
-                    &format!("{l}.mlp.gate_proj.weight"),
-                )?,
-                up: lin(
-                    &[format!("{l}.mlp.up_proj.weight")],
-                    f,
-                    h,
-                    &format!("{l}.mlp.up_proj.weight"),
-                )?,
-                down: lin(
-                    &[format!("{l}.mlp.down_proj.weight")],
-                    h,
-                    f,
-                    &format!("{l}.mlp.down_proj.weight"),
-                )?,
-                k_cache: Tensor::zeros(gpu, &format!("{l}.k_cache"), &[ctx, kv])?,
-                v_cache: Tensor::zeros(gpu, &format!("{l}.v_cache"), &[ctx, kv])?,
-            });
-        }
-        let norm = f32v("model.norm.weight")?;
-        let head_name = if cfg.tied {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let lm_head = mat(head_name, cfg.vocab, h, policy.lm_head)?;
-        let rope = RopeTable::new(gpu, cfg.head_dim, ctx, cfg.rope_theta)?;
-        Ok(Llama {
-            cfg: cfg.clone(),
+        gpu.require(&cfg.requirements(ctx.min(cfg.max_pos).max(1), 1))?;
+        let specs = Self::specs(cfg, policy);
+        let src = files.source(cfg);
+        Self::build(
+            gpu,
+            cfg,
             policy,
+            &mut TensorMap::upload(gpu, &specs, &src)?,
             ctx,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            scratch: HashMap::new(),
-            pos: 0,
-        })
+        )
     }
 
-    /// Records the embedding-table gather of `ids` into `out [ids.len, hidden]`.
     pub fn embed_into(&self, rec: &mut Recorder, ids: &Ids, out: &Tensor) -> Result<()> {
         rec.embedding(ids, &self.embed, out)
     }

@@ -10,17 +10,20 @@ use crate::chat::{
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Ids, Recorder, Tensor};
 use crate::loader::TensorSource;
-use crate::model::llama::{Llama, LlamaFiles, QuantPolicy};
+use crate::model::llama::{Llama, LlamaConfig, LlamaFiles, QuantPolicy};
 use crate::model::qformer::{QFormer, QFormerConfig};
-use crate::model::vit::{read_checked, Vit, VitConfig};
+use crate::model::vit::{Vit, VitConfig};
 use crate::quant::DType;
 use crate::tokenizer::Tokenizer;
+use crate::weights::{Recipe, TensorMap, TensorSpec};
 
 /// The reference demo's context budget (`max_length`, spec §7.5).
 pub const MAX_LENGTH: usize = 2000;
 
 pub struct MiniGpt4 {
     pub variant: ModelVariant,
+    /// The variant as the package names it (`vicuna0-7b`, ...).
+    pub label: String,
     pub vit: Vit,
     /// `None` for the Llama-2 and MiniGPT-v2 variants (4 ViT tokens concatenated instead).
     pub qformer: Option<QFormer>,
@@ -63,6 +66,50 @@ pub fn vision_sources(paths: &[&Path]) -> Result<Box<dyn TensorSource>> {
     )?))
 }
 
+/// "7B" / "13B" for the LLaMA widths MiniGPT-4 uses.
+fn size_name(hidden: usize) -> String {
+    match hidden {
+        4096 => "7B".into(),
+        5120 => "13B".into(),
+        h => format!("{h} wide"),
+    }
+}
+
+/// Several sources seen as one (the first that has a name answers for it).
+pub struct Union<'a>(pub Vec<&'a dyn TensorSource>);
+
+impl TensorSource for Union<'_> {
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|s| s.describe())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.iter().flat_map(|s| s.names()).collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.0.iter().find_map(|s| s.shape(name))
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        match self.0.iter().find(|s| s.shape(name).is_some()) {
+            Some(s) => s.read_f32(name),
+            None => Err(Error::tensor(
+                name,
+                format!("present in {}", self.describe()),
+                "missing",
+            )),
+        }
+    }
+    fn read_q4m(&self, name: &str) -> Result<Option<crate::quant::Encoded>> {
+        match self.0.iter().find(|s| s.shape(name).is_some()) {
+            Some(s) => s.read_q4m(name),
+            None => Ok(None),
+        }
+    }
+}
+
 /// One generated answer.
 #[derive(Clone, Debug)]
 pub struct Answer {
@@ -76,68 +123,161 @@ pub struct Answer {
     pub finish: Finish,
 }
 
+/// The shapes of a MiniGPT-4: variant, vision encoder, Q-Former (absent for the Llama-2 and
+/// MiniGPT-v2 variants) and LLM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MiniGpt4Config {
+    pub variant: ModelVariant,
+    pub vision: VitConfig,
+    pub qformer: Option<QFormerConfig>,
+    pub llm: LlamaConfig,
+}
+
+/// GPU formats: vision linear layers and projection, and the LLM's policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Formats {
+    pub vision: DType,
+    pub llm: QuantPolicy,
+}
+
+impl MiniGpt4Config {
+    /// Width of the projection's input: the Q-Former width, or 4 × the ViT width.
+    pub fn proj_in(&self) -> usize {
+        match &self.qformer {
+            Some(q) => q.hidden,
+            None => 4 * self.vision.width,
+        }
+    }
+
+    /// Checks that the parts fit together (spec §4), naming the classic mix-ups.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::InvalidOption {
+                name: "model configuration".into(),
+                msg,
+            })
+        };
+        self.vision.validate()?;
+        match (self.variant, &self.qformer) {
+            (ModelVariant::Vicuna0, None) => {
+                return bad("the vicuna0 variants need a Q-Former configuration".into())
+            }
+            (ModelVariant::Vicuna0, Some(q)) => {
+                q.validate()?;
+                if q.encoder_width != self.vision.width {
+                    return bad(format!(
+                        "the Q-Former attends to {}-wide image tokens but the ViT is {} wide",
+                        q.encoder_width, self.vision.width
+                    ));
+                }
+            }
+            (v, Some(_)) => {
+                return bad(format!(
+                    "the {} variant has no Q-Former (it concatenates 4 ViT tokens, spec §4)",
+                    v.name()
+                ))
+            }
+            (_, None) => {}
+        }
+        Ok(())
+    }
+}
+
 impl MiniGpt4 {
-    /// Loads the vision weights (MiniGPT-4 key names) and the LLM (GGUF or HF directory).
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
+    /// Every GPU tensor of the model, vision first, and how each comes from the original
+    /// checkpoints (MiniGPT-4 names for the vision side, HF names for the LLM).
+    pub fn specs(cfg: &MiniGpt4Config, formats: Formats) -> Result<Vec<TensorSpec>> {
+        cfg.validate()?;
+        let mut s = Vit::specs(&cfg.vision, formats.vision)?;
+        if let Some(q) = &cfg.qformer {
+            s.extend(QFormer::specs(q, formats.vision)?);
+        }
+        let (h, k) = (cfg.llm.hidden, cfg.proj_in());
+        s.push(TensorSpec::new(
+            "llama_proj.weight",
+            &[h, k],
+            formats.vision,
+            Recipe::copy("llama_proj.weight", &[h, k]),
+        ));
+        s.push(TensorSpec::new(
+            "llama_proj.bias",
+            &[h],
+            DType::F32,
+            Recipe::copy("llama_proj.bias", &[h]),
+        ));
+        s.extend(Llama::specs(&cfg.llm, formats.llm));
+        Ok(s)
+    }
+
+    /// Checks every source tensor before anything is read, explaining the classic mix-ups
+    /// (spec §4, §8.5): a projection from another model size or variant, Vicuna v1.1 (32000
+    /// embedding rows) where v0 (32001) is expected.
+    pub fn check_sources(
+        cfg: &MiniGpt4Config,
+        specs: &[TensorSpec],
+        src: &dyn TensorSource,
+    ) -> Result<()> {
+        if cfg.variant == ModelVariant::Vicuna0 && cfg.llm.vocab == 32000 {
+            return Err(Error::format(
+                src.describe(),
+                "the LLM has 32000 embedding rows: this is Vicuna v1.1 / v1.5 or plain LLaMA, but MiniGPT-4's vicuna0 variants need Vicuna v0, which has 32001 (spec §6.1); use the Vicuna v0 weights (Vision-CAIR/vicuna or vicuna-7b), or the llama2-7b variant with its own checkpoint",
+            ));
+        }
+        let (h, k) = (cfg.llm.hidden, cfg.proj_in());
+        if let Some(found) = src.shape("llama_proj.weight") {
+            if found != [h, k] {
+                let why = match (found.first(), found.get(1)) {
+                    (Some(_), Some(&fk)) if fk != k && fk == 4 * cfg.vision.width => {
+                        format!("a projection from 4 concatenated ViT tokens ({fk} wide): a Llama-2 / MiniGPT-v2 checkpoint, which has no Q-Former; use --variant llama2-7b or minigptv2")
+                    }
+                    (Some(_), Some(&fk)) if fk != k && cfg.qformer.is_none() => {
+                        format!("a projection from the {fk}-wide Q-Former output: a Vicuna-v0 checkpoint; use --variant vicuna0-7b or vicuna0-13b")
+                    }
+                    (Some(&fh), _) if fh != h => format!(
+                        "a projection into a {fh}-wide LLM, but the LLM is {h} wide ({} vs {}): the MiniGPT-4 checkpoint and the LLM are of different sizes (13B is 5120 wide, 7B 4096)",
+                        size_name(fh),
+                        size_name(h)
+                    ),
+                    _ => "a projection of another shape".into(),
+                };
+                return Err(Error::tensor(
+                    "llama_proj.weight",
+                    format!("[{h}, {k}] in {}", src.describe()),
+                    format!("{found:?}: {why} (spec §4)"),
+                ));
+            }
+        }
+        crate::weights::check_sources(specs, src)
+    }
+
+    /// Builds the model from uploaded tensors (see [`MiniGpt4::specs`]).
+    pub fn build(
         gpu: &Gpu,
-        variant: ModelVariant,
-        vit_cfg: &VitConfig,
-        qformer_cfg: Option<&QFormerConfig>,
-        vision: &dyn TensorSource,
-        llm_path: &Path,
-        vision_dtype: DType,
-        llm_quant: DType,
+        cfg: &MiniGpt4Config,
+        formats: Formats,
+        tok: Tokenizer,
+        t: &mut TensorMap,
         ctx: usize,
     ) -> Result<Self> {
-        let (cfg, files) = LlamaFiles::open(llm_path)?;
-        let tok = files.tokenizer(&cfg)?;
-        let vit = Vit::load(gpu, vit_cfg, vision, vision_dtype)?;
-        let (qformer, in_width) = match (variant, qformer_cfg) {
-            (ModelVariant::Vicuna0, Some(q)) => {
-                (Some(QFormer::load(gpu, q, vision, vision_dtype)?), q.hidden)
-            }
-            (ModelVariant::Vicuna0, None) => {
-                return Err(Error::InvalidOption {
-                    name: "variant".into(),
-                    msg: "vicuna0 needs a Q-Former configuration".into(),
-                })
-            }
-            (_, _) => (None, 4 * vit_cfg.width),
+        cfg.validate()?;
+        if tok.vocab_size() > cfg.llm.vocab {
+            return Err(Error::InvalidOption {
+                name: "tokenizer".into(),
+                msg: format!("the tokenizer has {} tokens but the LLM's embedding has only {} rows: they do not belong together", tok.vocab_size(), cfg.llm.vocab),
+            });
+        }
+        let vit = Vit::build(&cfg.vision, t)?;
+        let qformer = match &cfg.qformer {
+            Some(q) => Some(QFormer::build(q, t)?),
+            None => None,
         };
-        let w = read_checked(vision, "llama_proj.weight", &[cfg.hidden, in_width]).map_err(
-            |e| match e {
-                Error::Tensor { name, found, .. } => Error::Tensor {
-                    name,
-                    expected: format!(
-                        "[{}, {in_width}] (LLM width {} × {})",
-                        cfg.hidden,
-                        cfg.hidden,
-                        if qformer_cfg.is_some() {
-                            "Q-Former width"
-                        } else {
-                            "4 × ViT width"
-                        }
-                    ),
-                    found: format!(
-                        "{found}: the projection does not belong to this LLM / variant (spec §4)"
-                    ),
-                },
-                e => e,
-            },
-        )?;
-        let proj_w = Tensor::upload(
-            gpu,
-            "llama_proj.weight",
-            &[cfg.hidden, in_width],
-            vision_dtype,
-            &w,
-        )?;
-        let b = read_checked(vision, "llama_proj.bias", &[cfg.hidden])?;
-        let proj_b = Tensor::upload(gpu, "llama_proj.bias", &[cfg.hidden], DType::F32, &b)?;
-        let llm = Llama::load(gpu, &cfg, &files, QuantPolicy::for_linear(llm_quant), ctx)?;
+        let (h, k) = (cfg.llm.hidden, cfg.proj_in());
+        let proj_w = t.take("llama_proj.weight", &[h, k])?;
+        let proj_b = t.take("llama_proj.bias", &[h])?;
+        let llm = Llama::build(gpu, &cfg.llm, formats.llm, t, ctx)?;
         Ok(MiniGpt4 {
-            variant,
+            variant: cfg.variant,
+            label: cfg.variant.name().into(),
             vit,
             qformer,
             proj_w,
@@ -145,6 +285,26 @@ impl MiniGpt4 {
             llm,
             tok,
         })
+    }
+
+    /// Loads from the original files: the vision weights (MiniGPT-4 key names) and the LLM
+    /// (GGUF or HF directory). Every tensor is checked before the first upload.
+    pub fn load(
+        gpu: &Gpu,
+        cfg: &MiniGpt4Config,
+        formats: Formats,
+        vision: &dyn TensorSource,
+        llm: &LlamaFiles,
+        ctx: usize,
+    ) -> Result<Self> {
+        let tok = llm.tokenizer(&cfg.llm)?;
+        let specs = Self::specs(cfg, formats)?;
+        let llm_src = llm.source(&cfg.llm);
+        let src = Union(vec![vision, &llm_src]);
+        Self::check_sources(cfg, &specs, &src)?;
+        gpu.require(&cfg.llm.requirements(ctx.min(cfg.llm.max_pos).max(1), 1))?;
+        let mut t = TensorMap::upload(gpu, &specs, &src)?;
+        Self::build(gpu, cfg, formats, tok, &mut t, ctx)
     }
 
     /// The image half: preprocessed pixels `[3, S, S]` → embeddings `[n, llm_hidden]`

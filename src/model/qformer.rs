@@ -6,8 +6,8 @@
 use crate::error::{Error, Result};
 use crate::gpu::{AttnShape, Gpu, HeadView, Recorder, Tensor};
 use crate::loader::TensorSource;
-use crate::model::vit::read_checked;
 use crate::quant::DType;
+use crate::weights::{Piece, Recipe, TensorMap, TensorSpec};
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct QFormerConfig {
@@ -38,6 +38,20 @@ impl QFormerConfig {
     }
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.heads == 0
+            || !self.hidden.is_multiple_of(self.heads)
+            || self.cross_every == 0
+            || self.head_dim() > 256
+        {
+            return Err(Error::InvalidOption {
+                name: "Q-Former config".into(),
+                msg: format!("inconsistent dimensions: {self:?}"),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -74,48 +88,38 @@ pub struct QFormer {
 }
 
 impl QFormer {
-    pub fn load(
-        gpu: &Gpu,
-        cfg: &QFormerConfig,
-        src: &dyn TensorSource,
-        dtype: DType,
-    ) -> Result<Self> {
-        if cfg.heads == 0 || !cfg.hidden.is_multiple_of(cfg.heads) || cfg.cross_every == 0 {
-            return Err(Error::InvalidOption {
-                name: "Q-Former config".into(),
-                msg: format!("inconsistent dimensions: {cfg:?}"),
-            });
-        }
+    /// The GPU tensors and how each comes from the BLIP-2 checkpoint: the query, key and value
+    /// projections of self-attention are fused into one matrix, key and value of
+    /// cross-attention into another.
+    pub fn specs(cfg: &QFormerConfig, dtype: DType) -> Result<Vec<TensorSpec>> {
+        cfg.validate()?;
         let (d, e, f) = (cfg.hidden, cfg.encoder_width, cfg.intermediate);
-        let vec = |name: &str, n: usize| -> Result<Tensor> {
-            let x = read_checked(src, name, &[n])?;
-            Tensor::upload(gpu, name, &[n], DType::F32, &x)
+        let mut s = Vec::new();
+        let vec = |s: &mut Vec<TensorSpec>, name: String, n: usize| {
+            s.push(TensorSpec::new(
+                name.clone(),
+                &[n],
+                DType::F32,
+                Recipe::copy(name, &[n]),
+            ))
         };
-        let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor> {
-            let x = read_checked(src, name, &[rows, cols])?;
-            Tensor::upload(gpu, name, &[rows, cols], dtype, &x)
+        let mat = |s: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
+            s.push(TensorSpec::new(
+                name.clone(),
+                &[rows, cols],
+                dtype,
+                Recipe::copy(name, &[rows, cols]),
+            ))
         };
-        // rows of several [n, cols] weights stacked into one matrix (fused projections)
-        let stacked = |names: &[String], rows: usize, cols: usize, out: &str| -> Result<Tensor> {
-            let mut x = Vec::with_capacity(names.len() * rows * cols);
-            for n in names {
-                x.extend(read_checked(src, n, &[rows, cols])?);
-            }
-            Tensor::upload(gpu, out, &[names.len() * rows, cols], dtype, &x)
-        };
-        let stacked_bias = |names: &[String], n: usize, out: &str| -> Result<Tensor> {
-            let mut x = Vec::new();
-            for name in names {
-                x.extend(read_checked(src, name, &[n])?);
-            }
-            Tensor::upload(gpu, out, &[x.len()], DType::F32, &x)
-        };
-        let queries = {
-            let x = read_checked(src, "query_tokens", &[1, cfg.queries, d])?;
-            Tensor::upload(gpu, "query_tokens", &[cfg.queries, d], DType::F32, &x)?
-        };
+        s.push(TensorSpec::new(
+            "query_tokens",
+            &[cfg.queries, d],
+            DType::F32,
+            Recipe::copy("query_tokens", &[1, cfg.queries, d]),
+        ));
         let p = "Qformer.bert.";
-        let mut layers = Vec::with_capacity(cfg.layers);
+        vec(&mut s, format!("{p}embeddings.LayerNorm.weight"), d);
+        vec(&mut s, format!("{p}embeddings.LayerNorm.bias"), d);
         for i in 0..cfg.layers {
             let l = format!("{p}encoder.layer.{i}.");
             let names = |kind: &str, parts: &[&str], suffix: &str| -> Vec<String> {
@@ -124,48 +128,83 @@ impl QFormer {
                     .map(|x| format!("{l}{kind}.self.{x}.{suffix}"))
                     .collect()
             };
+            let fused = |s: &mut Vec<TensorSpec>, kind: &str, parts: &[&str], out: &str, cols| {
+                let n = parts.len();
+                s.push(TensorSpec::new(
+                    format!("{l}{kind}.{out}.weight"),
+                    &[n * d, cols],
+                    dtype,
+                    Recipe::stack(&names(kind, parts, "weight"), d, cols),
+                ));
+                s.push(TensorSpec::new(
+                    format!("{l}{kind}.{out}.bias"),
+                    &[n * d],
+                    DType::F32,
+                    Recipe::Concat(
+                        names(kind, parts, "bias")
+                            .into_iter()
+                            .map(|b| Piece::tensor(b, &[d]))
+                            .collect(),
+                    ),
+                ));
+            };
+            let output = |s: &mut Vec<TensorSpec>, kind: &str| {
+                mat(s, format!("{l}{kind}.output.dense.weight"), d, d);
+                vec(s, format!("{l}{kind}.output.dense.bias"), d);
+                vec(s, format!("{l}{kind}.output.LayerNorm.weight"), d);
+                vec(s, format!("{l}{kind}.output.LayerNorm.bias"), d);
+            };
+            fused(&mut s, "attention", &["query", "key", "value"], "qkv", d);
+            output(&mut s, "attention");
+            if i % cfg.cross_every == 0 {
+                mat(&mut s, format!("{l}crossattention.self.query.weight"), d, d);
+                vec(&mut s, format!("{l}crossattention.self.query.bias"), d);
+                fused(&mut s, "crossattention", &["key", "value"], "kv", e);
+                output(&mut s, "crossattention");
+            }
+            mat(&mut s, format!("{l}intermediate_query.dense.weight"), f, d);
+            vec(&mut s, format!("{l}intermediate_query.dense.bias"), f);
+            mat(&mut s, format!("{l}output_query.dense.weight"), d, f);
+            vec(&mut s, format!("{l}output_query.dense.bias"), d);
+            vec(&mut s, format!("{l}output_query.LayerNorm.weight"), d);
+            vec(&mut s, format!("{l}output_query.LayerNorm.bias"), d);
+        }
+        Ok(s)
+    }
+
+    /// Builds the Q-Former from uploaded tensors (see [`QFormer::specs`]).
+    pub fn build(cfg: &QFormerConfig, t: &mut TensorMap) -> Result<Self> {
+        cfg.validate()?;
+        let (d, e, f) = (cfg.hidden, cfg.encoder_width, cfg.intermediate);
+        let p = "Qformer.bert.";
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let l = format!("{p}encoder.layer.{i}.");
+            let mut take = |name: &str, shape: &[usize]| t.take(&format!("{l}{name}"), shape);
             let self_attn = Attn {
-                qkv_w: Some(stacked(
-                    &names("attention", &["query", "key", "value"], "weight"),
-                    d,
-                    d,
-                    &format!("{l}attention.qkv.weight"),
-                )?),
-                qkv_b: Some(stacked_bias(
-                    &names("attention", &["query", "key", "value"], "bias"),
-                    d,
-                    &format!("{l}attention.qkv.bias"),
-                )?),
+                qkv_w: Some(take("attention.qkv.weight", &[3 * d, d])?),
+                qkv_b: Some(take("attention.qkv.bias", &[3 * d])?),
                 q_w: None,
                 q_b: None,
                 kv_w: None,
                 kv_b: None,
-                out_w: mat(&format!("{l}attention.output.dense.weight"), d, d)?,
-                out_b: vec(&format!("{l}attention.output.dense.bias"), d)?,
-                ln_w: vec(&format!("{l}attention.output.LayerNorm.weight"), d)?,
-                ln_b: vec(&format!("{l}attention.output.LayerNorm.bias"), d)?,
+                out_w: take("attention.output.dense.weight", &[d, d])?,
+                out_b: take("attention.output.dense.bias", &[d])?,
+                ln_w: take("attention.output.LayerNorm.weight", &[d])?,
+                ln_b: take("attention.output.LayerNorm.bias", &[d])?,
             };
             let cross = if i % cfg.cross_every == 0 {
                 Some(Attn {
                     qkv_w: None,
                     qkv_b: None,
-                    q_w: Some(mat(&format!("{l}crossattention.self.query.weight"), d, d)?),
-                    q_b: Some(vec(&format!("{l}crossattention.self.query.bias"), d)?),
-                    kv_w: Some(stacked(
-                        &names("crossattention", &["key", "value"], "weight"),
-                        d,
-                        e,
-                        &format!("{l}crossattention.kv.weight"),
-                    )?),
-                    kv_b: Some(stacked_bias(
-                        &names("crossattention", &["key", "value"], "bias"),
-                        d,
-                        &format!("{l}crossattention.kv.bias"),
-                    )?),
-                    out_w: mat(&format!("{l}crossattention.output.dense.weight"), d, d)?,
-                    out_b: vec(&format!("{l}crossattention.output.dense.bias"), d)?,
-                    ln_w: vec(&format!("{l}crossattention.output.LayerNorm.weight"), d)?,
-                    ln_b: vec(&format!("{l}crossattention.output.LayerNorm.bias"), d)?,
+                    q_w: Some(take("crossattention.self.query.weight", &[d, d])?),
+                    q_b: Some(take("crossattention.self.query.bias", &[d])?),
+                    kv_w: Some(take("crossattention.kv.weight", &[2 * d, e])?),
+                    kv_b: Some(take("crossattention.kv.bias", &[2 * d])?),
+                    out_w: take("crossattention.output.dense.weight", &[d, d])?,
+                    out_b: take("crossattention.output.dense.bias", &[d])?,
+                    ln_w: take("crossattention.output.LayerNorm.weight", &[d])?,
+                    ln_b: take("crossattention.output.LayerNorm.bias", &[d])?,
                 })
             } else {
                 None
@@ -173,21 +212,32 @@ impl QFormer {
             layers.push(QLayer {
                 self_attn,
                 cross,
-                inter_w: mat(&format!("{l}intermediate_query.dense.weight"), f, d)?,
-                inter_b: vec(&format!("{l}intermediate_query.dense.bias"), f)?,
-                out_w: mat(&format!("{l}output_query.dense.weight"), d, f)?,
-                out_b: vec(&format!("{l}output_query.dense.bias"), d)?,
-                ln_w: vec(&format!("{l}output_query.LayerNorm.weight"), d)?,
-                ln_b: vec(&format!("{l}output_query.LayerNorm.bias"), d)?,
+                inter_w: take("intermediate_query.dense.weight", &[f, d])?,
+                inter_b: take("intermediate_query.dense.bias", &[f])?,
+                out_w: take("output_query.dense.weight", &[d, f])?,
+                out_b: take("output_query.dense.bias", &[d])?,
+                ln_w: take("output_query.LayerNorm.weight", &[d])?,
+                ln_b: take("output_query.LayerNorm.bias", &[d])?,
             });
         }
         Ok(QFormer {
             cfg: cfg.clone(),
-            queries,
-            emb_ln_w: vec(&format!("{p}embeddings.LayerNorm.weight"), d)?,
-            emb_ln_b: vec(&format!("{p}embeddings.LayerNorm.bias"), d)?,
+            queries: t.take("query_tokens", &[cfg.queries, d])?,
+            emb_ln_w: t.take(&format!("{p}embeddings.LayerNorm.weight"), &[d])?,
+            emb_ln_b: t.take(&format!("{p}embeddings.LayerNorm.bias"), &[d])?,
             layers,
         })
+    }
+
+    /// Loads the Q-Former from the original checkpoint tensors.
+    pub fn load(
+        gpu: &Gpu,
+        cfg: &QFormerConfig,
+        src: &dyn TensorSource,
+        dtype: DType,
+    ) -> Result<Self> {
+        let specs = Self::specs(cfg, dtype)?;
+        Self::build(cfg, &mut TensorMap::upload(gpu, &specs, src)?)
     }
 
     /// Records the Q-Former over `image [tokens, encoder_width]`; returns `[queries, hidden]`.

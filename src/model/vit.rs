@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{AttnShape, Gpu, HeadView, Recorder, Tensor};
 use crate::loader::TensorSource;
 use crate::quant::DType;
+use crate::weights::{Piece, Recipe, TensorMap, TensorSpec};
 
 /// ViT hyper-parameters (ViT-g: width 1408, 39 layers, 16 heads, MLP 6144, patch 14).
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -92,130 +93,142 @@ pub struct Vit {
     ln_b: Tensor,
 }
 
-/// Reads `name` as f32 and checks its shape (any leading dims of size 1 are ignored).
-pub(crate) fn read_checked(
-    src: &dyn TensorSource,
-    name: &str,
-    shape: &[usize],
-) -> Result<Vec<f32>> {
-    let found = src.shape(name).ok_or_else(|| {
-        Error::tensor(
-            name,
-            format!("present with shape {shape:?} in {}", src.describe()),
-            "missing",
-        )
-    })?;
-    let squeeze = |s: &[usize]| {
-        s.iter()
-            .copied()
-            .skip_while(|&d| d == 1)
-            .collect::<Vec<_>>()
-    };
-    if squeeze(&found) != squeeze(shape) {
-        return Err(Error::tensor(
-            name,
-            format!("shape {shape:?} in {}", src.describe()),
-            format!("{found:?}"),
-        ));
-    }
-    src.read_f32(name)
-}
-
 impl Vit {
-    /// Loads the ViT and `ln_vision` (identity when the checkpoint has none, spec §2.3).
-    /// Linear weights are stored as `dtype`; the patch embedding (K = 3·p², not a multiple of
-    /// 32) as f16 unless `dtype` is f32.
-    pub fn load(gpu: &Gpu, cfg: &VitConfig, src: &dyn TensorSource, dtype: DType) -> Result<Self> {
+    /// The GPU tensors of the ViT and `ln_vision` and how each comes from the original
+    /// checkpoint (MiniGPT-4 names; `ln_vision` is the identity when the checkpoint has none,
+    /// spec §2.3). Linear weights are stored as `dtype`; the patch embedding (K = 3·p², not a
+    /// multiple of 32) as f16 unless `dtype` is f32.
+    pub fn specs(cfg: &VitConfig, dtype: DType) -> Result<Vec<TensorSpec>> {
         cfg.validate()?;
         let (w, t, m, p) = (cfg.width, cfg.tokens(), cfg.mlp, cfg.patch);
         let v = "visual_encoder.";
-        let vec = |name: &str, n: usize| -> Result<Tensor> {
-            let x = read_checked(src, name, &[n])?;
-            Tensor::upload(gpu, name, &[n], DType::F32, &x)
+        let mut s = Vec::new();
+        let vec = |s: &mut Vec<TensorSpec>, name: String, n: usize| {
+            s.push(TensorSpec::new(
+                name.clone(),
+                &[n],
+                DType::F32,
+                Recipe::copy(name, &[n]),
+            ))
         };
-        let mat = |name: &str, rows: usize, cols: usize, dt: DType| -> Result<Tensor> {
-            let x = read_checked(src, name, &[rows, cols])?;
-            Tensor::upload(gpu, name, &[rows, cols], dt, &x)
+        let mat = |s: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
+            s.push(TensorSpec::new(
+                name.clone(),
+                &[rows, cols],
+                dtype,
+                Recipe::copy(name, &[rows, cols]),
+            ))
         };
-        let cls = {
-            let x = read_checked(src, &format!("{v}cls_token"), &[1, 1, w])?;
-            Tensor::upload(gpu, "cls_token", &[1, w], DType::F32, &x)?
-        };
-        let pos = {
-            // A table for another grid (MiniGPT-v2 runs the 224-px table at 448 px) is resized
-            // bicubically as MiniGPT-v2 does at load time (spec §2.1).
-            let name = format!("{v}pos_embed");
-            let found = src.shape(&name).unwrap_or_default();
-            let rows = found.iter().rev().nth(1).copied().unwrap_or(0);
-            let old = ((rows.max(1) - 1) as f64).sqrt().round() as usize;
-            let x = if rows != t && rows > 1 && 1 + old * old == rows && found.last() == Some(&w) {
-                let x = read_checked(src, &name, &[1, rows, w])?;
-                interpolate_pos_embed(&x, w, old, cfg.grid())?
+        s.push(TensorSpec::new(
+            format!("{v}cls_token"),
+            &[1, w],
+            DType::F32,
+            Recipe::copy(format!("{v}cls_token"), &[1, 1, w]),
+        ));
+        // A table for another grid (MiniGPT-v2 runs the 224-px table at 448 px) is resized
+        // bicubically as MiniGPT-v2 does at load time (spec §2.1).
+        s.push(TensorSpec::new(
+            format!("{v}pos_embed"),
+            &[t, w],
+            DType::F32,
+            Recipe::PosEmbed {
+                name: format!("{v}pos_embed"),
+                width: w,
+                grid: cfg.grid(),
+            },
+        ));
+        s.push(TensorSpec::new(
+            format!("{v}patch_embed.proj.weight"),
+            &[w, 3 * p * p],
+            if dtype == DType::F32 {
+                DType::F32
             } else {
-                read_checked(src, &name, &[1, t, w])?
-            };
-            Tensor::upload(gpu, "pos_embed", &[t, w], DType::F32, &x)?
-        };
-        let patch_dt = if dtype == DType::F32 {
-            DType::F32
-        } else {
-            DType::F16
-        };
-        let patch_w = {
-            let x = read_checked(src, &format!("{v}patch_embed.proj.weight"), &[w, 3, p, p])?;
-            Tensor::upload(gpu, "patch_embed", &[w, 3 * p * p], patch_dt, &x)?
-        };
-        let patch_b = vec(&format!("{v}patch_embed.proj.bias"), w)?;
+                DType::F16
+            },
+            Recipe::copy(format!("{v}patch_embed.proj.weight"), &[w, 3, p, p]),
+        ));
+        vec(&mut s, format!("{v}patch_embed.proj.bias"), w);
+        for i in 0..cfg.layers {
+            let b = format!("{v}blocks.{i}.");
+            vec(&mut s, format!("{b}norm1.weight"), w);
+            vec(&mut s, format!("{b}norm1.bias"), w);
+            mat(&mut s, format!("{b}attn.qkv.weight"), 3 * w, w);
+            // transformers' fused bias, or MiniGPT-4's q and v biases around a zero k bias
+            s.push(TensorSpec::new(
+                format!("{b}attn.qkv.bias"),
+                &[3 * w],
+                DType::F32,
+                Recipe::FirstOf(vec![
+                    Recipe::copy(format!("{b}attn.qkv.bias"), &[3 * w]),
+                    Recipe::Concat(vec![
+                        Piece::tensor(format!("{b}attn.q_bias"), &[w]),
+                        Piece::Fill { value: 0.0, n: w },
+                        Piece::tensor(format!("{b}attn.v_bias"), &[w]),
+                    ]),
+                ]),
+            ));
+            mat(&mut s, format!("{b}attn.proj.weight"), w, w);
+            vec(&mut s, format!("{b}attn.proj.bias"), w);
+            vec(&mut s, format!("{b}norm2.weight"), w);
+            vec(&mut s, format!("{b}norm2.bias"), w);
+            mat(&mut s, format!("{b}mlp.fc1.weight"), m, w);
+            vec(&mut s, format!("{b}mlp.fc1.bias"), m);
+            mat(&mut s, format!("{b}mlp.fc2.weight"), w, m);
+            vec(&mut s, format!("{b}mlp.fc2.bias"), w);
+        }
+        for (name, value) in [("ln_vision.weight", 1.0), ("ln_vision.bias", 0.0)] {
+            s.push(TensorSpec::new(
+                name,
+                &[w],
+                DType::F32,
+                Recipe::FirstOf(vec![
+                    Recipe::copy(name, &[w]),
+                    Recipe::Concat(vec![Piece::Fill { value, n: w }]),
+                ]),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Builds the ViT from uploaded tensors (see [`Vit::specs`]).
+    pub fn build(cfg: &VitConfig, t: &mut TensorMap) -> Result<Self> {
+        cfg.validate()?;
+        let (w, m, p) = (cfg.width, cfg.mlp, cfg.patch);
+        let v = "visual_encoder.";
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let b = format!("{v}blocks.{i}.");
-            let qkv_b = if src.shape(&format!("{b}attn.qkv.bias")).is_some() {
-                read_checked(src, &format!("{b}attn.qkv.bias"), &[3 * w])?
-            } else {
-                let mut x = read_checked(src, &format!("{b}attn.q_bias"), &[w])?;
-                x.extend(std::iter::repeat_n(0.0, w));
-                x.extend(read_checked(src, &format!("{b}attn.v_bias"), &[w])?);
-                x
-            };
             blocks.push(Block {
-                norm1_w: vec(&format!("{b}norm1.weight"), w)?,
-                norm1_b: vec(&format!("{b}norm1.bias"), w)?,
-                qkv_w: mat(&format!("{b}attn.qkv.weight"), 3 * w, w, dtype)?,
-                qkv_b: Tensor::upload(
-                    gpu,
-                    &format!("{b}attn.qkv.bias"),
-                    &[3 * w],
-                    DType::F32,
-                    &qkv_b,
-                )?,
-                proj_w: mat(&format!("{b}attn.proj.weight"), w, w, dtype)?,
-                proj_b: vec(&format!("{b}attn.proj.bias"), w)?,
-                norm2_w: vec(&format!("{b}norm2.weight"), w)?,
-                norm2_b: vec(&format!("{b}norm2.bias"), w)?,
-                fc1_w: mat(&format!("{b}mlp.fc1.weight"), m, w, dtype)?,
-                fc1_b: vec(&format!("{b}mlp.fc1.bias"), m)?,
-                fc2_w: mat(&format!("{b}mlp.fc2.weight"), w, m, dtype)?,
-                fc2_b: vec(&format!("{b}mlp.fc2.bias"), w)?,
+                norm1_w: t.take(&format!("{b}norm1.weight"), &[w])?,
+                norm1_b: t.take(&format!("{b}norm1.bias"), &[w])?,
+                qkv_w: t.take(&format!("{b}attn.qkv.weight"), &[3 * w, w])?,
+                qkv_b: t.take(&format!("{b}attn.qkv.bias"), &[3 * w])?,
+                proj_w: t.take(&format!("{b}attn.proj.weight"), &[w, w])?,
+                proj_b: t.take(&format!("{b}attn.proj.bias"), &[w])?,
+                norm2_w: t.take(&format!("{b}norm2.weight"), &[w])?,
+                norm2_b: t.take(&format!("{b}norm2.bias"), &[w])?,
+                fc1_w: t.take(&format!("{b}mlp.fc1.weight"), &[m, w])?,
+                fc1_b: t.take(&format!("{b}mlp.fc1.bias"), &[m])?,
+                fc2_w: t.take(&format!("{b}mlp.fc2.weight"), &[w, m])?,
+                fc2_b: t.take(&format!("{b}mlp.fc2.bias"), &[w])?,
             });
         }
-        let (ln_w, ln_b) = if src.shape("ln_vision.weight").is_some() {
-            (vec("ln_vision.weight", w)?, vec("ln_vision.bias", w)?)
-        } else {
-            (
-                Tensor::upload(gpu, "ln_vision.weight", &[w], DType::F32, &vec![1.0; w])?,
-                Tensor::upload(gpu, "ln_vision.bias", &[w], DType::F32, &vec![0.0; w])?,
-            )
-        };
         Ok(Vit {
             cfg: cfg.clone(),
-            cls,
-            pos,
-            patch_w,
-            patch_b,
+            cls: t.take(&format!("{v}cls_token"), &[1, w])?,
+            pos: t.take(&format!("{v}pos_embed"), &[cfg.tokens(), w])?,
+            patch_w: t.take(&format!("{v}patch_embed.proj.weight"), &[w, 3 * p * p])?,
+            patch_b: t.take(&format!("{v}patch_embed.proj.bias"), &[w])?,
             blocks,
-            ln_w,
-            ln_b,
+            ln_w: t.take("ln_vision.weight", &[w])?,
+            ln_b: t.take("ln_vision.bias", &[w])?,
         })
+    }
+
+    /// Loads the ViT and `ln_vision` from the original checkpoint tensors.
+    pub fn load(gpu: &Gpu, cfg: &VitConfig, src: &dyn TensorSource, dtype: DType) -> Result<Self> {
+        let specs = Self::specs(cfg, dtype)?;
+        Self::build(cfg, &mut TensorMap::upload(gpu, &specs, src)?)
     }
 
     /// Records the encoder for one preprocessed image `[3, S, S]`; returns the `ln_vision`

@@ -500,7 +500,18 @@ def make_case(case, sp, vers):
     # ---- goldens
     f32 = lambda t: t.detach().float().contiguous().numpy()  # noqa: E731
     i32 = lambda l: np.asarray(l, dtype=np.int32)  # noqa: E731
+    # logits at every prompt position, on a column subset: ids 0..255, each position's top 8,
+    # and the Vicuna pad row (the full table would be L x 32001 floats)
+    cols = set(range(256))
+    for row in prefill:
+        cols.update(int(i) for i in torch.topk(row, 8).indices)
+    if vic:
+        cols.add(VICUNA_PAD_ROW)
+    cols = sorted(cols)
+    golden_every = prefill[:, cols]
     golden = {
+        "logits_cols": i32(cols),
+        "logits_every_position": f32(golden_every),
         "pixel_values": f32(px),
         "vit_out": f32(vg["vit_out"]),
         "ln_vision": f32(vg["ln_vision"]),
@@ -592,6 +603,7 @@ def make_case(case, sp, vers):
             "spliced_embeds": "cat(embed(seg0), image_embeds, embed(seg1)) = inputs_embeds",
             "logits_last": "logits at the last prompt position (= the first greedy step)",
             "logits_last4": f"logits at prompt positions {L - N_LAST}..{L - 1}",
+            "logits_every_position / logits_cols": "logits at every prompt position 0..L-1 for the vocabulary ids in logits_cols (0..255, each position's top 8, the pad row)",
             "greedy_ids / margins": "greedy tokens and top1 - top2 logit at each step (KV-cached decode)",
             "greedy_ids_masked / margins_masked": "same with logits[32000] = -inf",
         },

@@ -1,0 +1,362 @@
+//! The tensors a model keeps on the GPU, described before any of them exists.
+//!
+//! Every stage lists its GPU tensors as [`TensorSpec`]s: the name (the model-package name, see
+//! [`crate::package`]), the shape and format on the GPU, and a [`Recipe`] saying how the tensor
+//! is derived from the original checkpoints (fused Q/K/V, the ViT's q/v biases with a zero k
+//! bias, the resized position table, ...). The same list drives three things:
+//! - loading from the original files: each recipe is run, encoded and uploaded;
+//! - conversion to a package: each recipe is run, encoded and written to a shard;
+//! - loading a package: each tensor is allocated, validated against the files and filled.
+//!
+//! Stages are then built from a [`TensorMap`] holding the uploaded tensors by name.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::loader::TensorSource;
+use crate::quant::{self, DType, Encoded};
+
+/// One piece of a derived tensor: a source tensor of a given shape (leading dimensions of size
+/// one ignored), or `n` copies of a constant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Piece {
+    Tensor { name: String, shape: Vec<usize> },
+    Fill { value: f32, n: usize },
+}
+
+impl Piece {
+    pub fn tensor(name: impl Into<String>, shape: &[usize]) -> Self {
+        Piece::Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// How a GPU tensor is made from the original checkpoint tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Recipe {
+    /// The pieces' values one after the other (rows stacked for matrices of equal width).
+    Concat(Vec<Piece>),
+    /// The first alternative whose source tensors are all present.
+    FirstOf(Vec<Recipe>),
+    /// A ViT position table `[1, 1 + g², width]` for any grid `g`, resized bicubically to the
+    /// target grid when `g` differs (spec §2.1).
+    PosEmbed {
+        name: String,
+        width: usize,
+        grid: usize,
+    },
+    /// `W + scale · B·A` (a merged LoRA adapter, spec §5): W `[n, k]`, A `[r, k]`, B `[n, r]`.
+    Lora {
+        base: String,
+        a: String,
+        b: String,
+        scale: f32,
+        n: usize,
+        k: usize,
+        r: usize,
+    },
+}
+
+impl Recipe {
+    /// One source tensor as it is.
+    pub fn copy(name: impl Into<String>, shape: &[usize]) -> Self {
+        Recipe::Concat(vec![Piece::tensor(name, shape)])
+    }
+
+    /// Source tensors of shape `[rows, cols]` stacked by rows.
+    pub fn stack(names: &[String], rows: usize, cols: usize) -> Self {
+        Recipe::Concat(
+            names
+                .iter()
+                .map(|n| Piece::tensor(n.clone(), &[rows, cols]))
+                .collect(),
+        )
+    }
+
+    /// The source tensors this recipe reads (every alternative's).
+    pub fn sources(&self) -> Vec<String> {
+        match self {
+            Recipe::Concat(p) => p
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Tensor { name, .. } => Some(name.clone()),
+                    Piece::Fill { .. } => None,
+                })
+                .collect(),
+            Recipe::FirstOf(v) => v.iter().flat_map(|r| r.sources()).collect(),
+            Recipe::PosEmbed { name, .. } => vec![name.clone()],
+            Recipe::Lora { base, a, b, .. } => vec![base.clone(), a.clone(), b.clone()],
+        }
+    }
+
+    fn available(&self, src: &dyn TensorSource) -> bool {
+        match self {
+            Recipe::FirstOf(v) => v.iter().any(|r| r.available(src)),
+            r => r.sources().iter().all(|n| src.shape(n).is_some()),
+        }
+    }
+
+    /// The alternative that will be used (self unless `FirstOf`), or the last one so that its
+    /// missing tensor is what an error names.
+    fn resolve<'a>(&'a self, src: &dyn TensorSource) -> &'a Recipe {
+        match self {
+            Recipe::FirstOf(v) => v
+                .iter()
+                .find(|r| r.available(src))
+                .or(v.last())
+                .map(|r| r.resolve(src))
+                .unwrap_or(self),
+            r => r,
+        }
+    }
+
+    /// Checks that every source tensor exists with the expected shape, without reading data.
+    pub fn check(&self, src: &dyn TensorSource) -> Result<()> {
+        match self.resolve(src) {
+            Recipe::Concat(pieces) => {
+                for p in pieces {
+                    if let Piece::Tensor { name, shape } = p {
+                        check_shape(src, name, shape)?;
+                    }
+                }
+                Ok(())
+            }
+            Recipe::PosEmbed { name, width, .. } => pos_grid(src, name, *width).map(|_| ()),
+            Recipe::Lora {
+                base,
+                a,
+                b,
+                n,
+                k,
+                r,
+                ..
+            } => {
+                check_shape(src, base, &[*n, *k])?;
+                check_shape(src, a, &[*r, *k])?;
+                check_shape(src, b, &[*n, *r])
+            }
+            Recipe::FirstOf(_) => unreachable!("resolved"),
+        }
+    }
+
+    /// Runs the recipe: the tensor's values, row-major, as f32.
+    pub fn run(&self, src: &dyn TensorSource) -> Result<Vec<f32>> {
+        match self.resolve(src) {
+            Recipe::Concat(pieces) => {
+                let mut out = Vec::new();
+                for p in pieces {
+                    match p {
+                        Piece::Tensor { name, shape } => {
+                            check_shape(src, name, shape)?;
+                            out.extend(src.read_f32(name)?);
+                        }
+                        Piece::Fill { value, n } => out.extend(std::iter::repeat_n(*value, *n)),
+                    }
+                }
+                Ok(out)
+            }
+            Recipe::PosEmbed { name, width, grid } => {
+                let old = pos_grid(src, name, *width)?;
+                let x = src.read_f32(name)?;
+                if old == *grid {
+                    Ok(x)
+                } else {
+                    crate::model::vit::interpolate_pos_embed(&x, *width, old, *grid)
+                }
+            }
+            Recipe::Lora {
+                base,
+                a,
+                b,
+                scale,
+                n,
+                k,
+                r,
+            } => {
+                self.check(src)?;
+                let mut w = src.read_f32(base)?;
+                let a = src.read_f32(a)?;
+                let b = src.read_f32(b)?;
+                for i in 0..*n {
+                    let row = &mut w[i * k..(i + 1) * k];
+                    for j in 0..*r {
+                        let c = scale * b[i * r + j];
+                        if c != 0.0 {
+                            for (x, y) in row.iter_mut().zip(&a[j * k..(j + 1) * k]) {
+                                *x += c * y;
+                            }
+                        }
+                    }
+                }
+                Ok(w)
+            }
+            Recipe::FirstOf(_) => unreachable!("resolved"),
+        }
+    }
+}
+
+/// `name`'s shape must equal `shape` up to leading dimensions of size one.
+pub fn check_shape(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<()> {
+    let found = src.shape(name).ok_or_else(|| {
+        Error::tensor(
+            name,
+            format!("present with shape {shape:?} in {}", src.describe()),
+            "missing",
+        )
+    })?;
+    let squeeze = |s: &[usize]| {
+        s.iter()
+            .copied()
+            .skip_while(|&d| d == 1)
+            .collect::<Vec<_>>()
+    };
+    if squeeze(&found) != squeeze(shape) {
+        return Err(Error::tensor(
+            name,
+            format!("shape {shape:?} in {}", src.describe()),
+            format!("{found:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The grid of a position table `[1, 1 + g², width]`.
+fn pos_grid(src: &dyn TensorSource, name: &str, width: usize) -> Result<usize> {
+    let found = src
+        .shape(name)
+        .ok_or_else(|| Error::tensor(name, format!("present in {}", src.describe()), "missing"))?;
+    let rows = found.iter().rev().nth(1).copied().unwrap_or(0);
+    let g = ((rows.max(1) - 1) as f64).sqrt().round() as usize;
+    if found.last() != Some(&width) || rows < 2 || 1 + g * g != rows {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "a position table [1, 1 + g², {width}] in {}",
+                src.describe()
+            ),
+            format!("{found:?}"),
+        ));
+    }
+    Ok(g)
+}
+
+/// One GPU tensor of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub recipe: Recipe,
+}
+
+impl TensorSpec {
+    pub fn new(name: impl Into<String>, shape: &[usize], dtype: DType, recipe: Recipe) -> Self {
+        TensorSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            recipe,
+        }
+    }
+
+    /// Whether a stored tensor of `dtype` may stand for this one: a 4-bit layer may be `q4` or
+    /// `q4m` (GGUF Q4_1 / Q4_K sources convert to `q4m` without requantising).
+    pub fn accepts(&self, dtype: DType) -> bool {
+        dtype == self.dtype || (self.dtype == DType::Q4 && dtype == DType::Q4M)
+    }
+
+    /// Runs the recipe and encodes the result. A 4-bit tensor whose sources all convert to
+    /// `q4m` without loss (see [`TensorSource::read_q4m`]) is taken that way.
+    pub fn produce(&self, src: &dyn TensorSource) -> Result<Encoded> {
+        let cols = *self.shape.last().unwrap_or(&1);
+        if matches!(self.dtype, DType::Q4 | DType::Q4M) {
+            if let Recipe::Concat(pieces) = &self.recipe {
+                let mut all = Encoded {
+                    dtype: DType::Q4M,
+                    data: vec![],
+                    scales: vec![],
+                };
+                let mut lossless = !pieces.is_empty();
+                for p in pieces {
+                    match p {
+                        Piece::Tensor { name, shape } if lossless => {
+                            check_shape(src, name, shape)?;
+                            match src.read_q4m(name)? {
+                                Some(e) => {
+                                    all.data.extend(e.data);
+                                    all.scales.extend(e.scales);
+                                }
+                                None => lossless = false,
+                            }
+                        }
+                        _ => lossless = false,
+                    }
+                }
+                if lossless {
+                    return Ok(all);
+                }
+            }
+        }
+        let x = self.recipe.run(src)?;
+        let n: usize = self.shape.iter().product();
+        if x.len() != n {
+            return Err(Error::tensor(
+                &self.name,
+                format!("{n} values for shape {:?}", self.shape),
+                x.len(),
+            ));
+        }
+        self.dtype.check_cols(&self.name, cols)?;
+        quant::encode(self.dtype, &x, cols)
+    }
+}
+
+/// Checks every spec's sources (presence and shape) before anything is read or uploaded.
+pub fn check_sources(specs: &[TensorSpec], src: &dyn TensorSource) -> Result<()> {
+    for s in specs {
+        s.recipe.check(src)?;
+    }
+    Ok(())
+}
+
+/// Uploaded tensors by name, taken out one by one as a model is built.
+#[derive(Default)]
+pub struct TensorMap {
+    map: HashMap<String, Tensor>,
+}
+
+impl TensorMap {
+    pub fn insert(&mut self, t: Tensor) {
+        self.map.insert(t.name.clone(), t);
+    }
+
+    /// Removes `name`, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| Error::tensor(name, "a loaded tensor", "missing"))?;
+        if t.shape != shape {
+            return Err(Error::tensor(
+                name,
+                format!("shape {shape:?}"),
+                format!("{:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Uploads every spec from the original checkpoints (all sources checked first).
+    pub fn upload(gpu: &Gpu, specs: &[TensorSpec], src: &dyn TensorSource) -> Result<Self> {
+        check_sources(specs, src)?;
+        let mut m = TensorMap::default();
+        for s in specs {
+            let enc = s.produce(src)?;
+            m.insert(Tensor::upload_encoded(gpu, &s.name, &s.shape, &enc)?);
+        }
+        Ok(m)
+    }
+}
