@@ -556,6 +556,14 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The process's peak resident memory in bytes (Linux: `VmHWM`).
+fn peak_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_convert(
     variant: &str,
@@ -591,9 +599,12 @@ fn run_convert(
         eprintln!();
     }
     eprintln!(
-        "wrote {} in {:.1} s",
+        "wrote {} in {:.1} s{}",
         path.display(),
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        peak_memory()
+            .map(|b| format!(", peak memory {} MiB", b >> 20))
+            .unwrap_or_default()
     );
     Ok(())
 }

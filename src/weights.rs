@@ -146,6 +146,11 @@ impl Recipe {
     pub fn run(&self, src: &dyn TensorSource) -> Result<Vec<f32>> {
         match self.resolve(src) {
             Recipe::Concat(pieces) => {
+                if let [Piece::Tensor { name, shape }] = pieces.as_slice() {
+                    // one source tensor: no copy
+                    check_shape(src, name, shape)?;
+                    return src.read_f32(name);
+                }
                 let mut out = Vec::new();
                 for p in pieces {
                     match p {
@@ -310,6 +315,14 @@ impl TensorSpec {
             ));
         }
         self.dtype.check_cols(&self.name, cols)?;
+        if self.dtype == DType::F32 {
+            // in place: the f32 layout is the values' bits
+            return Ok(Encoded {
+                dtype: DType::F32,
+                data: x.into_iter().map(f32::to_bits).collect(),
+                scales: vec![],
+            });
+        }
         quant::encode(self.dtype, &x, cols)
     }
 }

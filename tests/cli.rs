@@ -359,3 +359,114 @@ fn ctrl_c_stops_the_answer_not_the_program() {
     assert!(out.status.success(), "exit {:?}: {err}", out.status);
     assert!(err.contains("[stopped]"), "{err}");
 }
+
+/// Peak memory of a `convert` run, from its "peak memory N MiB" report.
+fn convert_peak_mib(llm: &std::path::Path, out: &std::path::Path) -> u64 {
+    let d = "tests/fixtures/minigpt4/vicuna0_tiny";
+    let (ok, _, err) = minigpt4(&[
+        "convert",
+        "--variant",
+        "vicuna0",
+        "--vit",
+        &fixture_path(&format!("{d}/vision.safetensors")),
+        "--llm",
+        &llm.display().to_string(),
+        "--vision-config",
+        &fixture_path(&format!("{d}/vision_config.json")),
+        "--llm-quant",
+        "f32",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let _ = std::fs::remove_dir_all(out);
+    err.split("peak memory ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory report: {err}"))
+}
+
+/// Conversion streams: with a 128 MiB tensor (a tied embedding of 1M rows × 32, stored f32,
+/// written twice as f32: embedding and lm_head), peak memory grows by at most twice that
+/// tensor over converting the tiny model.
+#[cfg(target_os = "linux")]
+#[test]
+fn convert_memory_is_bounded_by_twice_the_largest_tensor() {
+    use std::io::Write;
+    let tmp = std::env::temp_dir().join(format!("minigpt4-rss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let llm = tmp.join("llm");
+    std::fs::create_dir_all(&llm).unwrap();
+    let (vocab, h, f) = (1_048_576usize, 32usize, 64usize);
+    std::fs::write(
+        llm.join("config.json"),
+        serde_json::json!({
+            "model_type": "llama", "hidden_size": h, "intermediate_size": f,
+            "num_attention_heads": 2, "num_hidden_layers": 1, "num_key_value_heads": 2,
+            "vocab_size": vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
+        })
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/llm/tokenizer.model"),
+        llm.join("tokenizer.model"),
+    )
+    .unwrap();
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    let l = "model.layers.0";
+    for (n, s) in [
+        ("input_layernorm.weight", vec![h]),
+        ("post_attention_layernorm.weight", vec![h]),
+        ("self_attn.q_proj.weight", vec![h, h]),
+        ("self_attn.k_proj.weight", vec![h, h]),
+        ("self_attn.v_proj.weight", vec![h, h]),
+        ("self_attn.o_proj.weight", vec![h, h]),
+        ("mlp.gate_proj.weight", vec![f, h]),
+        ("mlp.up_proj.weight", vec![f, h]),
+        ("mlp.down_proj.weight", vec![h, f]),
+    ] {
+        tensors.push((format!("{l}.{n}"), s));
+    }
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for (n, s) in &tensors {
+        let bytes = s.iter().product::<usize>() * 4;
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": "F32", "shape": s, "data_offsets": [at, at + bytes]}),
+        );
+        at += bytes;
+    }
+    let hb = serde_json::to_vec(&header).unwrap();
+    let mut w =
+        std::io::BufWriter::new(std::fs::File::create(llm.join("model.safetensors")).unwrap());
+    w.write_all(&(hb.len() as u64).to_le_bytes()).unwrap();
+    w.write_all(&hb).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 & 0x3f).collect();
+    let mut left = at;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        w.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    drop(w);
+
+    let base = convert_peak_mib(
+        &std::path::PathBuf::from(fixture_path("tests/fixtures/minigpt4/vicuna0_tiny/llm")),
+        &tmp.join("small"),
+    );
+    let big = convert_peak_mib(&llm, &tmp.join("big"));
+    let largest = (vocab * h * 4) as u64 >> 20;
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!("peak {big} MiB with a {largest} MiB tensor, {base} MiB for the tiny model");
+    assert!(
+        big <= base + 2 * largest + 16,
+        "peak {big} MiB converting a {largest} MiB tensor; {base} MiB for the tiny model"
+    );
+}

@@ -386,3 +386,38 @@ fn conversion_names_the_classic_mixups() {
     assert!(e.contains("llama_proj.weight"), "{e}");
     assert!(!out.exists());
 }
+
+/// The tiny model in the formats users download (tests/golden/make_original_checkpoints.py:
+/// a flat fp16 `eva_vit_g.pth`, a `{'model': ...}` BLIP-2 checkpoint with t5_proj and the
+/// position_ids buffer, a MiniGPT-4 checkpoint with optimizer state, an HF directory of `.bin`
+/// shards) converts to exactly the package made from the safetensors copy of the same values,
+/// which reproduces the reference (see `f32_package_reproduces_the_reference_greedy_answer`).
+#[test]
+fn original_pytorch_checkpoints_convert_to_the_same_package() {
+    let orig = fixture("minigpt4/vicuna0_tiny_orig");
+    for (llm, vision) in [(DType::F32, DType::F32), (DType::Q4, DType::F16)] {
+        let a = convert_tiny("from-st", llm, vision);
+        let out = tmp("from-pth");
+        let mut args = args(&out, llm, vision);
+        args.vision = vec![
+            orig.join("eva_vit_g.pth"),
+            orig.join("blip2_pretrained_flant5xxl.pth"),
+            orig.join("pretrained_minigpt4.pth"),
+        ];
+        args.llm = orig.join("vicuna");
+        let b = convert(&args, |_, _, _| {}).unwrap();
+        for n in [
+            "config.json",
+            "model-00001-of-00001.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+        ] {
+            assert!(
+                std::fs::read(a.join(n)).unwrap() == std::fs::read(b.join(n)).unwrap(),
+                "{n} differs ({llm} / {vision})"
+            );
+        }
+        let _ = std::fs::remove_dir_all(a);
+        let _ = std::fs::remove_dir_all(b);
+    }
+}

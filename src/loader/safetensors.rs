@@ -148,6 +148,16 @@ impl SafetensorsFile {
 
     pub fn read_f32_of(&self, t: &StTensor) -> Result<Vec<f32>> {
         let p = self.path.display().to_string();
+        if t.dtype == StDType::F32 && cfg!(target_endian = "little") {
+            // straight into the result: no second copy of a large tensor
+            let mut v = vec![0f32; ((t.end - t.start) / 4) as usize];
+            let mut f = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
+            f.seek(SeekFrom::Start(t.start))
+                .map_err(|e| Error::io(&p, e))?;
+            f.read_exact(bytemuck::cast_slice_mut(&mut v))
+                .map_err(|e| Error::format(&p, format!("tensor `{}`: {e}", t.name)))?;
+            return Ok(v);
+        }
         let b = self.read_bytes(t)?;
         Ok(match t.dtype {
             StDType::F32 => b
