@@ -38,8 +38,8 @@ var<workgroup> qs: array<f32, MAXD>;
 var<workgroup> pw: array<f32, WG>;
 
 @compute @workgroup_size(64)
-fn attention(ids: Ids) {
-    let g = group_index(ids);
+fn attention(ids: Ids, grp: Grp) {
+    let g = group_index(grp);
     if (g >= p.t * p.hq) {
         return;
     }

@@ -6,24 +6,32 @@
 const WG: u32 = 64u;
 const NEG_BIG: f32 = -3.0e38;
 
+// Per-invocation ids. Kept apart from `Grp` because WGSL's uniformity analysis judges a struct
+// parameter as a whole: had it carried the invocation index, every value derived from the
+// workgroup id would count as non-uniform, and an early `return` of a whole workgroup before a
+// barrier would be rejected (browsers enforce this; naga does not).
 struct Ids {
     @builtin(local_invocation_index) lid: u32,
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
 #if SUBGROUPS
     @builtin(subgroup_invocation_id) sg_lane: u32,
     @builtin(subgroup_size) sg_size: u32,
 #endif
 }
 
+// Per-workgroup ids (uniform across the workgroup).
+struct Grp {
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+}
+
 // Linear workgroup index of a grid spread over x and y (see `recorder::grid`).
-fn group_index(ids: Ids) -> u32 {
-    return ids.wg.x + ids.wg.y * ids.nwg.x;
+fn group_index(g: Grp) -> u32 {
+    return g.wg.x + g.wg.y * g.nwg.x;
 }
 
 // Linear invocation index for the 256-wide element-wise kernels.
-fn flat_index(ids: Ids) -> u32 {
-    return group_index(ids) * 256u + ids.lid;
+fn flat_index(g: Grp, ids: Ids) -> u32 {
+    return group_index(g) * 256u + ids.lid;
 }
 
 var<workgroup> red: array<f32, WG>;

@@ -17,8 +17,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
 @compute @workgroup_size(256)
-fn copy_rows(ids: Ids) {
-    let e = flat_index(ids);
+fn copy_rows(ids: Ids, grp: Grp) {
+    let e = flat_index(grp, ids);
     if (e >= p.rows * p.cols) {
         return;
     }

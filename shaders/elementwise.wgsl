@@ -29,24 +29,24 @@ fn erf_f32(v: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn add(ids: Ids) {
-    let i = flat_index(ids);
+fn add(ids: Ids, grp: Grp) {
+    let i = flat_index(grp, ids);
     if (i < p.n) {
         x[i] += y[i];
     }
 }
 
 @compute @workgroup_size(256)
-fn add_bias(ids: Ids) {
-    let i = flat_index(ids);
+fn add_bias(ids: Ids, grp: Grp) {
+    let i = flat_index(grp, ids);
     if (i < p.n) {
         x[i] += y[i % p.cols];
     }
 }
 
 @compute @workgroup_size(256)
-fn gelu(ids: Ids) {
-    let i = flat_index(ids);
+fn gelu(ids: Ids, grp: Grp) {
+    let i = flat_index(grp, ids);
     if (i < p.n) {
         let v = x[i];
         x[i] = 0.5 * v * (1.0 + erf_f32(v * 0.70710678118654752));
@@ -54,8 +54,8 @@ fn gelu(ids: Ids) {
 }
 
 @compute @workgroup_size(256)
-fn silu_mul(ids: Ids) {
-    let i = flat_index(ids);
+fn silu_mul(ids: Ids, grp: Grp) {
+    let i = flat_index(grp, ids);
     if (i < p.n) {
         let v = x[i];
         x[i] = v / (1.0 + exp(-v)) * y[i];
@@ -63,8 +63,8 @@ fn silu_mul(ids: Ids) {
 }
 
 @compute @workgroup_size(256)
-fn scale(ids: Ids) {
-    let i = flat_index(ids);
+fn scale(ids: Ids, grp: Grp) {
+    let i = flat_index(grp, ids);
     if (i < p.n) {
         x[i] *= p.s;
     }

@@ -16,8 +16,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
-fn embedding(ids: Ids) {
-    let e = flat_index(ids);
+fn embedding(ids: Ids, grp: Grp) {
+    let e = flat_index(grp, ids);
     if (e >= p.n_tokens * p.cols) {
         return;
     }

@@ -18,10 +18,10 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
-fn im2col(ids: Ids) {
+fn im2col(ids: Ids, grp: Grp) {
     let pp = p.ps * p.ps;
     let cols = p.c * pp;
-    let e = flat_index(ids);
+    let e = flat_index(grp, ids);
     if (e >= p.gw * p.gh * cols) {
         return;
     }

@@ -59,8 +59,8 @@ fn w_dot8(wi: u32, xi: u32, count: u32) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn gemv(ids: Ids) {
-    let g = group_index(ids);
+fn gemv(ids: Ids, grp: Grp) {
+    let g = group_index(grp);
     if (g >= p.n * p.m) {
         return;
     }

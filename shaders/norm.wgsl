@@ -18,8 +18,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(64)
-fn layer_norm(ids: Ids) {
-    let row = group_index(ids);
+fn layer_norm(ids: Ids, grp: Grp) {
+    let row = group_index(grp);
     if (row >= p.rows) {
         return;
     }
@@ -43,8 +43,8 @@ fn layer_norm(ids: Ids) {
 }
 
 @compute @workgroup_size(64)
-fn rms_norm(ids: Ids) {
-    let row = group_index(ids);
+fn rms_norm(ids: Ids, grp: Grp) {
+    let row = group_index(grp);
     if (row >= p.rows) {
         return;
     }

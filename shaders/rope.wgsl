@@ -21,9 +21,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 
 @compute @workgroup_size(256)
-fn rope(ids: Ids) {
+fn rope(ids: Ids, grp: Grp) {
     let half = p.head_dim / 2u;
-    let e = flat_index(ids);
+    let e = flat_index(grp, ids);
     if (e >= p.t * p.heads * half) {
         return;
     }

@@ -12,8 +12,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 
 @compute @workgroup_size(64)
-fn softmax(ids: Ids) {
-    let row = group_index(ids);
+fn softmax(ids: Ids, grp: Grp) {
+    let row = group_index(grp);
     if (row >= p.rows) {
         return;
     }

@@ -16,6 +16,8 @@ pub mod model;
 pub mod package;
 pub mod quant;
 pub mod tokenizer;
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -36,7 +36,7 @@ use crate::model::llama::{LlamaConfig, QuantPolicy};
 use crate::model::minigpt4::{Formats, MiniGpt4, MiniGpt4Config};
 use crate::model::qformer::QFormerConfig;
 use crate::model::vit::VitConfig;
-use crate::quant::{DType, Encoded, QBLOCK};
+use crate::quant::{DType, QBLOCK};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{TensorMap, TensorSpec};
 
@@ -648,6 +648,7 @@ mod native {
 
     use super::*;
     use crate::loader::safetensors::SafetensorsFile;
+    use crate::quant::Encoded;
 
     fn read(path: &Path) -> Result<Vec<u8>> {
         std::fs::read(path).map_err(|e| Error::io(path.display(), e))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: installs what a fresh Debian 12 machine lacks, then runs every
 # test on three software GPU stacks (lavapipe Vulkan, SwiftShader Vulkan, llvmpipe GL), checks
-# formatting and lints, and builds the wasm library. Used as is by CI (.ci/run).
+# formatting and lints, builds the browser engine and runs the web page end to end in headless
+# Chromium. Used as is by CI (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -10,6 +11,8 @@ need=()
 for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip procps; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== installing ${need[*]}"
     apt-get update -qq
@@ -30,6 +33,7 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+cargo clippy --lib --target wasm32-unknown-unknown -- -D warnings
 
 # Runs `cargo test ARGS` on one driver, after checking that the driver is the one chosen.
 on_driver() {
@@ -51,6 +55,9 @@ VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan on_driver "lavapipe (Vulkan)" "
 VK_ICD_FILENAMES="$swiftshader" WGPU_BACKEND=vulkan on_driver "SwiftShader (Vulkan)" "SwiftShader" --test kernels --test cli
 WGPU_BACKEND=gl on_driver "llvmpipe (OpenGL)" "Gl" --test kernels --test cli
 
-echo "== wasm32 build"
+echo "== browser: wasm build, then the page end to end in headless Chromium (WebGPU on SwiftShader)"
 bash web/build.sh debug
+(cd tests/web && npm ci --no-audit --no-fund --silent)
+cargo build -q --bin minigpt4
+VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan node tests/web/e2e.mjs --bin target/debug/minigpt4 --out target/web-e2e
 echo "== all checks passed"

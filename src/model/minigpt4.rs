@@ -415,7 +415,16 @@ impl MiniGpt4 {
         let segments = self.segment_ids(&prompt)?;
         let n_images = segments.len() - 1;
         let images: Vec<&Tensor> = std::iter::repeat_n(image, n_images).collect();
-        let keep = MAX_LENGTH.min(self.llm.ctx).saturating_sub(max_new_tokens);
+        let budget = MAX_LENGTH.min(self.llm.ctx);
+        if max_new_tokens >= budget {
+            return Err(Error::InvalidOption {
+                name: "max-new-tokens".into(),
+                msg: format!(
+                    "{max_new_tokens} new tokens leave no room for the prompt: this model's context holds {budget} positions in all"
+                ),
+            });
+        }
+        let keep = budget - max_new_tokens;
         let spliced = self.splice(gpu, &segments, &images, keep).await?;
         self.llm.reset();
         let stop = Stop {

@@ -1,0 +1,131 @@
+// The engine's Web Worker: loads the wasm module, streams a model package into WebGPU buffers
+// (caching each shard with the Cache API), encodes images and streams answers back. The page
+// talks to it only through web/minigpt4.js.
+import init, { Engine } from './pkg/minigpt4.js';
+
+const CACHE = 'minigpt4-weights-v1';
+let engine = null;
+let stopRequested = false;
+
+function post(msg) {
+  self.postMessage(msg);
+}
+
+async function getEngine() {
+  if (engine) return engine;
+  if (!self.navigator.gpu) {
+    throw new Error('This browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or Safari, or enable WebGPU in the browser settings.');
+  }
+  await init();
+  engine = await Engine.create();
+  return engine;
+}
+
+async function fetchOk(url, init) {
+  let r;
+  try {
+    r = await fetch(url, init);
+  } catch (e) {
+    throw new Error(`${url}: ${e.message}`);
+  }
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status} ${r.statusText}`);
+  return r;
+}
+
+async function openCache() {
+  try {
+    return self.caches ? await self.caches.open(CACHE) : null;
+  } catch {
+    return null; // e.g. storage disabled: load without caching
+  }
+}
+
+async function load(id, base, ctx) {
+  const e = await getEngine();
+  const adapter = JSON.parse(e.adapterInfo());
+  post({ id, type: 'progress', stage: 'adapter', adapter });
+  if (!base.endsWith('/')) base += '/';
+  const small = await Promise.all(
+    ['config.json', 'model.safetensors.index.json', 'tokenizer.json'].map(async (n) =>
+      new Uint8Array(await (await fetchOk(base + n, { cache: 'no-cache' })).arrayBuffer())),
+  );
+  const shards = e.beginLoad(base, small[0], small[1], small[2], ctx);
+  const cache = await openCache();
+  const t0 = performance.now();
+  let downloaded = 0;
+  let lastPost = 0;
+  for (let k = 0; k < shards.length; k++) {
+    const url = base + shards[k];
+    let resp = cache ? await cache.match(url) : undefined;
+    const cached = !!resp;
+    let put = null;
+    if (!resp) {
+      resp = await fetchOk(url, { cache: 'no-store' });
+      if (cache && resp.body) {
+        // one stream to the GPU, its twin to the cache; a shard is cached only when complete
+        const [a, b] = resp.body.tee();
+        put = cache.put(url, new Response(b, { headers: resp.headers })).catch((err) => {
+          post({ id, type: 'progress', stage: 'warning', message: `could not cache ${shards[k]}: ${err.message}` });
+        });
+        resp = new Response(a, { headers: resp.headers });
+      }
+    }
+    e.beginShard(shards[k]);
+    const reader = resp.body.getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      e.feed(value);
+      if (!cached) downloaded += value.length;
+      const now = performance.now();
+      if (now - lastPost > 100) {
+        lastPost = now;
+        const [written, total] = e.progress();
+        post({
+          id, type: 'progress', stage: 'weights', written, total, shard: k, shards: shards.length,
+          downloaded, seconds: (now - t0) / 1000, cached,
+        });
+      }
+    }
+    e.endShard();
+    if (put) await put;
+  }
+  const [written, total] = e.progress();
+  post({ id, type: 'progress', stage: 'weights', written, total, shard: shards.length, shards: shards.length, downloaded, seconds: (performance.now() - t0) / 1000 });
+  const info = JSON.parse(e.finishLoad());
+  return { ...info, adapter, downloaded, shards: shards.length };
+}
+
+async function ask(id, question, options) {
+  const e = await getEngine();
+  stopRequested = false;
+  const json = await e.ask(question, JSON.stringify(options || {}), (tokenId, text) => {
+    post({ id, type: 'token', tokenId, text });
+    return !stopRequested;
+  });
+  return JSON.parse(json);
+}
+
+self.onmessage = async (ev) => {
+  const m = ev.data;
+  if (m.type === 'stop') {
+    stopRequested = true;
+    return;
+  }
+  try {
+    let result;
+    switch (m.type) {
+      case 'load': result = await load(m.id, m.base, m.ctx || 2048); break;
+      case 'image': await (await getEngine()).setImage(new Uint8Array(m.bytes)); break;
+      case 'ask': result = await ask(m.id, m.question, m.options); break;
+      case 'checkKernels': result = JSON.parse(await (await getEngine()).checkKernels()); break;
+      case 'reset': (await getEngine()).reset(); break;
+      case 'unload': if (engine) engine.unload(); break;
+      case 'clearCache': result = self.caches ? await self.caches.delete(CACHE) : false; break;
+      default: throw new Error(`unknown request ${m.type}`);
+    }
+    post({ id: m.id, type: 'done', result });
+  } catch (err) {
+    post({ id: m.id, type: 'error', message: err && err.message ? err.message : String(err) });
+  }
+};
