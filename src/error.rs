@@ -45,6 +45,10 @@ pub enum Error {
     #[error("{path}: {detail}")]
     Format { path: String, detail: String },
 
+    /// A download failed (HTTP status, interrupted transfer, checksum mismatch, ...).
+    #[error("{url}: {msg}")]
+    Network { url: String, msg: String },
+
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -8,6 +8,8 @@ pub mod chat;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod convert;
 pub mod cpu;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod download;
 pub mod error;
 pub mod gpu;
 pub mod image;

@@ -95,9 +95,16 @@ enum Format {
 enum Cmd {
     /// Chat about an image with MiniGPT-4
     Chat {
-        /// A model package directory (made by `minigpt4 convert`)
+        /// A model package directory (made by `minigpt4 convert` or `download`); without it, the
+        /// cached package of --variant, downloaded first if needed
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
+        /// The variant to use (or download) when no --model is given
+        #[arg(long, default_value = "vicuna0-7b")]
+        variant: String,
+        /// Download without asking when the cached package is missing
+        #[arg(long)]
+        yes: bool,
         #[arg(long)]
         image: PathBuf,
         /// One question (streamed answer); without it, an interactive chat on stdin
@@ -122,6 +129,28 @@ enum Cmd {
         format: Format,
         #[command(flatten)]
         gpu: GpuArgs,
+    },
+    /// Download the original MiniGPT-4 files and convert them into a cached model package
+    Download {
+        /// vicuna0-7b or vicuna0-13b (the others must be fetched by hand, then converted)
+        #[arg(long, default_value = "vicuna0-7b")]
+        variant: String,
+        /// Where packages and downloads go [default: the platform cache dir, or $MINIGPT4_HOME]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A download manifest (JSON) instead of the built-in public URLs
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Do not ask before downloading
+        #[arg(long)]
+        yes: bool,
+        /// Keep the original files after the conversion
+        #[arg(long)]
+        keep_downloads: bool,
+        #[arg(long, default_value = "q4")]
+        llm_quant: String,
+        #[arg(long, default_value = "f16")]
+        vision_quant: String,
     },
     /// Convert the original MiniGPT-4 checkpoints into a model package
     Convert {
@@ -421,7 +450,9 @@ fn run_agreement(
 }
 
 struct ChatArgs<'a> {
-    model: &'a Path,
+    model: Option<&'a Path>,
+    variant: &'a str,
+    yes: bool,
     image: &'a Path,
     prompt: Option<&'a str>,
     max_new_tokens: usize,
@@ -457,7 +488,11 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
     install_ctrl_c();
     a.sampling.validate()?;
     let gpu = open_gpu(a.gpu)?;
-    let mut model = minigpt4::package::load(&gpu, a.model, 2048)?;
+    let path = match a.model {
+        Some(p) => p.to_path_buf(),
+        None => cached_package(a.variant, a.yes)?,
+    };
+    let mut model = minigpt4::package::load(&gpu, &path, 2048)?;
     let variant = model.variant;
     let label = model.label.clone();
     let mut image = pollster::block_on(model.encode_image(&gpu, &load_image(&model, a.image)?))?;
@@ -556,6 +591,63 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Asks a yes/no question on the terminal (no terminal: no).
+fn ask_yes(question: &str) -> bool {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        eprintln!("{question}\n(not a terminal: pass --yes to download)");
+        return false;
+    }
+    eprint!("{question}\nDownload now? [y/N] ");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).is_ok()
+        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_download(
+    variant: &str,
+    dir: Option<&Path>,
+    manifest: Option<&Path>,
+    yes: bool,
+    keep_downloads: bool,
+    llm_quant: &str,
+    vision_quant: &str,
+) -> anyhow::Result<PathBuf> {
+    use minigpt4::download::{default_dir, download, DownloadArgs, Manifest};
+    let manifest = match manifest {
+        Some(p) => Manifest::from_json_file(p)?,
+        None => Manifest::builtin(variant)?,
+    };
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => default_dir()?,
+    };
+    let args = DownloadArgs {
+        manifest,
+        dir,
+        yes,
+        keep_downloads,
+        llm_quant: DType::parse(llm_quant)?,
+        vision_quant: DType::parse(vision_quant)?,
+    };
+    Ok(download(&args, ask_yes)?)
+}
+
+/// The cached package of `variant`, downloaded (after asking, unless `yes`) when missing.
+fn cached_package(variant: &str, yes: bool) -> anyhow::Result<PathBuf> {
+    let dir = minigpt4::download::default_dir()?;
+    let p = minigpt4::download::package_dir(&dir, variant);
+    if p.join(minigpt4::package::CONFIG_FILE).is_file() {
+        return Ok(p);
+    }
+    eprintln!(
+        "no --model given and no cached {variant} package in {}",
+        dir.display()
+    );
+    run_download(variant, Some(&dir), None, yes, false, "q4", "f16")
+}
+
 /// The process's peak resident memory in bytes (Linux: `VmHWM`).
 fn peak_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -615,6 +707,8 @@ fn main() -> ExitCode {
         Cmd::Info { gpu, json } => info(gpu, *json),
         Cmd::Chat {
             model,
+            variant,
+            yes,
             image,
             prompt,
             max_new_tokens,
@@ -627,7 +721,9 @@ fn main() -> ExitCode {
             format,
             gpu,
         } => run_chat(ChatArgs {
-            model,
+            model: model.as_deref(),
+            variant,
+            yes: *yes,
             image,
             prompt: prompt.as_deref(),
             max_new_tokens: *max_new_tokens,
@@ -642,6 +738,24 @@ fn main() -> ExitCode {
             format: *format,
             gpu,
         }),
+        Cmd::Download {
+            variant,
+            dir,
+            manifest,
+            yes,
+            keep_downloads,
+            llm_quant,
+            vision_quant,
+        } => run_download(
+            variant,
+            dir.as_deref(),
+            manifest.as_deref(),
+            *yes,
+            *keep_downloads,
+            llm_quant,
+            vision_quant,
+        )
+        .map(|p| println!("{}", p.display())),
         Cmd::Convert {
             variant,
             vit,

@@ -21,8 +21,24 @@ use crate::quant::{self, DType, Encoded};
 /// one ignored), or `n` copies of a constant.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Piece {
-    Tensor { name: String, shape: Vec<usize> },
-    Fill { value: f32, n: usize },
+    Tensor {
+        name: String,
+        shape: Vec<usize>,
+    },
+    Fill {
+        value: f32,
+        n: usize,
+    },
+    /// `W + (alpha / r) · B·A`, a merged LoRA adapter (spec §5): W `[n, k]`, A `[r, k]`,
+    /// B `[n, r]`, the rank `r` read from A. The first of `adapters` (A name, B name) whose
+    /// tensors exist is used (peft ≥ 0.3 inserts `.default` into the names).
+    Lora {
+        base: String,
+        adapters: Vec<(String, String)>,
+        alpha: f32,
+        n: usize,
+        k: usize,
+    },
 }
 
 impl Piece {
@@ -48,16 +64,6 @@ pub enum Recipe {
         width: usize,
         grid: usize,
     },
-    /// `W + scale · B·A` (a merged LoRA adapter, spec §5): W `[n, k]`, A `[r, k]`, B `[n, r]`.
-    Lora {
-        base: String,
-        a: String,
-        b: String,
-        scale: f32,
-        n: usize,
-        k: usize,
-        r: usize,
-    },
 }
 
 impl Recipe {
@@ -81,14 +87,14 @@ impl Recipe {
         match self {
             Recipe::Concat(p) => p
                 .iter()
-                .filter_map(|p| match p {
-                    Piece::Tensor { name, .. } => Some(name.clone()),
-                    Piece::Fill { .. } => None,
+                .flat_map(|p| match p {
+                    Piece::Tensor { name, .. } => vec![name.clone()],
+                    Piece::Fill { .. } => vec![],
+                    Piece::Lora { base, .. } => vec![base.clone()],
                 })
                 .collect(),
             Recipe::FirstOf(v) => v.iter().flat_map(|r| r.sources()).collect(),
             Recipe::PosEmbed { name, .. } => vec![name.clone()],
-            Recipe::Lora { base, a, b, .. } => vec![base.clone(), a.clone(), b.clone()],
         }
     }
 
@@ -118,26 +124,17 @@ impl Recipe {
         match self.resolve(src) {
             Recipe::Concat(pieces) => {
                 for p in pieces {
-                    if let Piece::Tensor { name, shape } = p {
-                        check_shape(src, name, shape)?;
+                    match p {
+                        Piece::Tensor { name, shape } => check_shape(src, name, shape)?,
+                        Piece::Lora { .. } => {
+                            lora_parts(p, src)?;
+                        }
+                        Piece::Fill { .. } => {}
                     }
                 }
                 Ok(())
             }
             Recipe::PosEmbed { name, width, .. } => pos_grid(src, name, *width).map(|_| ()),
-            Recipe::Lora {
-                base,
-                a,
-                b,
-                n,
-                k,
-                r,
-                ..
-            } => {
-                check_shape(src, base, &[*n, *k])?;
-                check_shape(src, a, &[*r, *k])?;
-                check_shape(src, b, &[*n, *r])
-            }
             Recipe::FirstOf(_) => unreachable!("resolved"),
         }
     }
@@ -159,6 +156,7 @@ impl Recipe {
                             out.extend(src.read_f32(name)?);
                         }
                         Piece::Fill { value, n } => out.extend(std::iter::repeat_n(*value, *n)),
+                        Piece::Lora { .. } => out.extend(run_lora(p, src)?),
                     }
                 }
                 Ok(out)
@@ -172,35 +170,73 @@ impl Recipe {
                     crate::model::vit::interpolate_pos_embed(&x, *width, old, *grid)
                 }
             }
-            Recipe::Lora {
-                base,
-                a,
-                b,
-                scale,
-                n,
-                k,
-                r,
-            } => {
-                self.check(src)?;
-                let mut w = src.read_f32(base)?;
-                let a = src.read_f32(a)?;
-                let b = src.read_f32(b)?;
-                for i in 0..*n {
-                    let row = &mut w[i * k..(i + 1) * k];
-                    for j in 0..*r {
-                        let c = scale * b[i * r + j];
-                        if c != 0.0 {
-                            for (x, y) in row.iter_mut().zip(&a[j * k..(j + 1) * k]) {
-                                *x += c * y;
-                            }
-                        }
-                    }
-                }
-                Ok(w)
-            }
             Recipe::FirstOf(_) => unreachable!("resolved"),
         }
     }
+}
+
+/// The adapter names and rank of a LoRA piece, checked against the source.
+fn lora_parts<'a>(p: &'a Piece, src: &dyn TensorSource) -> Result<(&'a str, &'a str, usize)> {
+    let Piece::Lora {
+        base,
+        adapters,
+        n,
+        k,
+        ..
+    } = p
+    else {
+        return Err(Error::Gpu("not a LoRA piece".into()));
+    };
+    check_shape(src, base, &[*n, *k])?;
+    let (a, b) = adapters
+        .iter()
+        .find(|(a, b)| src.shape(a).is_some() && src.shape(b).is_some())
+        .ok_or_else(|| {
+            Error::tensor(
+                adapters.first().map(|x| x.0.as_str()).unwrap_or(base),
+                format!(
+                    "a LoRA adapter for `{base}` in {} (MiniGPT-v2's checkpoint holds one for every q_proj and v_proj)",
+                    src.describe()
+                ),
+                "missing",
+            )
+        })?;
+    let r = src
+        .shape(a)
+        .and_then(|s| s.first().copied())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| Error::tensor(a, "a LoRA A matrix [r, k]", "an empty tensor"))?;
+    check_shape(src, a, &[r, *k])?;
+    check_shape(src, b, &[*n, r])?;
+    Ok((a, b, r))
+}
+
+/// `W + (alpha / r) · B·A`.
+fn run_lora(p: &Piece, src: &dyn TensorSource) -> Result<Vec<f32>> {
+    let (a, b, r) = lora_parts(p, src)?;
+    let Piece::Lora {
+        base, alpha, n, k, ..
+    } = p
+    else {
+        return Err(Error::Gpu("not a LoRA piece".into()));
+    };
+    let (n, k) = (*n, *k);
+    let scale = alpha / r as f32;
+    let mut w = src.read_f32(base)?;
+    let a = src.read_f32(a)?;
+    let b = src.read_f32(b)?;
+    for i in 0..n {
+        let row = &mut w[i * k..(i + 1) * k];
+        for j in 0..r {
+            let c = scale * b[i * r + j];
+            if c != 0.0 {
+                for (x, y) in row.iter_mut().zip(&a[j * k..(j + 1) * k]) {
+                    *x += c * y;
+                }
+            }
+        }
+    }
+    Ok(w)
 }
 
 /// `name`'s shape must equal `shape` up to leading dimensions of size one.

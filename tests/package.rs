@@ -421,3 +421,115 @@ fn original_pytorch_checkpoints_convert_to_the_same_package() {
         let _ = std::fs::remove_dir_all(b);
     }
 }
+
+/// Writes f32 tensors as a safetensors file.
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut at = 0usize;
+    for (n, s, v) in tensors {
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": "F32", "shape": s, "data_offsets": [at, at + 4 * v.len()]}),
+        );
+        at += 4 * v.len();
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(h);
+    for (_, _, v) in tensors {
+        for x in v {
+            bytes.extend(x.to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// MiniGPT-v2: the LoRA adapters of q_proj and v_proj (peft 0.2 names in layer 0, peft ≥ 0.3
+/// `.default` names in layer 1) are merged as W + (alpha/r)·B·A into the fused QKV matrix; the
+/// 224-px position table is resized to the 448-px grid; a checkpoint without adapters is refused.
+#[test]
+fn minigptv2_merges_the_lora_adapters() {
+    let d = fixture("minigpt4/llama2_tiny");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let mut vit = common::vit_config(&c);
+    let work = tmp("v2");
+    std::fs::create_dir_all(&work).unwrap();
+    // the fixture's table is for 112 px (8×8); run it at 224 px (16×16) as v2 runs 224 → 448
+    vit.image_size = 224;
+    std::fs::write(
+        work.join("vision_config.json"),
+        serde_json::json!({ "vit": vit }).to_string(),
+    )
+    .unwrap();
+    let (h, q, kv, r) = (32usize, 32usize, 32usize, 4usize);
+    let mut rng = common::Rng::new(7);
+    let mut lora = Vec::new();
+    for (i, suffix) in [(0, ""), (1, ".default")] {
+        for (m, n) in [("q_proj", q), ("v_proj", kv)] {
+            let p = format!("llama_model.base_model.model.model.layers.{i}.self_attn.{m}");
+            lora.push((
+                format!("{p}.lora_A{suffix}.weight"),
+                vec![r, h],
+                rng.vec(r * h, 0.5),
+            ));
+            lora.push((
+                format!("{p}.lora_B{suffix}.weight"),
+                vec![n, r],
+                rng.vec(n * r, 0.5),
+            ));
+        }
+    }
+    write_safetensors(&work.join("lora.safetensors"), &lora);
+    let mut a = ConvertArgs {
+        variant: "minigptv2".into(),
+        vision: vec![d.join("vision.safetensors"), work.join("lora.safetensors")],
+        llm: d.join("llm"),
+        vision_config: Some(work.join("vision_config.json")),
+        out: work.join("pkg"),
+        llm_quant: DType::F32,
+        vision_quant: DType::F32,
+    };
+    let pkg = convert(&a, |_, _, _| {}).unwrap();
+    let st = minigpt4::loader::safetensors::Sharded::new(
+        "pkg".into(),
+        vec![Box::new(
+            SafetensorsFile::open(&pkg.join("model-00001-of-00001.safetensors")).unwrap(),
+        )],
+    )
+    .unwrap();
+    let llm = SafetensorsFile::open(&d.join("llm/model.safetensors")).unwrap();
+    let get = |src: &dyn TensorSource, n: &str| src.read_f32(n).unwrap();
+    let find = |n: &str| lora.iter().find(|(x, _, _)| x == n).unwrap().2.clone();
+    for (i, suffix) in [(0, ""), (1, ".default")] {
+        let fused = get(&st, &format!("model.layers.{i}.self_attn.qkv_proj.weight"));
+        let mut want = Vec::new();
+        for (m, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            let mut w = get(&llm, &format!("model.layers.{i}.self_attn.{m}.weight"));
+            if m != "k_proj" {
+                let p = format!("llama_model.base_model.model.model.layers.{i}.self_attn.{m}");
+                let la = find(&format!("{p}.lora_A{suffix}.weight"));
+                let lb = find(&format!("{p}.lora_B{suffix}.weight"));
+                for row in 0..n {
+                    for col in 0..h {
+                        let ba: f32 = (0..r).map(|j| lb[row * r + j] * la[j * h + col]).sum();
+                        w[row * h + col] += 16.0 / r as f32 * ba;
+                    }
+                }
+            }
+            want.extend(w);
+        }
+        common::assert_close(&format!("layer {i} merged QKV"), &fused, &want, 1e-5, 1e-5);
+    }
+    // the position table at the new grid: 1 + 16² rows
+    assert_eq!(
+        st.shape("visual_encoder.pos_embed").unwrap(),
+        vec![1 + 16 * 16, vit.width]
+    );
+    // without the adapters: refused, naming the missing tensor
+    a.vision = vec![d.join("vision.safetensors")];
+    a.out = work.join("pkg2");
+    let e = err_of(convert(&a, |_, _, _| {}));
+    assert!(e.contains("lora_A") && e.contains("LoRA"), "{e}");
+    let _ = std::fs::remove_dir_all(work);
+}

@@ -15,7 +15,7 @@ use crate::model::qformer::{QFormer, QFormerConfig};
 use crate::model::vit::{Vit, VitConfig};
 use crate::quant::DType;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{Recipe, TensorMap, TensorSpec};
+use crate::weights::{Piece, Recipe, TensorMap, TensorSpec};
 
 /// The reference demo's context budget (`max_length`, spec §7.5).
 pub const MAX_LENGTH: usize = 2000;
@@ -64,6 +64,48 @@ pub fn vision_sources(paths: &[&Path]) -> Result<Box<dyn TensorSource>> {
             .join(" + "),
         v,
     )?))
+}
+
+/// MiniGPT-v2's LoRA alpha (`minigptv2_eval.yaml`; the rank comes from the checkpoint).
+pub const MINIGPTV2_LORA_ALPHA: f32 = 16.0;
+
+/// MiniGPT-v2 fine-tunes Llama-2's q_proj and v_proj with LoRA adapters stored in its
+/// checkpoint (spec §5): the fused QKV matrices take `W + (alpha/r)·B·A` for those rows.
+fn merge_minigptv2_lora(specs: &mut [TensorSpec], cfg: &LlamaConfig) {
+    let h = cfg.hidden;
+    for spec in specs.iter_mut() {
+        let Recipe::Concat(pieces) = &mut spec.recipe else {
+            continue;
+        };
+        for p in pieces.iter_mut() {
+            let Piece::Tensor { name, shape } = p else {
+                continue;
+            };
+            let Some(module) = name
+                .strip_suffix(".weight")
+                .filter(|m| m.ends_with(".self_attn.q_proj") || m.ends_with(".self_attn.v_proj"))
+            else {
+                continue;
+            };
+            let peft = format!("llama_model.base_model.model.{module}");
+            *p = Piece::Lora {
+                base: name.clone(),
+                adapters: vec![
+                    (
+                        format!("{peft}.lora_A.weight"),
+                        format!("{peft}.lora_B.weight"),
+                    ),
+                    (
+                        format!("{peft}.lora_A.default.weight"),
+                        format!("{peft}.lora_B.default.weight"),
+                    ),
+                ],
+                alpha: MINIGPTV2_LORA_ALPHA,
+                n: shape[0],
+                k: h,
+            };
+        }
+    }
 }
 
 /// "7B" / "13B" for the LLaMA widths MiniGPT-4 uses.
@@ -205,7 +247,11 @@ impl MiniGpt4 {
             DType::F32,
             Recipe::copy("llama_proj.bias", &[h]),
         ));
-        s.extend(Llama::specs(&cfg.llm, formats.llm));
+        let mut llm = Llama::specs(&cfg.llm, formats.llm);
+        if cfg.variant == ModelVariant::MiniGptV2 {
+            merge_minigptv2_lora(&mut llm, &cfg.llm);
+        }
+        s.extend(llm);
         Ok(s)
     }
 
