@@ -17,6 +17,8 @@ pub mod loader;
 pub mod model;
 pub mod package;
 pub mod quant;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod server;
 pub mod tokenizer;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

@@ -130,6 +130,35 @@ enum Cmd {
         #[command(flatten)]
         gpu: GpuArgs,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)
+    Serve {
+        /// A model package directory
+        #[arg(long)]
+        model: PathBuf,
+        /// Address to bind (loopback by default; 0.0.0.0 exposes the server to the network)
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0 = any free port; the address is printed)
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY`
+        #[arg(long, env = "MINIGPT4_API_KEY")]
+        api_key: Option<String>,
+        /// Requests waiting or running at most; more get 429
+        #[arg(long, default_value_t = 16)]
+        max_queue: usize,
+        /// Allow browser requests from this origin (CORS)
+        #[arg(long)]
+        cors: Option<String>,
+        /// Fetch http(s) image URLs (20 MiB, 20 s limits); otherwise only data: URLs
+        #[arg(long)]
+        allow_remote_images: bool,
+        /// Context size (KV cache positions)
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
     /// Download the original MiniGPT-4 files and convert them into a cached model package
     Download {
         /// vicuna0-7b or vicuna0-13b (the others must be fetched by hand, then converted)
@@ -737,6 +766,34 @@ fn main() -> ExitCode {
             },
             format: *format,
             gpu,
+        }),
+        Cmd::Serve {
+            model,
+            host,
+            port,
+            api_key,
+            max_queue,
+            cors,
+            allow_remote_images,
+            ctx,
+            gpu,
+        } => open_gpu(gpu).and_then(|g| {
+            minigpt4::server::serve(
+                minigpt4::server::ServeArgs {
+                    model: model.clone(),
+                    host: host.clone(),
+                    port: *port,
+                    api_key: api_key.clone(),
+                    max_queue: *max_queue,
+                    cors: cors.clone(),
+                    allow_remote_images: *allow_remote_images,
+                    ctx: *ctx,
+                },
+                g,
+                |addr| {
+                    eprintln!("listening on http://{addr}");
+                },
+            )
         }),
         Cmd::Download {
             variant,

