@@ -84,6 +84,8 @@ enum Msg {
 struct AppState {
     jobs: mpsc::SyncSender<Job>,
     queued: Arc<AtomicUsize>,
+    /// Tokens generated since start (for /health).
+    generated: Arc<AtomicUsize>,
     max_queue: usize,
     api_key: Option<String>,
     model_id: String,
@@ -92,14 +94,20 @@ struct AppState {
 }
 
 /// Runs the model worker: one job at a time, in arrival order.
-fn worker(gpu: Gpu, mut model: MiniGpt4, jobs: mpsc::Receiver<Job>, queued: Arc<AtomicUsize>) {
+fn worker(
+    gpu: Gpu,
+    mut model: MiniGpt4,
+    jobs: mpsc::Receiver<Job>,
+    queued: Arc<AtomicUsize>,
+    generated: Arc<AtomicUsize>,
+) {
     let mut cached: Option<(Vec<u8>, crate::gpu::Tensor)> = None;
     while let Ok(job) = jobs.recv() {
         queued.fetch_sub(1, Ordering::SeqCst);
         if job.events.is_closed() {
             continue; // the client left while queued
         }
-        let r = run_job(&gpu, &mut model, &job, &mut cached);
+        let r = run_job(&gpu, &mut model, &job, &mut cached, &generated);
         if let Err(e) = r {
             let _ = job.events.send(Msg::Failed(e.to_string()));
         }
@@ -111,6 +119,7 @@ fn run_job(
     model: &mut MiniGpt4,
     job: &Job,
     cached: &mut Option<(Vec<u8>, crate::gpu::Tensor)>,
+    generated: &AtomicUsize,
 ) -> crate::Result<()> {
     // the image's embeddings are kept for the next request about the same image
     if cached.as_ref().is_none_or(|(b, _)| *b != job.image) {
@@ -135,6 +144,7 @@ fn run_job(
     let answer =
         pollster::block_on(
             model.answer(gpu, &conv, image, &job.sampling, job.max_tokens, |id| {
+                generated.fetch_add(1, Ordering::Relaxed);
                 ids.push(id);
                 if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
                     emitted = n;
@@ -584,8 +594,13 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    Json(json!({"status": "ok", "model": st.model_id, "queued": st.queued.load(Ordering::SeqCst)}))
-        .into_response()
+    Json(json!({
+        "status": "ok",
+        "model": st.model_id,
+        "queued": st.queued.load(Ordering::SeqCst),
+        "generated_tokens": st.generated.load(Ordering::Relaxed),
+    }))
+    .into_response()
 }
 
 /// Loads the model and serves until the process ends. `on_listening` gets the bound address.
@@ -596,15 +611,17 @@ pub fn serve(a: ServeArgs, gpu: Gpu, on_listening: impl FnOnce(SocketAddr)) -> a
     let max_queue = a.max_queue.max(1);
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max_queue);
     let queued = Arc::new(AtomicUsize::new(0));
+    let generated = Arc::new(AtomicUsize::new(0));
     {
-        let queued = queued.clone();
+        let (queued, generated) = (queued.clone(), generated.clone());
         std::thread::Builder::new()
             .name("model".into())
-            .spawn(move || worker(gpu, model, jobs_rx, queued))?;
+            .spawn(move || worker(gpu, model, jobs_rx, queued, generated))?;
     }
     let st = Arc::new(AppState {
         jobs: jobs_tx,
         queued,
+        generated,
         max_queue,
         api_key: a.api_key.clone(),
         model_id,

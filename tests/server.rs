@@ -414,3 +414,55 @@ print(c.models.list().data[0].id)
         "{text}"
     );
 }
+
+fn generated_tokens(base: &str) -> u64 {
+    let mut r = agent().get(format!("{base}/health")).call().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    v["generated_tokens"].as_u64().unwrap()
+}
+
+/// A streaming client that goes away stops its generation at the next token.
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    use std::io::Write;
+    let s = Server::start(&[]);
+    // how long the full answer takes, for comparison
+    let full = request("Describe this image in detail.", 180, false).to_string();
+    let t = std::time::Instant::now();
+    let (status, body) = post(&s.base, &full, None);
+    assert_eq!(status, 200, "{body}");
+    let full_time = t.elapsed();
+    let full_tokens = generated_tokens(&s.base);
+    assert_eq!(
+        full_tokens, 180,
+        "the comparison answer must run to its length: {body}"
+    );
+
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    let body = request("Describe this image in detail.", 180, true).to_string();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    // wait for the first content event, then hang up
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0);
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            break;
+        }
+    }
+    drop(r);
+    c.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(c);
+    std::thread::sleep(full_time + Duration::from_millis(500));
+    let after = generated_tokens(&s.base) - full_tokens;
+    assert!(after < 180, "the abandoned answer ran to {after} tokens");
+    eprintln!("abandoned answer stopped after {after} of 180 tokens (full answer: {full_time:?})");
+}
