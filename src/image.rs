@@ -7,7 +7,9 @@
 //!   PIL's `convert('RGB')` does: alpha is dropped (not composited), grey is replicated, palettes
 //!   are looked up, CMYK uses PIL's `nk - c·nk/255` rule, 16-bit RGB/RGBA/LA PNGs keep the high
 //!   byte (PIL unpacks them with `RGB;16B` etc.) and 16-bit grey PNGs (PIL mode `I;16`) are
-//!   *clipped* at 255, not scaled — PIL's quirk, reproduced. EXIF orientation is ignored, as PIL's
+//!   *clipped* at 255, not scaled — PIL's quirk, reproduced. JPEGs go through our own decoder
+//!   ([`crate::jpeg`]), which reproduces libjpeg-turbo (islow IDCT, fancy upsampling, its
+//!   fixed-point colour conversion) bit for bit. EXIF orientation is ignored, as PIL's
 //!   `Image.open` ignores it. Truncated files are errors (PIL: "image file is truncated"), and so
 //!   are headers declaring images over [`MAX_SIDE`] pixels a side or [`MAX_DECODE_BYTES`] of
 //!   pixels (decompression bombs); the limit is checked before anything is allocated.
@@ -110,6 +112,10 @@ pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage> {
     };
     if format == ImageFormat::Jpeg {
         jpeg_check_complete(bytes).map_err(|d| Error::format(what, format!("JPEG {d}")))?;
+        // Our decoder, bit-exact with libjpeg-turbo under Pillow; it checks the declared size
+        // against MAX_SIDE and MAX_DECODE_BYTES before allocating.
+        let (w, h, data) = crate::jpeg::decode(bytes, what)?;
+        return RgbImage::new(w as usize, h as usize, data);
     }
     if format == ImageFormat::WebP && bytes.len() >= 12 {
         // libwebp (PIL) refuses a file shorter than its RIFF header says; image-webp may not.

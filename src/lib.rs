@@ -4,6 +4,8 @@
 //! Layers, bottom up: [`quant`] (weight formats, CPU side), [`gpu`] (device, tensors, WGSL
 //! kernels, recorder), [`cpu`] (plain reference implementations the kernels are tested against).
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
 pub mod chat;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod convert;
@@ -13,6 +15,7 @@ pub mod download;
 pub mod error;
 pub mod gpu;
 pub mod image;
+pub mod jpeg;
 pub mod loader;
 pub mod model;
 pub mod package;

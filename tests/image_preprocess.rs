@@ -1,9 +1,9 @@
 //! Image preprocessing against Pillow: fixtures and references from
 //! tests/golden/make_image_goldens.py (tests/fixtures/images/manifest.json).
 //!
-//! Decoding + convert('RGB') must equal PIL exactly except for JPEG, where zune-jpeg and
-//! libjpeg-turbo round the IDCT and chroma upsampling differently; the tolerances below are the
-//! measured maxima.
+//! Decoding + convert('RGB') must equal PIL exactly, JPEG included (our decoder, src/jpeg.rs,
+//! reproduces libjpeg-turbo); the extra JPEG fixtures of tests/golden/make_jpeg_fixtures.py
+//! (jpeg_*.jpg: other sampling layouts, restart intervals, YCCK, ...) are checked too.
 //! Resizing PIL's own decoded pixels must equal PIL's resize bit for bit.
 
 use std::path::{Path, PathBuf};
@@ -14,11 +14,11 @@ use minigpt4::image::{
 };
 use serde_json::Value;
 
-/// Largest per-channel difference between our decoded JPEG pixels (zune-jpeg) and
-/// libjpeg-turbo's under Pillow 13, measured: 4 for 4:2:0 chroma (up to 20–40% of values off
-/// by 1–4, from chroma upsampling and IDCT rounding), 2 for 4:4:4, 1 for greyscale and CMYK.
-/// Resizing to 224 does not increase it.
-const JPEG_DECODE_TOL: u8 = 4;
+/// Largest per-channel difference between our decoded JPEG pixels (src/jpeg.rs) and
+/// libjpeg-turbo's under Pillow 13: 0 on every fixture (4:2:0, 4:4:4, progressive, greyscale,
+/// CMYK). The `image` crate's zune-jpeg, used before, was off by up to 4 (4:2:0 chroma), 2
+/// (4:4:4) and 1 (greyscale, CMYK), from its IDCT and chroma upsampling rounding.
+const JPEG_DECODE_TOL: u8 = 0;
 /// Largest per-channel difference between our decoded lossy WebP pixels (image-webp) and
 /// libwebp 1.6's: measured 0.
 const WEBP_LOSSY_DECODE_TOL: u8 = 0;
@@ -93,6 +93,36 @@ fn decode_matches_pil_convert_rgb() {
         );
     }
     eprintln!("decode vs PIL convert('RGB'):\n  {}", report.join("\n  "));
+}
+
+/// tests/golden/make_jpeg_fixtures.py's files: every one must decode to Pillow's pixels
+/// exactly.
+#[test]
+fn extra_jpeg_fixtures_match_pil_exactly() {
+    let mut names: Vec<String> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("jpeg_") && n.ends_with(".jpg"))
+        .collect();
+    names.sort();
+    // make_image_goldens.py empties the folder: make_jpeg_fixtures.py must run after it.
+    assert!(
+        names.len() >= 23,
+        "only {} jpeg_*.jpg fixtures: run tests/golden/make_jpeg_fixtures.py",
+        names.len()
+    );
+    let mut report = Vec::new();
+    for file in &names {
+        let ours = decode_rgb(&read(file), file).unwrap_or_else(|err| panic!("{err}"));
+        let pil = reference(&file.replace(".jpg", ".rgb.png"));
+        let (max, n) = diff(&ours, &pil, file);
+        report.push(format!(
+            "{file:44} {}x{}: max {max}, {n} values differ",
+            pil.width, pil.height
+        ));
+        assert_eq!((max, n), (0, 0), "{file}: decoded pixels differ from PIL");
+    }
+    eprintln!("extra JPEGs vs PIL:\n  {}", report.join("\n  "));
 }
 
 #[test]
