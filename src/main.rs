@@ -130,6 +130,29 @@ enum Cmd {
         #[command(flatten)]
         gpu: GpuArgs,
     },
+    /// Measure copy bandwidth, GEMV / GEMM speed and end-to-end speed on this adapter
+    Bench {
+        /// Small shapes and few runs (proves the command works; numbers mean little)
+        #[arg(long)]
+        tiny: bool,
+        /// Timed runs per measurement (median, min, max are reported)
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// End to end on random weights at the real dimensions: vicuna0-7b or vicuna0-13b
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// Layers of the synthetic LLM and ViT (default: all)
+        #[arg(long)]
+        layers: Option<usize>,
+        /// GPU format of the synthetic LLM's linear layers
+        #[arg(long, default_value = "q4")]
+        quant: String,
+        /// Print the JSON report
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
     /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)
     Serve {
         /// A model package directory
@@ -767,6 +790,33 @@ fn main() -> ExitCode {
             format: *format,
             gpu,
         }),
+        Cmd::Bench {
+            tiny,
+            runs,
+            synthetic,
+            layers,
+            quant,
+            json,
+            gpu,
+        } => (|| -> anyhow::Result<()> {
+            let g = open_gpu(gpu)?;
+            let r = minigpt4::bench::run(
+                &g,
+                &minigpt4::bench::BenchArgs {
+                    tiny: *tiny,
+                    runs: *runs,
+                    synthetic: synthetic.clone(),
+                    layers: *layers,
+                    quant: DType::parse(quant)?,
+                },
+            )?;
+            if *json {
+                println!("{r:#}");
+            } else {
+                print!("{}", minigpt4::bench::human(&r));
+            }
+            Ok(())
+        })(),
         Cmd::Serve {
             model,
             host,

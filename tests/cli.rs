@@ -470,3 +470,45 @@ fn convert_memory_is_bounded_by_twice_the_largest_tensor() {
         "peak {big} MiB converting a {largest} MiB tensor; {base} MiB for the tiny model"
     );
 }
+
+/// `bench --tiny` runs every part and reports positive numbers (not a timed test: the values
+/// are not compared with anything).
+#[test]
+fn bench_tiny_reports_every_part() {
+    let (ok, out, err) = minigpt4(&[
+        "bench",
+        "--tiny",
+        "--runs",
+        "1",
+        "--synthetic",
+        "vicuna0-7b",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let pos = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
+    assert!(pos(&r["copy"]["gb_per_s"]), "{r}");
+    let gemv = r["gemv"].as_array().unwrap();
+    assert_eq!(gemv.len(), 6);
+    assert!(gemv
+        .iter()
+        .all(|g| pos(&g["gb_per_s"]) && pos(&g["percent_of_copy"])));
+    assert!(r["gemm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|g| pos(&g["gflop_per_s"])));
+    let e = &r["end_to_end"];
+    for k in [
+        "image_encode_ms",
+        "prefill_tok_per_s",
+        "decode_tok_per_s_ctx_short",
+        "decode_tok_per_s_ctx_long",
+        "time_to_first_token_s",
+    ] {
+        assert!(pos(&e[k]), "{k}: {e}");
+    }
+    assert!(pos(&e["gpu_memory_bytes"]["total"]));
+    let (ok, _, err) = minigpt4(&["bench", "--tiny", "--synthetic", "vicuna0-70b"]);
+    assert!(!ok && err.contains("vicuna0-70b"), "{err}");
+}

@@ -1,0 +1,467 @@
+//! `minigpt4 bench`: speed as ratios measured in one run on one device.
+//!
+//! - the device's own copy-kernel bandwidth (our `copy_rows` kernel), the yardstick;
+//! - GEMV (decode) GB/s and % of the copy bandwidth for q4 / q8 / f16 at the real shapes;
+//! - GEMM (prefill, ViT) GFLOP/s;
+//! - end to end on synthetic weights at the real dimensions (`--synthetic vicuna0-7b|vicuna0-13b`,
+//!   `--layers N` when the machine is too small for all): ViT-g + Q-Former image encode, prefill
+//!   and decode at two context lengths, time to first token, GPU memory.
+//!
+//! Times are wall clock around a submit and a wait for the device (several runs; median, min and
+//! max). `--tiny` shrinks everything so CI can prove the command works; no test is timed.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::error::Result;
+use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::model::llama::{Input, Llama, LlamaConfig, QuantPolicy};
+use crate::model::qformer::{QFormer, QFormerConfig};
+use crate::model::vit::{Vit, VitConfig};
+use crate::quant::DType;
+use crate::weights::{TensorMap, TensorSpec};
+
+pub struct BenchArgs {
+    /// Small shapes and few runs (CI).
+    pub tiny: bool,
+    pub runs: usize,
+    /// `vicuna0-7b` or `vicuna0-13b`: the end-to-end part; `None` skips it.
+    pub synthetic: Option<String>,
+    /// LLM and ViT layers for the synthetic model (default: all).
+    pub layers: Option<usize>,
+    pub quant: DType,
+}
+
+/// Median, min and max of `runs` timings (seconds) of `f`.
+fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+    f()?; // warm-up: pipelines compiled, buffers touched
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
+}
+
+/// Fills a weight tensor with pseudo-random codes and small valid f16 scales.
+fn fill_random(gpu: &Gpu, t: &Tensor, seed: u64) {
+    let n = t.numel();
+    let words = t.dtype.data_words(n);
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let chunk = 1 << 20;
+    let mut at = 0;
+    while at < words {
+        let m = chunk.min(words - at);
+        let data: Vec<u32> = (0..m)
+            .map(|_| {
+                let r = next() as u32;
+                match t.dtype {
+                    // f32 / f16: small finite values (exponent bits forced low)
+                    DType::F32 => (r & 0x807f_ffff) | 0x3c00_0000,
+                    DType::F16 => (r & 0x83ff_83ff) | 0x2c00_2c00,
+                    _ => r,
+                }
+            })
+            .collect();
+        t.write_stored(
+            &gpu.queue,
+            false,
+            (at * 4) as u64,
+            bytemuck::cast_slice(&data),
+        );
+        at += m;
+    }
+    if t.dtype.is_quantized() {
+        // f16 0.01 ≈ 0x211f (and a zero minimum for q4m)
+        let sw = t.dtype.scale_words(n);
+        let word = match t.dtype {
+            DType::Q4M => 0x0000_211f,
+            _ => 0x211f_211f,
+        };
+        let mut at = 0;
+        while at < sw {
+            let m = chunk.min(sw - at);
+            t.write_stored(
+                &gpu.queue,
+                true,
+                (at * 4) as u64,
+                bytemuck::cast_slice(&vec![word; m]),
+            );
+            at += m;
+        }
+    }
+}
+
+fn random_weight(
+    gpu: &Gpu,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    seed: u64,
+) -> Result<Tensor> {
+    let t = Tensor::empty(gpu, name, shape, dtype)?;
+    fill_random(gpu, &t, seed);
+    Ok(t)
+}
+
+fn stats(v: (f64, f64, f64)) -> Value {
+    json!({"median_s": v.0, "min_s": v.1, "max_s": v.2})
+}
+
+/// The copy kernel's bandwidth (bytes read + written per second).
+fn copy_bandwidth(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    let cols = 4096;
+    let bytes: usize = if a.tiny { 4 << 20 } else { 128 << 20 };
+    let bytes = bytes.min(gpu.max_binding as usize / 2);
+    let rows = bytes / 4 / cols;
+    let src = Tensor::zeros(gpu, "copy.src", &[rows, cols])?;
+    let dst = Tensor::zeros(gpu, "copy.dst", &[rows, cols])?;
+    let reps = if a.tiny { 2 } else { 8 };
+    let t = time(a.runs, || {
+        let mut rec = Recorder::new(gpu);
+        for _ in 0..reps {
+            rec.copy_rows(&src, 0, cols, &dst, 0, cols, rows, cols)?;
+        }
+        pollster::block_on(rec.submit())?;
+        gpu.wait();
+        Ok(())
+    })?;
+    let moved = (2 * rows * cols * 4 * reps) as f64;
+    Ok(json!({"bytes": rows * cols * 4, "gb_per_s": moved / t.0 / 1e9, "time": stats(t)}))
+}
+
+fn gemv_shapes(tiny: bool) -> Vec<(usize, usize)> {
+    if tiny {
+        vec![(256, 256), (512, 256)]
+    } else {
+        vec![
+            (4096, 4096),
+            (11008, 4096),
+            (4096, 11008),
+            (32001, 4096),
+            (5120, 5120),
+            (13824, 5120),
+            (5120, 13824),
+        ]
+    }
+}
+
+fn gemv(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
+    let mut out = Vec::new();
+    for dtype in [DType::Q4, DType::Q8, DType::F16] {
+        for (n, k) in gemv_shapes(a.tiny) {
+            eprintln!("bench: gemv {dtype} {n}×{k}");
+            let w = random_weight(gpu, "gemv.w", &[n, k], dtype, (n * k) as u64)?;
+            let x = Tensor::zeros(gpu, "gemv.x", &[1, k])?;
+            let y = Tensor::zeros(gpu, "gemv.y", &[1, n])?;
+            let reps = if a.tiny { 2 } else { 4 };
+            let t = time(a.runs, || {
+                let mut rec = Recorder::new(gpu);
+                for _ in 0..reps {
+                    rec.matmul(&x, &w, None, &y, false)?;
+                }
+                pollster::block_on(rec.submit())?;
+                gpu.wait();
+                Ok(())
+            })?;
+            let bytes = dtype.bytes(n * k) as f64;
+            let gbs = bytes * reps as f64 / t.0 / 1e9;
+            out.push(json!({
+                "dtype": dtype.name(), "n": n, "k": k, "weight_bytes": bytes,
+                "gb_per_s": gbs, "percent_of_copy": 100.0 * gbs / copy_gbs, "time": stats(t),
+            }));
+        }
+    }
+    Ok(Value::from(out))
+}
+
+fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    let cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {
+        vec![
+            ("prefill", 32, 256, 256, DType::Q4),
+            ("vit", 17, 192, 64, DType::F16),
+        ]
+    } else {
+        let mut v: Vec<(&str, usize, usize, usize, DType)> = [64, 128, 256, 512]
+            .iter()
+            .map(|&m| ("prefill", m, 4096, 4096, DType::Q4))
+            .collect();
+        v.extend([
+            ("vit qkv", 257, 4224, 1408, DType::F16),
+            ("vit fc1", 257, 6144, 1408, DType::F16),
+            ("vit fc2", 257, 1408, 6144, DType::F16),
+        ]);
+        v
+    };
+    let mut out = Vec::new();
+    for (what, m, n, k, dtype) in cases {
+        eprintln!("bench: gemm {what} {m}×{n}×{k} {dtype}");
+        let w = random_weight(gpu, "gemm.w", &[n, k], dtype, (m * n) as u64)?;
+        let x = Tensor::zeros(gpu, "gemm.x", &[m, k])?;
+        let y = Tensor::zeros(gpu, "gemm.y", &[m, n])?;
+        let t = time(a.runs, || {
+            let mut rec = Recorder::new(gpu);
+            rec.matmul(&x, &w, None, &y, false)?;
+            pollster::block_on(rec.submit())?;
+            gpu.wait();
+            Ok(())
+        })?;
+        let flop = 2.0 * (m * n * k) as f64;
+        out.push(json!({
+            "case": what, "m": m, "n": n, "k": k, "dtype": dtype.name(),
+            "gflop_per_s": flop / t.0 / 1e9, "time": stats(t),
+        }));
+    }
+    Ok(Value::from(out))
+}
+
+/// Tensors of `specs`, allocated and filled with pseudo-random values.
+fn synthetic_tensors(gpu: &Gpu, specs: &[TensorSpec]) -> Result<(TensorMap, u64)> {
+    let mut m = TensorMap::default();
+    let mut bytes = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let t = Tensor::empty(gpu, &s.name, &s.shape, s.dtype)?;
+        if s.dtype == DType::F32 && s.shape.len() == 1 {
+            // norm weights and biases: ones / zeros keep activations finite
+            let one = if s.name.contains("bias") { 0.0f32 } else { 1.0 };
+            t.write_stored(
+                &gpu.queue,
+                false,
+                0,
+                bytemuck::cast_slice(&vec![one; s.shape[0]]),
+            );
+        } else {
+            fill_random(gpu, &t, i as u64 + 1);
+        }
+        bytes += s.dtype.bytes(t.numel()) as u64;
+        m.insert(t);
+        if i % 64 == 0 {
+            gpu.queue.submit([]);
+            gpu.wait();
+        }
+    }
+    Ok((m, bytes))
+}
+
+fn llm_config(name: &str, tiny: bool) -> Result<LlamaConfig> {
+    let (hidden, layers, heads, inter) = match name {
+        _ if tiny => (64, 2, 2, 128),
+        "vicuna0-7b" => (4096, 32, 32, 11008),
+        "vicuna0-13b" => (5120, 40, 40, 13824),
+        other => {
+            return Err(crate::Error::InvalidOption {
+                name: "--synthetic".into(),
+                msg: format!("expected vicuna0-7b or vicuna0-13b, found '{other}'"),
+            })
+        }
+    };
+    Ok(LlamaConfig {
+        hidden,
+        layers,
+        heads,
+        kv_heads: heads,
+        head_dim: hidden / heads,
+        intermediate: inter,
+        vocab: if tiny { 1024 } else { 32001 },
+        rope_theta: 10000.0,
+        rms_eps: 1e-6,
+        tied: false,
+        max_pos: 2048,
+        bos: Some(1),
+        eos: vec![2],
+    })
+}
+
+fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
+    let mut llm_cfg = llm_config(name, a.tiny)?;
+    let (mut vit_cfg, mut qf_cfg) = (VitConfig::eva_vit_g(224), QFormerConfig::blip2());
+    if a.tiny {
+        vit_cfg = VitConfig {
+            image_size: 56,
+            patch: 14,
+            width: 64,
+            layers: 2,
+            heads: 2,
+            mlp: 128,
+            eps: 1e-6,
+            ln_vision_eps: 1e-5,
+        };
+        qf_cfg = QFormerConfig {
+            hidden: 64,
+            layers: 2,
+            heads: 2,
+            intermediate: 128,
+            queries: 8,
+            encoder_width: 64,
+            cross_every: 2,
+            eps: 1e-12,
+        };
+    }
+    if let Some(l) = a.layers {
+        llm_cfg.layers = l.min(llm_cfg.layers).max(1);
+        vit_cfg.layers = l.min(vit_cfg.layers).max(1);
+    }
+    let (ctx_short, ctx_long) = if a.tiny { (16, 48) } else { (128, 1024) };
+    let policy = QuantPolicy::for_linear(a.quant);
+    let vision_dtype = DType::F16;
+    let mut specs = Vit::specs(&vit_cfg, vision_dtype)?;
+    specs.extend(QFormer::specs(&qf_cfg, vision_dtype)?);
+    specs.extend(Llama::specs(&llm_cfg, policy));
+    eprintln!("bench: end to end, synthetic {name}");
+    let t_load = Instant::now();
+    let (mut tensors, weight_bytes) = synthetic_tensors(gpu, &specs)?;
+    let vit = Vit::build(&vit_cfg, &mut tensors)?;
+    let qf = QFormer::build(&qf_cfg, &mut tensors)?;
+    let ctx = ctx_long + 64;
+    let mut llm = Llama::build(gpu, &llm_cfg, policy, &mut tensors, ctx)?;
+    gpu.wait();
+    let load_s = t_load.elapsed().as_secs_f64();
+    let kv_bytes = (2 * llm_cfg.layers * ctx * llm_cfg.kv_heads * llm_cfg.head_dim * 4) as u64;
+
+    // image encode: ViT + Q-Former
+    let s = vit_cfg.image_size;
+    let px = Tensor::zeros(gpu, "pixels", &[3, s, s])?;
+    let encode = time(a.runs, || {
+        let mut rec = Recorder::new(gpu);
+        let image = vit.record(gpu, &mut rec, &px, None)?;
+        qf.record(gpu, &mut rec, &image, None)?;
+        pollster::block_on(rec.submit())?;
+        gpu.wait();
+        Ok(())
+    })?;
+
+    // prefill of a MiniGPT-4-sized prompt (text + 32 image rows), then decode
+    let prompt: Vec<u32> = (0..if a.tiny { 12 } else { 98 })
+        .map(|i| 3 + i as u32)
+        .collect();
+    let prefill = time(a.runs, || {
+        llm.reset();
+        pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&prompt), llm_cfg.vocab))?;
+        Ok(())
+    })?;
+    // decode: the cache filled to `context` positions (untimed), then `steps` timed tokens
+    let decode_at = |llm: &mut Llama, context: usize| -> Result<(f64, f64, f64)> {
+        let steps = if a.tiny { 4 } else { 16 };
+        let mut per_token = Vec::new();
+        for _ in 0..a.runs.clamp(1, 3) {
+            llm.reset();
+            let fill: Vec<u32> = (0..context).map(|i| 3 + (i % 500) as u32).collect();
+            for chunk in fill.chunks(512) {
+                pollster::block_on(llm.forward(gpu, Input::Ids(chunk), false))?;
+            }
+            let t = Instant::now();
+            let mut tok = 5u32;
+            for _ in 0..steps {
+                tok =
+                    pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&[tok]), llm_cfg.vocab))?;
+            }
+            per_token.push(t.elapsed().as_secs_f64() / steps as f64);
+        }
+        per_token.sort_by(|a, b| a.total_cmp(b));
+        Ok((
+            per_token[per_token.len() / 2],
+            per_token[0],
+            per_token[per_token.len() - 1],
+        ))
+    };
+    let short = decode_at(&mut llm, ctx_short)?;
+    let long = decode_at(&mut llm, ctx_long)?;
+    let ttft = encode.0 + prefill.0;
+    Ok(json!({
+        "model": name, "llm_layers": llm_cfg.layers, "vit_layers": vit_cfg.layers,
+        "llm_quant": a.quant.name(), "vision_quant": vision_dtype.name(),
+        "load_s": load_s,
+        "image_encode_ms": encode.0 * 1e3, "image_encode": stats(encode),
+        "prefill_tokens": prompt.len(), "prefill_tok_per_s": prompt.len() as f64 / prefill.0,
+        "prefill": stats(prefill),
+        "decode_tok_per_s_ctx_short": 1.0 / short.0, "ctx_short": ctx_short,
+        "decode_short": stats(short),
+        "decode_tok_per_s_ctx_long": 1.0 / long.0, "ctx_long": ctx_long,
+        "decode_long": stats(long),
+        "time_to_first_token_s": ttft,
+        "gpu_memory_bytes": {"weights": weight_bytes, "kv_cache": kv_bytes, "total": weight_bytes + kv_bytes},
+    }))
+}
+
+/// Runs every part; returns the JSON report.
+pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    let copy = copy_bandwidth(gpu, a)?;
+    let copy_gbs = copy["gb_per_s"].as_f64().unwrap_or(1.0);
+    let mut report = json!({
+        "adapter": gpu.info.name,
+        "backend": format!("{:?}", gpu.info.backend),
+        "kernel_variant": gpu.best_variant.name(),
+        "tiny": a.tiny,
+        "runs": a.runs,
+        "copy": copy,
+        "gemv": gemv(gpu, a, copy_gbs)?,
+        "gemm": gemm(gpu, a)?,
+    });
+    if let Some(s) = &a.synthetic {
+        report["end_to_end"] = end_to_end(gpu, a, s)?;
+    }
+    Ok(report)
+}
+
+/// The report as a table for humans.
+pub fn human(r: &Value) -> String {
+    let mut s = format!(
+        "adapter {} ({}), kernels {}\ncopy kernel: {:.2} GB/s\n\nGEMV (decode)            GB/s   % of copy\n",
+        r["adapter"].as_str().unwrap_or(""),
+        r["backend"].as_str().unwrap_or(""),
+        r["kernel_variant"].as_str().unwrap_or(""),
+        r["copy"]["gb_per_s"].as_f64().unwrap_or(0.0)
+    );
+    for g in r["gemv"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  {:>4} {:>6}×{:<6} {:>8.2} {:>8.1} %\n",
+            g["dtype"].as_str().unwrap_or(""),
+            g["n"],
+            g["k"],
+            g["gb_per_s"].as_f64().unwrap_or(0.0),
+            g["percent_of_copy"].as_f64().unwrap_or(0.0)
+        );
+    }
+    s += "\nGEMM                          GFLOP/s\n";
+    for g in r["gemm"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  {:<8} {:>4}×{:>5}×{:<5} {:>4} {:>9.2}\n",
+            g["case"].as_str().unwrap_or(""),
+            g["m"],
+            g["n"],
+            g["k"],
+            g["dtype"].as_str().unwrap_or(""),
+            g["gflop_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(e) = r.get("end_to_end") {
+        s += &format!(
+            "\nend to end ({}, {} LLM layers, {} ViT layers, LLM {}):\n  image encode {:.1} ms\n  prefill {:.1} tok/s ({} tokens)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
+            e["model"].as_str().unwrap_or(""),
+            e["llm_layers"],
+            e["vit_layers"],
+            e["llm_quant"].as_str().unwrap_or(""),
+            e["image_encode_ms"].as_f64().unwrap_or(0.0),
+            e["prefill_tok_per_s"].as_f64().unwrap_or(0.0),
+            e["prefill_tokens"],
+            e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
+            e["ctx_short"],
+            e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
+            e["ctx_long"],
+            e["time_to_first_token_s"].as_f64().unwrap_or(0.0),
+            e["gpu_memory_bytes"]["total"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+            e["gpu_memory_bytes"]["weights"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+            e["gpu_memory_bytes"]["kv_cache"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+        );
+    }
+    s
+}
