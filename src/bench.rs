@@ -254,7 +254,7 @@ fn synthetic_tensors(gpu: &Gpu, specs: &[TensorSpec]) -> Result<(TensorMap, u64)
 
 fn llm_config(name: &str, tiny: bool) -> Result<LlamaConfig> {
     let (hidden, layers, heads, inter) = match name {
-        _ if tiny => (64, 2, 2, 128),
+        "vicuna0-7b" | "vicuna0-13b" if tiny => (64, 2, 2, 128),
         "vicuna0-7b" => (4096, 32, 32, 11008),
         "vicuna0-13b" => (5120, 40, 40, 13824),
         other => {

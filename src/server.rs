@@ -447,8 +447,19 @@ fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
 async fn chat_completions(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body exceeds {} MiB", MAX_BODY >> 20),
+            )
+        }
+        Err(e) => return bad(format!("could not read the request body: {e}")),
+    };
     if !authorized(&st, &headers) {
         return error(
             StatusCode::UNAUTHORIZED,

@@ -292,9 +292,10 @@ fn bad_requests_get_their_status_codes() {
                 }
             }
         });
-        let mut status = String::new();
-        BufReader::new(c).read_line(&mut status).unwrap();
-        assert!(status.contains(" 413 "), "{status}");
+        let mut resp = String::new();
+        let _ = BufReader::new(c).read_to_string(&mut resp);
+        assert!(resp.starts_with("HTTP/1.1 413 "), "{resp}");
+        assert!(resp.contains("\"error\"") && resp.contains("MiB"), "{resp}");
         let _ = writer.join();
     }
     // a full queue (one request at most): of 8 simultaneous requests, those arriving while one
@@ -465,4 +466,39 @@ fn a_client_that_disconnects_cancels_its_generation() {
     let after = generated_tokens(&s.base) - full_tokens;
     assert!(after < 180, "the abandoned answer ran to {after} tokens");
     eprintln!("abandoned answer stopped after {after} of 180 tokens (full answer: {full_time:?})");
+}
+
+/// With --allow-remote-images an http image URL is fetched (here from a one-shot server on
+/// 127.0.0.1) and answered like the same image sent as a data URL.
+#[test]
+fn remote_images_are_fetched_only_when_allowed() {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cat.jpg", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let bytes = std::fs::read(image_path()).unwrap();
+        for mut s in l.incoming().flatten() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 2 {
+                line.clear();
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            let _ = s.write_all(&bytes);
+        }
+    });
+    let s = Server::start(&["--allow-remote-images"]);
+    let mut req = request("What is in this picture?", 8, false);
+    let (status, body) = post(&s.base, &req.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    let want: serde_json::Value = serde_json::from_str(&body).unwrap();
+    req["messages"][0]["content"][1]["image_url"]["url"] = url.into();
+    let (status, body) = post(&s.base, &req.to_string(), None);
+    assert_eq!(status, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(content(&got), content(&want));
 }
