@@ -135,7 +135,10 @@ impl Recipe {
                 Ok(())
             }
             Recipe::PosEmbed { name, width, .. } => pos_grid(src, name, *width).map(|_| ()),
-            Recipe::FirstOf(_) => unreachable!("resolved"),
+            Recipe::FirstOf(_) => Err(Error::format(
+                src.describe(),
+                "an empty list of alternatives",
+            )),
         }
     }
 
@@ -170,7 +173,10 @@ impl Recipe {
                     crate::model::vit::interpolate_pos_embed(&x, *width, old, *grid)
                 }
             }
-            Recipe::FirstOf(_) => unreachable!("resolved"),
+            Recipe::FirstOf(_) => Err(Error::format(
+                src.describe(),
+                "an empty list of alternatives",
+            )),
         }
     }
 }
