@@ -309,6 +309,12 @@ impl TensorSpec {
         }
     }
 
+    /// A GPU tensor that is the source tensor of the same name, as it is.
+    pub fn copied(name: impl Into<String>, shape: &[usize], dtype: DType) -> Self {
+        let name = name.into();
+        TensorSpec::new(name.clone(), shape, dtype, Recipe::copy(name, shape))
+    }
+
     /// Whether a stored tensor of `dtype` may stand for this one: a 4-bit layer may be `q4` or
     /// `q4m` (GGUF Q4_1 / Q4_K sources convert to `q4m` without requantising).
     pub fn accepts(&self, dtype: DType) -> bool {

@@ -645,31 +645,18 @@ impl Llama {
             cfg.vocab,
         );
         let mut s = Vec::new();
-        let norm = |s: &mut Vec<TensorSpec>, name: String| {
-            s.push(TensorSpec::new(
-                name.clone(),
-                &[h],
-                DType::F32,
-                Recipe::copy(name, &[h]),
-            ))
+        let norm = |name: String| TensorSpec::copied(name, &[h], DType::F32);
+        let lin = |name: String, rows: usize, cols: usize| {
+            TensorSpec::copied(name, &[rows, cols], policy.linear)
         };
-        let lin = |s: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
-            s.push(TensorSpec::new(
-                name.clone(),
-                &[rows, cols],
-                policy.linear,
-                Recipe::copy(name, &[rows, cols]),
-            ))
-        };
-        s.push(TensorSpec::new(
+        s.push(TensorSpec::copied(
             "model.embed_tokens.weight",
             &[v, h],
             policy.embed,
-            Recipe::copy("model.embed_tokens.weight", &[v, h]),
         ));
         for i in 0..cfg.layers {
             let l = format!("model.layers.{i}");
-            norm(&mut s, format!("{l}.input_layernorm.weight"));
+            s.push(norm(format!("{l}.input_layernorm.weight")));
             s.push(TensorSpec::new(
                 format!("{l}.self_attn.qkv_proj.weight"),
                 &[q + 2 * kv, h],
@@ -680,13 +667,13 @@ impl Llama {
                     Piece::tensor(format!("{l}.self_attn.v_proj.weight"), &[kv, h]),
                 ]),
             ));
-            lin(&mut s, format!("{l}.self_attn.o_proj.weight"), h, q);
-            norm(&mut s, format!("{l}.post_attention_layernorm.weight"));
-            lin(&mut s, format!("{l}.mlp.gate_proj.weight"), f, h);
-            lin(&mut s, format!("{l}.mlp.up_proj.weight"), f, h);
-            lin(&mut s, format!("{l}.mlp.down_proj.weight"), h, f);
+            s.push(lin(format!("{l}.self_attn.o_proj.weight"), h, q));
+            s.push(norm(format!("{l}.post_attention_layernorm.weight")));
+            s.push(lin(format!("{l}.mlp.gate_proj.weight"), f, h));
+            s.push(lin(format!("{l}.mlp.up_proj.weight"), f, h));
+            s.push(lin(format!("{l}.mlp.down_proj.weight"), h, f));
         }
-        norm(&mut s, "model.norm.weight".into());
+        s.push(norm("model.norm.weight".into()));
         s.push(TensorSpec::new(
             "lm_head.weight",
             &[v, h],

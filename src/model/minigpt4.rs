@@ -235,18 +235,12 @@ impl MiniGpt4 {
             s.extend(QFormer::specs(q, formats.vision)?);
         }
         let (h, k) = (cfg.llm.hidden, cfg.proj_in());
-        s.push(TensorSpec::new(
+        s.push(TensorSpec::copied(
             "llama_proj.weight",
             &[h, k],
             formats.vision,
-            Recipe::copy("llama_proj.weight", &[h, k]),
         ));
-        s.push(TensorSpec::new(
-            "llama_proj.bias",
-            &[h],
-            DType::F32,
-            Recipe::copy("llama_proj.bias", &[h]),
-        ));
+        s.push(TensorSpec::copied("llama_proj.bias", &[h], DType::F32));
         let mut llm = Llama::specs(&cfg.llm, formats.llm);
         if cfg.variant == ModelVariant::MiniGptV2 {
             merge_minigptv2_lora(&mut llm, &cfg.llm);

@@ -95,22 +95,9 @@ impl QFormer {
         cfg.validate()?;
         let (d, e, f) = (cfg.hidden, cfg.encoder_width, cfg.intermediate);
         let mut s = Vec::new();
-        let vec = |s: &mut Vec<TensorSpec>, name: String, n: usize| {
-            s.push(TensorSpec::new(
-                name.clone(),
-                &[n],
-                DType::F32,
-                Recipe::copy(name, &[n]),
-            ))
-        };
-        let mat = |s: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
-            s.push(TensorSpec::new(
-                name.clone(),
-                &[rows, cols],
-                dtype,
-                Recipe::copy(name, &[rows, cols]),
-            ))
-        };
+        let vec = |name: String, n: usize| TensorSpec::copied(name, &[n], DType::F32);
+        let mat =
+            |name: String, rows: usize, cols: usize| TensorSpec::copied(name, &[rows, cols], dtype);
         s.push(TensorSpec::new(
             "query_tokens",
             &[cfg.queries, d],
@@ -118,8 +105,8 @@ impl QFormer {
             Recipe::copy("query_tokens", &[1, cfg.queries, d]),
         ));
         let p = "Qformer.bert.";
-        vec(&mut s, format!("{p}embeddings.LayerNorm.weight"), d);
-        vec(&mut s, format!("{p}embeddings.LayerNorm.bias"), d);
+        s.push(vec(format!("{p}embeddings.LayerNorm.weight"), d));
+        s.push(vec(format!("{p}embeddings.LayerNorm.bias"), d));
         for i in 0..cfg.layers {
             let l = format!("{p}encoder.layer.{i}.");
             let names = |kind: &str, parts: &[&str], suffix: &str| -> Vec<String> {
@@ -149,25 +136,25 @@ impl QFormer {
                 ));
             };
             let output = |s: &mut Vec<TensorSpec>, kind: &str| {
-                mat(s, format!("{l}{kind}.output.dense.weight"), d, d);
-                vec(s, format!("{l}{kind}.output.dense.bias"), d);
-                vec(s, format!("{l}{kind}.output.LayerNorm.weight"), d);
-                vec(s, format!("{l}{kind}.output.LayerNorm.bias"), d);
+                s.push(mat(format!("{l}{kind}.output.dense.weight"), d, d));
+                s.push(vec(format!("{l}{kind}.output.dense.bias"), d));
+                s.push(vec(format!("{l}{kind}.output.LayerNorm.weight"), d));
+                s.push(vec(format!("{l}{kind}.output.LayerNorm.bias"), d));
             };
             fused(&mut s, "attention", &["query", "key", "value"], "qkv", d);
             output(&mut s, "attention");
             if i % cfg.cross_every == 0 {
-                mat(&mut s, format!("{l}crossattention.self.query.weight"), d, d);
-                vec(&mut s, format!("{l}crossattention.self.query.bias"), d);
+                s.push(mat(format!("{l}crossattention.self.query.weight"), d, d));
+                s.push(vec(format!("{l}crossattention.self.query.bias"), d));
                 fused(&mut s, "crossattention", &["key", "value"], "kv", e);
                 output(&mut s, "crossattention");
             }
-            mat(&mut s, format!("{l}intermediate_query.dense.weight"), f, d);
-            vec(&mut s, format!("{l}intermediate_query.dense.bias"), f);
-            mat(&mut s, format!("{l}output_query.dense.weight"), d, f);
-            vec(&mut s, format!("{l}output_query.dense.bias"), d);
-            vec(&mut s, format!("{l}output_query.LayerNorm.weight"), d);
-            vec(&mut s, format!("{l}output_query.LayerNorm.bias"), d);
+            s.push(mat(format!("{l}intermediate_query.dense.weight"), f, d));
+            s.push(vec(format!("{l}intermediate_query.dense.bias"), f));
+            s.push(mat(format!("{l}output_query.dense.weight"), d, f));
+            s.push(vec(format!("{l}output_query.dense.bias"), d));
+            s.push(vec(format!("{l}output_query.LayerNorm.weight"), d));
+            s.push(vec(format!("{l}output_query.LayerNorm.bias"), d));
         }
         Ok(s)
     }

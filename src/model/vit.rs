@@ -103,22 +103,9 @@ impl Vit {
         let (w, t, m, p) = (cfg.width, cfg.tokens(), cfg.mlp, cfg.patch);
         let v = "visual_encoder.";
         let mut s = Vec::new();
-        let vec = |s: &mut Vec<TensorSpec>, name: String, n: usize| {
-            s.push(TensorSpec::new(
-                name.clone(),
-                &[n],
-                DType::F32,
-                Recipe::copy(name, &[n]),
-            ))
-        };
-        let mat = |s: &mut Vec<TensorSpec>, name: String, rows: usize, cols: usize| {
-            s.push(TensorSpec::new(
-                name.clone(),
-                &[rows, cols],
-                dtype,
-                Recipe::copy(name, &[rows, cols]),
-            ))
-        };
+        let vec = |name: String, n: usize| TensorSpec::copied(name, &[n], DType::F32);
+        let mat =
+            |name: String, rows: usize, cols: usize| TensorSpec::copied(name, &[rows, cols], dtype);
         s.push(TensorSpec::new(
             format!("{v}cls_token"),
             &[1, w],
@@ -147,12 +134,12 @@ impl Vit {
             },
             Recipe::copy(format!("{v}patch_embed.proj.weight"), &[w, 3, p, p]),
         ));
-        vec(&mut s, format!("{v}patch_embed.proj.bias"), w);
+        s.push(vec(format!("{v}patch_embed.proj.bias"), w));
         for i in 0..cfg.layers {
             let b = format!("{v}blocks.{i}.");
-            vec(&mut s, format!("{b}norm1.weight"), w);
-            vec(&mut s, format!("{b}norm1.bias"), w);
-            mat(&mut s, format!("{b}attn.qkv.weight"), 3 * w, w);
+            s.push(vec(format!("{b}norm1.weight"), w));
+            s.push(vec(format!("{b}norm1.bias"), w));
+            s.push(mat(format!("{b}attn.qkv.weight"), 3 * w, w));
             // transformers' fused bias, or MiniGPT-4's q and v biases around a zero k bias
             s.push(TensorSpec::new(
                 format!("{b}attn.qkv.bias"),
@@ -167,14 +154,14 @@ impl Vit {
                     ]),
                 ]),
             ));
-            mat(&mut s, format!("{b}attn.proj.weight"), w, w);
-            vec(&mut s, format!("{b}attn.proj.bias"), w);
-            vec(&mut s, format!("{b}norm2.weight"), w);
-            vec(&mut s, format!("{b}norm2.bias"), w);
-            mat(&mut s, format!("{b}mlp.fc1.weight"), m, w);
-            vec(&mut s, format!("{b}mlp.fc1.bias"), m);
-            mat(&mut s, format!("{b}mlp.fc2.weight"), w, m);
-            vec(&mut s, format!("{b}mlp.fc2.bias"), w);
+            s.push(mat(format!("{b}attn.proj.weight"), w, w));
+            s.push(vec(format!("{b}attn.proj.bias"), w));
+            s.push(vec(format!("{b}norm2.weight"), w));
+            s.push(vec(format!("{b}norm2.bias"), w));
+            s.push(mat(format!("{b}mlp.fc1.weight"), m, w));
+            s.push(vec(format!("{b}mlp.fc1.bias"), m));
+            s.push(mat(format!("{b}mlp.fc2.weight"), w, m));
+            s.push(vec(format!("{b}mlp.fc2.bias"), w));
         }
         for (name, value) in [("ln_vision.weight", 1.0), ("ln_vision.bias", 0.0)] {
             s.push(TensorSpec::new(
