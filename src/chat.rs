@@ -593,6 +593,86 @@ impl Conversation {
     }
 }
 
+/// The visible text of an answer while its tokens arrive (for streaming it): decoded
+/// incrementally, ending before the template's `###` separator or a caller's stop string. A tail
+/// that could still grow into one of those is held back until it cannot.
+pub struct AnswerStream {
+    tok: crate::tokenizer::Tokenizer,
+    /// `###` and the caller's stop strings.
+    stops: Vec<String>,
+    ids: Vec<u32>,
+    emitted: usize,
+    shown: String,
+    sent: usize,
+    /// A caller's stop string (not `###`) ended the answer.
+    pub stopped_by_string: bool,
+}
+
+impl AnswerStream {
+    pub fn new(tok: crate::tokenizer::Tokenizer, caller_stops: &[String]) -> Self {
+        let mut stops = vec!["###".to_string()];
+        stops.extend(caller_stops.iter().filter(|s| !s.is_empty()).cloned());
+        AnswerStream {
+            tok,
+            stops,
+            ids: Vec::new(),
+            emitted: 0,
+            shown: String::new(),
+            sent: 0,
+            stopped_by_string: false,
+        }
+    }
+
+    /// Where the visible answer ends, if a stop string has appeared, and whether it was a
+    /// caller's.
+    fn cut(&self) -> Option<(usize, bool)> {
+        self.stops
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| self.shown.find(s.as_str()).map(|i| (i, k > 0)))
+            .min_by_key(|&(i, caller)| (i, caller))
+    }
+
+    /// Adds a generated token; returns the text that became visible (often empty).
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        if let Ok((piece, n)) = self.tok.decode_incremental(&self.ids, self.emitted) {
+            self.emitted = n;
+            self.shown.push_str(&piece);
+        }
+        let safe = match self.cut() {
+            Some((i, caller)) => {
+                self.stopped_by_string |= caller;
+                i
+            }
+            None => {
+                let hold = self.stops.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+                let mut s = self.shown.len().saturating_sub(hold);
+                while !self.shown.is_char_boundary(s) {
+                    s -= 1;
+                }
+                s
+            }
+        };
+        self.take(safe)
+    }
+
+    /// The held-back rest of the visible text, once generation has ended.
+    pub fn finish(&mut self) -> String {
+        let end = self.cut().map_or(self.shown.len(), |(i, _)| i);
+        self.take(end)
+    }
+
+    fn take(&mut self, end: usize) -> String {
+        if end <= self.sent {
+            return String::new();
+        }
+        let piece = self.shown[self.sent..end].to_string();
+        self.sent = end;
+        piece
+    }
+}
+
 /// `Chat.answer`'s trimming: cut at `###`, keep what follows the last `Assistant:`, strip.
 pub fn trim_answer(decoded: &str) -> String {
     let first = decoded.split("###").next().unwrap_or("");

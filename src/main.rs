@@ -556,10 +556,7 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
                q: &str|
      -> anyhow::Result<()> {
         conv.ask(q);
-        let tok = model.tok.clone();
-        let mut ids = Vec::new();
-        let mut emitted = 0;
-        let mut shown = String::new();
+        let mut stream = minigpt4::chat::AnswerStream::new(model.tok.clone(), &[]);
         let mut out = std::io::stdout();
         INTERRUPTED.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
@@ -573,17 +570,10 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     return false;
                 }
-                ids.push(id);
-                if a.format == Format::Text {
-                    if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
-                        emitted = n;
-                        shown.push_str(&piece);
-                        // stream until the stop marker appears
-                        if !shown.contains("###") {
-                            let _ = write!(out, "{piece}");
-                            let _ = out.flush();
-                        }
-                    }
+                let piece = stream.push(id);
+                if a.format == Format::Text && !piece.is_empty() {
+                    let _ = write!(out, "{piece}");
+                    let _ = out.flush();
                 }
                 true
             },
@@ -594,7 +584,7 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
             eprintln!("[stopped]");
         }
         match a.format {
-            Format::Text => println!(),
+            Format::Text => println!("{}", stream.finish()),
             Format::Json => println!(
                 "{}",
                 serde_json::json!({

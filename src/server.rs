@@ -138,56 +138,16 @@ fn run_job(
             conv.add_answer(text);
         }
     }
-    let tok = model.tok.clone();
-    let (mut ids, mut emitted, mut shown, mut sent) = (Vec::new(), 0usize, String::new(), 0usize);
-    let mut stopped_by_string = false;
+    let mut stream = crate::chat::AnswerStream::new(model.tok.clone(), &job.stop);
     let answer =
         pollster::block_on(
             model.answer(gpu, &conv, image, &job.sampling, job.max_tokens, |id| {
                 generated.fetch_add(1, Ordering::Relaxed);
-                ids.push(id);
-                if let Ok((piece, n)) = tok.decode_incremental(&ids, emitted) {
-                    emitted = n;
-                    shown.push_str(&piece);
+                let piece = stream.push(id);
+                if !piece.is_empty() && job.events.send(Msg::Token(piece)).is_err() {
+                    return false; // the client is gone
                 }
-                // the visible answer so far: up to the template's separator or a caller stop string
-                let mut cut = shown.find("###").unwrap_or(shown.len());
-                for s in &job.stop {
-                    if let Some(i) = shown.find(s.as_str()) {
-                        if i < cut {
-                            cut = i;
-                            stopped_by_string = true;
-                        }
-                    }
-                }
-                // hold back a tail that could still become a stop string
-                let hold = job
-                    .stop
-                    .iter()
-                    .chain(std::iter::once(&"###".to_string()))
-                    .map(|s| s.len().saturating_sub(1))
-                    .max()
-                    .unwrap_or(0);
-                let safe = if cut < shown.len() {
-                    cut
-                } else {
-                    let mut s = shown.len().saturating_sub(hold);
-                    while !shown.is_char_boundary(s) {
-                        s -= 1;
-                    }
-                    s
-                };
-                if safe > sent {
-                    if job
-                        .events
-                        .send(Msg::Token(shown[sent..safe].to_string()))
-                        .is_err()
-                    {
-                        return false; // the client is gone
-                    }
-                    sent = safe;
-                }
-                !stopped_by_string && !job.events.is_closed()
+                !stream.stopped_by_string && !job.events.is_closed()
             }),
         )?;
     let mut text = answer.text.clone();
@@ -197,16 +157,11 @@ fn run_job(
         }
     }
     // whatever was held back and belongs to the answer
-    let visible = shown.find("###").map(|i| &shown[..i]).unwrap_or(&shown);
-    let mut visible = visible.to_string();
-    for s in &job.stop {
-        if let Some(i) = visible.find(s.as_str()) {
-            visible.truncate(i);
-        }
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        let _ = job.events.send(Msg::Token(rest));
     }
-    if visible.len() > sent {
-        let _ = job.events.send(Msg::Token(visible[sent..].to_string()));
-    }
+    let stopped_by_string = stream.stopped_by_string;
     let finish = match answer.finish {
         Finish::MaxTokens if !stopped_by_string => "length",
         _ => "stop",

@@ -219,7 +219,9 @@ impl Engine {
     }
 
     /// Asks about the current image. `on_token(id, text)` is called for every generated token
-    /// with the new visible text; returning `false` stops the answer. Resolves to the answer as
+    /// with the text that became visible (a last call with `id` undefined flushes what was held
+    /// back while it could still have been the start of `###`); returning `false` stops the
+    /// answer. Resolves to the answer as
     /// JSON: `{variant, prompt_token_ids, image_tokens, token_ids, text, finish}`.
     #[allow(clippy::await_holding_refcell_ref)]
     pub fn ask(
@@ -254,21 +256,10 @@ impl Engine {
             sampling.validate().map_err(to_js)?;
             let max_new = o.max_new_tokens.unwrap_or(300);
             conv.ask(&question);
-            let tok = m.tok.clone();
-            let mut ids = Vec::new();
-            let (mut emitted, mut shown) = (0usize, String::new());
+            let mut stream = crate::chat::AnswerStream::new(m.tok.clone(), &[]);
             let answer = m
                 .answer(&gpu, conv, image, &sampling, max_new, |id| {
-                    ids.push(id);
-                    let mut piece = String::new();
-                    if let Ok((p, n)) = tok.decode_incremental(&ids, emitted) {
-                        emitted = n;
-                        shown.push_str(&p);
-                        // the stop marker is not part of the answer
-                        if !shown.contains("###") {
-                            piece = p;
-                        }
-                    }
+                    let piece = stream.push(id);
                     let r = on_token.call2(
                         &JsValue::NULL,
                         &JsValue::from(id),
@@ -285,6 +276,14 @@ impl Engine {
                 }
             };
             conv.add_answer(&answer.text);
+            let rest = stream.finish();
+            if !rest.is_empty() {
+                let _ = on_token.call2(
+                    &JsValue::NULL,
+                    &JsValue::UNDEFINED,
+                    &JsValue::from_str(&rest),
+                );
+            }
             Ok(JsValue::from_str(
                 &serde_json::json!({
                     "variant": m.label,
