@@ -400,6 +400,41 @@ pub struct PackageLoader {
     pub total: u64,
 }
 
+/// A package's `config.json` and index, parsed and checked against each other: every GPU
+/// tensor the configuration implies, with its stored entries.
+pub struct Checked {
+    pub config: PackageConfig,
+    pub index: Index,
+    pub tensors: Vec<(TensorSpec, Vec<Entry>)>,
+}
+
+impl Checked {
+    pub fn parse(shown: &str, config_json: &[u8], index_json: &[u8]) -> Result<Self> {
+        let config = PackageConfig::parse(&format!("{shown}/{CONFIG_FILE}"), config_json)?;
+        Self::with_config(shown, config, index_json)
+    }
+
+    /// [`Checked::parse`] with `config.json` already parsed.
+    pub fn with_config(shown: &str, config: PackageConfig, index_json: &[u8]) -> Result<Self> {
+        let index = Index::parse(&format!("{shown}/{INDEX_FILE}"), index_json)?;
+        let tensors = index.check(&format!("{shown}/{INDEX_FILE}"), &config.specs()?)?;
+        Ok(Checked {
+            config,
+            index,
+            tensors,
+        })
+    }
+
+    /// Every stored entry by name.
+    pub fn entries(&self) -> HashMap<String, Entry> {
+        self.tensors
+            .iter()
+            .flat_map(|(_, es)| es)
+            .map(|e| (e.name.clone(), e.clone()))
+            .collect()
+    }
+}
+
 impl PackageLoader {
     /// Parses and checks config, index and tokenizer, allocates every GPU tensor and builds the
     /// model around them (not usable until [`PackageLoader::finish`]).
@@ -411,11 +446,25 @@ impl PackageLoader {
         tokenizer_json: &[u8],
         ctx: usize,
     ) -> Result<Self> {
-        let config = PackageConfig::parse(&format!("{shown}/{CONFIG_FILE}"), config_json)?;
-        let index = Index::parse(&format!("{shown}/{INDEX_FILE}"), index_json)?;
+        let checked = Checked::parse(shown, config_json, index_json)?;
+        Self::from_checked(gpu, shown, checked, tokenizer_json, ctx)
+    }
+
+    /// [`PackageLoader::new`] from an already checked config and index.
+    pub fn from_checked(
+        gpu: &Gpu,
+        shown: &str,
+        checked: Checked,
+        tokenizer_json: &[u8],
+        ctx: usize,
+    ) -> Result<Self> {
+        let Checked {
+            config,
+            index,
+            tensors: checked,
+        } = checked;
         let tok =
             Tokenizer::from_json_bytes(&format!("{shown}/{TOKENIZER_FILE}"), tokenizer_json, None)?;
-        let checked = index.check(&format!("{shown}/{INDEX_FILE}"), &config.specs()?)?;
         let model_cfg = config.model()?;
         gpu.require(
             &model_cfg
@@ -664,25 +713,19 @@ mod native {
                 format!("not a model package: no {CONFIG_FILE} (make one with `minigpt4 convert`; an unfinished conversion leaves a `.partial` directory)"),
             ));
         }
-        let config = read(&dir.join(CONFIG_FILE))?;
-        let c = PackageConfig::parse(&format!("{shown}/{CONFIG_FILE}"), &config)?;
-        let index = read(&dir.join(INDEX_FILE))?;
-        let tokenizer = read(&dir.join(TOKENIZER_FILE))?;
-        {
-            // every header against the manifest, before any GPU work
-            let ix = Index::parse(&format!("{shown}/{INDEX_FILE}"), &index)?;
-            let checked = ix.check(&format!("{shown}/{INDEX_FILE}"), &c.specs()?)?;
-            let expected: HashMap<String, Entry> = checked
-                .into_iter()
-                .flat_map(|(_, es)| es)
-                .map(|e| (e.name.clone(), e))
-                .collect();
-            for s in ix.shards() {
-                let f = SafetensorsFile::open(&dir.join(&s))?;
-                check_shard_header(&s, &f.tensors, &expected, &ix)?;
-            }
+        let config = PackageConfig::parse(
+            &format!("{shown}/{CONFIG_FILE}"),
+            &read(&dir.join(CONFIG_FILE))?,
+        )?;
+        let checked = Checked::with_config(&shown, config, &read(&dir.join(INDEX_FILE))?)?;
+        // every shard header against the manifest, before any GPU work
+        let expected = checked.entries();
+        for s in checked.index.shards() {
+            let f = SafetensorsFile::open(&dir.join(&s))?;
+            check_shard_header(&s, &f.tensors, &expected, &checked.index)?;
         }
-        let mut l = PackageLoader::new(gpu, &shown, &config, &index, &tokenizer, ctx)?;
+        let tokenizer = read(&dir.join(TOKENIZER_FILE))?;
+        let mut l = PackageLoader::from_checked(gpu, &shown, checked, &tokenizer, ctx)?;
         let mut buf = vec![0u8; 8 << 20];
         for s in l.shards() {
             let p = dir.join(&s);
