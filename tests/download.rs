@@ -3,6 +3,10 @@
 //! conversion, a transfer cut in the middle that resumes with a Range request, a checksum
 //! mismatch that fails clearly and leaves no package, an optional file the server lacks.
 
+mod common;
+
+use common::{fixture, tmp};
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -11,25 +15,6 @@ use std::sync::{Arc, Mutex};
 
 use minigpt4::download::{download, fetch, sha256_file, DownloadArgs, Fetched, FileSpec, Manifest};
 use minigpt4::quant::DType;
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "minigpt4-dl-{}-{name}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 /// (method, path, Range header)
 type Log = Arc<Mutex<Vec<(String, String, Option<String>)>>>;

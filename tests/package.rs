@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{gpu, gpu_with, json_ids};
+use common::{fixture, gpu, gpu_with, json_ids, tmp};
 use minigpt4::chat::{Conversation, ModelVariant, Sampling};
 use minigpt4::convert::{convert, ConvertArgs};
 use minigpt4::gpu::{Gpu, GpuOptions};
@@ -16,28 +16,8 @@ use minigpt4::model::minigpt4::{vision_sources, Formats, MiniGpt4, MiniGpt4Confi
 use minigpt4::package::{self, PackageLoader};
 use minigpt4::quant::DType;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
 fn tiny() -> PathBuf {
     fixture("minigpt4/vicuna0_tiny")
-}
-
-/// A fresh, unique temporary directory path (not created).
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "minigpt4-test-{}-{name}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
 }
 
 fn args(out: &Path, llm: DType, vision: DType) -> ConvertArgs {

@@ -2,18 +2,16 @@
 //! `minigpt4 chat --format json`, streaming and not; concurrency; every error status; a bounded
 //! load run with flat memory; the official `openai` Python client.
 
+mod common;
+
+use common::fixture;
+
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
 
 fn pkg() -> String {
     fixture("minigpt4/vicuna0_tiny_pkg").display().to_string()

@@ -17,6 +17,27 @@ pub fn gpu_with(opts: GpuOptions) -> Gpu {
     }
 }
 
+/// A file or directory under tests/fixtures.
+pub fn fixture(p: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+/// A fresh, unique temporary path (not created) for a test to write to.
+pub fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "minigpt4-test-{}-{name}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
 /// Deterministic xorshift generator.
 pub struct Rng(u64);
 
