@@ -26,3 +26,16 @@ fn copy_rows(ids: Ids, grp: Grp) {
     let c = e % p.cols;
     dst[p.dst_off + r * p.dst_stride + c] = src[p.src_off + r * p.src_stride + c];
 }
+
+// The bandwidth yardstick of `minigpt4 bench`: a contiguous copy of vec4s (p.rows of them),
+// the simplest kernel that moves memory at the device's pace.
+@group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dst4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn copy_vec4(ids: Ids, grp: Grp) {
+    let e = flat_index(grp, ids);
+    if (e < p.rows) {
+        dst4[e] = src4[e];
+    }
+}

@@ -15,7 +15,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::error::Result;
-use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::gpu::recorder::grid;
+use crate::gpu::{tune, Gpu, Recorder, Tensor};
 use crate::model::llama::{Input, Llama, LlamaConfig, QuantPolicy};
 use crate::model::qformer::{QFormer, QFormerConfig};
 use crate::model::vit::{Vit, VitConfig};
@@ -31,7 +32,12 @@ pub struct BenchArgs {
     /// LLM and ViT layers for the synthetic model (default: all).
     pub layers: Option<usize>,
     pub quant: DType,
+    /// Which parts to run: `copy`, `gemv`, `gemm`, `e2e` (the copy bandwidth is always measured).
+    pub parts: Vec<String>,
 }
+
+/// Every part of the report, in order.
+pub const PARTS: [&str; 4] = ["copy", "gemv", "gemm", "e2e"];
 
 /// Median, min and max of `runs` timings (seconds) of `f`.
 fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
@@ -117,26 +123,34 @@ fn stats(v: (f64, f64, f64)) -> Value {
     json!({"median_s": v.0, "min_s": v.1, "max_s": v.2})
 }
 
-/// The copy kernel's bandwidth (bytes read + written per second).
+/// The copy kernel's bandwidth (bytes read + written per second): `copy.wgsl` `copy_vec4`, a
+/// contiguous vec4 copy of 128 MiB (more than any cache).
 fn copy_bandwidth(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
-    let cols = 4096;
     let bytes: usize = if a.tiny { 4 << 20 } else { 128 << 20 };
     let bytes = bytes.min(gpu.max_binding as usize / 2);
-    let rows = bytes / 4 / cols;
-    let src = Tensor::zeros(gpu, "copy.src", &[rows, cols])?;
-    let dst = Tensor::zeros(gpu, "copy.dst", &[rows, cols])?;
+    let n = bytes / 4;
+    let src = Tensor::zeros(gpu, "copy.src", &[n])?;
+    let dst = Tensor::zeros(gpu, "copy.dst", &[n])?;
     let reps = if a.tiny { 2 } else { 8 };
+    let vec4s = (n / 4) as u32;
     let t = time(a.runs, || {
         let mut rec = Recorder::new(gpu);
         for _ in 0..reps {
-            rec.copy_rows(&src, 0, cols, &dst, 0, cols, rows, cols)?;
+            rec.dispatch(
+                "copy",
+                "copy_vec4",
+                &[],
+                &[vec4s],
+                &[(3, src.buffer()), (4, dst.buffer())],
+                grid(vec4s.div_ceil(256)),
+            )?;
         }
         pollster::block_on(rec.submit())?;
         gpu.wait();
         Ok(())
     })?;
-    let moved = (2 * rows * cols * 4 * reps) as f64;
-    Ok(json!({"bytes": rows * cols * 4, "gb_per_s": moved / t.0 / 1e9, "time": stats(t)}))
+    let moved = (2 * n * 4 * reps) as f64;
+    Ok(json!({"bytes": n * 4, "gb_per_s": moved / t.0 / 1e9, "time": stats(t)}))
 }
 
 fn gemv_shapes(tiny: bool) -> Vec<(usize, usize)> {
@@ -392,22 +406,59 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
     }))
 }
 
-/// Runs every part; returns the JSON report.
+/// The block GEMV at every lane count (the auto-tune's measurement, in this run); the fastest
+/// is used for the rest of the report.
+fn gemv_lanes(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
+    let (n, k) = if a.tiny { (512, 256) } else { (4096, 4096) };
+    eprintln!("bench: block GEMV lanes, q4 {n}×{k}");
+    let trials = pollster::block_on(tune::measure_gemv(gpu, n, k, 4, a.runs))?;
+    if let Some(best) = tune::fastest(&trials) {
+        gpu.set_gemv_lanes(best);
+    }
+    Ok(json!({
+        "n": n, "k": k, "chosen": gpu.gemv_lanes(),
+        "trials": trials.iter().map(|t| json!({
+            "lanes": t.lanes, "median_s": t.seconds, "gb_per_s": t.gb_per_s,
+            "percent_of_copy": 100.0 * t.gb_per_s / copy_gbs,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// Runs the chosen parts; returns the JSON report.
 pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    for p in &a.parts {
+        if !PARTS.contains(&p.as_str()) {
+            return Err(crate::Error::InvalidOption {
+                name: "--parts".into(),
+                msg: format!("expected some of {}, found '{p}'", PARTS.join(",")),
+            });
+        }
+    }
+    let want = |p: &str| a.parts.is_empty() || a.parts.iter().any(|q| q == p);
     let copy = copy_bandwidth(gpu, a)?;
     let copy_gbs = copy["gb_per_s"].as_f64().unwrap_or(1.0);
     let mut report = json!({
         "adapter": gpu.info.name,
         "backend": format!("{:?}", gpu.info.backend),
+        "driver": format!("{} {}", gpu.info.driver, gpu.info.driver_info),
         "kernel_variant": gpu.best_variant.name(),
         "tiny": a.tiny,
         "runs": a.runs,
         "copy": copy,
-        "gemv": gemv(gpu, a, copy_gbs)?,
-        "gemm": gemm(gpu, a)?,
     });
+    if want("gemv") || want("e2e") {
+        report["gemv_lanes"] = gemv_lanes(gpu, a, copy_gbs)?;
+    }
+    if want("gemv") {
+        report["gemv"] = gemv(gpu, a, copy_gbs)?;
+    }
+    if want("gemm") {
+        report["gemm"] = gemm(gpu, a)?;
+    }
     if let Some(s) = &a.synthetic {
-        report["end_to_end"] = end_to_end(gpu, a, s)?;
+        if want("e2e") {
+            report["end_to_end"] = end_to_end(gpu, a, s)?;
+        }
     }
     Ok(report)
 }
@@ -421,6 +472,17 @@ pub fn human(r: &Value) -> String {
         r["kernel_variant"].as_str().unwrap_or(""),
         r["copy"]["gb_per_s"].as_f64().unwrap_or(0.0)
     );
+    if let Some(l) = r.get("gemv_lanes") {
+        s += &format!("  block GEMV lanes (q4 {}×{}):", l["n"], l["k"]);
+        for t in l["trials"].as_array().into_iter().flatten() {
+            s += &format!(
+                " {} → {:.2} GB/s;",
+                t["lanes"],
+                t["gb_per_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+        s += &format!(" chosen {}\n", l["chosen"]);
+    }
     for g in r["gemv"].as_array().into_iter().flatten() {
         s += &format!(
             "  {:>4} {:>6}×{:<6} {:>8.2} {:>8.1} %\n",

@@ -150,6 +150,9 @@ enum Cmd {
         /// Print the JSON report
         #[arg(long)]
         json: bool,
+        /// Only these parts, comma-separated: copy, gemv, gemm, e2e (default: all)
+        #[arg(long, value_delimiter = ',')]
+        parts: Vec<String>,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -378,6 +381,14 @@ fn open_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
     Ok(pollster::block_on(Gpu::new(&args.options()?))?)
 }
 
+/// Opens the adapter and picks its kernel sizes (cached auto-tune, see `gpu::tune`).
+fn open_tuned_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
+    let gpu = open_gpu(args)?;
+    let (lanes, from) = pollster::block_on(minigpt4::gpu::tune::autotune(&gpu))?;
+    log::debug!("block GEMV: {lanes} lanes per column (from {from})");
+    Ok(gpu)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_generate(
     model: &Path,
@@ -406,7 +417,7 @@ fn run_generate(
             ctx.min(cfg.max_pos)
         );
     }
-    let gpu = open_gpu(gpu_args)?;
+    let gpu = open_tuned_gpu(gpu_args)?;
     let mut llm = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(quant), ctx)
         .with_context(|| format!("loading {}", model.display()))?;
     let mut eos = cfg.eos.clone();
@@ -471,7 +482,7 @@ fn run_agreement(
     }
     ids.truncate(positions + 1);
     let input = &ids[..positions];
-    let gpu = open_gpu(gpu_args)?;
+    let gpu = open_tuned_gpu(gpu_args)?;
     let ctx = positions.min(cfg.max_pos);
     let reference = {
         let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(DType::F32), ctx)?;
@@ -539,7 +550,7 @@ fn install_ctrl_c() {
 fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
     install_ctrl_c();
     a.sampling.validate()?;
-    let gpu = open_gpu(a.gpu)?;
+    let gpu = open_tuned_gpu(a.gpu)?;
     let path = match a.model {
         Some(p) => p.to_path_buf(),
         None => cached_package(a.variant, a.yes)?,
@@ -787,6 +798,7 @@ fn main() -> ExitCode {
             layers,
             quant,
             json,
+            parts,
             gpu,
         } => (|| -> anyhow::Result<()> {
             let g = open_gpu(gpu)?;
@@ -798,6 +810,7 @@ fn main() -> ExitCode {
                     synthetic: synthetic.clone(),
                     layers: *layers,
                     quant: DType::parse(quant)?,
+                    parts: parts.clone(),
                 },
             )?;
             if *json {
@@ -817,7 +830,7 @@ fn main() -> ExitCode {
             allow_remote_images,
             ctx,
             gpu,
-        } => open_gpu(gpu).and_then(|g| {
+        } => open_tuned_gpu(gpu).and_then(|g| {
             minigpt4::server::serve(
                 minigpt4::server::ServeArgs {
                     model: model.clone(),

@@ -53,6 +53,8 @@ impl Engine {
     /// Opens the browser's WebGPU adapter (f16 and subgroups used only where offered).
     pub async fn create() -> Result<Engine, JsError> {
         let gpu = Gpu::new(&GpuOptions::default()).await.map_err(js_err)?;
+        // the block GEMV's lanes for this adapter (a fraction of a second; not cached)
+        crate::gpu::tune::autotune(&gpu).await.map_err(js_err)?;
         Ok(Engine {
             inner: Rc::new(RefCell::new(Inner {
                 gpu: Rc::new(gpu),
@@ -74,6 +76,7 @@ impl Engine {
             "backend": format!("{:?}", g.info.backend),
             "f16": g.best_variant.f16,
             "subgroups": g.best_variant.subgroups,
+            "gemvLanes": g.gemv_lanes(),
             "maxStorageBindingSize": g.limits.max_storage_buffer_binding_size,
             "maxBufferSize": g.limits.max_buffer_size,
             "maxComputeInvocationsPerWorkgroup": g.limits.max_compute_invocations_per_workgroup,

@@ -10,7 +10,7 @@ use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
     AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode, RopeTable, Tensor,
-    Variant,
+    Variant, GEMV_LANES,
 };
 use minigpt4::quant::{self, DType};
 
@@ -122,6 +122,60 @@ fn matmul_all_dtypes_paths_variants_and_odd_sizes() {
 }
 
 #[test]
+fn block_gemv_every_lane_count_dtype_and_variant() {
+    let gpu = gpu();
+    let mut seed = 500;
+    for v in gpu.variants() {
+        for dt in DType::ALL {
+            for lanes in GEMV_LANES {
+                // N not a multiple of the columns per workgroup; K from one block to many,
+                // with lanes idle when K has fewer blocks than lanes; M from 1 to 4.
+                for (m, n, k) in [
+                    (1, 1, 32),
+                    (1, 7, 96),
+                    (2, 33, 64),
+                    (4, 65, 1408),
+                    (3, 130, 2048),
+                ] {
+                    seed += 1;
+                    check_matmul(
+                        &gpu,
+                        v,
+                        dt,
+                        MatmulPath::GemvBlocks(lanes),
+                        m,
+                        n,
+                        k,
+                        seed % 2 == 0,
+                        seed % 3 == 0,
+                        seed,
+                    );
+                }
+            }
+        }
+    }
+    // more than 4 rows or a K that is not whole blocks is refused, not miscomputed
+    for (m, k) in [(5, 64), (1, 40)] {
+        let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
+        let w = Tensor::zeros(&gpu, "w", &[8, k]).unwrap();
+        let out = Tensor::zeros(&gpu, "out", &[m, 8]).unwrap();
+        let err = Recorder::new(&gpu)
+            .matmul_with(MatmulPath::GemvBlocks(8), &x, &w, None, &out, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block GEMV") && err.contains('x'), "{err}");
+    }
+    let x = Tensor::zeros(&gpu, "x", &[1, 64]).unwrap();
+    let w = Tensor::zeros(&gpu, "w", &[8, 64]).unwrap();
+    let out = Tensor::zeros(&gpu, "out", &[1, 8]).unwrap();
+    let err = Recorder::new(&gpu)
+        .matmul_with(MatmulPath::GemvBlocks(12), &x, &w, None, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("found 12"), "{err}");
+}
+
+#[test]
 fn matmul_at_vit_width_and_auto_path() {
     let gpu = gpu();
     // ViT-g width: K = 1408 (44 blocks), a non-multiple-of-64 N.
@@ -173,7 +227,11 @@ fn tensors_larger_than_the_binding_limit_are_split_and_still_correct() {
             assert!(p.data.size() <= 4096);
         }
         let wq = quant::round_trip(dt, &wv, k).unwrap();
-        for path in [MatmulPath::Gemv, MatmulPath::Gemm] {
+        for path in [
+            MatmulPath::Gemv,
+            MatmulPath::GemvBlocks(16),
+            MatmulPath::Gemm,
+        ] {
             let xt = t(&gpu, "x", &[m, k], &x);
             let bt = t(&gpu, "b", &[n], &b);
             let out = Tensor::zeros(&gpu, "out", &[m, n]).unwrap();

@@ -1,6 +1,7 @@
 //! Instance, adapter and device creation; adapter listing for `minigpt4 info`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -294,6 +295,8 @@ pub struct Gpu {
     /// Largest byte size of one storage binding we use (the adapter's limit, or lower if forced).
     pub max_binding: u64,
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Invocations per output column of the block GEMV (see `shaders/gemv.wgsl`, `tune.rs`).
+    gemv_lanes: AtomicU32,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -349,12 +352,13 @@ impl Gpu {
         Ok(Gpu {
             device,
             queue,
-            info,
             limits,
             features: wanted,
             best_variant,
             max_binding,
             pipelines: Mutex::new(HashMap::new()),
+            gemv_lanes: AtomicU32::new(crate::gpu::tune::default_gemv_lanes(&info)),
+            info,
             errors,
         })
     }
@@ -371,6 +375,16 @@ impl Gpu {
         let msg = v.join("; ");
         v.clear();
         Err(Error::Gpu(msg))
+    }
+
+    /// Invocations per output column of the block GEMV.
+    pub fn gemv_lanes(&self) -> u32 {
+        self.gemv_lanes.load(Ordering::Relaxed)
+    }
+
+    /// Sets the block GEMV's lanes (one of [`crate::gpu::ops::GEMV_LANES`]).
+    pub fn set_gemv_lanes(&self, lanes: u32) {
+        self.gemv_lanes.store(lanes, Ordering::Relaxed);
     }
 
     /// Checks this device against a model's requirements before anything is loaded.

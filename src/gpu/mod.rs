@@ -5,9 +5,10 @@ pub mod ops;
 pub mod recorder;
 pub mod shader;
 pub mod tensor;
+pub mod tune;
 
 pub use context::{adapter_reports, AdapterReport, Gpu, GpuOptions, Requirements};
-pub use ops::{AttnShape, HeadView, MatmulPath, RopeMode, RopeTable};
+pub use ops::{AttnShape, HeadView, MatmulPath, RopeMode, RopeTable, GEMV_LANES};
 pub use recorder::Recorder;
 pub use shader::Variant;
 pub use tensor::{stored_row_bytes, Ids, Tensor};

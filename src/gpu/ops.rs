@@ -49,10 +49,34 @@ fn need_len(t: &Tensor, what: &str, min: usize) -> Result<()> {
 /// Which matmul kernel to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// GEMV for M <= 4, tiled GEMM otherwise.
+    /// For M <= 4: the block GEMV when K is a multiple of 32 (with the adapter's tuned lane
+    /// count), the reduction GEMV otherwise; tiled GEMM for more rows.
     Auto,
+    /// One workgroup per output element, a reduction over any K (`matmul.wgsl` `gemv`).
     Gemv,
+    /// Whole 32-weight blocks, `64 / lanes` output columns per workgroup (`gemv.wgsl`); needs
+    /// M <= 4 and K % 32 == 0. Lanes: 1, 4, 8, 16, 32 or 64.
+    GemvBlocks(u32),
     Gemm,
+}
+
+/// Lane counts the block GEMV is compiled for.
+pub const GEMV_LANES: [u32; 6] = [1, 4, 8, 16, 32, 64];
+
+fn lanes_flag(lanes: u32) -> Result<&'static str> {
+    Ok(match lanes {
+        1 => "LANES1",
+        4 => "LANES4",
+        8 => "LANES8",
+        16 => "LANES16",
+        32 => "LANES32",
+        64 => "LANES64",
+        _ => {
+            return Err(Error::Gpu(format!(
+                "block GEMV: expected 1, 4, 8, 16, 32 or 64 lanes, found {lanes}"
+            )))
+        }
+    })
 }
 
 /// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
@@ -183,17 +207,30 @@ impl Recorder<'_> {
             need_f32(b)?;
             b.expect(None, &[n])?;
         }
-        let gemv = match path {
-            MatmulPath::Auto => m <= GEMV_MAX_ROWS,
-            MatmulPath::Gemv => true,
-            MatmulPath::Gemm => false,
+        let path = match path {
+            MatmulPath::Auto if m <= GEMV_MAX_ROWS && k.is_multiple_of(32) => {
+                MatmulPath::GemvBlocks(self.gpu.gemv_lanes())
+            }
+            MatmulPath::Auto if m <= GEMV_MAX_ROWS => MatmulPath::Gemv,
+            MatmulPath::Auto => MatmulPath::Gemm,
+            other => other,
         };
-        let with_bias = [wflag(w.dtype), "BIAS"];
-        let flags = if bias.is_some() {
-            &with_bias[..]
-        } else {
-            &with_bias[..1]
-        };
+        let mut flags = vec![wflag(w.dtype)];
+        if bias.is_some() {
+            flags.push("BIAS");
+        }
+        if let MatmulPath::GemvBlocks(lanes) = path {
+            if m > GEMV_MAX_ROWS || !k.is_multiple_of(32) {
+                return Err(Error::tensor(
+                    &x.name,
+                    format!(
+                        "at most {GEMV_MAX_ROWS} rows and a width divisible by 32 (block GEMV)"
+                    ),
+                    format!("{:?}", x.shape),
+                ));
+            }
+            flags.push(lanes_flag(lanes)?);
+        }
         for part in &w.parts {
             let params = [
                 u(m),
@@ -213,12 +250,19 @@ impl Recorder<'_> {
             if let Some(b) = bias {
                 bufs.push((4, b.buffer()));
             }
-            if gemv {
-                let groups = grid(u(m * part.rows));
-                self.dispatch("matmul", "gemv", flags, &params, &bufs, groups)?;
-            } else {
-                let groups = [u(part.rows.div_ceil(64)), u(m.div_ceil(64)), 1];
-                self.dispatch("matmul", "gemm", flags, &params, &bufs, groups)?;
+            match path {
+                MatmulPath::GemvBlocks(lanes) => {
+                    let groups = grid(u(part.rows).div_ceil(4 * 64 / lanes));
+                    self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
+                }
+                MatmulPath::Gemv | MatmulPath::Auto => {
+                    let groups = grid(u(m * part.rows));
+                    self.dispatch("matmul", "gemv", &flags, &params, &bufs, groups)?;
+                }
+                MatmulPath::Gemm => {
+                    let groups = [u(part.rows.div_ceil(64)), u(m.div_ceil(64)), 1];
+                    self.dispatch("matmul", "gemm", &flags, &params, &bufs, groups)?;
+                }
             }
         }
         Ok(())

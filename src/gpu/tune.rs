@@ -1,0 +1,207 @@
+//! Per-adapter kernel choices: a small auto-tune at load, cached on disk natively.
+//!
+//! Today one choice is tuned: the block GEMV's lanes per output column (`shaders/gemv.wgsl`),
+//! the kernel that decides decode speed. Each candidate runs a 4-bit 4096×4096 GEMV (the
+//! size of a 7B attention projection) a few times and the fastest wins. Natively the choice is
+//! stored in `<cache dir>/tune.json` under a key naming the adapter, driver, backend and kernel
+//! variant, so later runs skip the measurement; `MINIGPT4_GEMV_LANES` overrides it.
+
+#[cfg(not(target_arch = "wasm32"))]
+use crate::error::Error;
+use crate::error::Result;
+use crate::gpu::ops::{MatmulPath, GEMV_LANES};
+use crate::gpu::tensor::read_words;
+use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::quant::DType;
+
+/// The block GEMV's lanes per output column before any tuning: CPU drivers (lavapipe,
+/// SwiftShader) pay for every reduction step, GPUs want neighbouring lanes reading
+/// neighbouring blocks.
+pub fn default_gemv_lanes(info: &wgpu::AdapterInfo) -> u32 {
+    match info.device_type {
+        wgpu::DeviceType::Cpu => 8,
+        _ => 32,
+    }
+}
+
+/// Seconds on a monotonic clock (the page's clock in the browser).
+pub fn now_s() -> f64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now() / 1e3
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        use std::time::Instant;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        T0.get_or_init(Instant::now).elapsed().as_secs_f64()
+    }
+}
+
+/// One candidate's measurement.
+#[derive(Clone, Debug)]
+pub struct Trial {
+    pub lanes: u32,
+    /// Median seconds of one GEMV.
+    pub seconds: f64,
+    pub gb_per_s: f64,
+}
+
+/// Times the block GEMV at every lane count on a `[n, k]` q4 weight: `runs` timed submits of
+/// `reps` GEMVs each (after one warm-up), median per candidate.
+pub async fn measure_gemv(
+    gpu: &Gpu,
+    n: usize,
+    k: usize,
+    reps: usize,
+    runs: usize,
+) -> Result<Vec<Trial>> {
+    let w = Tensor::empty(gpu, "tune.w", &[n, k], DType::Q4)?;
+    let x = Tensor::zeros(gpu, "tune.x", &[1, k])?;
+    let y = Tensor::zeros(gpu, "tune.y", &[1, n])?;
+    let bytes = DType::Q4.bytes(n * k) as f64;
+    let mut out = Vec::new();
+    for lanes in GEMV_LANES {
+        let mut times = Vec::new();
+        for run in 0..=runs.max(1) {
+            let mut rec = Recorder::new(gpu);
+            for _ in 0..reps.max(1) {
+                rec.matmul_with(MatmulPath::GemvBlocks(lanes), &x, &w, None, &y, false)?;
+            }
+            let t = now_s();
+            rec.submit().await?;
+            // a 4-byte readback waits for the work on every platform
+            read_words(gpu, y.buffer(), 0, 1).await?;
+            if run > 0 {
+                times.push((now_s() - t) / reps.max(1) as f64);
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let seconds = times[times.len() / 2].max(1e-9);
+        out.push(Trial {
+            lanes,
+            seconds,
+            gb_per_s: bytes / seconds / 1e9,
+        });
+    }
+    Ok(out)
+}
+
+/// The fastest candidate (ties to the earlier, narrower one).
+pub fn fastest(trials: &[Trial]) -> Option<u32> {
+    trials
+        .iter()
+        .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
+        .map(|t| t.lanes)
+}
+
+/// The key a tuning result is stored under: everything that can change the best choice.
+pub fn cache_key(gpu: &Gpu) -> String {
+    let i = &gpu.info;
+    format!(
+        "{} | {:?} | {} {} | {} | v{}",
+        i.name,
+        i.backend,
+        i.driver,
+        i.driver_info,
+        gpu.best_variant.name(),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn parse_lanes(what: &str, v: &str) -> Result<u32> {
+    v.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|l| GEMV_LANES.contains(l))
+        .ok_or_else(|| Error::InvalidOption {
+            name: what.into(),
+            msg: format!("expected one of {GEMV_LANES:?}, found '{v}'"),
+        })
+}
+
+/// Chooses the block GEMV's lanes for this adapter and sets them on `gpu`: from
+/// `MINIGPT4_GEMV_LANES`, else from the cache file (native), else by measuring (and caching).
+/// Returns the choice and where it came from.
+pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use serde_json::{json, Value};
+        if let Some(v) = std::env::var("MINIGPT4_GEMV_LANES")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            let lanes = parse_lanes("MINIGPT4_GEMV_LANES", &v)?;
+            gpu.set_gemv_lanes(lanes);
+            return Ok((lanes, "MINIGPT4_GEMV_LANES"));
+        }
+        let path = crate::download::default_dir()
+            .ok()
+            .map(|d| d.join("tune.json"));
+        let key = cache_key(gpu);
+        let mut cache: Value = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        if let Some(lanes) = cache[&key]["gemv_lanes"]
+            .as_u64()
+            .and_then(|l| parse_lanes("tune.json", &l.to_string()).ok())
+        {
+            gpu.set_gemv_lanes(lanes);
+            return Ok((lanes, "the tuning cache"));
+        }
+        let lanes = measured(gpu).await?;
+        if let Some(p) = &path {
+            cache[&key] = json!({ "gemv_lanes": lanes });
+            // best effort: a read-only cache directory only costs a re-measurement next time
+            let _ = write_atomically(p, &serde_json::to_vec_pretty(&cache).unwrap_or_default());
+        }
+        Ok((lanes, "measurement"))
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        Ok((measured(gpu).await?, "measurement"))
+    }
+}
+
+async fn measured(gpu: &Gpu) -> Result<u32> {
+    let trials = measure_gemv(gpu, 4096, 4096, 2, 3).await?;
+    let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
+    gpu.set_gemv_lanes(lanes);
+    Ok(lanes)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension(format!("json.{}.partial", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fastest_trial_wins_and_bad_overrides_are_named() {
+        let t = |lanes, seconds| Trial {
+            lanes,
+            seconds,
+            gb_per_s: 0.0,
+        };
+        assert_eq!(fastest(&[t(4, 2.0), t(8, 1.0), t(16, 1.5)]), Some(8));
+        assert_eq!(fastest(&[]), None);
+        assert_eq!(parse_lanes("X", " 16 ").unwrap(), 16);
+        let e = parse_lanes("MINIGPT4_GEMV_LANES", "12")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MINIGPT4_GEMV_LANES") && e.contains("12"), "{e}");
+    }
+}
