@@ -29,9 +29,32 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+// Keys and values: f32, or (KV_F16, a LLaMA KV cache) f16 pairs packed in u32 words.
+#if KV_F16
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> v: array<u32>;
+
+fn k_at(i: u32) -> f32 {
+    return unpack2x16float(k[i >> 1u])[i & 1u];
+}
+
+fn v_at(i: u32) -> f32 {
+    return unpack2x16float(v[i >> 1u])[i & 1u];
+}
+#else
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+fn k_at(i: u32) -> f32 {
+    return k[i];
+}
+
+fn v_at(i: u32) -> f32 {
+    return v[i];
+}
+#endif
 
 const MAXD: u32 = 256u;
 var<workgroup> qs: array<f32, MAXD>;
@@ -65,7 +88,7 @@ fn attention(ids: Ids, grp: Grp) {
             let kb = p.k_off + j * p.k_stride + kvh * p.d;
             var dot = 0.0;
             for (var d = 0u; d < p.d; d++) {
-                dot += qs[d] * k[kb + d];
+                dot += qs[d] * k_at(kb + d);
             }
             sc = dot * p.scale;
         }
@@ -86,7 +109,7 @@ fn attention(ids: Ids, grp: Grp) {
                 var a = acc[i] * corr;
                 let vb = p.v_off + base * p.v_stride + kvh * p.d + d;
                 for (var jj = 0u; jj < cnt; jj++) {
-                    a += pw[jj] * v[vb + jj * p.v_stride];
+                    a += pw[jj] * v_at(vb + jj * p.v_stride);
                 }
                 acc[i] = a;
             }
@@ -100,5 +123,123 @@ fn attention(ids: Ids, grp: Grp) {
         if (d < p.d) {
             out[ob + d] = acc[i] / l_run;
         }
+    }
+}
+
+// ---- Split-K decode attention (flash-decoding) for a few query rows over a long cache ----
+//
+// `attention_split`: one workgroup per (query row, head, split of CH keys) writes the split's
+// maximum score m, its sum of exp(score - m), and its unnormalised output
+// sum_j exp(score_j - m) v_j to part[((t * hq + h) * splits + c) * (d + 2) ..]: [m, l, acc[d]].
+// `attention_combine`: one workgroup per (query row, head) rescales the splits to the common
+// maximum and divides. Long contexts then keep every compute unit busy instead of one
+// workgroup per head walking the whole cache.
+
+const CH: u32 = 256u; // keys per split: 4 per invocation
+
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+
+var<workgroup> sc: array<f32, CH>;
+
+fn splits() -> u32 {
+    return (p.s + CH - 1u) / CH;
+}
+
+fn visible(ti: u32) -> u32 {
+    if (p.causal != 0u) {
+        return min(p.s, ti + p.past + 1u);
+    }
+    return p.s;
+}
+
+@compute @workgroup_size(64)
+fn attention_split(ids: Ids, grp: Grp) {
+    let ns = splits();
+    let g = group_index(grp);
+    if (g >= p.t * p.hq * ns) {
+        return;
+    }
+    let c = g % ns;
+    let h = (g / ns) % p.hq;
+    let ti = g / (ns * p.hq);
+    let kvh = h / (p.hq / p.hkv);
+    let qb = p.q_off + ti * p.q_stride + h * p.d;
+    for (var d = ids.lid; d < p.d; d += WG) {
+        qs[d] = q[qb + d] * p.scale;
+    }
+    workgroupBarrier();
+    let j0 = c * CH;
+    let j1 = min(j0 + CH, visible(ti));
+    var mx = NEG_BIG;
+    for (var i = 0u; i < CH / WG; i++) {
+        let jj = ids.lid + i * WG;
+        var score = NEG_BIG;
+        if (j0 + jj < j1) {
+            let kb = p.k_off + (j0 + jj) * p.k_stride + kvh * p.d;
+            var dot = 0.0;
+            for (var d = 0u; d < p.d; d++) {
+                dot += qs[d] * k_at(kb + d);
+            }
+            score = dot;
+        }
+        sc[jj] = score;
+        mx = max(mx, score);
+    }
+    let m = wg_max(mx, ids);
+    var l = 0.0;
+    for (var i = 0u; i < CH / WG; i++) {
+        let jj = ids.lid + i * WG;
+        var e = 0.0;
+        if (j0 + jj < j1) {
+            e = exp(sc[jj] - m);
+        }
+        sc[jj] = e;
+        l += e;
+    }
+    // wg_sum starts with a barrier: every sc write is visible after it
+    let lsum = wg_sum(l, ids);
+    let pb = ((ti * p.hq + h) * ns + c) * (p.d + 2u);
+    let cnt = select(0u, j1 - j0, j1 > j0);
+    for (var d = ids.lid; d < p.d; d += WG) {
+        let vb = p.v_off + j0 * p.v_stride + kvh * p.d + d;
+        var a = 0.0;
+        for (var jj = 0u; jj < cnt; jj++) {
+            a += sc[jj] * v_at(vb + jj * p.v_stride);
+        }
+        part[pb + 2u + d] = a;
+    }
+    if (ids.lid == 0u) {
+        part[pb] = m;
+        part[pb + 1u] = lsum;
+    }
+}
+
+@compute @workgroup_size(64)
+fn attention_combine(ids: Ids, grp: Grp) {
+    let ns = splits();
+    let g = group_index(grp);
+    if (g >= p.t * p.hq) {
+        return;
+    }
+    let h = g % p.hq;
+    let ti = g / p.hq;
+    let base = (ti * p.hq + h) * ns * (p.d + 2u);
+    var mx = NEG_BIG;
+    for (var c = 0u; c < ns; c++) {
+        mx = max(mx, part[base + c * (p.d + 2u)]);
+    }
+    var l = 0.0;
+    for (var c = 0u; c < ns; c++) {
+        let pb = base + c * (p.d + 2u);
+        l += part[pb + 1u] * exp(part[pb] - mx);
+    }
+    let ob = p.o_off + ti * p.o_stride + h * p.d;
+    for (var d = ids.lid; d < p.d; d += WG) {
+        var a = 0.0;
+        for (var c = 0u; c < ns; c++) {
+            let pb = base + c * (p.d + 2u);
+            a += part[pb + 2u + d] * exp(part[pb] - mx);
+        }
+        out[ob + d] = a / l;
     }
 }

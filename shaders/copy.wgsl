@@ -39,3 +39,20 @@ fn copy_vec4(ids: Ids, grp: Grp) {
         dst4[e] = src4[e];
     }
 }
+
+// copy_rows into an f16 destination (a LLaMA KV cache): element pairs rounded to f16 and packed
+// in one u32 word. cols, dst_off and dst_stride are even.
+@group(0) @binding(5) var<storage, read_write> dst16: array<u32>;
+
+@compute @workgroup_size(256)
+fn copy_rows_f16(ids: Ids, grp: Grp) {
+    let e = flat_index(grp, ids);
+    let pairs = p.cols / 2u;
+    if (e >= p.rows * pairs) {
+        return;
+    }
+    let r = e / pairs;
+    let c = 2u * (e % pairs);
+    let si = p.src_off + r * p.src_stride + c;
+    dst16[(p.dst_off + r * p.dst_stride + c) / 2u] = pack2x16float(vec2<f32>(src[si], src[si + 1u]));
+}

@@ -34,6 +34,8 @@ pub struct BenchArgs {
     pub quant: DType,
     /// Which parts to run: `copy`, `gemv`, `gemm`, `e2e` (the copy bandwidth is always measured).
     pub parts: Vec<String>,
+    /// A LLaMA model (GGUF or HF directory) to measure decode on, against the GEMV prediction.
+    pub llm: Option<std::path::PathBuf>,
 }
 
 /// Every part of the report, in order.
@@ -171,7 +173,7 @@ fn gemv_shapes(tiny: bool) -> Vec<(usize, usize)> {
 
 fn gemv(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
     let mut out = Vec::new();
-    for dtype in [DType::Q4, DType::Q8, DType::F16] {
+    for dtype in [DType::Q4, DType::Q4M, DType::Q8, DType::F16] {
         for (n, k) in gemv_shapes(a.tiny) {
             eprintln!("bench: gemv {dtype} {n}×{k}");
             let w = random_weight(gpu, "gemv.w", &[n, k], dtype, (n * k) as u64)?;
@@ -339,7 +341,10 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
     let mut llm = Llama::build(gpu, &llm_cfg, policy, &mut tensors, ctx)?;
     gpu.wait();
     let load_s = t_load.elapsed().as_secs_f64();
-    let kv_bytes = (2 * llm_cfg.layers * ctx * llm_cfg.kv_heads * llm_cfg.head_dim * 4) as u64;
+    let kv_bytes = policy
+        .kv_dtype()
+        .bytes(2 * llm_cfg.layers * ctx * llm_cfg.kv_heads * llm_cfg.head_dim)
+        as u64;
 
     // image encode: ViT + Q-Former
     let s = vit_cfg.image_size;
@@ -362,33 +367,8 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&prompt), llm_cfg.vocab))?;
         Ok(())
     })?;
-    // decode: the cache filled to `context` positions (untimed), then `steps` timed tokens
-    let decode_at = |llm: &mut Llama, context: usize| -> Result<(f64, f64, f64)> {
-        let steps = if a.tiny { 4 } else { 16 };
-        let mut per_token = Vec::new();
-        for _ in 0..a.runs.clamp(1, 3) {
-            llm.reset();
-            let fill: Vec<u32> = (0..context).map(|i| 3 + (i % 500) as u32).collect();
-            for chunk in fill.chunks(512) {
-                pollster::block_on(llm.forward(gpu, Input::Ids(chunk), false))?;
-            }
-            let t = Instant::now();
-            let mut tok = 5u32;
-            for _ in 0..steps {
-                tok =
-                    pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&[tok]), llm_cfg.vocab))?;
-            }
-            per_token.push(t.elapsed().as_secs_f64() / steps as f64);
-        }
-        per_token.sort_by(|a, b| a.total_cmp(b));
-        Ok((
-            per_token[per_token.len() / 2],
-            per_token[0],
-            per_token[per_token.len() - 1],
-        ))
-    };
-    let short = decode_at(&mut llm, ctx_short)?;
-    let long = decode_at(&mut llm, ctx_long)?;
+    let short = decode_at(gpu, a, &mut llm, ctx_short)?;
+    let long = decode_at(gpu, a, &mut llm, ctx_long)?;
     let ttft = encode.0 + prefill.0;
     Ok(json!({
         "model": name, "llm_layers": llm_cfg.layers, "vit_layers": vit_cfg.layers,
@@ -421,6 +401,99 @@ fn gemv_lanes(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
             "lanes": t.lanes, "median_s": t.seconds, "gb_per_s": t.gb_per_s,
             "percent_of_copy": 100.0 * t.gb_per_s / copy_gbs,
         })).collect::<Vec<_>>(),
+    }))
+}
+
+/// Greedy decode seconds per token (median, min, max over up to 3 runs) with the KV cache filled
+/// to `context` positions (untimed) before the timed steps.
+fn decode_at(gpu: &Gpu, a: &BenchArgs, llm: &mut Llama, context: usize) -> Result<(f64, f64, f64)> {
+    let steps = if a.tiny { 4 } else { 16 };
+    let vocab = llm.cfg.vocab;
+    let mut per_token = Vec::new();
+    for _ in 0..a.runs.clamp(1, 3) {
+        llm.reset();
+        let fill: Vec<u32> = (0..context)
+            .map(|i| 3 + (i % 500.min(vocab - 3)) as u32)
+            .collect();
+        for chunk in fill.chunks(512) {
+            pollster::block_on(llm.forward(gpu, Input::Ids(chunk), false))?;
+        }
+        let t = Instant::now();
+        let mut tok = 5u32;
+        for _ in 0..steps {
+            tok = pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&[tok]), vocab))?;
+        }
+        per_token.push(t.elapsed().as_secs_f64() / steps as f64);
+    }
+    per_token.sort_by(|a, b| a.total_cmp(b));
+    Ok((
+        per_token[per_token.len() / 2],
+        per_token[0],
+        per_token[per_token.len() - 1],
+    ))
+}
+
+/// Decode on a real LLaMA model, next to what this run's GEMV rates predict for the weight
+/// bytes one token reads (every matrix but the embedding table, at its dtype's median rate).
+fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) -> Result<Value> {
+    use crate::model::llama::LlamaFiles;
+    eprintln!("bench: decode on {}", path.display());
+    let (cfg, files) = LlamaFiles::open(path)?;
+    let policy = QuantPolicy::for_linear(a.quant);
+    let ctx_long = if a.tiny { 48 } else { 1024 };
+    let mut llm = Llama::load(gpu, &cfg, &files, policy, ctx_long + 64)?;
+    let rate = |dtype: &str| -> Option<f64> {
+        let mut v: Vec<f64> = gemv
+            .as_array()?
+            .iter()
+            .filter(|g| g["dtype"] == dtype)
+            .filter_map(|g| g["gb_per_s"].as_f64())
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    };
+    let (mut bytes, mut predicted_s) = (0u64, 0f64);
+    let mut by_dtype = serde_json::Map::new();
+    for spec in Llama::specs(&cfg, policy) {
+        if spec.shape.len() != 2 || spec.name.contains("embed_tokens") {
+            continue;
+        }
+        // a Q4_1 / Q4_K source makes 4-bit layers q4m
+        let dtype = if spec.dtype == DType::Q4
+            && files.read_q4m(&cfg, &spec.name).ok().flatten().is_some()
+        {
+            DType::Q4M
+        } else {
+            spec.dtype
+        };
+        let b = dtype.bytes(spec.shape.iter().product()) as u64;
+        bytes += b;
+        let e = by_dtype.entry(dtype.name()).or_insert(json!(0u64));
+        *e = json!(e.as_u64().unwrap_or(0) + b);
+        if let Some(r) = rate(dtype.name()) {
+            predicted_s += b as f64 / (r * 1e9);
+        }
+    }
+    let ctx_short = if a.tiny { 16 } else { 128 };
+    crate::gpu::recorder::profile::take();
+    let short = decode_at(gpu, a, &mut llm, ctx_short)?;
+    for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(12) {
+        eprintln!("profile: {secs:>8.4} s {n:>6}× {kernel}");
+    }
+    let long = decode_at(gpu, a, &mut llm, ctx_long)?;
+    let predicted = if predicted_s > 0.0 {
+        1.0 / predicted_s
+    } else {
+        0.0
+    };
+    Ok(json!({
+        "model": path.display().to_string(), "layers": cfg.layers, "hidden": cfg.hidden,
+        "weight_bytes_per_token": bytes, "bytes_by_dtype": by_dtype,
+        "predicted_tok_per_s": predicted,
+        "decode_tok_per_s_ctx_short": 1.0 / short.0, "decode_short": stats(short),
+        "decode_tok_per_s_ctx_long": 1.0 / long.0, "decode_long": stats(long),
+        "ctx_short": ctx_short, "ctx_long": ctx_long,
+        "percent_of_prediction": 100.0 * predicted_s / short.0,
     }))
 }
 
@@ -458,6 +531,11 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     if let Some(s) = &a.synthetic {
         if want("e2e") {
             report["end_to_end"] = end_to_end(gpu, a, s)?;
+        }
+    }
+    if let Some(p) = &a.llm {
+        if want("e2e") {
+            report["llm_decode"] = llm_decode(gpu, a, p, &report["gemv"])?;
         }
     }
     Ok(report)
@@ -523,6 +601,20 @@ pub fn human(r: &Value) -> String {
             e["gpu_memory_bytes"]["total"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
             e["gpu_memory_bytes"]["weights"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
             e["gpu_memory_bytes"]["kv_cache"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+        );
+    }
+    if let Some(e) = r.get("llm_decode") {
+        s += &format!(
+            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n",
+            e["model"].as_str().unwrap_or(""),
+            e["layers"],
+            e["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
+            e["predicted_tok_per_s"].as_f64().unwrap_or(0.0),
+            e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
+            e["ctx_short"],
+            e["percent_of_prediction"].as_f64().unwrap_or(0.0),
+            e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
+            e["ctx_long"],
         );
     }
     s

@@ -153,6 +153,10 @@ enum Cmd {
         /// Only these parts, comma-separated: copy, gemv, gemm, e2e (default: all)
         #[arg(long, value_delimiter = ',')]
         parts: Vec<String>,
+        /// Also measure decode on this LLaMA model (GGUF or HF directory) against the GEMV
+        /// prediction for its bytes per token
+        #[arg(long)]
+        llm: Option<PathBuf>,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -799,6 +803,7 @@ fn main() -> ExitCode {
             quant,
             json,
             parts,
+            llm,
             gpu,
         } => (|| -> anyhow::Result<()> {
             let g = open_gpu(gpu)?;
@@ -811,6 +816,7 @@ fn main() -> ExitCode {
                     layers: *layers,
                     quant: DType::parse(quant)?,
                     parts: parts.clone(),
+                    llm: llm.clone(),
                 },
             )?;
             if *json {

@@ -9,8 +9,8 @@ mod common;
 use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
-    AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode, RopeTable, Tensor,
-    Variant, GEMV_LANES,
+    attention_partials, AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode,
+    RopeTable, Tensor, Variant, GEMV_LANES,
 };
 use minigpt4::quant::{self, DType};
 
@@ -173,6 +173,53 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("found 12"), "{err}");
+}
+
+#[test]
+fn down_projection_with_silu_fused_into_the_input() {
+    let gpu = gpu();
+    let mut r = Rng::new(31);
+    for v in gpu.variants() {
+        for dt in [DType::Q4, DType::Q4M, DType::F16] {
+            for path in [
+                MatmulPath::Auto,
+                MatmulPath::Gemv,
+                MatmulPath::GemvBlocks(1),
+                MatmulPath::GemvBlocks(8),
+                MatmulPath::GemvBlocks(64),
+                MatmulPath::Gemm,
+            ] {
+                let (m, n, k) = (2, 300, 96);
+                let g = r.vec(m * k, 2.0);
+                let up = r.vec(m * k, 1.0);
+                let wv = r.vec(n * k, 0.5);
+                let init = r.vec(m * n, 1.0);
+                let wq = quant::round_trip(dt, &wv, k).unwrap();
+                let act: Vec<f32> = g
+                    .iter()
+                    .zip(&up)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
+                let mut want = cpu::matmul(&act, m, k, &wq, n, None);
+                for (w, i) in want.iter_mut().zip(&init) {
+                    *w += i;
+                }
+                let (gt, ut) = (t(&gpu, "gate", &[m, k], &g), t(&gpu, "up", &[m, k], &up));
+                let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wv).unwrap();
+                let out = t(&gpu, "out", &[m, n], &init);
+                let mut rec = Recorder::with_variant(&gpu, v);
+                rec.matmul_silu(path, &gt, &ut, &w, &out, true).unwrap();
+                run(rec);
+                assert_close(
+                    &format!("silu down {dt} {path:?} {}", v.name()),
+                    &read(&gpu, &out),
+                    &want,
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -464,9 +511,18 @@ fn rope_both_pairings_with_strided_views() {
     }
 }
 
+/// Which attention kernels and KV storage a check uses.
+#[derive(Clone, Copy, Debug)]
+struct AttnPath {
+    /// Split-K decode kernels (with a partials buffer).
+    split: bool,
+    kv: DType,
+}
+
 fn check_attention(
     gpu: &Gpu,
     v: Variant,
+    path: AttnPath,
     t_: usize,
     s: usize,
     hq: usize,
@@ -477,8 +533,9 @@ fn check_attention(
 ) {
     let mut r = Rng::new(seed);
     let q = r.vec(t_ * hq * d, 1.0);
-    let k = r.vec(s * hkv * d, 1.0);
-    let vv = r.vec(s * hkv * d, 1.0);
+    // an f16 cache holds rounded keys and values: the reference sees the same ones
+    let k = quant::round_trip(path.kv, &r.vec(s * hkv * d, 1.0), d).unwrap();
+    let vv = quant::round_trip(path.kv, &r.vec(s * hkv * d, 1.0), d).unwrap();
     let scale = 1.0 / (d as f32).sqrt();
     let want = cpu::attention(&q, &k, &vv, t_, s, hq, hkv, d, causal, scale);
     // q inside a fused [t, q | pad] buffer; k and v inside a "cache" with room for more rows
@@ -494,12 +551,13 @@ fn check_attention(
     vc[..vv.len()].copy_from_slice(&vv);
     let (qt, kt, vt) = (
         t(gpu, "q", &[qbuf.len()], &qbuf),
-        t(gpu, "k", &[cap, hkv * d], &kc),
-        t(gpu, "v", &[cap, hkv * d], &vc),
+        Tensor::upload(gpu, "k", &[cap, hkv * d], path.kv, &kc).unwrap(),
+        Tensor::upload(gpu, "v", &[cap, hkv * d], path.kv, &vc).unwrap(),
     );
     let out = Tensor::zeros(gpu, "o", &[t_, hq * d]).unwrap();
+    let part = Tensor::zeros(gpu, "part", &[attention_partials(t_, hq, s, d)]).unwrap();
     let mut rec = Recorder::with_variant(gpu, v);
-    rec.attention(
+    rec.attention_with(
         HeadView {
             t: &qt,
             offset: 2,
@@ -517,12 +575,13 @@ fn check_attention(
             causal,
             scale,
         },
+        path.split.then_some(&part),
     )
     .unwrap();
     run(rec);
     assert_close(
         &format!(
-            "attention {} t{t_} s{s} hq{hq} hkv{hkv} d{d} causal={causal}",
+            "attention {} {path:?} t{t_} s{s} hq{hq} hkv{hkv} d{d} causal={causal}",
             v.name()
         ),
         &read(gpu, &out),
@@ -547,9 +606,91 @@ fn attention_prefill_decode_cross_and_gqa() {
             (2, 65, 3, 1, 200, false),
         ] {
             seed += 1;
-            check_attention(&gpu, v, t_, s, hq, hkv, d, causal, seed);
+            let path = AttnPath {
+                split: false,
+                kv: DType::F32,
+            };
+            check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
         }
     }
+}
+
+#[test]
+fn split_k_decode_attention_and_f16_kv_cache() {
+    let gpu = gpu();
+    let mut seed = 40;
+    for v in gpu.variants() {
+        for kv in [DType::F32, DType::F16] {
+            for split in [false, true] {
+                for (t_, s, hq, hkv, d, causal) in [
+                    (1, 70, 6, 2, 64, true),    // one split
+                    (1, 1, 1, 1, 2, true),      // a single key
+                    (1, 600, 4, 1, 128, true),  // three splits, the last partial
+                    (3, 513, 2, 2, 64, true),   // rows that see different lengths; a split
+                    (4, 256, 2, 1, 200, false), // exactly one full split, head dim > 64
+                    (2, 1030, 3, 3, 100, true), // five splits
+                ] {
+                    seed += 1;
+                    let path = AttnPath { split, kv };
+                    check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_cache_rows_are_written_as_f16() {
+    let gpu = gpu();
+    let mut r = Rng::new(77);
+    let (rows, cols, stride) = (3, 12, 20);
+    let src = r.vec(rows * stride, 2.0);
+    let st = t(&gpu, "src", &[rows, stride], &src);
+    // a new buffer is zero-filled
+    let cache = Tensor::empty(&gpu, "cache16", &[8, 16], DType::F16).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    // rows 2..5 of the cache, columns 4..16, from source columns 6..18
+    rec.copy_rows(&st, 6, stride, &cache, 2 * 16 + 4, 16, rows, cols)
+        .unwrap();
+    run(rec);
+    let words = pollster::block_on(minigpt4::gpu::tensor::read_words(
+        &gpu,
+        cache.buffer(),
+        0,
+        8 * 16 / 2,
+    ))
+    .unwrap();
+    let got: Vec<f32> = words
+        .iter()
+        .flat_map(|w| {
+            [
+                half::f16::from_bits(*w as u16).to_f32(),
+                half::f16::from_bits((*w >> 16) as u16).to_f32(),
+            ]
+        })
+        .collect();
+    for row in 0..8 {
+        for col in 0..16 {
+            let want = if (2..5).contains(&row) && col >= 4 {
+                half::f16::from_f32(src[(row - 2) * stride + 6 + col - 4]).to_f32()
+            } else {
+                0.0
+            };
+            let g = got[row * 16 + col];
+            assert!(
+                (g - want).abs() <= want.abs() * 1e-3,
+                "[{row},{col}] {g} vs {want}"
+            );
+        }
+    }
+    // odd offsets cannot address f16 pairs
+    let err = {
+        let mut rec = Recorder::new(&gpu);
+        rec.copy_rows(&st, 0, stride, &cache, 3, 16, 1, 4)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err.contains("cache16") && err.contains("even"), "{err}");
 }
 
 #[test]

@@ -8,7 +8,10 @@ pub mod tensor;
 pub mod tune;
 
 pub use context::{adapter_reports, AdapterReport, Gpu, GpuOptions, Requirements};
-pub use ops::{AttnShape, HeadView, MatmulPath, RopeMode, RopeTable, GEMV_LANES};
-pub use recorder::Recorder;
+pub use ops::{
+    attention_partials, AttnShape, HeadView, MatmulPath, RopeMode, RopeTable, ATTN_SPLIT,
+    GEMV_LANES,
+};
+pub use recorder::{Plan, Recorder};
 pub use shader::Variant;
 pub use tensor::{stored_row_bytes, Ids, Tensor};

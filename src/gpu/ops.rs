@@ -82,6 +82,14 @@ fn lanes_flag(lanes: u32) -> Result<&'static str> {
 /// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// Keys per split of the split-K decode attention (`CH` in `attention.wgsl`).
+pub const ATTN_SPLIT: usize = 256;
+
+/// f32 elements the split-K decode attention needs for its partial results.
+pub fn attention_partials(t: usize, heads: usize, s: usize, head_dim: usize) -> usize {
+    t * heads * s.div_ceil(ATTN_SPLIT).max(1) * (head_dim + 2)
+}
+
 /// Rotary pairing convention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeMode {
@@ -187,6 +195,34 @@ impl Recorder<'_> {
         out: &Tensor,
         accumulate: bool,
     ) -> Result<()> {
+        self.matmul_impl(path, x, None, w, bias, out, accumulate)
+    }
+
+    /// `out (+)= (silu(gate) * up) · Wᵀ` (LLaMA's MLP down projection). The block GEMV computes
+    /// the product as it reads its input; the other paths first write it into `gate`.
+    pub fn matmul_silu(
+        &mut self,
+        path: MatmulPath,
+        gate: &Tensor,
+        up: &Tensor,
+        w: &Tensor,
+        out: &Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.matmul_impl(path, gate, Some(up), w, None, out, accumulate)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_impl(
+        &mut self,
+        path: MatmulPath,
+        x: &Tensor,
+        x_up: Option<&Tensor>,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: &Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
         need_f32(x)?;
         need_f32(out)?;
         let (m, k) = (x.rows(), x.cols());
@@ -231,6 +267,16 @@ impl Recorder<'_> {
             }
             flags.push(lanes_flag(lanes)?);
         }
+        if let Some(up) = x_up {
+            need_f32(up)?;
+            up.expect(None, &x.shape)?;
+            if matches!(path, MatmulPath::GemvBlocks(_)) {
+                flags.push("X_SILU");
+            } else {
+                self.silu_mul(x, up)?;
+            }
+        }
+        let x_up = x_up.filter(|_| matches!(path, MatmulPath::GemvBlocks(_)));
         for part in &w.parts {
             let params = [
                 u(m),
@@ -249,6 +295,9 @@ impl Recorder<'_> {
             }
             if let Some(b) = bias {
                 bufs.push((4, b.buffer()));
+            }
+            if let Some(up) = x_up {
+                bufs.push((6, up.buffer()));
             }
             match path {
                 MatmulPath::GemvBlocks(lanes) => {
@@ -429,7 +478,8 @@ impl Recorder<'_> {
     }
 
     /// Attention of `t` query rows against `s` key/value rows (see `shaders/attention.wgsl`).
-    /// With `causal`, query i sees keys `0 ..= i + (s - t)`.
+    /// With `causal`, query i sees keys `0 ..= i + (s - t)`. Keys and values are f32 or (a KV
+    /// cache) both f16.
     pub fn attention(
         &mut self,
         q: HeadView,
@@ -438,8 +488,35 @@ impl Recorder<'_> {
         out: HeadView,
         a: AttnShape,
     ) -> Result<()> {
-        for t in [q.t, k.t, v.t, out.t] {
+        self.attention_with(q, k, v, out, a, None)
+    }
+
+    /// Like [`Recorder::attention`]; with `partials` (at least [`attention_partials`] f32
+    /// elements) and at most 4 query rows, uses the split-K decode kernels.
+    pub fn attention_with(
+        &mut self,
+        q: HeadView,
+        k: HeadView,
+        v: HeadView,
+        out: HeadView,
+        a: AttnShape,
+        partials: Option<&Tensor>,
+    ) -> Result<()> {
+        for t in [q.t, out.t] {
             need_f32(t)?;
+        }
+        let kv_f16 = k.t.dtype == DType::F16;
+        for t in [k.t, v.t] {
+            if t.dtype != k.t.dtype
+                || t.parts.len() != 1
+                || !matches!(t.dtype, DType::F32 | DType::F16)
+            {
+                return Err(Error::tensor(
+                    &t.name,
+                    "single-part f32 or f16 keys and values of one dtype",
+                    format!("{} in {} parts", t.dtype, t.parts.len()),
+                ));
+            }
         }
         if a.head_dim == 0 || a.head_dim > 256 {
             return Err(Error::tensor(
@@ -494,10 +571,42 @@ impl Recorder<'_> {
             u(a.s - a.t.min(a.s)),
             f(a.scale),
         ];
+        let flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
+        if let Some(part) = partials.filter(|_| a.t <= GEMV_MAX_ROWS) {
+            need_f32(part)?;
+            need_len(
+                part,
+                "attention partials",
+                attention_partials(a.t, a.heads, a.s, a.head_dim),
+            )?;
+            let splits = a.s.div_ceil(ATTN_SPLIT);
+            let bufs = [
+                (1, q.t.buffer()),
+                (2, k.t.buffer()),
+                (3, v.t.buffer()),
+                (5, part.buffer()),
+            ];
+            self.dispatch(
+                "attention",
+                "attention_split",
+                flags,
+                &params,
+                &bufs,
+                grid(u(a.t * a.heads * splits)),
+            )?;
+            return self.dispatch(
+                "attention",
+                "attention_combine",
+                flags,
+                &params,
+                &[(4, out.t.buffer()), (5, part.buffer())],
+                grid(u(a.t * a.heads)),
+            );
+        }
         self.dispatch(
             "attention",
             "attention",
-            &[],
+            flags,
             &params,
             &[
                 (1, q.t.buffer()),
@@ -583,8 +692,9 @@ impl Recorder<'_> {
         )
     }
 
-    /// Copies `rows`×`cols` elements between two distinct f32 tensors with row strides and
-    /// element offsets (concat, slice, KV-cache writes).
+    /// Copies `rows`×`cols` elements between two distinct tensors with row strides and
+    /// element offsets (concat, slice, KV-cache writes). The source is f32; the destination is
+    /// f32, or f16 (a KV cache; then `cols`, `dst_off` and `dst_stride` must be even).
     #[allow(clippy::too_many_arguments)]
     pub fn copy_rows(
         &mut self,
@@ -598,7 +708,10 @@ impl Recorder<'_> {
         cols: usize,
     ) -> Result<()> {
         need_f32(src)?;
-        need_f32(dst)?;
+        let f16 = dst.dtype == DType::F16 && dst.parts.len() == 1;
+        if !f16 {
+            need_f32(dst)?;
+        }
         if std::ptr::eq(src, dst) {
             return Err(Error::tensor(
                 &dst.name,
@@ -615,18 +728,36 @@ impl Recorder<'_> {
             "copy destination",
             dst_off + (rows - 1) * dst_stride + cols,
         )?;
+        let params = [
+            u(rows),
+            u(cols),
+            u(src_off),
+            u(src_stride),
+            u(dst_off),
+            u(dst_stride),
+        ];
+        if f16 {
+            if ![cols, dst_off, dst_stride].iter().all(|v| v.is_multiple_of(2)) {
+                return Err(Error::tensor(
+                    &dst.name,
+                    "an even column count, offset and stride (f16 pairs)",
+                    format!("cols {cols}, offset {dst_off}, stride {dst_stride}"),
+                ));
+            }
+            return self.dispatch(
+                "copy",
+                "copy_rows_f16",
+                &[],
+                &params,
+                &[(1, src.buffer()), (5, dst.buffer())],
+                grid(u((rows * cols / 2).div_ceil(256))),
+            );
+        }
         self.dispatch(
             "copy",
             "copy_rows",
             &[],
-            &[
-                u(rows),
-                u(cols),
-                u(src_off),
-                u(src_stride),
-                u(dst_off),
-                u(dst_stride),
-            ],
+            &params,
             &[(1, src.buffer()), (2, dst.buffer())],
             grid(u((rows * cols).div_ceil(256))),
         )

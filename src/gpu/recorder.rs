@@ -3,6 +3,13 @@
 //! Ops append commands; nothing runs until [`Recorder::submit`]. All kernel parameters of a
 //! recording live in a few uniform buffers (one 256-byte slot per dispatch), written once at
 //! submit, so recording allocates no buffer per op beyond one per 256 dispatches.
+//!
+//! A recording can be kept as a [`Plan`] ([`Recorder::submit_keep`]) and replayed
+//! ([`Recorder::replaying`]): when the ops record the same kernels on the same buffers again
+//! (a decode step: only positions and lengths change, and those are parameters), the pipelines,
+//! bind groups and parameter buffers of the plan are reused and only the parameter bytes are
+//! rewritten. A dispatch that differs simply gets a new bind group, so a replay is never wrong,
+//! only slower.
 
 use std::sync::Arc;
 
@@ -16,12 +23,33 @@ const SLOTS_PER_CHUNK: usize = 256;
 /// Most workgroups per dispatch dimension we use (the WebGPU default limit).
 pub const MAX_GROUPS: u32 = 65535;
 
-enum Cmd {
-    Dispatch {
-        pipeline: Arc<wgpu::ComputePipeline>,
-        bind: wgpu::BindGroup,
-        groups: [u32; 3],
-    },
+struct Cmd {
+    file: &'static str,
+    entry: &'static str,
+    variant: Variant,
+    flags: Vec<&'static str>,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    buffers: Vec<(u32, wgpu::Buffer)>,
+    bind: wgpu::BindGroup,
+    groups: [u32; 3],
+}
+
+/// A submitted recording kept for replay (see the module docs).
+#[derive(Default)]
+pub struct Plan {
+    cmds: Vec<Cmd>,
+    chunks: Vec<wgpu::Buffer>,
+}
+
+impl Plan {
+    /// Dispatches in the plan.
+    pub fn len(&self) -> usize {
+        self.cmds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
 }
 
 pub struct Recorder<'g> {
@@ -30,6 +58,10 @@ pub struct Recorder<'g> {
     pub variant: Variant,
     cmds: Vec<Cmd>,
     chunks: Vec<(wgpu::Buffer, Vec<u8>)>,
+    /// The plan being replayed: its commands are matched by position.
+    old: Option<Plan>,
+    /// Dispatches whose bind group came from the replayed plan.
+    pub reused: usize,
 }
 
 /// A 1-D workgroup count spread over x and y so that neither exceeds [`MAX_GROUPS`]. Kernels
@@ -51,6 +83,17 @@ impl<'g> Recorder<'g> {
             variant: gpu.best_variant,
             cmds: Vec::new(),
             chunks: Vec::new(),
+            old: None,
+            reused: 0,
+        }
+    }
+
+    /// A recorder that reuses what it can of `plan` (see the module docs).
+    pub fn replaying(gpu: &'g Gpu, plan: Plan) -> Self {
+        Recorder {
+            cmds: Vec::with_capacity(plan.cmds.len()),
+            old: Some(plan),
+            ..Self::new(gpu)
         }
     }
 
@@ -67,11 +110,17 @@ impl<'g> Recorder<'g> {
             None => true,
         };
         if need_new {
-            let buf = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size: (SLOT * SLOTS_PER_CHUNK) as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
+            let old = self
+                .old
+                .as_ref()
+                .and_then(|p| p.chunks.get(self.chunks.len()).cloned());
+            let buf = old.unwrap_or_else(|| {
+                self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("params"),
+                    size: (SLOT * SLOTS_PER_CHUNK) as u64,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
             });
             self.chunks
                 .push((buf, Vec::with_capacity(SLOT * SLOTS_PER_CHUNK)));
@@ -100,8 +149,36 @@ impl<'g> Recorder<'g> {
         if params.len() * 4 > SLOT {
             return Err(Error::Gpu(format!("{file}::{entry}: too many parameters")));
         }
-        let pipeline = self.gpu.pipeline(file, entry, self.variant, flags)?;
         let (chunk, offset) = self.param_slot(params);
+        let i = self.cmds.len();
+        let same = self.old.as_ref().and_then(|p| p.cmds.get(i)).filter(|c| {
+            c.file == file
+                && c.entry == entry
+                && c.variant == self.variant
+                && c.flags == flags
+                && c.buffers.len() == buffers.len()
+                && c.buffers
+                    .iter()
+                    .zip(buffers)
+                    .all(|((b1, x), (b2, y))| b1 == b2 && x == *y)
+        });
+        // the parameter slot is at the same place in a replay (slots are handed out in order)
+        if let Some(c) = same {
+            let cmd = Cmd {
+                file,
+                entry,
+                variant: self.variant,
+                flags: c.flags.clone(),
+                pipeline: c.pipeline.clone(),
+                buffers: c.buffers.clone(),
+                bind: c.bind.clone(),
+                groups,
+            };
+            self.cmds.push(cmd);
+            self.reused += 1;
+            return Ok(());
+        }
+        let pipeline = self.gpu.pipeline(file, entry, self.variant, flags)?;
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -124,8 +201,13 @@ impl<'g> Recorder<'g> {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-        self.cmds.push(Cmd::Dispatch {
+        self.cmds.push(Cmd {
+            file,
+            entry,
+            variant: self.variant,
+            flags: flags.to_vec(),
             pipeline,
+            buffers: buffers.iter().map(|(b, x)| (*b, (*x).clone())).collect(),
             bind,
             groups,
         });
@@ -144,9 +226,18 @@ impl<'g> Recorder<'g> {
     /// Writes the parameters and submits everything in one command buffer. Validation errors
     /// (a wrong binding, an out-of-memory) are caught by an error scope and returned.
     pub async fn submit(self) -> Result<()> {
+        self.submit_keep().await.map(drop)
+    }
+
+    /// Like [`Recorder::submit`], and returns the recording as a [`Plan`] to replay.
+    pub async fn submit_keep(self) -> Result<Plan> {
         let gpu = self.gpu;
         for (buf, data) in &self.chunks {
             gpu.queue.write_buffer(buf, 0, data);
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        if profile::enabled() {
+            return self.submit_profiled();
         }
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut enc = gpu
@@ -159,24 +250,88 @@ impl<'g> Recorder<'g> {
                 label: Some("forward"),
                 timestamp_writes: None,
             });
+            let mut last: Option<&Arc<wgpu::ComputePipeline>> = None;
             for cmd in &self.cmds {
-                match cmd {
-                    Cmd::Dispatch {
-                        pipeline,
-                        bind,
-                        groups,
-                    } => {
-                        pass.set_pipeline(pipeline);
-                        pass.set_bind_group(0, bind, &[]);
-                        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-                    }
+                if !last.is_some_and(|p| Arc::ptr_eq(p, &cmd.pipeline)) {
+                    pass.set_pipeline(&cmd.pipeline);
+                    last = Some(&cmd.pipeline);
                 }
+                pass.set_bind_group(0, &cmd.bind, &[]);
+                pass.dispatch_workgroups(cmd.groups[0], cmd.groups[1], cmd.groups[2]);
             }
         }
         gpu.queue.submit([enc.finish()]);
         if let Some(err) = scope.pop().await {
             return Err(Error::Gpu(err.to_string()));
         }
-        gpu.take_error()
+        gpu.take_error()?;
+        Ok(self.into_plan())
+    }
+
+    fn into_plan(self) -> Plan {
+        Plan {
+            cmds: self.cmds,
+            chunks: self.chunks.into_iter().map(|(b, _)| b).collect(),
+        }
+    }
+
+    /// Profiling (`MINIGPT4_PROFILE=1`): every dispatch submitted and waited for on its own,
+    /// its wall time added to its kernel's total. Slow; for finding where time goes.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn submit_profiled(self) -> Result<Plan> {
+        let gpu = self.gpu;
+        gpu.queue.submit([]);
+        gpu.wait();
+        for cmd in &self.cmds {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&cmd.pipeline);
+                pass.set_bind_group(0, &cmd.bind, &[]);
+                pass.dispatch_workgroups(cmd.groups[0], cmd.groups[1], cmd.groups[2]);
+            }
+            let t = std::time::Instant::now();
+            gpu.queue.submit([enc.finish()]);
+            gpu.wait();
+            let name = format!("{}::{} {}", cmd.file, cmd.entry, cmd.flags.join(","));
+            profile::add(name, t.elapsed().as_secs_f64());
+        }
+        gpu.take_error()?;
+        Ok(self.into_plan())
+    }
+}
+
+/// Per-kernel wall time totals while `MINIGPT4_PROFILE=1` (native only).
+#[cfg(not(target_arch = "wasm32"))]
+pub mod profile {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    static TOTALS: Mutex<Option<HashMap<String, (f64, u64)>>> = Mutex::new(None);
+
+    pub fn enabled() -> bool {
+        std::env::var("MINIGPT4_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0")
+    }
+
+    pub(super) fn add(name: String, seconds: f64) {
+        if let Ok(mut t) = TOTALS.lock() {
+            let e = t.get_or_insert_with(HashMap::new).entry(name).or_default();
+            e.0 += seconds;
+            e.1 += 1;
+        }
+    }
+
+    /// Takes the totals so far: (kernel, seconds, dispatches), slowest first.
+    pub fn take() -> Vec<(String, f64, u64)> {
+        let mut v: Vec<_> = TOTALS
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, (s, n))| (k, s, n))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 }

@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::gpu::ops::{MatmulPath, GEMV_MAX_ROWS};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{
-    AttnShape, Gpu, HeadView, Ids, Recorder, Requirements, RopeMode, RopeTable, Tensor,
+    attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeMode,
+    RopeTable, Tensor,
 };
 use crate::loader::gguf::{self, GgmlType, GgufFile};
 use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
@@ -291,9 +293,10 @@ impl LlamaConfig {
         v
     }
 
-    /// GPU limits this model needs with a context of `ctx` tokens.
+    /// GPU limits this model needs with a context of `ctx` tokens (f32 KV cache: the largest).
     pub fn requirements(&self, ctx: usize, prefill: usize) -> Requirements {
-        let kv_bytes = (ctx * self.kv_heads * self.head_dim * 4) as u64;
+        // one cache tensor per layer holds keys and values side by side
+        let kv_bytes = (ctx * 2 * self.kv_heads * self.head_dim * 4) as u64;
         let act = (prefill * self.intermediate.max(self.hidden * 3) * 4) as u64;
         let logits = (prefill.max(1) * self.vocab * 4) as u64;
         let mut r = Requirements::kernels();
@@ -556,6 +559,16 @@ pub struct QuantPolicy {
 }
 
 impl QuantPolicy {
+    /// The KV cache's dtype: f32 for an all-f32 model (exact, as the goldens need), f16
+    /// otherwise (half the memory and bandwidth; what llama.cpp and WebLLM use).
+    pub fn kv_dtype(&self) -> DType {
+        if self.linear == DType::F32 {
+            DType::F32
+        } else {
+            DType::F16
+        }
+    }
+
     /// Linear layers in `q`; the embedding gather table in f16 (f32 when `q` is f32): a gather
     /// reads one row per token, so its size costs memory, not speed; lm_head in q8 when the
     /// layers are q4 (the logits are the most quantisation-sensitive matmul), else like them.
@@ -593,8 +606,8 @@ struct Layer {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
+    /// `[ctx, 2 * kv]`: row p holds position p's key, then its value (one write per token).
+    kv_cache: Tensor,
 }
 
 /// Per-row-count activation buffers, created on first use and reused.
@@ -608,6 +621,8 @@ struct Scratch {
     last: Tensor,
     logits_last: Tensor,
     logits_all: Option<Tensor>,
+    /// Split-K attention partial results (decode, at most 4 rows).
+    partials: Option<Tensor>,
     /// Input token ids (t of them), rewritten every forward.
     ids: Ids,
     token: Ids,
@@ -629,6 +644,9 @@ pub struct Llama {
     lm_head: Tensor,
     rope: RopeTable,
     scratch: HashMap<(usize, bool), Scratch>,
+    /// The last recording per (rows, all logits, argmax), replayed by the next pass of the same
+    /// shape: a decode step creates no bind group and no buffer.
+    plans: HashMap<(usize, bool, bool), Plan>,
     /// Tokens currently in the KV cache.
     pub pos: usize,
 }
@@ -718,8 +736,12 @@ impl Llama {
                 gate: t.take(&format!("{l}.mlp.gate_proj.weight"), &[f, h])?,
                 up: t.take(&format!("{l}.mlp.up_proj.weight"), &[f, h])?,
                 down: t.take(&format!("{l}.mlp.down_proj.weight"), &[h, f])?,
-                k_cache: Tensor::zeros(gpu, &format!("{l}.k_cache"), &[ctx, kv])?,
-                v_cache: Tensor::zeros(gpu, &format!("{l}.v_cache"), &[ctx, kv])?,
+                kv_cache: Tensor::empty(
+                    gpu,
+                    &format!("{l}.kv_cache"),
+                    &[ctx, 2 * kv],
+                    policy.kv_dtype(),
+                )?,
             });
         }
         Ok(Llama {
@@ -732,6 +754,7 @@ impl Llama {
             lm_head: t.take("lm_head.weight", &[cfg.vocab, h])?,
             rope: RopeTable::new(gpu, cfg.head_dim, ctx, cfg.rope_theta)?,
             scratch: HashMap::new(),
+            plans: HashMap::new(),
             pos: 0,
         })
     }
@@ -788,12 +811,19 @@ impl Llama {
             } else {
                 None
             },
+            partials: if t <= GEMV_MAX_ROWS {
+                let n = attention_partials(t, c.heads, self.ctx, c.head_dim);
+                Some(Tensor::zeros(gpu, "attention_partials", &[n])?)
+            } else {
+                None
+            },
             ids: Ids::new(gpu, &vec![0; t]),
             token: Ids::new(gpu, &[0]),
         };
         // keep at most a few prefill sizes around
         if self.scratch.len() > 4 {
             self.scratch.retain(|k, _| k.0 == 1);
+            self.plans.retain(|k, _| k.0 == 1);
         }
         self.scratch.insert((t, all_logits), s);
         Ok(())
@@ -873,7 +903,11 @@ impl Llama {
         let s = &self.scratch[&(t, all_logits)];
         let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let pos = self.pos;
-        let mut rec = Recorder::new(gpu);
+        let plan_key = (t, all_logits, argmax.is_some());
+        let mut rec = match self.plans.remove(&plan_key) {
+            Some(plan) => Recorder::replaying(gpu, plan),
+            None => Recorder::new(gpu),
+        };
         match &input {
             Input::Ids(ids) => {
                 gpu.queue
@@ -889,6 +923,7 @@ impl Llama {
         for l in &self.layers {
             rec.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &s.h)?;
             rec.matmul(&s.h, &l.wqkv, None, &s.qkv, false)?;
+            // q and k heads are adjacent in the fused output: one rotation for both
             rec.rope(
                 HeadView {
                     t: &s.qkv,
@@ -896,33 +931,38 @@ impl Llama {
                     stride: qkv_stride,
                 },
                 t,
-                c.heads,
+                c.heads + c.kv_heads,
                 &self.rope,
                 pos,
                 RopeMode::Half,
             )?;
-            rec.rope(
-                HeadView {
-                    t: &s.qkv,
-                    offset: q,
-                    stride: qkv_stride,
-                },
+            // k and v are adjacent too: one copy into the cache row
+            rec.copy_rows(
+                &s.qkv,
+                q,
+                qkv_stride,
+                &l.kv_cache,
+                pos * 2 * kv,
+                2 * kv,
                 t,
-                c.kv_heads,
-                &self.rope,
-                pos,
-                RopeMode::Half,
+                2 * kv,
             )?;
-            rec.copy_rows(&s.qkv, q, qkv_stride, &l.k_cache, pos * kv, kv, t, kv)?;
-            rec.copy_rows(&s.qkv, q + kv, qkv_stride, &l.v_cache, pos * kv, kv, t, kv)?;
-            rec.attention(
+            rec.attention_with(
                 HeadView {
                     t: &s.qkv,
                     offset: 0,
                     stride: qkv_stride,
                 },
-                HeadView::whole(&l.k_cache),
-                HeadView::whole(&l.v_cache),
+                HeadView {
+                    t: &l.kv_cache,
+                    offset: 0,
+                    stride: 2 * kv,
+                },
+                HeadView {
+                    t: &l.kv_cache,
+                    offset: kv,
+                    stride: 2 * kv,
+                },
                 HeadView::whole(&s.attn),
                 AttnShape {
                     t,
@@ -933,13 +973,13 @@ impl Llama {
                     causal: true,
                     scale: 1.0 / (c.head_dim as f32).sqrt(),
                 },
+                s.partials.as_ref(),
             )?;
             rec.matmul(&s.attn, &l.wo, None, &s.x, true)?;
             rec.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &s.h)?;
             rec.matmul(&s.h, &l.gate, None, &s.g, false)?;
             rec.matmul(&s.h, &l.up, None, &s.u, false)?;
-            rec.silu_mul(&s.g, &s.u)?;
-            rec.matmul(&s.g, &l.down, None, &s.x, true)?;
+            rec.matmul_silu(MatmulPath::Auto, &s.g, &s.u, &l.down, &s.x, true)?;
         }
         rec.rms_norm(&s.x, &self.norm, c.rms_eps, &s.h)?;
         let out = if let Some(all) = &s.logits_all {
@@ -961,12 +1001,14 @@ impl Llama {
         };
         if let Some(n) = argmax {
             rec.argmax(out, n, &s.token)?;
-            rec.submit().await?;
+            let plan = rec.submit_keep().await?;
+            self.plans.insert(plan_key, plan);
             let id = read_words(gpu, &s.token.buffer, 0, 1).await?[0];
             self.pos += t;
             return Ok(Output::Argmax(id));
         }
-        rec.submit().await?;
+        let plan = rec.submit_keep().await?;
+        self.plans.insert(plan_key, plan);
         let logits = out.read_f32(gpu).await?;
         self.pos += t;
         Ok(Output::Logits(logits))
