@@ -519,6 +519,17 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         "runs": a.runs,
         "copy": copy,
     });
+    // what the real models need, computed from their tensor lists (nothing allocated)
+    let mut memory = Vec::new();
+    for name in ["vicuna0-7b", "vicuna0-13b"] {
+        let cfg = llm_config(name, false)?;
+        let (w, kv, scratch) = Llama::memory(&cfg, QuantPolicy::for_linear(a.quant), 2048);
+        memory.push(
+            json!({"model": name, "llm_quant": a.quant.name(), "ctx": 2048,
+            "weights": w, "kv_cache": kv, "scratch": scratch, "total": w + kv + scratch}),
+        );
+    }
+    report["llm_memory"] = Value::from(memory);
     if want("gemv") || want("e2e") {
         report["gemv_lanes"] = gemv_lanes(gpu, a, copy_gbs)?;
     }
@@ -571,7 +582,9 @@ pub fn human(r: &Value) -> String {
             g["percent_of_copy"].as_f64().unwrap_or(0.0)
         );
     }
-    s += "\nGEMM                          GFLOP/s\n";
+    if r.get("gemm").is_some() {
+        s += "\nGEMM                          GFLOP/s\n";
+    }
     for g in r["gemm"].as_array().into_iter().flatten() {
         s += &format!(
             "  {:<8} {:>4}×{:>5}×{:<5} {:>4} {:>9.2}\n",
@@ -603,6 +616,20 @@ pub fn human(r: &Value) -> String {
             e["gpu_memory_bytes"]["kv_cache"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
         );
     }
+    for m in r["llm_memory"].as_array().into_iter().flatten() {
+        let gb = |k: &str| m[k].as_f64().unwrap_or(0.0) / 1e9;
+        s += &format!(
+            "\nGPU memory of {} {} with a {}-token cache: {:.2} GB (weights {:.2}, KV cache {:.2}, scratch {:.2})",
+            m["model"].as_str().unwrap_or(""),
+            m["llm_quant"].as_str().unwrap_or(""),
+            m["ctx"],
+            gb("total"),
+            gb("weights"),
+            gb("kv_cache"),
+            gb("scratch"),
+        );
+    }
+    s += "\n";
     if let Some(e) = r.get("llm_decode") {
         s += &format!(
             "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n",

@@ -765,6 +765,55 @@ fn patch_embedding_is_im2col_then_matmul() {
 }
 
 #[test]
+fn a_replayed_plan_reuses_every_bind_group_and_takes_new_parameters() {
+    let gpu = gpu();
+    let mut r = Rng::new(5);
+    let (n, k) = (40, 64);
+    let wv = r.vec(n * k, 1.0);
+    let w = Tensor::upload(&gpu, "w", &[n, k], DType::Q4, &wv).unwrap();
+    let wq = quant::round_trip(DType::Q4, &wv, k).unwrap();
+    let src = r.vec(8 * k, 1.0);
+    let st = t(&gpu, "src", &[8, k], &src);
+    let x = Tensor::zeros(&gpu, "x", &[1, k]).unwrap();
+    let out = Tensor::zeros(&gpu, "out", &[1, n]).unwrap();
+    // "decode step" i: copy row i of src into x, then out = x · Wᵀ
+    let step = |rec: &mut Recorder, i: usize| {
+        rec.copy_rows(&st, i * k, k, &x, 0, k, 1, k).unwrap();
+        rec.matmul(&x, &w, None, &out, false).unwrap();
+    };
+    let mut rec = Recorder::new(&gpu);
+    step(&mut rec, 0);
+    let mut plan = pollster::block_on(rec.submit_keep()).unwrap();
+    assert_eq!(plan.len(), 2);
+    for i in 1..8 {
+        let mut rec = Recorder::replaying(&gpu, plan);
+        step(&mut rec, i);
+        assert_eq!(
+            rec.reused, 2,
+            "step {i}: every dispatch reuses its bind group"
+        );
+        plan = pollster::block_on(rec.submit_keep()).unwrap();
+        let want = cpu::matmul(&src[i * k..(i + 1) * k], 1, k, &wq, n, None);
+        assert_close(
+            &format!("replayed step {i}"),
+            &read(&gpu, &out),
+            &want,
+            1e-5,
+            1e-5,
+        );
+    }
+    // a recording that differs (another output buffer) gets new bind groups and is still right
+    let out2 = Tensor::zeros(&gpu, "out2", &[1, n]).unwrap();
+    let mut rec = Recorder::replaying(&gpu, plan);
+    rec.copy_rows(&st, 0, k, &x, 0, k, 1, k).unwrap();
+    rec.matmul(&x, &w, None, &out2, false).unwrap();
+    assert_eq!(rec.reused, 1);
+    run(rec);
+    let want = cpu::matmul(&src[..k], 1, k, &wq, n, None);
+    assert_close("changed replay", &read(&gpu, &out2), &want, 1e-5, 1e-5);
+}
+
+#[test]
 fn copy_concat_and_slice() {
     let gpu = gpu();
     let mut r = Rng::new(11);

@@ -737,7 +737,10 @@ impl Recorder<'_> {
             u(dst_stride),
         ];
         if f16 {
-            if ![cols, dst_off, dst_stride].iter().all(|v| v.is_multiple_of(2)) {
+            if ![cols, dst_off, dst_stride]
+                .iter()
+                .all(|v| v.is_multiple_of(2))
+            {
                 return Err(Error::tensor(
                     &dst.name,
                     "an even column count, offset and stride (f16 pairs)",

@@ -786,6 +786,21 @@ impl Llama {
         rec.embedding(ids, &self.embed, out)
     }
 
+    /// GPU bytes of a model: (weights, KV cache, decode scratch) with a `ctx`-token cache.
+    pub fn memory(cfg: &LlamaConfig, policy: QuantPolicy, ctx: usize) -> (u64, u64, u64) {
+        let weights = Self::specs(cfg, policy)
+            .iter()
+            .map(|s| s.dtype.bytes(s.shape.iter().product()) as u64)
+            .sum();
+        let kv = policy
+            .kv_dtype()
+            .bytes(2 * cfg.layers * ctx * cfg.kv_heads * cfg.head_dim) as u64;
+        let (q, kvw) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+        let rows = 4 * (3 * cfg.hidden + q + 2 * kvw + q + 2 * cfg.intermediate + 2 * cfg.vocab);
+        let scratch = (rows + attention_partials(1, cfg.heads, ctx, cfg.head_dim)) as u64 * 4;
+        (weights, kv, scratch)
+    }
+
     /// Forgets the conversation (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
         self.pos = 0;
@@ -1041,4 +1056,38 @@ pub enum Input<'a> {
     Ids(&'a [u32]),
     /// Precomputed input rows `[t, hidden]` (MiniGPT-4 splices image embeddings this way).
     Embeds(&'a Tensor),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Vicuna-7B (LLaMA-7B shapes, vocab 32001) in 4-bit with a 2048-token cache must fit a
+    /// 6 GB GPU (issue 8): ≈ 3.9 GB of weights, 1 GiB of f16 KV cache.
+    #[test]
+    fn vicuna_7b_q4_with_a_2k_cache_fits_in_6_gb() {
+        let cfg = LlamaConfig {
+            hidden: 4096,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            head_dim: 128,
+            intermediate: 11008,
+            vocab: 32001,
+            rope_theta: 10000.0,
+            rms_eps: 1e-6,
+            tied: false,
+            max_pos: 2048,
+            bos: Some(1),
+            eos: vec![2],
+        };
+        let (w, kv, scratch) = Llama::memory(&cfg, QuantPolicy::for_linear(DType::Q4), 2048);
+        assert_eq!(kv, 1 << 30);
+        let total = w + kv + scratch;
+        assert!(w > 3_700_000_000 && w < 4_200_000_000, "{w}");
+        assert!(total < 6_000_000_000, "{w} + {kv} + {scratch} = {total}");
+        // the same model with an f32 cache would not fit: the f16 cache is what makes it
+        let f32_kv = 2 * kv;
+        assert!(w + f32_kv + scratch > 6_000_000_000);
+    }
 }
