@@ -7,8 +7,9 @@
 //! come from our own seeded generator, so a seed reproduces our runs, not PyTorch's.
 
 use crate::error::{Error, Result};
+use crate::gpu::ops::TOPK_KEEP;
 use crate::gpu::{Gpu, Tensor};
-use crate::model::llama::{Input, Llama};
+use crate::model::llama::{Candidate, Input, Llama};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -300,32 +301,28 @@ pub async fn generate_from(
         });
     }
     let mut rng = Rng::new(sampling.seed);
-    // Greedy without a penalty needs no logits on the host: the GPU picks the token.
-    let on_gpu = sampling.greedy && sampling.repetition_penalty == 1.0;
-    let mut logits = Vec::new();
-    let mut next = 0u32;
+    let picker = Picker::for_sampling(sampling);
     let inputs: Vec<Input> = match prompt {
         Prompt::Ids(ids) => ids.chunks(PREFILL_CHUNK).map(Input::Ids).collect(),
         Prompt::Embeds(e) => vec![Input::Embeds(e)],
     };
     let n = inputs.len();
+    let mut out: Vec<u32> = Vec::new();
+    let mut next = 0u32;
     for (i, input) in inputs.into_iter().enumerate() {
-        if on_gpu && i + 1 == n {
-            next = model.forward_argmax(gpu, input, allowed).await?;
+        if i + 1 < n {
+            model.forward(gpu, input, false).await?;
         } else {
-            logits = model.forward(gpu, input, false).await?;
+            next = picker
+                .pick(gpu, model, input, &out, allowed, sampling, &mut rng)
+                .await?;
         }
     }
-    let mut out: Vec<u32> = Vec::new();
     loop {
         if out.len() >= stop.max_new_tokens {
             return Ok((out, Finish::MaxTokens));
         }
-        let id = if on_gpu {
-            next
-        } else {
-            sample(&mut logits, &out, allowed, sampling, &mut rng)
-        };
+        let id = next;
         out.push(id);
         if !on_token(id) {
             return Ok((out, Finish::Cancelled));
@@ -343,14 +340,115 @@ pub async fn generate_from(
         if out.len() >= stop.max_new_tokens {
             return Ok((out, Finish::MaxTokens));
         }
-        if on_gpu {
-            next = model
-                .forward_argmax(gpu, Input::Ids(&[id]), allowed)
-                .await?;
+        next = picker
+            .pick(
+                gpu,
+                model,
+                Input::Ids(&[id]),
+                &out,
+                allowed,
+                sampling,
+                &mut rng,
+            )
+            .await?;
+    }
+}
+
+/// Where the next token is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Picker {
+    /// Greedy without a penalty: the GPU's argmax (4 bytes read back).
+    Argmax,
+    /// Sampling with a top-k below [`TOPK_KEEP`]: the GPU ranks (with the penalty) and returns
+    /// 64 candidates; the host samples among them exactly as from the full logits.
+    TopK,
+    /// Everything else: the logits are read back and sampled on the host.
+    Host,
+}
+
+impl Picker {
+    pub fn for_sampling(s: &Sampling) -> Picker {
+        if s.greedy && s.repetition_penalty == 1.0 {
+            Picker::Argmax
+        } else if !s.greedy && s.top_k > 0 && s.top_k < TOPK_KEEP {
+            Picker::TopK
         } else {
-            logits = model.forward(gpu, Input::Ids(&[id]), false).await?;
+            Picker::Host
         }
     }
+
+    /// Runs `input` and chooses the next token; `out` are the tokens generated so far (the
+    /// repetition penalty's ids).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn pick(
+        self,
+        gpu: &Gpu,
+        model: &mut Llama,
+        input: Input<'_>,
+        out: &[u32],
+        allowed: usize,
+        s: &Sampling,
+        rng: &mut Rng,
+    ) -> Result<u32> {
+        match self {
+            Picker::Argmax => model.forward_argmax(gpu, input, allowed).await,
+            Picker::TopK => {
+                let cands = model
+                    .forward_topk(gpu, input, allowed, out, s.repetition_penalty)
+                    .await?;
+                match sample_candidates(&cands, out, s, rng) {
+                    Some(id) => Ok(id),
+                    None => {
+                        let mut logits = model.last_logits(gpu).await?;
+                        Ok(sample(&mut logits, out, allowed, s, rng))
+                    }
+                }
+            }
+            Picker::Host => {
+                let mut logits = model.forward(gpu, input, false).await?;
+                Ok(sample(&mut logits, out, allowed, s, rng))
+            }
+        }
+    }
+}
+
+/// Samples among the GPU's top-k candidates exactly as [`sample`] would from the full logits:
+/// the candidates in id order, the penalty applied again on the host, then the same warp and
+/// draw. `None` (the caller then reads the full logits) when the candidates might not hold
+/// every token top-k keeps: a tie at the k-th value reaching the last candidate.
+pub fn sample_candidates(
+    cands: &[Candidate],
+    penalized: &[u32],
+    s: &Sampling,
+    rng: &mut Rng,
+) -> Option<u32> {
+    if cands.is_empty() || s.greedy || s.top_k == 0 || s.top_k >= TOPK_KEEP {
+        return None;
+    }
+    let mut c: Vec<Candidate> = cands.to_vec();
+    c.sort_by_key(|c| c.id);
+    c.dedup_by_key(|c| c.id);
+    let mut logits: Vec<f32> = c.iter().map(|c| c.logit).collect();
+    let seen: std::collections::HashSet<u32> = penalized.iter().copied().collect();
+    let pos: Vec<u32> = (0..c.len() as u32)
+        .filter(|&i| seen.contains(&c[i as usize].id))
+        .collect();
+    if c.len() >= TOPK_KEEP {
+        // the candidates stand for a larger vocabulary: safe only if the k-th best value is
+        // above the worst candidate (then nothing outside can tie with it)
+        let mut pen = logits.clone();
+        repetition_penalty(&mut pen, &pos, s.repetition_penalty);
+        let mut sorted = pen.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[s.top_k - 1];
+        let worst = sorted[sorted.len() - 1];
+        if worst >= kth || pen.iter().any(|v| v.is_nan()) {
+            return None;
+        }
+    }
+    let n = logits.len();
+    let i = sample(&mut logits, &pos, n, s, rng);
+    Some(c[i as usize].id)
 }
 
 /// Rows per prefill dispatch batch (bounds activation memory for long prompts).
@@ -359,6 +457,66 @@ pub const PREFILL_CHUNK: usize = 512;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The best `TOPK_KEEP` of `logits` ranked after the penalty, as the GPU returns them.
+    fn candidates(logits: &[f32], penalized: &[u32], p: f32) -> Vec<Candidate> {
+        let mut pen = logits.to_vec();
+        repetition_penalty(&mut pen, penalized, p);
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| pen[b].total_cmp(&pen[a]).then(a.cmp(&b)));
+        idx.truncate(TOPK_KEEP);
+        idx.iter()
+            .map(|&i| Candidate {
+                id: i as u32,
+                logit: logits[i],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sampling_among_candidates_equals_sampling_the_full_logits() {
+        let mut r = Rng::new(3);
+        for case in 0..200u64 {
+            let n = 70 + (case as usize * 37) % 3000;
+            let logits: Vec<f32> = (0..n).map(|_| (r.uniform() * 12.0 - 6.0) as f32).collect();
+            let penalized: Vec<u32> = (0..10)
+                .map(|j| ((j * 31 + case as usize) % n) as u32)
+                .collect();
+            let s = Sampling {
+                greedy: false,
+                temperature: 0.5 + (case % 5) as f32 * 0.3,
+                top_k: 1 + (case as usize % 62),
+                top_p: [1.0, 0.9, 0.5][case as usize % 3],
+                repetition_penalty: [1.0, 1.05, 1.5][case as usize % 3],
+                seed: case,
+            };
+            let c = candidates(&logits, &penalized, s.repetition_penalty);
+            let got = sample_candidates(&c, &penalized, &s, &mut Rng::new(case)).unwrap();
+            let want = sample(&mut logits.clone(), &penalized, n, &s, &mut Rng::new(case));
+            assert_eq!(got, want, "case {case}");
+        }
+    }
+
+    #[test]
+    fn a_tie_reaching_the_last_candidate_falls_back_to_the_full_logits() {
+        // 100 equal logits: the 64 candidates cannot show which of the tied ids top-k keeps
+        let logits = vec![1.0f32; 100];
+        let s = Sampling {
+            greedy: false,
+            top_k: 50,
+            ..Sampling::default()
+        };
+        let c = candidates(&logits, &[], 1.0);
+        assert_eq!(sample_candidates(&c, &[], &s, &mut Rng::new(1)), None);
+        // top-k off or too large for the list: not for candidates either
+        let s0 = Sampling {
+            top_k: 0,
+            ..s.clone()
+        };
+        assert_eq!(Picker::for_sampling(&s0), Picker::Host);
+        let big = Sampling { top_k: 64, ..s };
+        assert_eq!(Picker::for_sampling(&big), Picker::Host);
+    }
 
     #[test]
     fn repetition_penalty_uses_the_hf_formula_once_per_id() {

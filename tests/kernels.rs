@@ -814,6 +814,68 @@ fn a_replayed_plan_reuses_every_bind_group_and_takes_new_parameters() {
 }
 
 #[test]
+fn top_k_candidates_with_the_repetition_penalty() {
+    let gpu = gpu();
+    let mut r = Rng::new(12);
+    // sizes: under one candidate list, one workgroup, several passes (32001 = Vicuna-v0's vocab)
+    for n in [10usize, 700, 5000, 32001] {
+        let mut x = r.vec(n, 4.0);
+        // exact ties decided by the lower index, also across workgroups
+        for i in (0..n).step_by(97) {
+            x[i] = 3.5;
+        }
+        let mut mask = vec![0u32; n.div_ceil(32)];
+        let penalized: Vec<usize> = (0..n).step_by(7).collect();
+        for &i in &penalized {
+            mask[i / 32] |= 1 << (i % 32);
+        }
+        let penalty = 1.3f32;
+        let key = |i: usize| {
+            let v = x[i];
+            if mask[i / 32] & (1 << (i % 32)) != 0 {
+                if v < 0.0 {
+                    v * penalty
+                } else {
+                    v / penalty
+                }
+            } else {
+                v
+            }
+        };
+        let mut want: Vec<usize> = (0..n).collect();
+        want.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+        want.truncate(64);
+        let xt = t(&gpu, "logits", &[n], &x);
+        let m = Ids::new(&gpu, &mask);
+        let words = minigpt4::gpu::ops::topk_words(n);
+        let (ping, pong) = (
+            Ids::new(&gpu, &vec![0; words]),
+            Ids::new(&gpu, &vec![0; words]),
+        );
+        let mut rec = Recorder::new(&gpu);
+        let best = rec.topk(&xt, n, &m, penalty, &ping, &pong).unwrap();
+        let buf = best.buffer.clone();
+        run(rec);
+        let got =
+            pollster::block_on(minigpt4::gpu::tensor::read_words(&gpu, &buf, 0, 192)).unwrap();
+        let ids: Vec<usize> = got
+            .chunks(3)
+            .filter(|c| c[1] != u32::MAX)
+            .map(|c| c[1] as usize)
+            .collect();
+        assert_eq!(ids, want, "n {n}");
+        for c in got.chunks(3).filter(|c| c[1] != u32::MAX) {
+            assert_eq!(
+                f32::from_bits(c[2]),
+                x[c[1] as usize],
+                "raw logit of {}",
+                c[1]
+            );
+        }
+    }
+}
+
+#[test]
 fn copy_concat_and_slice() {
     let gpu = gpu();
     let mut r = Rng::new(11);

@@ -82,6 +82,15 @@ fn lanes_flag(lanes: u32) -> Result<&'static str> {
 /// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// Candidates the GPU top-k keeps (`KEEP` in `topk.wgsl`) and the span one workgroup sorts.
+pub const TOPK_KEEP: usize = 64;
+const TOPK_SPAN: usize = 1024;
+
+/// u32 words of each candidate buffer [`Recorder::topk`] needs for `n` elements.
+pub fn topk_words(n: usize) -> usize {
+    n.div_ceil(TOPK_SPAN).max(1) * TOPK_KEEP * 3
+}
+
 /// Keys per split of the split-K decode attention (`CH` in `attention.wgsl`).
 pub const ATTN_SPLIT: usize = 256;
 
@@ -690,6 +699,65 @@ impl Recorder<'_> {
             &[(1, x.buffer()), (2, &out.buffer)],
             [1, 1, 1],
         )
+    }
+
+    /// The best [`TOPK_KEEP`] entries of the first `n` elements of `x` (see `shaders/topk.wgsl`):
+    /// ranked by value after the repetition penalty `penalty` on the ids whose bit is set in
+    /// `mask` (`ceil(n / 32)` words). Passes alternate between `ping` and `pong` (each at least
+    /// [`topk_words`]`(n)` words); returns the one holding the final candidates, three words
+    /// each: ranking key bits, index (`u32::MAX` for padding when `n` < 64), raw value bits.
+    pub fn topk<'b>(
+        &mut self,
+        x: &Tensor,
+        n: usize,
+        mask: &Ids,
+        penalty: f32,
+        ping: &'b Ids,
+        pong: &'b Ids,
+    ) -> Result<&'b Ids> {
+        need_f32(x)?;
+        if n == 0 || n > x.numel() {
+            return Err(Error::tensor(
+                &x.name,
+                format!("at least {n} elements (n >= 1)"),
+                x.numel(),
+            ));
+        }
+        if mask.len < n.div_ceil(32) || ping.len < topk_words(n) || pong.len < topk_words(n) {
+            return Err(Error::tensor(
+                "topk",
+                format!(
+                    "a mask of {} words and candidate buffers of {}",
+                    n.div_ceil(32),
+                    topk_words(n)
+                ),
+                format!("{}, {} and {}", mask.len, ping.len, pong.len),
+            ));
+        }
+        let mut groups = n.div_ceil(TOPK_SPAN);
+        self.dispatch(
+            "topk",
+            "topk_first",
+            &[],
+            &[u(n), f(penalty)],
+            &[(1, x.buffer()), (2, &mask.buffer), (4, &ping.buffer)],
+            grid(u(groups)),
+        )?;
+        let (mut cur, mut other) = (ping, pong);
+        while groups > 1 {
+            let count = groups * TOPK_KEEP;
+            groups = count.div_ceil(TOPK_SPAN);
+            self.dispatch(
+                "topk",
+                "topk_next",
+                &[],
+                &[u(count), f(penalty)],
+                &[(3, &cur.buffer), (4, &other.buffer)],
+                grid(u(groups)),
+            )?;
+            std::mem::swap(&mut cur, &mut other);
+        }
+        Ok(cur)
     }
 
     /// Copies `rows`×`cols` elements between two distinct tensors with row strides and

@@ -54,6 +54,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("im2col", include_str!("../../shaders/im2col.wgsl")),
     ("copy", include_str!("../../shaders/copy.wgsl")),
     ("argmax", include_str!("../../shaders/argmax.wgsl")),
+    ("topk", include_str!("../../shaders/topk.wgsl")),
 ];
 
 /// The kernel families (files with entry points) and the op flag sets each is compiled with.
@@ -118,6 +119,7 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("im2col", &[&[]]),
     ("copy", &[&[]]),
     ("argmax", &[&[]]),
+    ("topk", &[&[]]),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

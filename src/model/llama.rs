@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::{MatmulPath, GEMV_MAX_ROWS};
+use crate::gpu::ops::{topk_words, MatmulPath, GEMV_MAX_ROWS, TOPK_KEEP};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{
     attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeMode,
@@ -623,6 +623,10 @@ struct Scratch {
     logits_all: Option<Tensor>,
     /// Split-K attention partial results (decode, at most 4 rows).
     partials: Option<Tensor>,
+    /// GPU top-k: the repetition-penalty mask (a bit per id) and two candidate buffers.
+    topk_mask: Ids,
+    topk_ping: Ids,
+    topk_pong: Ids,
     /// Input token ids (t of them), rewritten every forward.
     ids: Ids,
     token: Ids,
@@ -631,6 +635,28 @@ struct Scratch {
 enum Output {
     Logits(Vec<f32>),
     Argmax(u32),
+    Candidates(Vec<Candidate>),
+}
+
+/// What the last row's logits should become.
+#[derive(Clone, Copy)]
+enum Pick<'a> {
+    Logits,
+    /// The greedy token among ids `< allowed`.
+    Argmax(usize),
+    /// The best [`TOPK_KEEP`] ids `< allowed`, ranked after the repetition penalty on `ids`.
+    TopK {
+        allowed: usize,
+        penalized: &'a [u32],
+        penalty: f32,
+    },
+}
+
+/// One of the GPU top-k's candidates: a token id and its logit before any penalty.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    pub id: u32,
+    pub logit: f32,
 }
 
 pub struct Llama {
@@ -646,7 +672,9 @@ pub struct Llama {
     scratch: HashMap<(usize, bool), Scratch>,
     /// The last recording per (rows, all logits, argmax), replayed by the next pass of the same
     /// shape: a decode step creates no bind group and no buffer.
-    plans: HashMap<(usize, bool, bool), Plan>,
+    plans: HashMap<(usize, bool, u8), Plan>,
+    /// Rows of the latest forward pass (whose scratch holds the last logits).
+    last_rows: usize,
     /// Tokens currently in the KV cache.
     pub pos: usize,
 }
@@ -755,6 +783,7 @@ impl Llama {
             rope: RopeTable::new(gpu, cfg.head_dim, ctx, cfg.rope_theta)?,
             scratch: HashMap::new(),
             plans: HashMap::new(),
+            last_rows: 1,
             pos: 0,
         })
     }
@@ -832,6 +861,9 @@ impl Llama {
             } else {
                 None
             },
+            topk_mask: Ids::new(gpu, &vec![0; c.vocab.div_ceil(32)]),
+            topk_ping: Ids::new(gpu, &vec![0; topk_words(c.vocab)]),
+            topk_pong: Ids::new(gpu, &vec![0; topk_words(c.vocab)]),
             ids: Ids::new(gpu, &vec![0; t]),
             token: Ids::new(gpu, &[0]),
         };
@@ -853,10 +885,10 @@ impl Llama {
         input: Input<'_>,
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        match self.run(gpu, input, all_logits, None).await? {
+        match self.run(gpu, input, all_logits, Pick::Logits).await? {
             Output::Logits(l) => Ok(l),
-            Output::Argmax(_) => Err(Error::Gpu(
-                "internal: argmax output for a logits request".into(),
+            _ => Err(Error::Gpu(
+                "internal: another output for a logits request".into(),
             )),
         }
     }
@@ -869,15 +901,48 @@ impl Llama {
         input: Input<'_>,
         allowed: usize,
     ) -> Result<u32> {
-        match self
-            .run(gpu, input, false, Some(allowed.clamp(1, self.cfg.vocab)))
-            .await?
-        {
+        let pick = Pick::Argmax(allowed.clamp(1, self.cfg.vocab));
+        match self.run(gpu, input, false, pick).await? {
             Output::Argmax(id) => Ok(id),
-            Output::Logits(_) => Err(Error::Gpu(
-                "internal: logits output for an argmax request".into(),
+            _ => Err(Error::Gpu(
+                "internal: another output for an argmax request".into(),
             )),
         }
+    }
+
+    /// Like [`Llama::forward`] for the last row, but returns only the best [`TOPK_KEEP`] ids
+    /// below `allowed` as ranked after HF's repetition penalty on `penalized` (768 bytes read
+    /// back instead of the logits), for sampling with top-k. Padding is dropped when the
+    /// vocabulary is smaller than that. The full logits stay readable with
+    /// [`Llama::last_logits`].
+    pub async fn forward_topk(
+        &mut self,
+        gpu: &Gpu,
+        input: Input<'_>,
+        allowed: usize,
+        penalized: &[u32],
+        penalty: f32,
+    ) -> Result<Vec<Candidate>> {
+        let pick = Pick::TopK {
+            allowed: allowed.clamp(1, self.cfg.vocab),
+            penalized,
+            penalty,
+        };
+        match self.run(gpu, input, false, pick).await? {
+            Output::Candidates(c) => Ok(c),
+            _ => Err(Error::Gpu(
+                "internal: another output for a top-k request".into(),
+            )),
+        }
+    }
+
+    /// The last row's logits of the latest single-row-output forward (the top-k fallback).
+    pub async fn last_logits(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let s = self
+            .scratch
+            .get(&(self.last_rows, false))
+            .ok_or_else(|| Error::Gpu("no forward pass has run yet".into()))?;
+        s.logits_last.read_f32(gpu).await
     }
 
     async fn run(
@@ -885,7 +950,7 @@ impl Llama {
         gpu: &Gpu,
         input: Input<'_>,
         all_logits: bool,
-        argmax: Option<usize>,
+        pick: Pick<'_>,
     ) -> Result<Output> {
         let t = match &input {
             Input::Ids(ids) => ids.len(),
@@ -918,7 +983,15 @@ impl Llama {
         let s = &self.scratch[&(t, all_logits)];
         let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let pos = self.pos;
-        let plan_key = (t, all_logits, argmax.is_some());
+        let plan_key = (
+            t,
+            all_logits,
+            match pick {
+                Pick::Logits => 0,
+                Pick::Argmax(_) => 1,
+                Pick::TopK { .. } => 2,
+            },
+        );
         let mut rec = match self.plans.remove(&plan_key) {
             Some(plan) => Recorder::replaying(gpu, plan),
             None => Recorder::new(gpu),
@@ -1014,13 +1087,52 @@ impl Llama {
             rec.matmul(&s.last, &self.lm_head, None, &s.logits_last, false)?;
             &s.logits_last
         };
-        if let Some(n) = argmax {
-            rec.argmax(out, n, &s.token)?;
-            let plan = rec.submit_keep().await?;
-            self.plans.insert(plan_key, plan);
-            let id = read_words(gpu, &s.token.buffer, 0, 1).await?[0];
-            self.pos += t;
-            return Ok(Output::Argmax(id));
+        self.last_rows = t;
+        match pick {
+            Pick::Argmax(n) => {
+                rec.argmax(out, n, &s.token)?;
+                let plan = rec.submit_keep().await?;
+                self.plans.insert(plan_key, plan);
+                let id = read_words(gpu, &s.token.buffer, 0, 1).await?[0];
+                self.pos += t;
+                return Ok(Output::Argmax(id));
+            }
+            Pick::TopK {
+                allowed,
+                penalized,
+                penalty,
+            } => {
+                let mut mask = vec![0u32; self.cfg.vocab.div_ceil(32)];
+                if penalty != 1.0 {
+                    for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
+                        mask[id as usize / 32] |= 1 << (id % 32);
+                    }
+                }
+                gpu.queue
+                    .write_buffer(&s.topk_mask.buffer, 0, bytemuck::cast_slice(&mask));
+                let best = rec.topk(
+                    out,
+                    allowed,
+                    &s.topk_mask,
+                    penalty,
+                    &s.topk_ping,
+                    &s.topk_pong,
+                )?;
+                let plan = rec.submit_keep().await?;
+                self.plans.insert(plan_key, plan);
+                let words = read_words(gpu, &best.buffer, 0, 3 * TOPK_KEEP).await?;
+                self.pos += t;
+                let c = words
+                    .chunks(3)
+                    .filter(|w| w[1] != u32::MAX)
+                    .map(|w| Candidate {
+                        id: w[1],
+                        logit: f32::from_bits(w[2]),
+                    })
+                    .collect();
+                return Ok(Output::Candidates(c));
+            }
+            Pick::Logits => {}
         }
         let plan = rec.submit_keep().await?;
         self.plans.insert(plan_key, plan);
