@@ -221,6 +221,23 @@ pub struct Index {
     pub metadata: BTreeMap<String, serde_json::Value>,
     pub weight_map: BTreeMap<String, String>,
     pub tensors: BTreeMap<String, Stored>,
+    /// Each shard's byte size and SHA-256 (lower-case hex), checked as it streams in: a
+    /// truncated or corrupted shard (a bad download, a damaged browser cache entry) is an
+    /// error, never weights. Packages written before this field existed load without it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shards: BTreeMap<String, ShardInfo>,
+}
+
+/// Size and digest of one shard file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardInfo {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Index {
@@ -373,6 +390,8 @@ struct ShardState {
     /// Entries by start offset.
     entries: Vec<StTensor>,
     next: usize,
+    /// SHA-256 of the bytes fed so far.
+    hash: sha2::Sha256,
 }
 
 /// Bytes written between submits that release wgpu's staging memory.
@@ -540,6 +559,7 @@ impl PackageLoader {
             pos: 0,
             entries: Vec::new(),
             next: 0,
+            hash: sha2::Sha256::default(),
         });
         Ok(())
     }
@@ -551,6 +571,7 @@ impl PackageLoader {
             .take()
             .ok_or_else(|| Error::format(&self.shown, "no shard begun"))?;
         let shown = format!("{}/{}", self.shown, cur.file);
+        sha2::Digest::update(&mut cur.hash, bytes);
         while !bytes.is_empty() {
             match cur.stage {
                 Stage::Len => {
@@ -660,6 +681,21 @@ impl PackageLoader {
                         "truncated: {} bytes, the header describes {}",
                         cur.pos, last.end
                     ),
+                ));
+            }
+        }
+        if let Some(want) = self.index.shards.get(&cur.file) {
+            if cur.pos != want.size {
+                return Err(Error::format(
+                    &shown,
+                    format!("{} bytes, the index says {}", cur.pos, want.size),
+                ));
+            }
+            let got = hex(&sha2::Digest::finalize(cur.hash));
+            if !got.eq_ignore_ascii_case(&want.sha256) {
+                return Err(Error::format(
+                    &shown,
+                    format!("corrupted: SHA-256 {got}, the index says {}", want.sha256),
                 ));
             }
         }
@@ -914,6 +950,11 @@ mod native {
                 let i: usize = v[1..].parse().unwrap_or(0);
                 *v = names[i].clone();
             }
+            for name in &names {
+                let p = self.tmp.join(name);
+                let info = file_digest(&p)?;
+                self.index.shards.insert(name.clone(), info);
+            }
             self.index
                 .metadata
                 .insert("total_size".into(), self.total.into());
@@ -933,6 +974,27 @@ mod native {
             self.finished = true;
             Ok(self.out.clone())
         }
+    }
+
+    /// Size and SHA-256 of a file, read in 1 MiB pieces.
+    fn file_digest(p: &Path) -> Result<ShardInfo> {
+        use sha2::Digest;
+        let mut f = File::open(p).map_err(|e| Error::io(p.display(), e))?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(p.display(), e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
+        }
+        Ok(ShardInfo {
+            size,
+            sha256: hex(&h.finalize()),
+        })
     }
 
     impl Drop for PackageWriter {

@@ -300,6 +300,66 @@ fn the_streaming_loader_checks_every_byte_arrived() {
     l.feed(&shard[..shard.len() / 2]).unwrap();
     let e = err_of(l.end_shard());
     assert!(e.contains("truncated"), "{e}");
+    // one flipped byte deep in the tensor data: the index's SHA-256 catches it
+    let mut bad = shard.clone();
+    let at = bad.len() - 100;
+    bad[at] ^= 0x40;
+    let mut l = new();
+    l.begin_shard("model-00001-of-00001.safetensors").unwrap();
+    l.feed(&bad).unwrap();
+    let e = err_of(l.end_shard());
+    assert!(
+        e.contains("model-00001-of-00001.safetensors") && e.contains("SHA-256"),
+        "{e}"
+    );
+    // trailing bytes after the last tensor
+    let mut long = shard.clone();
+    long.extend_from_slice(&[0; 16]);
+    let mut l = new();
+    l.begin_shard("model-00001-of-00001.safetensors").unwrap();
+    let e = err_of(l.feed(&long).and_then(|_| l.end_shard()));
+    assert!(e.contains("16 bytes after the last tensor"), "{e}");
+    // an index whose recorded size disagrees with a self-consistent shard
+    let mut ix: serde_json::Value =
+        serde_json::from_slice(&read("model.safetensors.index.json")).unwrap();
+    ix["shards"]["model-00001-of-00001.safetensors"]["size"] = (shard.len() + 8).into();
+    let mut l = PackageLoader::new(
+        &gpu,
+        "pkg",
+        &read("config.json"),
+        &serde_json::to_vec(&ix).unwrap(),
+        &read("tokenizer.json"),
+        64,
+    )
+    .unwrap();
+    l.begin_shard("model-00001-of-00001.safetensors").unwrap();
+    l.feed(&shard).unwrap();
+    let e = err_of(l.end_shard());
+    assert!(
+        e.contains(&format!(
+            "{} bytes, the index says {}",
+            shard.len(),
+            shard.len() + 8
+        )),
+        "{e}"
+    );
+    // an index from before shard digests existed still loads (the header checks remain)
+    let mut ix: serde_json::Value =
+        serde_json::from_slice(&read("model.safetensors.index.json")).unwrap();
+    ix.as_object_mut().unwrap().remove("shards");
+    let mut l = PackageLoader::new(
+        &gpu,
+        "pkg",
+        &read("config.json"),
+        &serde_json::to_vec(&ix).unwrap(),
+        &read("tokenizer.json"),
+        64,
+    )
+    .unwrap();
+    l.begin_shard("model-00001-of-00001.safetensors").unwrap();
+    l.feed(&shard).unwrap();
+    l.end_shard().unwrap();
+    l.finish().unwrap();
     // a shard never fed
     let e = err_of(new().finish());
     assert!(e.contains("was not loaded"), "{e}");

@@ -40,7 +40,7 @@ async function openCache() {
   }
 }
 
-async function load(id, base, ctx) {
+async function load(id, base, ctx, retried = false) {
   const e = await getEngine();
   const adapter = JSON.parse(e.adapterInfo());
   post({ id, type: 'progress', stage: 'adapter', adapter });
@@ -70,24 +70,36 @@ async function load(id, base, ctx) {
         resp = new Response(a, { headers: resp.headers });
       }
     }
-    e.beginShard(shards[k]);
-    const reader = resp.body.getReader();
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      e.feed(value);
-      if (!cached) downloaded += value.length;
-      const now = performance.now();
-      if (now - lastPost > 100) {
-        lastPost = now;
-        const [written, total] = e.progress();
-        post({
-          id, type: 'progress', stage: 'weights', written, total, shard: k, shards: shards.length,
-          downloaded, seconds: (now - t0) / 1000, cached,
-        });
+    try {
+      e.beginShard(shards[k]);
+      const reader = resp.body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        e.feed(value);
+        if (!cached) downloaded += value.length;
+        const now = performance.now();
+        if (now - lastPost > 100) {
+          lastPost = now;
+          const [written, total] = e.progress();
+          post({
+            id, type: 'progress', stage: 'weights', written, total, shard: k, shards: shards.length,
+            downloaded, seconds: (now - t0) / 1000, cached,
+          });
+        }
       }
+      // size and SHA-256 against the index (and every tensor's bytes against the header)
+      e.endShard();
+    } catch (err) {
+      // a shard that fails its checks never stays in the cache; a cached one is fetched again
+      if (put) await put;
+      if (cache) await cache.delete(url).catch(() => false);
+      if (cached && !retried) {
+        post({ id, type: 'progress', stage: 'warning', message: `cached ${shards[k]} is damaged (${err.message}); downloading it again` });
+        return load(id, base, ctx, true);
+      }
+      throw err;
     }
-    e.endShard();
     if (put) await put;
   }
   const [written, total] = e.progress();

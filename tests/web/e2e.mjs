@@ -8,6 +8,7 @@
 // 3. the page loads the package, takes the image, answers greedily: its token ids must equal
 //    the native ones; a screenshot goes to --out;
 // 4. after a reload the package loads again with no shard fetched from the network (cache).
+// 5. a truncated cached shard is detected (size, SHA-256), dropped and downloaded again.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -142,6 +143,31 @@ try {
   if (JSON.stringify(again.token_ids) !== JSON.stringify(want.token_ids)) {
     throw new Error(`after reload: ${JSON.stringify(again.token_ids)} != ${JSON.stringify(want.token_ids)}`);
   }
+
+  // ---- 5. a damaged cache entry (truncated, as a full disk or a killed tab could leave it) is
+  // detected by its size and SHA-256, dropped, and downloaded again; never loaded as weights
+  const shardUrl = base + shardRequests[0];
+  await page.evaluate(async (u) => {
+    const c = await caches.open('minigpt4-weights-v1');
+    const full = new Uint8Array(await (await c.match(u)).arrayBuffer());
+    await c.put(u, new Response(full.slice(0, full.length - 64)));
+  }, shardUrl);
+  const before5 = shardRequests.length;
+  await loadModel();
+  if (shardRequests.length !== before5 + 1) {
+    throw new Error(`a damaged cached shard: expected one new download, got ${shardRequests.length - before5}`);
+  }
+  const repaired = await askGreedy();
+  if (JSON.stringify(repaired.token_ids) !== JSON.stringify(want.token_ids)) {
+    throw new Error(`after repair: ${JSON.stringify(repaired.token_ids)} != ${JSON.stringify(want.token_ids)}`);
+  }
+  const cachedLen = await page.evaluate(async (u) => {
+    const r = await (await caches.open('minigpt4-weights-v1')).match(u);
+    return r ? (await r.arrayBuffer()).byteLength : -1;
+  }, shardUrl);
+  const realLen = fs.statSync(path.join(pkgDir, path.basename(shardRequests[0]))).size;
+  if (cachedLen !== realLen) throw new Error(`the cache holds ${cachedLen} bytes of the shard, not ${realLen}`);
+  console.log('browser: a truncated cached shard was detected, dropped and downloaded again');
   await page.screenshot({ path: path.join(outDir, 'web-e2e-reload.png'), fullPage: true });
 
   // Stop: a long sampled answer, stopped once it has started streaming
