@@ -40,6 +40,10 @@ pub enum Error {
     #[error("GPU error: {0}")]
     Gpu(String),
 
+    /// The device was lost: nothing more can run on it; open a new one and reload.
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+
     /// A file's contents are malformed or not what we support (truncated, bad magic, unknown
     /// type, out-of-range offsets, ...). `detail` says what was expected and what was found.
     #[error("{path}: {detail}")]

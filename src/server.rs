@@ -95,8 +95,9 @@ struct AppState {
 
 /// Runs the model worker: one job at a time, in arrival order.
 fn worker(
-    gpu: Gpu,
+    mut gpu: Gpu,
     mut model: MiniGpt4,
+    reload: (PathBuf, usize),
     jobs: mpsc::Receiver<Job>,
     queued: Arc<AtomicUsize>,
     generated: Arc<AtomicUsize>,
@@ -110,6 +111,24 @@ fn worker(
         let r = run_job(&gpu, &mut model, &job, &mut cached, &generated);
         if let Err(e) = r {
             let _ = job.events.send(Msg::Failed(e.to_string()));
+        }
+        if gpu.is_lost() {
+            // that request has failed with the reason; open the device again and reload the
+            // model so that the next ones run (if this fails too, they fail with its reason)
+            eprintln!("serve: the GPU device was lost; reopening it and reloading the model");
+            cached = None;
+            let fresh = pollster::block_on(gpu.reopen()).and_then(|g| {
+                let m = crate::package::load(&g, &reload.0, reload.1)?;
+                Ok((g, m))
+            });
+            match fresh {
+                Ok((g, m)) => {
+                    gpu = g;
+                    model = m;
+                    eprintln!("serve: model reloaded");
+                }
+                Err(e) => eprintln!("serve: reload failed: {e}"),
+            }
         }
     }
 }
@@ -580,9 +599,10 @@ pub fn serve(a: ServeArgs, gpu: Gpu, on_listening: impl FnOnce(SocketAddr)) -> a
     let generated = Arc::new(AtomicUsize::new(0));
     {
         let (queued, generated) = (queued.clone(), generated.clone());
-        std::thread::Builder::new()
-            .name("model".into())
-            .spawn(move || worker(gpu, model, jobs_rx, queued, generated))?;
+        std::thread::Builder::new().name("model".into()).spawn({
+            let reload = (a.model.clone(), a.ctx);
+            move || worker(gpu, model, reload, jobs_rx, queued, generated)
+        })?;
     }
     let st = Arc::new(AppState {
         jobs: jobs_tx,

@@ -204,3 +204,29 @@ fn gpu_top_k_sampling_equals_host_sampling() {
         }
     }
 }
+
+/// A device lost in the middle of generation (simulated with `destroy`) ends the request with
+/// a clear error instead of a hang or a panic, and so does every later use.
+#[test]
+fn a_lost_device_is_an_error_not_a_hang() {
+    let gpu = gpu();
+    let mut m = load(&gpu, "mha_untied_hd64", DType::Q4);
+    let first = pollster::block_on(m.forward_argmax(&gpu, Input::Ids(&[1, 2, 3]), 320)).unwrap();
+    assert!(first < 320);
+    gpu.device.destroy();
+    let e = pollster::block_on(m.forward_argmax(&gpu, Input::Ids(&[first]), 320))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lost") && e.contains("reload"), "{e}");
+    let e = minigpt4::gpu::Tensor::zeros(&gpu, "after", &[4])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("lost"), "{e}");
+    assert!(gpu.is_lost());
+    // what the server does next: a new device, the model again, the same answer
+    let fresh = pollster::block_on(gpu.reopen()).unwrap();
+    let mut m = load(&fresh, "mha_untied_hd64", DType::Q4);
+    let again = pollster::block_on(m.forward_argmax(&fresh, Input::Ids(&[1, 2, 3]), 320)).unwrap();
+    assert_eq!(again, first);
+}

@@ -299,6 +299,10 @@ pub struct Gpu {
     gemv_lanes: AtomicU32,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
     errors: Arc<Mutex<Vec<String>>>,
+    /// Set when the device is lost (driver reset, `destroy`, the browser reclaiming it).
+    lost: Arc<Mutex<Option<String>>>,
+    /// How this device was chosen (to open it again after a loss).
+    pub options: GpuOptions,
 }
 
 impl Gpu {
@@ -337,6 +341,13 @@ impl Gpu {
                 v.push(e.to_string());
             }
         }));
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut l) = lost_sink.lock() {
+                *l = Some(format!("{reason:?}: {msg}"));
+            }
+        });
         let best_variant = Variant {
             f16: wanted.contains(wgpu::Features::SHADER_F16),
             subgroups: wanted.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size >= 4,
@@ -360,11 +371,39 @@ impl Gpu {
             gemv_lanes: AtomicU32::new(crate::gpu::tune::default_gemv_lanes(&info)),
             info,
             errors,
+            lost,
+            options: opts.clone(),
         })
+    }
+
+    /// An error when the device has been lost: every later use fails with it, and the caller
+    /// (CLI, server, page) must open a new device and reload the model.
+    pub fn check_lost(&self) -> Result<()> {
+        match self.lost.lock().ok().and_then(|l| l.clone()) {
+            Some(why) => Err(Error::DeviceLost(format!(
+                "the GPU device '{}' was lost ({why}); open it again and reload the model",
+                self.info.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens a new device on the adapter these options choose, with this one's tuned kernel
+    /// sizes (after a loss: the model must then be loaded again onto it).
+    pub async fn reopen(&self) -> Result<Gpu> {
+        let g = Gpu::new(&self.options).await?;
+        g.set_gemv_lanes(self.gemv_lanes());
+        Ok(g)
+    }
+
+    /// Whether the device has been lost.
+    pub fn is_lost(&self) -> bool {
+        self.check_lost().is_err()
     }
 
     /// Returns (and clears) the errors the device reported since the last call.
     pub fn take_error(&self) -> Result<()> {
+        self.check_lost()?;
         let mut v = self
             .errors
             .lock()
@@ -374,6 +413,12 @@ impl Gpu {
         }
         let msg = v.join("; ");
         v.clear();
+        drop(v);
+        // a lost device shows up first as errors about invalid objects: let the device
+        // process its loss (native) so that the caller is told the real cause
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.check_lost()?;
         Err(Error::Gpu(msg))
     }
 

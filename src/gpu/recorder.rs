@@ -232,6 +232,7 @@ impl<'g> Recorder<'g> {
     /// Like [`Recorder::submit`], and returns the recording as a [`Plan`] to replay.
     pub async fn submit_keep(self) -> Result<Plan> {
         let gpu = self.gpu;
+        gpu.check_lost()?;
         for (buf, data) in &self.chunks {
             gpu.queue.write_buffer(buf, 0, data);
         }
@@ -262,6 +263,7 @@ impl<'g> Recorder<'g> {
         }
         gpu.queue.submit([enc.finish()]);
         if let Some(err) = scope.pop().await {
+            gpu.check_lost()?;
             return Err(Error::Gpu(err.to_string()));
         }
         gpu.take_error()?;

@@ -55,13 +55,41 @@ pub fn stored_row_bytes(dtype: DType, cols: usize, scales: bool) -> usize {
     }
 }
 
-pub(crate) fn new_buffer(gpu: &Gpu, label: &str, words: usize) -> wgpu::Buffer {
+fn new_buffer_unchecked(gpu: &Gpu, label: &str, words: usize) -> wgpu::Buffer {
     gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: (words.max(1) * 4) as u64,
         usage: USAGE,
         mapped_at_creation: false,
     })
+}
+
+/// A storage buffer of `words` u32 words for tensor `label`. Natively an out-of-memory (or any
+/// other) error of the allocation is caught by an error scope and returned naming the tensor
+/// and its size; in the browser, where scopes resolve asynchronously, it surfaces at the next
+/// submit. A lost device is reported as such.
+pub(crate) fn new_buffer(gpu: &Gpu, label: &str, words: usize) -> Result<wgpu::Buffer> {
+    gpu.check_lost()?;
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let oom = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let b = new_buffer_unchecked(gpu, label, words);
+        let errs = [
+            pollster::block_on(invalid.pop()),
+            pollster::block_on(oom.pop()),
+        ];
+        if let Some(e) = errs.into_iter().flatten().next() {
+            return Err(Error::Gpu(format!(
+                "allocating `{label}` ({} bytes) on '{}': {e}",
+                words.max(1) * 4,
+                gpu.info.name
+            )));
+        }
+        Ok(b)
+    }
+    #[cfg(target_arch = "wasm32")]
+    Ok(new_buffer_unchecked(gpu, label, words))
 }
 
 impl Tensor {
@@ -151,7 +179,7 @@ impl Tensor {
             parts: vec![Part {
                 row_start: 0,
                 rows,
-                data: new_buffer(gpu, name, n),
+                data: new_buffer(gpu, name, n)?,
                 scales: None,
             }],
         })
@@ -181,7 +209,7 @@ impl Tensor {
         while r0 < rows.max(1) {
             let r = per.min(rows - r0);
             let enc = quant::encode(dtype, &x[r0 * cols..(r0 + r) * cols], cols)?;
-            parts.push(Self::upload_part(gpu, name, r0, r, &enc));
+            parts.push(Self::upload_part(gpu, name, r0, r, &enc)?);
             r0 += r;
             if rows == 0 {
                 break;
@@ -240,10 +268,11 @@ impl Tensor {
             parts.push(Part {
                 row_start: r0,
                 rows: r,
-                data: new_buffer(gpu, name, dtype.data_words(n)),
-                scales: dtype
-                    .is_quantized()
-                    .then(|| new_buffer(gpu, name, dtype.scale_words(n))),
+                data: new_buffer(gpu, name, dtype.data_words(n))?,
+                scales: match dtype.is_quantized() {
+                    true => Some(new_buffer(gpu, name, dtype.scale_words(n))?),
+                    false => None,
+                },
             });
             r0 += r.max(1);
         }
@@ -290,24 +319,24 @@ impl Tensor {
         row_start: usize,
         rows: usize,
         enc: &quant::Encoded,
-    ) -> Part {
-        let data = new_buffer(gpu, name, enc.data.len());
+    ) -> Result<Part> {
+        let data = new_buffer(gpu, name, enc.data.len())?;
         gpu.queue
             .write_buffer(&data, 0, bytemuck::cast_slice(&enc.data));
         let scales = if enc.dtype.is_quantized() {
-            let s = new_buffer(gpu, name, enc.scales.len());
+            let s = new_buffer(gpu, name, enc.scales.len())?;
             gpu.queue
                 .write_buffer(&s, 0, bytemuck::cast_slice(&enc.scales));
             Some(s)
         } else {
             None
         };
-        Part {
+        Ok(Part {
             row_start,
             rows,
             data,
             scales,
-        }
+        })
     }
 
     /// The single buffer of an f32 activation tensor.
@@ -368,7 +397,7 @@ pub struct Ids {
 
 impl Ids {
     pub fn new(gpu: &Gpu, ids: &[u32]) -> Ids {
-        let buffer = new_buffer(gpu, "ids", ids.len());
+        let buffer = new_buffer_unchecked(gpu, "ids", ids.len());
         gpu.queue
             .write_buffer(&buffer, 0, bytemuck::cast_slice(ids));
         Ids {
@@ -401,9 +430,13 @@ pub async fn read_words(
         let _ = tx.send(r);
     });
     gpu.wait();
+    gpu.check_lost()?;
     rx.await
         .map_err(|_| Error::Gpu("readback was cancelled (device lost?)".into()))?
-        .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+        .map_err(|e| match gpu.check_lost() {
+            Err(lost) => lost,
+            Ok(()) => Error::Gpu(format!("readback failed: {e}")),
+        })?;
     let out = {
         let view = slice
             .get_mapped_range()
