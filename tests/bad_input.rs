@@ -448,3 +448,71 @@ fn gguf_counts_are_bounded_before_allocating() {
     let e = err_of(gguf_from(&w.bytes(), w.bytes().len() as u64));
     assert!(e.contains("`llama.block_count` appears twice"), "{e}");
 }
+
+fn safetensors_bytes(header: &str, data: usize) -> Vec<u8> {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.resize(b.len() + data, 0);
+    b
+}
+
+fn safetensors_from(bytes: &[u8]) -> minigpt4::Result<SafetensorsFile> {
+    SafetensorsFile::from_reader(
+        std::io::Cursor::new(bytes),
+        bytes.len() as u64,
+        Path::new("t.safetensors"),
+    )
+}
+
+#[test]
+fn safetensors_offsets_near_u64_max_are_an_error() {
+    // An empty tensor at offset u64::MAX: `8 + header + offset` overflowed (a panic in debug
+    // builds, a wrapped range in release) before the end was checked with checked_add.
+    let b = safetensors_bytes(
+        r#"{"x":{"dtype":"F32","shape":[0],"data_offsets":[18446744073709551615,18446744073709551615]}}"#,
+        0,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(
+        e.contains("t.safetensors") && e.contains("`x`") && e.contains("end past the file"),
+        "{e}"
+    );
+    // and with the file length unknown (the streaming package loader)
+    let e = err_of(
+        minigpt4::loader::safetensors::parse_header(
+            "s",
+            br#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551614,18446744073709551615]}}"#,
+            100,
+            None,
+        )
+        .map(|_| ()),
+    );
+    assert!(e.contains("`x`") && e.contains("end past the file"), "{e}");
+}
+
+#[test]
+fn safetensors_overlapping_and_outside_tensors_are_refused() {
+    let b = safetensors_bytes(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+        16,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("`a` and `b` overlap"), "{e}");
+    let b = safetensors_bytes(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+        15,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("`a`") && e.contains("truncated"), "{e}");
+    let b = safetensors_bytes(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#,
+        16,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("`a`") && e.contains("needs 16 bytes"), "{e}");
+    // a header length past the file
+    let mut b = safetensors_bytes("{}", 0);
+    b[..8].copy_from_slice(&1000u64.to_le_bytes());
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("header length 1000 exceeds the file"), "{e}");
+}
