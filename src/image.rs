@@ -11,8 +11,9 @@
 //!   ([`crate::jpeg`]), which reproduces libjpeg-turbo (islow IDCT, fancy upsampling, its
 //!   fixed-point colour conversion) bit for bit. EXIF orientation is ignored, as PIL's
 //!   `Image.open` ignores it. Truncated files are errors (PIL: "image file is truncated"), and so
-//!   are headers declaring images over [`MAX_SIDE`] pixels a side or [`MAX_DECODE_BYTES`] of
-//!   pixels (decompression bombs); the limit is checked before anything is allocated.
+//!   are headers declaring images over [`MAX_SIDE`] pixels a side, [`MAX_PIXELS`] pixels (Pillow's
+//!   own bomb limit) or [`MAX_DECODE_BYTES`] of pixels (decompression bombs); the limits are
+//!   checked before anything is allocated.
 //! * [`resize_bicubic`] is Pillow's `ImagingResample` with the bicubic filter: Keys cubic with
 //!   a = −0.5, support 2 widened by the scale factor when downscaling (antialiasing), weights
 //!   computed in f64, normalised to sum 1, rounded to 22-bit fixed point, a horizontal pass into
@@ -37,6 +38,10 @@ pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Largest accepted width or height of an input image.
 pub const MAX_SIDE: u32 = 16384;
+/// Most pixels an input image may have: Pillow's own decompression-bomb limit (it raises
+/// `DecompressionBombError` above twice `Image.MAX_IMAGE_PIXELS` = 89,478,485), so every image
+/// MiniGPT-4's reference would open is accepted, and nothing it refuses.
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
 /// Largest accepted decoded pixel buffer, in bytes (in the decoder's own layout, e.g. 8 bytes a
 /// pixel for 16-bit RGBA).
 pub const MAX_DECODE_BYTES: u64 = 1 << 30;
@@ -152,6 +157,16 @@ pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage> {
         return Err(Error::format(
             what,
             format!("{name} header declares an empty {w}x{h} image"),
+        ));
+    }
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(Error::format(
+            what,
+            format!(
+                "{name} header declares a {w}x{h} image ({} pixels), over the {MAX_PIXELS}-pixel \
+                 limit (refusing to decode: corrupt file or decompression bomb)",
+                w as u64 * h as u64
+            ),
         ));
     }
     let total = decoder.total_bytes();

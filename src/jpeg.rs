@@ -38,8 +38,8 @@
 //! sent, so such files differ (by up to ~90 levels on a synthetic DC-only file). Encoders
 //! write complete scan scripts, for which libjpeg does no smoothing and the output is exact.
 //!
-//! Robustness: headers declaring images over [`MAX_SIDE`] a side or [`MAX_DECODE_BYTES`] of
-//! samples are refused before anything is allocated; every length is checked. Where libjpeg
+//! Robustness: headers declaring images over [`MAX_SIDE`] a side, [`MAX_PIXELS`] pixels or
+//! [`MAX_DECODE_BYTES`] of samples are refused before anything is allocated; every length is checked. Where libjpeg
 //! warns about corrupt data and carries on (entropy-coded data that runs out before its scan is
 //! complete, an invalid Huffman code, a missing or out-of-order restart marker), this decoder
 //! returns an error. Work is bounded: every block visit reads data, except inside progressive
@@ -47,7 +47,7 @@
 //! scans.
 
 use crate::error::{Error, Result};
-use crate::image::{MAX_DECODE_BYTES, MAX_SIDE};
+use crate::image::{MAX_DECODE_BYTES, MAX_PIXELS, MAX_SIDE};
 
 type Res<T> = std::result::Result<T, String>;
 
@@ -741,6 +741,14 @@ impl Frame {
         if width == 0 || height == 0 {
             return Err(format!(
                 "JPEG header declares an empty {width}x{height} image"
+            ));
+        }
+        let pixels = width as u64 * height as u64;
+        if pixels > MAX_PIXELS {
+            return Err(format!(
+                "JPEG header declares a {width}x{height} image ({pixels} pixels), over the \
+                 {MAX_PIXELS}-pixel limit (refusing to decode: corrupt file or decompression \
+                 bomb)"
             ));
         }
         if precision != 8 {

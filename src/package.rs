@@ -381,8 +381,13 @@ enum Stage {
     Data,
 }
 
-struct ShardState {
+/// The GPU-free part of streaming one shard: its header is gathered and checked against the
+/// package as it arrives, then each data byte is attributed to the entry it belongs to.
+/// [`PackageLoader`] feeds shards through it; it needs nothing but the checked package.
+pub struct ShardStream {
     file: String,
+    /// `PKG/FILE`, for errors.
+    shown: String,
     stage: Stage,
     buf: Vec<u8>,
     /// Bytes of the shard consumed so far.
@@ -392,6 +397,159 @@ struct ShardState {
     next: usize,
     /// SHA-256 of the bytes fed so far.
     hash: sha2::Sha256,
+}
+
+/// A run of a shard's data bytes that belongs to one entry: `input[range]` of the bytes just
+/// fed are the next bytes of entry `entries()[entry]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub entry: usize,
+    pub range: std::ops::Range<usize>,
+}
+
+impl ShardStream {
+    /// Starts shard `file` of the package named `shown`.
+    pub fn new(shown: &str, file: &str) -> Self {
+        ShardStream {
+            file: file.into(),
+            shown: format!("{shown}/{file}"),
+            stage: Stage::Len,
+            buf: Vec::new(),
+            pos: 0,
+            entries: Vec::new(),
+            next: 0,
+            hash: sha2::Sha256::default(),
+        }
+    }
+
+    /// The shard file name.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The header's entries by start offset (empty until the header has arrived).
+    pub fn entries(&self) -> &[StTensor] {
+        &self.entries
+    }
+
+    /// Takes the next bytes of the shard: the header is checked against `expected` (every
+    /// stored entry of the package) and `index` as soon as it is complete; data bytes are
+    /// returned as pieces of `bytes`, in order.
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        expected: &HashMap<String, Entry>,
+        index: &Index,
+    ) -> Result<Vec<Piece>> {
+        sha2::Digest::update(&mut self.hash, bytes);
+        let shown = &self.shown;
+        let mut pieces = Vec::new();
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let rest = &bytes[at..];
+            match self.stage {
+                Stage::Len => {
+                    let take = (8 - self.buf.len()).min(rest.len());
+                    self.buf.extend_from_slice(&rest[..take]);
+                    at += take;
+                    self.pos += take as u64;
+                    if self.buf.len() == 8 {
+                        let n = u64::from_le_bytes(self.buf[..8].try_into().unwrap_or([0; 8]));
+                        if n > 100_000_000 {
+                            return Err(Error::format(shown, format!("header length {n} exceeds the 100 MB limit: not a safetensors file")));
+                        }
+                        self.buf.clear();
+                        self.stage = Stage::Header(n as usize);
+                    }
+                }
+                Stage::Header(n) => {
+                    let take = (n - self.buf.len()).min(rest.len());
+                    self.buf.extend_from_slice(&rest[..take]);
+                    at += take;
+                    self.pos += take as u64;
+                    if self.buf.len() == n {
+                        let (found, _) = parse_header(shown, &self.buf, 8 + n as u64, None)?;
+                        check_shard_header(&self.file, &found, expected, index)?;
+                        let mut es: Vec<StTensor> = found.into_values().collect();
+                        es.sort_by_key(|t| t.start);
+                        self.entries = es;
+                        self.buf = Vec::new();
+                        self.stage = Stage::Data;
+                    }
+                }
+                Stage::Data => {
+                    // skip to the entry holding `pos` (bytes between entries are padding)
+                    while self.next < self.entries.len() && self.entries[self.next].end <= self.pos
+                    {
+                        self.next += 1;
+                    }
+                    let Some(e) = self.entries.get(self.next) else {
+                        return Err(Error::format(
+                            shown,
+                            format!("{} bytes after the last tensor", rest.len()),
+                        ));
+                    };
+                    // (distances are u64: clamp before narrowing, or a 32-bit usize could
+                    // truncate a distance of 4 GiB to 0 and never advance)
+                    if self.pos < e.start {
+                        let skip = (e.start - self.pos).min(rest.len() as u64) as usize;
+                        at += skip;
+                        self.pos += skip as u64;
+                        continue;
+                    }
+                    let take = (e.end - self.pos).min(rest.len() as u64) as usize;
+                    pieces.push(Piece {
+                        entry: self.next,
+                        range: at..at + take,
+                    });
+                    at += take;
+                    self.pos += take as u64;
+                }
+            }
+        }
+        Ok(pieces)
+    }
+
+    /// Checks that the shard is complete (its header, and every byte it describes).
+    pub fn finish(&self) -> Result<()> {
+        if !matches!(self.stage, Stage::Data) {
+            return Err(Error::format(&self.shown, "truncated inside its header"));
+        }
+        if let Some(last) = self.entries.last() {
+            if self.pos < last.end {
+                return Err(Error::format(
+                    &self.shown,
+                    format!(
+                        "truncated: {} bytes, the header describes {}",
+                        self.pos, last.end
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the shard's size and SHA-256 against the index's record of it, when the index
+    /// has one (packages written before shard digests existed do not).
+    pub fn check_digest(self, index: &Index) -> Result<()> {
+        let Some(want) = index.shards.get(&self.file) else {
+            return Ok(());
+        };
+        if self.pos != want.size {
+            return Err(Error::format(
+                &self.shown,
+                format!("{} bytes, the index says {}", self.pos, want.size),
+            ));
+        }
+        let got = hex(&sha2::Digest::finalize(self.hash));
+        if !got.eq_ignore_ascii_case(&want.sha256) {
+            return Err(Error::format(
+                &self.shown,
+                format!("corrupted: SHA-256 {got}, the index says {}", want.sha256),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Bytes written between submits that release wgpu's staging memory.
@@ -412,7 +570,7 @@ pub struct PackageLoader {
     targets: HashMap<String, Target>,
     expected: HashMap<String, Entry>,
     done: Vec<String>,
-    cur: Option<ShardState>,
+    cur: Option<ShardStream>,
     since_submit: u64,
     /// Weight bytes written to the GPU so far, and in all.
     pub written: u64,
@@ -552,81 +710,19 @@ impl PackageLoader {
                 ),
             ));
         }
-        self.cur = Some(ShardState {
-            file: file.into(),
-            stage: Stage::Len,
-            buf: Vec::new(),
-            pos: 0,
-            entries: Vec::new(),
-            next: 0,
-            hash: sha2::Sha256::default(),
-        });
+        self.cur = Some(ShardStream::new(&self.shown, file));
         Ok(())
     }
 
     /// Feeds the next bytes of the current shard.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<()> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<()> {
         let mut cur = self
             .cur
             .take()
             .ok_or_else(|| Error::format(&self.shown, "no shard begun"))?;
-        let shown = format!("{}/{}", self.shown, cur.file);
-        sha2::Digest::update(&mut cur.hash, bytes);
-        while !bytes.is_empty() {
-            match cur.stage {
-                Stage::Len => {
-                    let take = (8 - cur.buf.len()).min(bytes.len());
-                    cur.buf.extend_from_slice(&bytes[..take]);
-                    bytes = &bytes[take..];
-                    cur.pos += take as u64;
-                    if cur.buf.len() == 8 {
-                        let n = u64::from_le_bytes(cur.buf[..8].try_into().unwrap_or([0; 8]));
-                        if n > 100_000_000 {
-                            return Err(Error::format(&shown, format!("header length {n} exceeds the 100 MB limit: not a safetensors file")));
-                        }
-                        cur.buf.clear();
-                        cur.stage = Stage::Header(n as usize);
-                    }
-                }
-                Stage::Header(n) => {
-                    let take = (n - cur.buf.len()).min(bytes.len());
-                    cur.buf.extend_from_slice(&bytes[..take]);
-                    bytes = &bytes[take..];
-                    cur.pos += take as u64;
-                    if cur.buf.len() == n {
-                        let (found, _) = parse_header(&shown, &cur.buf, 8 + n as u64, None)?;
-                        check_shard_header(&cur.file, &found, &self.expected, &self.index)?;
-                        let mut es: Vec<StTensor> = found.into_values().collect();
-                        es.sort_by_key(|t| t.start);
-                        cur.entries = es;
-                        cur.buf = Vec::new();
-                        cur.stage = Stage::Data;
-                    }
-                }
-                Stage::Data => {
-                    // skip to the entry holding `pos` (bytes between entries are padding)
-                    while cur.next < cur.entries.len() && cur.entries[cur.next].end <= cur.pos {
-                        cur.next += 1;
-                    }
-                    let Some(e) = cur.entries.get(cur.next) else {
-                        return Err(Error::format(
-                            &shown,
-                            format!("{} bytes after the last tensor", bytes.len()),
-                        ));
-                    };
-                    if cur.pos < e.start {
-                        let skip = ((e.start - cur.pos) as usize).min(bytes.len());
-                        bytes = &bytes[skip..];
-                        cur.pos += skip as u64;
-                        continue;
-                    }
-                    let take = ((e.end - cur.pos) as usize).min(bytes.len());
-                    let name = e.name.clone();
-                    self.write(&name, &bytes[..take])?;
-                    bytes = &bytes[take..];
-                    cur.pos += take as u64;
-                }
-            }
+        for piece in cur.feed(bytes, &self.expected, &self.index)? {
+            let name = cur.entries()[piece.entry].name.clone();
+            self.write(&name, &bytes[piece.range])?;
         }
         self.cur = Some(cur);
         Ok(())
@@ -669,37 +765,10 @@ impl PackageLoader {
             .cur
             .take()
             .ok_or_else(|| Error::format(&self.shown, "no shard begun"))?;
-        let shown = format!("{}/{}", self.shown, cur.file);
-        if !matches!(cur.stage, Stage::Data) {
-            return Err(Error::format(&shown, "truncated inside its header"));
-        }
-        if let Some(last) = cur.entries.last() {
-            if cur.pos < last.end {
-                return Err(Error::format(
-                    &shown,
-                    format!(
-                        "truncated: {} bytes, the header describes {}",
-                        cur.pos, last.end
-                    ),
-                ));
-            }
-        }
-        if let Some(want) = self.index.shards.get(&cur.file) {
-            if cur.pos != want.size {
-                return Err(Error::format(
-                    &shown,
-                    format!("{} bytes, the index says {}", cur.pos, want.size),
-                ));
-            }
-            let got = hex(&sha2::Digest::finalize(cur.hash));
-            if !got.eq_ignore_ascii_case(&want.sha256) {
-                return Err(Error::format(
-                    &shown,
-                    format!("corrupted: SHA-256 {got}, the index says {}", want.sha256),
-                ));
-            }
-        }
-        self.done.push(cur.file);
+        cur.finish()?;
+        let file = cur.file().to_string();
+        cur.check_digest(&self.index)?;
+        self.done.push(file);
         Ok(())
     }
 
@@ -1028,3 +1097,114 @@ mod native {
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use native::{load, write, PackageWriter};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/minigpt4/vicuna0_tiny_pkg")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn config_with(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&fixture(CONFIG_FILE)).unwrap();
+        edit(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn implausible_config_dimensions_are_refused() {
+        let index = fixture(INDEX_FILE);
+        assert!(Checked::parse("pkg", &fixture(CONFIG_FILE), &index).is_ok());
+        type Edit = fn(&mut serde_json::Value);
+        // Each of these overflowed a product of dimensions (a panic) or asked for a tensor
+        // list of absurd length before the maxima were checked.
+        let cases: [(&str, Edit); 6] = [
+            ("heads", |v| {
+                v["llm"]["heads"] = (1u64 << 62).into();
+                v["llm"]["kv_heads"] = (1u64 << 62).into();
+            }),
+            ("max_pos", |v| v["llm"]["max_pos"] = u64::MAX.into()),
+            ("vision layers", |v| {
+                v["vision"]["layers"] = 1_000_000_000_000u64.into()
+            }),
+            ("image_size", |v| {
+                v["vision"]["image_size"] = (1u64 << 62).into();
+                v["vision"]["patch"] = 1.into();
+            }),
+            ("Q-Former queries", |v| {
+                v["qformer"]["queries"] = (1u64 << 60).into()
+            }),
+            ("Q-Former layers", |v| {
+                v["qformer"]["layers"] = (1u64 << 40).into()
+            }),
+        ];
+        for (what, edit) in cases {
+            let e = Checked::parse("pkg", &config_with(edit), &index)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"))
+                .to_string();
+            assert!(e.contains("implausible"), "{what}: {e}");
+        }
+        // zero sizes
+        let e = Checked::parse(
+            "pkg",
+            &config_with(|v| v["vision"]["image_size"] = 0.into()),
+            &index,
+        )
+        .err()
+        .expect("image_size 0 accepted")
+        .to_string();
+        assert!(e.contains("inconsistent"), "{e}");
+    }
+
+    #[test]
+    fn shard_stream_attributes_every_byte_once_in_any_chunking() {
+        let pkg = Checked::parse("pkg", &fixture(CONFIG_FILE), &fixture(INDEX_FILE)).unwrap();
+        let expected = pkg.entries();
+        let shard_name = pkg.index.shards()[0].clone();
+        let shard = fixture(&shard_name);
+        for chunk in [1, 7, 4096, shard.len()] {
+            let mut s = ShardStream::new("pkg", &shard_name);
+            let mut got: HashMap<String, Vec<u8>> = HashMap::new();
+            for part in shard.chunks(chunk) {
+                for p in s.feed(part, &expected, &pkg.index).unwrap() {
+                    let name = s.entries()[p.entry].name.clone();
+                    got.entry(name)
+                        .or_default()
+                        .extend_from_slice(&part[p.range]);
+                }
+            }
+            s.finish().unwrap();
+            assert_eq!(got.len(), s.entries().len());
+            for e in s.entries() {
+                let want = &shard[e.start as usize..e.end as usize];
+                assert!(
+                    got[&e.name] == want,
+                    "chunk {chunk}: entry `{}` differs",
+                    e.name
+                );
+            }
+        }
+        // truncated in the header, truncated in the data, one byte too many
+        let feed_all = |bytes: &[u8]| -> Result<()> {
+            let mut s = ShardStream::new("pkg", &shard_name);
+            s.feed(bytes, &expected, &pkg.index)?;
+            s.finish()
+        };
+        let e = feed_all(&shard[..100]).unwrap_err().to_string();
+        assert!(
+            e.contains(&shard_name) && e.contains("inside its header"),
+            "{e}"
+        );
+        let e = feed_all(&shard[..shard.len() - 1]).unwrap_err().to_string();
+        assert!(e.contains(&shard_name) && e.contains("truncated"), "{e}");
+        let mut more = shard.clone();
+        more.push(0);
+        let e = feed_all(&more).unwrap_err().to_string();
+        assert!(e.contains("1 bytes after the last tensor"), "{e}");
+    }
+}

@@ -30,6 +30,8 @@ const T_UNKNOWN: i64 = 2;
 const T_CONTROL: i64 = 3;
 const T_USER_DEFINED: i64 = 4;
 const T_BYTE: i64 = 6;
+/// Longest SentencePiece-style piece accepted (LLaMA's are at most 16 characters).
+pub const MAX_PIECE_BYTES: usize = 1024;
 
 /// The GPT-2 pre-tokenisation regex (used by `ByteLevel` with `use_regex`), spelled out for the
 /// GGUF `pre` types that need an explicit `Split`.
@@ -176,7 +178,13 @@ impl Tokenizer {
     pub fn from_sentencepiece(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(&shown, e))?;
-        let m = SpModel::parse(&bytes).map_err(|d| Error::format(&shown, d))?;
+        Self::from_sentencepiece_bytes(&shown, &bytes)
+    }
+
+    /// [`Tokenizer::from_sentencepiece`] from the file's bytes (`shown` names it in errors).
+    pub fn from_sentencepiece_bytes(shown: &str, bytes: &[u8]) -> Result<Self> {
+        let shown = shown.to_string();
+        let m = SpModel::parse(bytes).map_err(|d| Error::format(&shown, d))?;
         if m.model_type != 2 {
             let name = match m.model_type {
                 1 => "UNIGRAM".to_string(),
@@ -679,6 +687,22 @@ impl SpmParts<'_> {
 
     fn to_json(&self, source: &str) -> Result<Json> {
         let n = self.pieces.len();
+        // Deriving the merges looks up every split of every piece: quadratic in a piece's
+        // length, so a long piece is refused rather than hashed for minutes.
+        if let Some((i, p)) = self
+            .pieces
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.len() > MAX_PIECE_BYTES)
+        {
+            return Err(Error::format(
+                source,
+                format!(
+                    "piece {i} is {} bytes long, expected at most {MAX_PIECE_BYTES} (SentencePiece's trainer caps pieces at 512 characters)",
+                    p.len()
+                ),
+            ));
+        }
         let vocab = vocab_json(&self.pieces);
         let merges: Vec<Json> = self
             .merges()
@@ -1212,6 +1236,33 @@ mod tests {
         let p = write_tmp("bad.model", &[0x0f, 0, 0]);
         let e = Tokenizer::from_sentencepiece(&p).unwrap_err().to_string();
         assert!(e.contains("wire type"), "{e}");
+    }
+
+    #[test]
+    fn overlong_pieces_are_refused_before_deriving_merges() {
+        // Deriving merges hashes both halves of every split of every piece: one piece of
+        // 1 MB would take ~10^12 byte-hashes. A piece over MAX_PIECE_BYTES is an error.
+        let mut m = tiny_model(2);
+        let long = "a".repeat(MAX_PIECE_BYTES + 1);
+        bytes_field(1, &piece(&long, -9.0, 1), &mut m);
+        let e = Tokenizer::from_sentencepiece_bytes("long.model", &m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("long.model")
+                && e.contains("piece 264")
+                && e.contains(&format!("{} bytes long", MAX_PIECE_BYTES + 1)),
+            "{e}"
+        );
+        // at the limit it is accepted
+        let mut m = tiny_model(2);
+        bytes_field(1, &piece(&"a".repeat(MAX_PIECE_BYTES), -9.0, 1), &mut m);
+        assert_eq!(
+            Tokenizer::from_sentencepiece_bytes("ok.model", &m)
+                .unwrap()
+                .vocab_size(),
+            265
+        );
     }
 
     #[test]

@@ -353,3 +353,166 @@ fn generation_config_eos_overrides_config_and_bad_values_are_named() {
         "{e}"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Resource bounds and byte-range checks of the weight parsers (fuzzed by fuzz/; see README's
+// threat model). Each builds its bytes here and parses them through the bytes entry points.
+
+fn gguf_from(bytes: &[u8], len: u64) -> minigpt4::Result<GgufFile> {
+    GgufFile::from_reader(std::io::Cursor::new(bytes), len, Path::new("t.gguf"))
+}
+
+/// A GGUF v3 header with no metadata and `tensors` (name, dims, ggml type, relative offset).
+fn gguf_table(tensors: &[(&str, &[u64], u32, u64)], data: usize) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    for (name, dims, ty, off) in tensors {
+        gstr(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&off.to_le_bytes());
+    }
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.resize(b.len() + data, 0);
+    b
+}
+
+#[test]
+fn gguf_overlapping_unaligned_and_duplicate_tensors_are_refused() {
+    // two F32 tensors of 64 bytes, the second starting inside the first
+    let b = gguf_table(&[("a", &[16], 0, 0), ("b", &[16], 0, 32)], 128);
+    let e = err_of(gguf_from(&b, b.len() as u64));
+    assert!(
+        e.contains("t.gguf") && e.contains("`a` and `b` overlap"),
+        "{e}"
+    );
+    // the same, apart: fine
+    let b = gguf_table(&[("a", &[16], 0, 0), ("b", &[16], 0, 64)], 128);
+    assert_eq!(gguf_from(&b, b.len() as u64).unwrap().tensors.len(), 2);
+    // an offset off the 32-byte alignment
+    let b = gguf_table(&[("a", &[4], 0, 4)], 64);
+    let e = err_of(gguf_from(&b, b.len() as u64));
+    assert!(
+        e.contains("`a`") && e.contains("offset 4") && e.contains("alignment 32"),
+        "{e}"
+    );
+    // a name twice
+    let b = gguf_table(&[("a", &[4], 0, 0), ("a", &[4], 0, 32)], 64);
+    let e = err_of(gguf_from(&b, b.len() as u64));
+    assert!(e.contains("`a` appears twice"), "{e}");
+    // data past the end
+    let b = gguf_table(&[("a", &[16], 0, 0)], 63);
+    let e = err_of(gguf_from(&b, b.len() as u64));
+    assert!(e.contains("`a`") && e.contains("outside the"), "{e}");
+}
+
+#[test]
+fn gguf_counts_are_bounded_before_allocating() {
+    use minigpt4::loader::gguf::{MAX_METADATA_VALUES, MAX_TENSORS};
+    // A header claiming more tensors than the maximum, in a file (claimed) large enough to
+    // hold them: refused from the count alone.
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(MAX_TENSORS + 1).to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    let e = err_of(gguf_from(&b, 1 << 40));
+    assert!(
+        e.contains(&format!("at most {MAX_METADATA_VALUES} and {MAX_TENSORS}")),
+        "{e}"
+    );
+    // An array longer than the maximum (the file, as claimed, could hold it).
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    gstr(&mut b, "tokenizer.ggml.token_type");
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(MAX_METADATA_VALUES + 1).to_le_bytes());
+    let e = err_of(gguf_from(&b, 1 << 40));
+    assert!(
+        e.contains("tokenizer.ggml.token_type")
+            && e.contains(&format!("at most {MAX_METADATA_VALUES} elements")),
+        "{e}"
+    );
+    // A key twice.
+    let mut w = GgufWriter::new();
+    w.u32("llama.block_count", 1).u32("llama.block_count", 2);
+    let e = err_of(gguf_from(&w.bytes(), w.bytes().len() as u64));
+    assert!(e.contains("`llama.block_count` appears twice"), "{e}");
+}
+
+fn safetensors_bytes(header: &str, data: usize) -> Vec<u8> {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.resize(b.len() + data, 0);
+    b
+}
+
+fn safetensors_from(bytes: &[u8]) -> minigpt4::Result<SafetensorsFile> {
+    SafetensorsFile::from_reader(
+        std::io::Cursor::new(bytes),
+        bytes.len() as u64,
+        Path::new("t.safetensors"),
+    )
+}
+
+#[test]
+fn safetensors_offsets_near_u64_max_are_an_error() {
+    // An empty tensor at offset u64::MAX: `8 + header + offset` overflowed (a panic in debug
+    // builds, a wrapped range in release) before the end was checked with checked_add.
+    let b = safetensors_bytes(
+        r#"{"x":{"dtype":"F32","shape":[0],"data_offsets":[18446744073709551615,18446744073709551615]}}"#,
+        0,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(
+        e.contains("t.safetensors") && e.contains("`x`") && e.contains("end past the file"),
+        "{e}"
+    );
+    // and with the file length unknown (the streaming package loader)
+    let e = err_of(
+        minigpt4::loader::safetensors::parse_header(
+            "s",
+            br#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[18446744073709551614,18446744073709551615]}}"#,
+            100,
+            None,
+        )
+        .map(|_| ()),
+    );
+    assert!(e.contains("`x`") && e.contains("end past the file"), "{e}");
+}
+
+#[test]
+fn safetensors_overlapping_and_outside_tensors_are_refused() {
+    let b = safetensors_bytes(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+        16,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("`a` and `b` overlap"), "{e}");
+    let b = safetensors_bytes(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+        15,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("`a`") && e.contains("truncated"), "{e}");
+    let b = safetensors_bytes(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#,
+        16,
+    );
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("`a`") && e.contains("needs 16 bytes"), "{e}");
+    // a header length past the file
+    let mut b = safetensors_bytes("{}", 0);
+    b[..8].copy_from_slice(&1000u64.to_le_bytes());
+    let e = err_of(safetensors_from(&b));
+    assert!(e.contains("header length 1000 exceeds the file"), "{e}");
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use minigpt4::image::{
     decode_rgb, normalize, preprocess, resize_bicubic, RgbImage, CLIP_MEAN, CLIP_STD,
-    MAX_DECODE_BYTES, MAX_SIDE,
+    MAX_DECODE_BYTES, MAX_PIXELS, MAX_SIDE,
 };
 use serde_json::Value;
 
@@ -310,6 +310,68 @@ fn decompression_bombs_are_refused_before_allocating() {
         eprintln!("{m}");
     }
     const { assert!(MAX_DECODE_BYTES <= 1 << 30) };
+}
+
+/// A PNG of `w`×`h` 8-bit grey pixels whose header is valid (checksummed) and whose data is
+/// one empty IDAT: enough for a decoder to read the dimensions.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(b: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &x in b {
+            c ^= x as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    out
+}
+
+#[test]
+fn images_over_the_pixel_limit_are_refused() {
+    // 16384x16384: each side within MAX_SIDE, the grey buffer within MAX_DECODE_BYTES, but
+    // 268 million pixels, over Pillow's own bomb limit.
+    let side = MAX_SIDE;
+    assert!(side as u64 * side as u64 > MAX_PIXELS);
+    let dims = format!("{side}x{side}");
+    let limit = format!("{MAX_PIXELS}-pixel limit");
+    expect_err(&png_header_only(side, side), "big.png", &[&dims, &limit]);
+    // the same dimensions written into a real JPEG's frame header
+    let mut jpg = read("jpeg_pil_420_3x5.jpg");
+    let sof = jpg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline SOF0");
+    jpg[sof + 5..sof + 7].copy_from_slice(&(side as u16).to_be_bytes());
+    jpg[sof + 7..sof + 9].copy_from_slice(&(side as u16).to_be_bytes());
+    expect_err(&jpg, "big.jpg", &[&dims, &limit]);
+    // just under the limit on one axis is fine for the header check (the file then fails as
+    // truncated data, not as a bomb)
+    let ok = MAX_PIXELS as u32 / side;
+    let m = match decode_rgb(&png_header_only(side, ok), "under.png") {
+        Ok(_) => panic!("an empty IDAT cannot decode"),
+        Err(e) => e.to_string(),
+    };
+    assert!(!m.contains("pixel limit"), "{m}");
 }
 
 #[test]

@@ -60,6 +60,9 @@ VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan on_driver "lavapipe (Vulkan)" "
 VK_ICD_FILENAMES="$swiftshader" WGPU_BACKEND=vulkan on_driver "SwiftShader (Vulkan)" "SwiftShader" --test kernels --test cli
 WGPU_BACKEND=gl on_driver "llvmpipe (OpenGL)" "Gl" --test kernels --test cli
 
+echo "== fuzz smoke: every parser's fuzz target from its seed corpus, 15 s each (fuzz/smoke.sh)"
+FUZZ_SANITIZER=none bash fuzz/smoke.sh 15
+
 echo "== browser: wasm build, then the page end to end in headless Chromium (WebGPU on SwiftShader)"
 bash web/build.sh debug
 (cd tests/web && npm ci --no-audit --no-fund --silent)

@@ -16,6 +16,12 @@ use crate::error::{Error, Result};
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Largest number of dimensions a GGUF tensor may have.
 const MAX_DIMS: usize = 4;
+/// Most metadata values (array elements included) a file may hold: a 256k-token vocabulary
+/// with scores, types and merges is about a million. Each costs ~32 bytes of host memory
+/// whatever its size in the file, so this bounds what a header can make us allocate.
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Most tensors a file may hold (a 405B LLaMA has about 1,100).
+pub const MAX_TENSORS: u64 = 1 << 20;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -197,6 +203,8 @@ struct Reader<R> {
     pos: u64,
     len: u64,
     path: String,
+    /// Metadata values read so far (see [`MAX_METADATA_VALUES`]).
+    elements: u64,
 }
 
 impl<R: Read> Reader<R> {
@@ -233,6 +241,13 @@ impl<R: Read> Reader<R> {
             .map_err(|_| Error::format(&self.path, format!("{what} is not valid UTF-8")))
     }
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
+        self.elements += 1;
+        if self.elements > MAX_METADATA_VALUES {
+            return Err(Error::format(
+                &self.path,
+                format!("metadata `{key}`: expected at most {MAX_METADATA_VALUES} metadata values in all, found more"),
+            ));
+        }
         Ok(match ty {
             0 => Value::U8(self.arr::<1>(key)?[0]),
             1 => Value::I8(self.arr::<1>(key)?[0] as i8),
@@ -265,7 +280,14 @@ impl<R: Read> Reader<R> {
                         format!("metadata `{key}`: array of {count} elements cannot fit in the {} bytes left", self.len - self.pos),
                     ));
                 }
-                let mut v = Vec::with_capacity(count as usize);
+                if count > MAX_METADATA_VALUES {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("metadata `{key}`: expected an array of at most {MAX_METADATA_VALUES} elements, found {count}"),
+                    ));
+                }
+                // grows as elements are actually read: the count alone reserves little
+                let mut v = Vec::with_capacity(count.min(1 << 12) as usize);
                 for _ in 0..count {
                     v.push(self.value(ety, key, depth + 1)?);
                 }
@@ -289,11 +311,19 @@ impl GgufFile {
         let p = path.display().to_string();
         let f = File::open(path).map_err(|e| Error::io(&p, e))?;
         let len = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+        Self::from_reader(BufReader::with_capacity(1 << 20, f), len, path)
+    }
+
+    /// Parses the header, metadata and tensor table from `r`, which holds the `len` bytes of
+    /// the file `path` (named in errors, and reopened by [`GgufFile::read_raw`]).
+    pub fn from_reader(r: impl Read, len: u64, path: &Path) -> Result<Self> {
+        let p = path.display().to_string();
         let mut r = Reader {
-            r: BufReader::with_capacity(1 << 20, f),
+            r,
             pos: 0,
             len,
             path: p.clone(),
+            elements: 0,
         };
         let magic = r
             .bytes(4, "GGUF magic")
@@ -320,16 +350,32 @@ impl GgufFile {
         if n_kv.saturating_mul(13) > len || n_tensors.saturating_mul(32) > len {
             return Err(Error::format(&p, format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than a {len}-byte file can hold: truncated or corrupt")));
         }
+        if n_tensors > MAX_TENSORS || n_kv > MAX_METADATA_VALUES {
+            return Err(Error::format(&p, format!("header claims {n_kv} metadata entries and {n_tensors} tensors, expected at most {MAX_METADATA_VALUES} and {MAX_TENSORS}")));
+        }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string("metadata key")?;
             let ty = r.u32(&key)?;
             let v = r.value(ty, &key, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(Error::format(
+                    &p,
+                    format!("metadata key `{key}` appears twice (expected each key once)"),
+                ));
+            }
             metadata.insert(key, v);
         }
-        let mut raw = Vec::with_capacity(n_tensors as usize);
+        let mut raw = Vec::with_capacity(n_tensors.min(1 << 12) as usize);
+        let mut names = std::collections::HashSet::new();
         for _ in 0..n_tensors {
             let name = r.string("tensor name")?;
+            if !names.insert(name.clone()) {
+                return Err(Error::format(
+                    &p,
+                    format!("tensor `{name}` appears twice in the tensor table (expected each name once)"),
+                ));
+            }
             let nd = r.u32(&name)? as usize;
             if nd == 0 || nd > MAX_DIMS {
                 return Err(Error::format(
@@ -374,6 +420,18 @@ impl GgufFile {
                 return Err(Error::format(&p, format!("tensor `{name}`: row length {} is not a multiple of the {} block size {be}", dims[0], ty.name())));
             }
             let n_bytes = numel / be as u64 * bb as u64;
+            if usize::try_from(n_bytes).is_err()
+                || usize::try_from(numel).is_err()
+                || dims.iter().any(|&d| usize::try_from(d).is_err())
+            {
+                return Err(Error::format(&p, format!("tensor `{name}`: dimensions {dims:?} ({n_bytes} bytes) do not fit in this platform's address space")));
+            }
+            if offset % align != 0 {
+                return Err(Error::format(
+                    &p,
+                    format!("tensor `{name}`: data offset {offset} is not a multiple of the file's alignment {align}"),
+                ));
+            }
             let abs = data_start
                 .checked_add(offset)
                 .ok_or_else(|| Error::format(&p, format!("tensor `{name}`: offset overflows")))?;
@@ -425,9 +483,24 @@ impl GgufFile {
     pub fn read_raw(&self, t: &GgufTensor) -> Result<Vec<u8>> {
         let p = self.path.display().to_string();
         let mut f = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
+        self.read_raw_from(&mut f, t)
+    }
+
+    /// [`GgufFile::read_raw`] from an already open reader of the same file.
+    pub fn read_raw_from(&self, mut f: impl Read + Seek, t: &GgufTensor) -> Result<Vec<u8>> {
+        let p = self.path.display().to_string();
         f.seek(SeekFrom::Start(t.offset))
             .map_err(|e| Error::io(&p, e))?;
-        let mut b = vec![0u8; t.n_bytes as usize];
+        let n = usize::try_from(t.n_bytes).map_err(|_| {
+            Error::format(
+                &p,
+                format!(
+                    "tensor `{}`: expected a size that fits in memory, found {} bytes",
+                    t.name, t.n_bytes
+                ),
+            )
+        })?;
+        let mut b = vec![0u8; n];
         f.read_exact(&mut b).map_err(|e| {
             Error::format(
                 &p,

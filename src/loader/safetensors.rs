@@ -75,8 +75,15 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let p = path.display().to_string();
-        let mut f = File::open(path).map_err(|e| Error::io(&p, e))?;
+        let f = File::open(path).map_err(|e| Error::io(&p, e))?;
         let len = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+        Self::from_reader(f, len, path)
+    }
+
+    /// Reads and checks the header from `f`, which holds the `len` bytes of the file `path`
+    /// (named in errors, and reopened to read tensors).
+    pub fn from_reader(mut f: impl Read, len: u64, path: &Path) -> Result<Self> {
+        let p = path.display().to_string();
         let mut nb = [0u8; 8];
         f.read_exact(&mut nb).map_err(|_| {
             Error::format(
@@ -103,10 +110,26 @@ impl SafetensorsFile {
     /// A tensor's raw little-endian bytes.
     pub fn read_bytes(&self, t: &StTensor) -> Result<Vec<u8>> {
         let p = self.path.display().to_string();
-        let mut f = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
+        let f = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
+        self.read_bytes_from(f, t)
+    }
+
+    /// [`SafetensorsFile::read_bytes`] from an already open reader of the same file.
+    pub fn read_bytes_from(&self, mut f: impl Read + Seek, t: &StTensor) -> Result<Vec<u8>> {
+        let p = self.path.display().to_string();
         f.seek(SeekFrom::Start(t.start))
             .map_err(|e| Error::io(&p, e))?;
-        let mut b = vec![0u8; (t.end - t.start) as usize];
+        let n = usize::try_from(t.end - t.start).map_err(|_| {
+            Error::format(
+                &p,
+                format!(
+                    "tensor `{}`: {} bytes do not fit in memory",
+                    t.name,
+                    t.end - t.start
+                ),
+            )
+        })?;
+        let mut b = vec![0u8; n];
         f.read_exact(&mut b)
             .map_err(|e| Error::format(&p, format!("tensor `{}`: {e}", t.name)))?;
         Ok(b)
@@ -253,27 +276,35 @@ pub fn parse_header(
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-        if offs.1 < offs.0 || (offs.1 - offs.0) as usize != numel {
+        if offs.1 < offs.0 || offs.1 - offs.0 != numel as u64 {
             return Err(bad(format!(
                 "shape {shape:?} × {dt} needs {numel} bytes, data_offsets {:?} give {}",
                 [offs.0, offs.1],
                 offs.1 as i128 - offs.0 as i128
             )));
         }
-        if let Some(len) = len.filter(|&l| data_start + offs.1 > l) {
-            return Err(bad(format!(
-                "data ends at byte {} but the file has {len}: truncated",
-                data_start + offs.1
-            )));
-        }
+        // both offsets are checked against the address space, and the file when its length
+        // is known
+        let end = data_start
+            .checked_add(offs.1)
+            .filter(|&e| len.is_none_or(|l| e <= l))
+            .ok_or_else(|| {
+                bad(format!(
+                    "data_offsets {:?} end past the file ({}): truncated or corrupt",
+                    [offs.0, offs.1],
+                    len.map_or("unknown length".into(), |l| format!(
+                        "{l} bytes, data from byte {data_start}"
+                    ))
+                ))
+            })?;
         tensors.insert(
             name.clone(),
             StTensor {
                 name: name.clone(),
                 dtype,
                 shape,
-                start: data_start + offs.0,
-                end: data_start + offs.1,
+                start: end - (offs.1 - offs.0),
+                end,
             },
         );
     }

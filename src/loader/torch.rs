@@ -44,6 +44,10 @@ const MAX_CENTRAL_DIR_BYTES: u64 = 256 << 20;
 const MAX_STACK: usize = 1 << 20;
 const MAX_MARKS: usize = 1 << 16;
 const MAX_MEMO: usize = 1 << 24;
+/// Most lists and dicts a pickle may create, and most items they may hold in all: every
+/// one-byte opcode can create one, so the pickle size alone would allow tens of GB.
+const MAX_CONTAINERS: usize = 1 << 22;
+const MAX_ITEMS: usize = 1 << 24;
 const MAX_TUPLE_DEPTH: usize = 256;
 const MAX_GLOBAL_NAME: usize = 256;
 /// Most dimensions a tensor may have.
@@ -197,6 +201,14 @@ impl TorchCheckpoint {
         let p = path.display().to_string();
         let mut file = File::open(path).map_err(|e| Error::io(&p, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(&p, e))?.len();
+        Self::from_reader(&mut file, file_len, path)
+    }
+
+    /// [`TorchCheckpoint::open`] from `file`, which holds the `file_len` bytes of the file
+    /// `path` (named in errors, and reopened to read tensors).
+    pub fn from_reader<R: Read + Seek>(file: &mut R, file_len: u64, path: &Path) -> Result<Self> {
+        let p = path.display().to_string();
+        let mut file = file;
         sniff(&mut file, file_len, &p)?;
         let entries = read_zip_directory(&mut file, file_len, &p)?;
         let mut by_name: HashMap<&str, usize> = HashMap::new();
@@ -290,6 +302,34 @@ impl TorchCheckpoint {
             tensors.push(info);
         }
         drop(by_name);
+        // The records the tensors use, and the pickle, must not share bytes in the file (a
+        // crafted zip can point two records at the same data, or a record into the pickle).
+        let mut used: Vec<usize> = tensors.iter().map(|t| t.entry).collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut ranges = Vec::with_capacity(used.len() + 1);
+        let pkl_index = entries
+            .iter()
+            .position(|e| e.name == pkl_name)
+            .unwrap_or_default();
+        for i in used.into_iter().chain([pkl_index]) {
+            let e = &entries[i];
+            let start = entry_data_offset(&mut file, file_len, e, &p)?;
+            ranges.push((start, start + e.size, i));
+        }
+        ranges.sort_unstable();
+        ranges.dedup();
+        for w in ranges.windows(2) {
+            if w[0].1 > w[1].0 {
+                return Err(Error::format(
+                    &p,
+                    format!(
+                        "zip records `{}` (bytes {}..{}) and `{}` (bytes {}..{}) overlap: expected each record's data to be its own",
+                        entries[w[0].2].name, w[0].0, w[0].1, entries[w[1].2].name, w[1].0, w[1].1
+                    ),
+                ));
+            }
+        }
         Ok(TorchCheckpoint {
             path: path.to_path_buf(),
             archive,
@@ -339,14 +379,27 @@ impl TorchCheckpoint {
     /// Honours `storage_offset` and strides, reading only the byte range of the storage that the
     /// view touches.
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let p = self.path.display().to_string();
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(&p, e))?.len();
+        self.read_bytes_from(&mut file, file_len, name)
+    }
+
+    /// [`TorchCheckpoint::read_bytes`] from an already open reader of the same file (of
+    /// `file_len` bytes).
+    pub fn read_bytes_from<R: Read + Seek>(
+        &self,
+        file: &mut R,
+        file_len: u64,
+        name: &str,
+    ) -> Result<Vec<u8>> {
         let info = self.lookup(name)?;
         let p = self.path.display().to_string();
         let es = info.dtype.size_in_bytes();
         let Some((lo, hi)) = info.element_range() else {
             return Ok(Vec::new());
         };
-        let mut file = File::open(&self.path).map_err(|e| Error::io(&p, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(&p, e))?.len();
+        let mut file = file;
         let entry = &self.entries[info.entry];
         let data = entry_data_offset(&mut file, file_len, entry, &p)?;
         // Validated at open: (hi + 1) * es <= storage bytes <= entry.size.
@@ -560,7 +613,13 @@ fn validate_tensor(
 // File sniffing and zip reading
 // ------------------------------------------------------------------------------------------------
 
-fn read_at(file: &mut File, file_len: u64, offset: u64, len: u64, p: &str) -> Result<Vec<u8>> {
+fn read_at<R: Read + Seek>(
+    file: &mut R,
+    file_len: u64,
+    offset: u64,
+    len: u64,
+    p: &str,
+) -> Result<Vec<u8>> {
     match offset.checked_add(len) {
         Some(end) if end <= file_len => {}
         _ => {
@@ -586,7 +645,7 @@ fn read_at(file: &mut File, file_len: u64, offset: u64, len: u64, p: &str) -> Re
 }
 
 /// Rejects files that are clearly not a torch zip, with a message saying what they look like.
-fn sniff(file: &mut File, file_len: u64, p: &str) -> Result<()> {
+fn sniff<R: Read + Seek>(file: &mut R, file_len: u64, p: &str) -> Result<()> {
     if file_len == 0 {
         return Err(Error::format(
             p,
@@ -653,7 +712,11 @@ const EOCD64_SIG: u32 = 0x0606_4b50;
 const CDH_SIG: u32 = 0x0201_4b50;
 const LFH_SIG: u32 = 0x0403_4b50;
 
-fn read_zip_directory(file: &mut File, file_len: u64, p: &str) -> Result<Vec<ZipEntry>> {
+fn read_zip_directory<R: Read + Seek>(
+    file: &mut R,
+    file_len: u64,
+    p: &str,
+) -> Result<Vec<ZipEntry>> {
     let bad = |d: String| Error::format(p, d);
     let tail_len = file_len.min(22 + 65535);
     let tail_start = file_len - tail_len;
@@ -809,7 +872,12 @@ fn read_zip_directory(file: &mut File, file_len: u64, p: &str) -> Result<Vec<Zip
 
 /// Offset of an entry's data, after checking its local header and that it is stored, unencrypted
 /// and inside the file.
-fn entry_data_offset(file: &mut File, file_len: u64, e: &ZipEntry, p: &str) -> Result<u64> {
+fn entry_data_offset<R: Read + Seek>(
+    file: &mut R,
+    file_len: u64,
+    e: &ZipEntry,
+    p: &str,
+) -> Result<u64> {
     if e.flags & 1 != 0 {
         return Err(Error::format(
             p,
@@ -855,7 +923,12 @@ fn entry_data_offset(file: &mut File, file_len: u64, e: &ZipEntry, p: &str) -> R
     Ok(data)
 }
 
-fn read_entry(file: &mut File, file_len: u64, e: &ZipEntry, p: &str) -> Result<Vec<u8>> {
+fn read_entry<R: Read + Seek>(
+    file: &mut R,
+    file_len: u64,
+    e: &ZipEntry,
+    p: &str,
+) -> Result<Vec<u8>> {
     let off = entry_data_offset(file, file_len, e, p)?;
     read_at(file, file_len, off, e.size, p)
 }
@@ -1108,6 +1181,8 @@ struct Vm<'a> {
     memo: HashMap<u32, Value>,
     lists: Vec<Vec<Value>>,
     dicts: Vec<Dict>,
+    /// Items held by `lists` and `dicts` (see [`MAX_ITEMS`]).
+    items: usize,
 }
 
 impl<'a> Vm<'a> {
@@ -1120,6 +1195,7 @@ impl<'a> Vm<'a> {
             memo: HashMap::new(),
             lists: Vec::new(),
             dicts: Vec::new(),
+            items: 0,
         }
     }
 
@@ -1239,13 +1315,33 @@ impl<'a> Vm<'a> {
         }
         Ok(Value::Tuple(Rc::new(Tuple { items, depth })))
     }
-    fn new_dict(&mut self) -> Value {
+    fn new_dict(&mut self) -> VmResult<Value> {
+        self.check_containers()?;
         self.dicts.push(Dict::default());
-        Value::Dict(self.dicts.len() - 1)
+        Ok(Value::Dict(self.dicts.len() - 1))
     }
-    fn new_list(&mut self, items: Vec<Value>) -> Value {
+    fn new_list(&mut self, items: Vec<Value>) -> VmResult<Value> {
+        self.check_containers()?;
+        self.add_items(items.len())?;
         self.lists.push(items);
-        Value::List(self.lists.len() - 1)
+        Ok(Value::List(self.lists.len() - 1))
+    }
+    fn check_containers(&self) -> VmResult<()> {
+        if self.lists.len() + self.dicts.len() >= MAX_CONTAINERS {
+            return Err(format!(
+                "expected at most {MAX_CONTAINERS} lists and dicts in the pickle, found more"
+            ));
+        }
+        Ok(())
+    }
+    fn add_items(&mut self, n: usize) -> VmResult<()> {
+        self.items = self.items.saturating_add(n);
+        if self.items > MAX_ITEMS {
+            return Err(format!(
+                "expected at most {MAX_ITEMS} list and dict items in the pickle, found more"
+            ));
+        }
+        Ok(())
     }
     fn string(&mut self, n: u64, what: &str) -> VmResult<Value> {
         let at = self.pos;
@@ -1264,6 +1360,7 @@ impl<'a> Vm<'a> {
         }
         match target {
             Value::Dict(id) => {
+                self.add_items(items.len() / 2)?;
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     self.dicts[id].set(k, v);
@@ -1280,6 +1377,7 @@ impl<'a> Vm<'a> {
     fn appends(&mut self, target: Value, items: Vec<Value>) -> VmResult<()> {
         match target {
             Value::List(id) => {
+                self.add_items(items.len())?;
                 self.lists[id].extend(items);
                 Ok(())
             }
@@ -1426,12 +1524,12 @@ impl<'a> Vm<'a> {
                 self.push(t)?;
             }
             b']' => {
-                let l = self.new_list(Vec::new());
+                let l = self.new_list(Vec::new())?;
                 self.push(l)?;
             }
             b'l' => {
                 let items = self.pop_mark()?;
-                let l = self.new_list(items);
+                let l = self.new_list(items)?;
                 self.push(l)?;
             }
             b'a' => {
@@ -1445,12 +1543,12 @@ impl<'a> Vm<'a> {
                 self.appends(target, items)?;
             }
             b'}' => {
-                let d = self.new_dict();
+                let d = self.new_dict()?;
                 self.push(d)?;
             }
             b'd' => {
                 let items = self.pop_mark()?;
-                let d = self.new_dict();
+                let d = self.new_dict()?;
                 self.setitems(d.clone(), items)?;
                 self.push(d)?;
             }
@@ -1527,7 +1625,7 @@ impl<'a> Vm<'a> {
                 let func = self.pop()?;
                 let v = match (&func, &args) {
                     (Value::Global(Global::OrderedDict), Value::Tuple(t)) if t.items.is_empty() => {
-                        self.new_dict()
+                        self.new_dict()?
                     }
                     _ => call(&func, &args)?,
                 };
@@ -2183,6 +2281,128 @@ mod tests {
             msg.contains("top-level object to be a dict") && msg.contains("int 7"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn containers_and_their_items_are_bounded() {
+        // EMPTY_LIST POP, over and over: nothing stays on the stack, but every list was kept
+        let mut many = b"\x80\x02".to_vec();
+        for _ in 0..=MAX_CONTAINERS {
+            many.extend_from_slice(b"]0");
+        }
+        many.push(b'.');
+        let msg = parse_state_dict(&many).unwrap_err();
+        assert!(
+            msg.contains(&format!("at most {MAX_CONTAINERS} lists and dicts")),
+            "{msg}"
+        );
+        // one list, appended to in batches of 4096 Nones until the item budget runs out
+        let mut items = b"\x80\x02]".to_vec();
+        for _ in 0..=MAX_ITEMS / 4096 {
+            items.push(b'(');
+            items.extend(std::iter::repeat_n(b'N', 4096));
+            items.push(b'e');
+        }
+        items.push(b'.');
+        let msg = parse_state_dict(&items).unwrap_err();
+        assert!(
+            msg.contains(&format!("at most {MAX_ITEMS} list and dict items")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn opcodes_that_instantiate_or_extend_are_refused() {
+        // INST and OBJ create instances of arbitrary classes, EXT* look up the copyreg
+        // registry: torch.save never writes them.
+        for (pkl, name) in [
+            (&b"\x80\x02(ibuiltins\nobject\n."[..], "INST"),
+            (
+                &b"\x80\x02(cbuiltins\nobject\no."[..],
+                "`builtins.object` is not allowed",
+            ),
+            (&b"\x80\x02\x82\x01."[..], "EXT1"),
+            (&b"\x80\x02\x84\x01\x00\x00\x00."[..], "EXT4"),
+        ] {
+            let msg = parse_state_dict(pkl).unwrap_err();
+            assert!(msg.contains(name), "{name}: {msg}");
+        }
+        // NEWOBJ of an allow-listed but non-inert global
+        let mut p = P::default();
+        p.op(b"\x80\x02");
+        p.global("collections", "OrderedDict").op(b")\x81.");
+        let msg = parse_state_dict(&p.0).unwrap_err();
+        assert!(msg.contains("inert class to instantiate"), "{msg}");
+    }
+
+    #[test]
+    fn records_sharing_bytes_are_refused() {
+        // two tensors on two storages whose records are made to point at the same bytes
+        let mut p = P::default();
+        p.op(b"\x80\x02}q\x00(").s("a");
+        p.tensor("0", 4, 0, &[4], &[1]);
+        p.s("b").tensor("1", 4, 0, &[4], &[1]).op(b"u.");
+        let mut z = zip(
+            &[
+                ("arc/data.pkl", &p.0),
+                ("arc/data/0", &floats(4)),
+                ("arc/data/1", &floats(4)),
+            ],
+            false,
+            0,
+        );
+        assert_eq!(open_bytes("records-ok", &z).unwrap().tensors().len(), 2);
+        let find = |z: &[u8], what: &[u8], last: bool| {
+            let hits = z
+                .windows(what.len())
+                .enumerate()
+                .filter(|(_, w)| *w == what);
+            let pos: Vec<usize> = hits.map(|(i, _)| i).collect();
+            if last {
+                pos[pos.len() - 1]
+            } else {
+                pos[0]
+            }
+        };
+        let lho0 = find(&z, b"arc/data/0", false) - 30;
+        let cd1 = find(&z, b"arc/data/1", true) - 46;
+        z[cd1 + 42..cd1 + 46].copy_from_slice(&(lho0 as u32).to_le_bytes());
+        let msg = err("records-shared", &z);
+        assert!(
+            msg.contains("`arc/data/0`") && msg.contains("`arc/data/1`") && msg.contains("overlap"),
+            "{msg}"
+        );
+        // a storage record pointing into the pickle's bytes
+        let mut z = zip(
+            &[
+                ("arc/data.pkl", &p.0),
+                ("arc/data/0", &floats(4)),
+                ("arc/data/1", &floats(4)),
+            ],
+            false,
+            0,
+        );
+        let lho_pkl = find(&z, b"arc/data.pkl", false) - 30;
+        let cd0 = find(&z, b"arc/data/0", true) - 46;
+        z[cd0 + 42..cd0 + 46].copy_from_slice(&(lho_pkl as u32).to_le_bytes());
+        let msg = err("records-pickle", &z);
+        assert!(
+            msg.contains("`arc/data.pkl`") && msg.contains("overlap"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn from_reader_reads_what_open_reads() {
+        let pkl = P::dict1("w", |p| {
+            p.tensor("0", 6, 1, &[2, 2], &[1, 2]);
+        });
+        let z = ckpt(&pkl, &floats(6), false);
+        let mut cur = std::io::Cursor::new(&z[..]);
+        let ck =
+            TorchCheckpoint::from_reader(&mut cur, z.len() as u64, Path::new("mem.pt")).unwrap();
+        let b = ck.read_bytes_from(&mut cur, z.len() as u64, "w").unwrap();
+        assert_eq!(bytes_to_f32(&b, TorchDType::F32), vec![1.0, 3.0, 2.0, 4.0]);
     }
 
     #[test]

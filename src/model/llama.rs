@@ -256,6 +256,8 @@ impl LlamaConfig {
             || self.hidden > 1 << 16
             || self.vocab > 1 << 22
             || self.intermediate > 1 << 18
+            || self.heads > 1 << 10
+            || self.max_pos > 1 << 24
         {
             return Err(Error::format(
                 p,

@@ -42,6 +42,9 @@ impl QFormerConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.heads == 0
+            || self.hidden == 0
+            || self.queries == 0
+            || self.intermediate == 0
             || !self.hidden.is_multiple_of(self.heads)
             || self.cross_every == 0
             || self.head_dim() > 256
@@ -49,6 +52,21 @@ impl QFormerConfig {
             return Err(Error::InvalidOption {
                 name: "Q-Former config".into(),
                 msg: format!("inconsistent dimensions: {self:?}"),
+            });
+        }
+        // Sane maxima (BLIP-2: 768 wide, 12 layers, 32 queries), so that no size derived from
+        // them overflows or asks for absurd memory.
+        if self.hidden > 1 << 16
+            || self.layers > 1024
+            || self.intermediate > 1 << 18
+            || self.queries > 1 << 12
+            || self.encoder_width > 1 << 16
+        {
+            return Err(Error::InvalidOption {
+                name: "Q-Former config".into(),
+                msg: format!(
+                    "implausible dimensions (expected hidden <= 65536, layers <= 1024, intermediate <= 262144, queries <= 4096, encoder_width <= 65536): {self:?}"
+                ),
             });
         }
         Ok(())

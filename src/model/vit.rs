@@ -53,6 +53,9 @@ impl VitConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.patch == 0
+            || self.image_size == 0
+            || self.width == 0
+            || self.mlp == 0
             || !self.image_size.is_multiple_of(self.patch)
             || self.heads == 0
             || !self.width.is_multiple_of(self.heads)
@@ -61,6 +64,21 @@ impl VitConfig {
             return Err(Error::InvalidOption {
                 name: "vision config".into(),
                 msg: format!("inconsistent dimensions: {self:?}"),
+            });
+        }
+        // Sane maxima (EVA ViT-g at 448 px: 1408 wide, 39 layers, 1025 tokens), so that no
+        // size derived from them overflows or asks for absurd memory.
+        if self.image_size > 4096
+            || self.width > 1 << 16
+            || self.layers > 1024
+            || self.mlp > 1 << 18
+            || self.tokens() > 1 << 16
+        {
+            return Err(Error::InvalidOption {
+                name: "vision config".into(),
+                msg: format!(
+                    "implausible dimensions (expected image_size <= 4096, width <= 65536, layers <= 1024, mlp <= 262144, at most 65536 tokens): {self:?}"
+                ),
             });
         }
         Ok(())
