@@ -6,9 +6,9 @@
 // k / p. Each candidate is three words: key bits, index, and the logit as it was (the host
 // applies the penalty again, exactly, before it samples).
 //
-// `topk_first`: workgroup g sorts logits g*1024 .. g*1024+1023 in workgroup memory (bitonic)
-// and writes its best 64 candidates at out[g * 64 ..]. `topk_next`: the same over p.n
-// candidates of an earlier pass. Passes repeat until 64 remain.
+// `topk`: workgroup g sorts logits g*1024 .. g*1024+1023 in workgroup memory (bitonic) and
+// writes its best 64 candidates at out[g * 64 ..]; with NEXT, the same over p.n candidates of
+// an earlier pass. Passes repeat until 64 remain.
 
 #include common
 
@@ -70,8 +70,10 @@ fn write_best(g: u32, lid: u32) {
     }
 }
 
+// One entry point; without NEXT it reads logits (first pass), with NEXT the candidates of an
+// earlier pass.
 @compute @workgroup_size(256)
-fn topk_first(ids: Ids, grp: Grp) {
+fn topk(ids: Ids, grp: Grp) {
     let g = group_index(grp);
     if (g * SPAN >= p.n) {
         return;
@@ -83,38 +85,18 @@ fn topk_first(ids: Ids, grp: Grp) {
         var r = NEG_BIG;
         var at = 0xffffffffu;
         if (i < p.n) {
+#if NEXT
+            k = bitcast<f32>(cand_in[i * 3u]);
+            at = cand_in[i * 3u + 1u];
+            r = bitcast<f32>(cand_in[i * 3u + 2u]);
+#else
             r = logits[i];
             k = r;
             if ((mask[i >> 5u] & (1u << (i & 31u))) != 0u) {
                 k = select(r / p.penalty, r * p.penalty, r < 0.0);
             }
             at = i;
-        }
-        key[s] = k;
-        idx[s] = at;
-        raw[s] = r;
-    }
-    workgroupBarrier();
-    sort(ids.lid);
-    write_best(g, ids.lid);
-}
-
-@compute @workgroup_size(256)
-fn topk_next(ids: Ids, grp: Grp) {
-    let g = group_index(grp);
-    if (g * SPAN >= p.n) {
-        return;
-    }
-    for (var e = 0u; e < 4u; e++) {
-        let s = ids.lid + e * 256u;
-        let c = g * SPAN + s;
-        var k = NEG_BIG;
-        var r = NEG_BIG;
-        var at = 0xffffffffu;
-        if (c < p.n) {
-            k = bitcast<f32>(cand_in[c * 3u]);
-            at = cand_in[c * 3u + 1u];
-            r = bitcast<f32>(cand_in[c * 3u + 2u]);
+#endif
         }
         key[s] = k;
         idx[s] = at;

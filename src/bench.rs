@@ -280,21 +280,11 @@ fn llm_config(name: &str, tiny: bool) -> Result<LlamaConfig> {
             })
         }
     };
-    Ok(LlamaConfig {
-        hidden,
-        layers,
-        heads,
-        kv_heads: heads,
-        head_dim: hidden / heads,
-        intermediate: inter,
-        vocab: if tiny { 1024 } else { 32001 },
-        rope_theta: 10000.0,
-        rms_eps: 1e-6,
-        tied: false,
-        max_pos: 2048,
-        bos: Some(1),
-        eos: vec![2],
-    })
+    let mut cfg = LlamaConfig::vicuna_v0(hidden, layers, heads, inter);
+    if tiny {
+        cfg.vocab = 1024;
+    }
+    Ok(cfg)
 }
 
 fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {

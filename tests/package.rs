@@ -319,21 +319,28 @@ fn the_streaming_loader_checks_every_byte_arrived() {
     l.begin_shard("model-00001-of-00001.safetensors").unwrap();
     let e = err_of(l.feed(&long).and_then(|_| l.end_shard()));
     assert!(e.contains("16 bytes after the last tensor"), "{e}");
+    // a loader over an edited index, fed the whole shard
+    let fed_with_index = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut ix: serde_json::Value =
+            serde_json::from_slice(&read("model.safetensors.index.json")).unwrap();
+        edit(&mut ix);
+        let mut l = PackageLoader::new(
+            &gpu,
+            "pkg",
+            &read("config.json"),
+            &serde_json::to_vec(&ix).unwrap(),
+            &read("tokenizer.json"),
+            64,
+        )
+        .unwrap();
+        l.begin_shard("model-00001-of-00001.safetensors").unwrap();
+        l.feed(&shard).unwrap();
+        l
+    };
     // an index whose recorded size disagrees with a self-consistent shard
-    let mut ix: serde_json::Value =
-        serde_json::from_slice(&read("model.safetensors.index.json")).unwrap();
-    ix["shards"]["model-00001-of-00001.safetensors"]["size"] = (shard.len() + 8).into();
-    let mut l = PackageLoader::new(
-        &gpu,
-        "pkg",
-        &read("config.json"),
-        &serde_json::to_vec(&ix).unwrap(),
-        &read("tokenizer.json"),
-        64,
-    )
-    .unwrap();
-    l.begin_shard("model-00001-of-00001.safetensors").unwrap();
-    l.feed(&shard).unwrap();
+    let mut l = fed_with_index(&|ix| {
+        ix["shards"]["model-00001-of-00001.safetensors"]["size"] = (shard.len() + 8).into()
+    });
     let e = err_of(l.end_shard());
     assert!(
         e.contains(&format!(
@@ -344,20 +351,9 @@ fn the_streaming_loader_checks_every_byte_arrived() {
         "{e}"
     );
     // an index from before shard digests existed still loads (the header checks remain)
-    let mut ix: serde_json::Value =
-        serde_json::from_slice(&read("model.safetensors.index.json")).unwrap();
-    ix.as_object_mut().unwrap().remove("shards");
-    let mut l = PackageLoader::new(
-        &gpu,
-        "pkg",
-        &read("config.json"),
-        &serde_json::to_vec(&ix).unwrap(),
-        &read("tokenizer.json"),
-        64,
-    )
-    .unwrap();
-    l.begin_shard("model-00001-of-00001.safetensors").unwrap();
-    l.feed(&shard).unwrap();
+    let mut l = fed_with_index(&|ix| {
+        ix.as_object_mut().unwrap().remove("shards");
+    });
     l.end_shard().unwrap();
     l.finish().unwrap();
     // a shard never fed

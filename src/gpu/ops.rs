@@ -737,7 +737,7 @@ impl Recorder<'_> {
         let mut groups = n.div_ceil(TOPK_SPAN);
         self.dispatch(
             "topk",
-            "topk_first",
+            "topk",
             &[],
             &[u(n), f(penalty)],
             &[(1, x.buffer()), (2, &mask.buffer), (4, &ping.buffer)],
@@ -749,8 +749,8 @@ impl Recorder<'_> {
             groups = count.div_ceil(TOPK_SPAN);
             self.dispatch(
                 "topk",
-                "topk_next",
-                &[],
+                "topk",
+                &["NEXT"],
                 &[u(count), f(penalty)],
                 &[(3, &cur.buffer), (4, &other.buffer)],
                 grid(u(groups)),

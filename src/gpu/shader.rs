@@ -119,7 +119,7 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("im2col", &[&[]]),
     ("copy", &[&[]]),
     ("argmax", &[&[]]),
-    ("topk", &[&[]]),
+    ("topk", &[&[], &["NEXT"]]),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

@@ -295,6 +295,26 @@ impl LlamaConfig {
         v
     }
 
+    /// Vicuna-v0's shape family (LLaMA-1 with the 32001-token vocabulary): 7B is
+    /// `(4096, 32, 32, 11008)`, 13B `(5120, 40, 40, 13824)`.
+    pub fn vicuna_v0(hidden: usize, layers: usize, heads: usize, intermediate: usize) -> Self {
+        LlamaConfig {
+            hidden,
+            layers,
+            heads,
+            kv_heads: heads,
+            head_dim: hidden / heads,
+            intermediate,
+            vocab: 32001,
+            rope_theta: 10000.0,
+            rms_eps: 1e-6,
+            tied: false,
+            max_pos: 2048,
+            bos: Some(1),
+            eos: vec![2],
+        }
+    }
+
     /// GPU limits this model needs with a context of `ctx` tokens (f32 KV cache: the largest).
     pub fn requirements(&self, ctx: usize, prefill: usize) -> Requirements {
         // one cache tensor per layer holds keys and values side by side
@@ -1180,21 +1200,7 @@ mod tests {
     /// 6 GB GPU (issue 8): ≈ 3.9 GB of weights, 1 GiB of f16 KV cache.
     #[test]
     fn vicuna_7b_q4_with_a_2k_cache_fits_in_6_gb() {
-        let cfg = LlamaConfig {
-            hidden: 4096,
-            layers: 32,
-            heads: 32,
-            kv_heads: 32,
-            head_dim: 128,
-            intermediate: 11008,
-            vocab: 32001,
-            rope_theta: 10000.0,
-            rms_eps: 1e-6,
-            tied: false,
-            max_pos: 2048,
-            bos: Some(1),
-            eos: vec![2],
-        };
+        let cfg = LlamaConfig::vicuna_v0(4096, 32, 32, 11008);
         let (w, kv, scratch) = Llama::memory(&cfg, QuantPolicy::for_linear(DType::Q4), 2048);
         assert_eq!(kv, 1 << 30);
         let total = w + kv + scratch;
