@@ -482,14 +482,37 @@ fn bench_tiny_reports_every_part() {
         "1",
         "--synthetic",
         "vicuna0-7b",
+        "--llm",
+        &fixture_path("tests/fixtures/llama/mha_untied_hd64"),
         "--json",
     ]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let pos = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
     assert!(pos(&r["copy"]["gb_per_s"]), "{r}");
+    // q4, q4m, q8, f16 at two tiny shapes
     let gemv = r["gemv"].as_array().unwrap();
-    assert_eq!(gemv.len(), 6);
+    assert_eq!(gemv.len(), 8);
+    // every lane count of the block GEMV measured, one of them chosen
+    let trials = r["gemv_lanes"]["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), minigpt4::gpu::GEMV_LANES.len());
+    assert!(trials.iter().all(|t| pos(&t["gb_per_s"])));
+    assert!(minigpt4::gpu::GEMV_LANES
+        .iter()
+        .any(|&l| r["gemv_lanes"]["chosen"] == l));
+    // decode on a real (tiny) LLaMA next to its GEMV prediction
+    let l = &r["llm_decode"];
+    for k in [
+        "weight_bytes_per_token",
+        "predicted_tok_per_s",
+        "decode_tok_per_s_ctx_short",
+        "decode_tok_per_s_ctx_long",
+    ] {
+        assert!(pos(&l[k]), "{k}: {l}");
+    }
+    // the 6 GB check of the issue: Vicuna-7B q4 with a 2k cache
+    assert_eq!(r["llm_memory"][0]["model"], "vicuna0-7b");
+    assert!(r["llm_memory"][0]["total"].as_f64().unwrap() < 6e9);
     assert!(gemv
         .iter()
         .all(|g| pos(&g["gb_per_s"]) && pos(&g["percent_of_copy"])));
