@@ -656,7 +656,8 @@ struct SpmParts<'a> {
 impl SpmParts<'_> {
     /// Merges as HF's `SentencePieceExtractor.extract(vocab_scores)`: for each piece in
     /// descending score order (stable), every split into two in-vocabulary pieces, ordered by
-    /// (left id, right id).
+    /// (left id, right id). Scores must not be NaN ([`SpmParts::to_json`] checks), or the
+    /// order is not total.
     fn merges(&self) -> Vec<(u32, u32)> {
         let mut index: HashMap<&str, u32> = HashMap::with_capacity(self.pieces.len());
         for (i, p) in self.pieces.iter().enumerate() {
@@ -700,6 +701,17 @@ impl SpmParts<'_> {
                 format!(
                     "piece {i} is {} bytes long, expected at most {MAX_PIECE_BYTES} (SentencePiece's trainer caps pieces at 512 characters)",
                     p.len()
+                ),
+            ));
+        }
+        // The merges are ordered by score: a NaN would make that order inconsistent (and the
+        // sort panic), so it is refused. Other values, infinities included, order totally.
+        if let Some(i) = self.scores.iter().position(|s| s.is_nan()) {
+            return Err(Error::format(
+                source,
+                format!(
+                    "piece {i} ({:?}) has score NaN, expected a number",
+                    self.pieces[i]
                 ),
             ));
         }
@@ -1263,6 +1275,25 @@ mod tests {
                 .vocab_size(),
             265
         );
+    }
+
+    #[test]
+    fn nan_scores_are_refused() {
+        // (the order of the merges is by score: NaN has none; see also bad_input.rs's
+        // gguf_tokenizer_with_nan_scores_is_an_error_not_a_panic, found by the fuzzer)
+        let mut m = tiny_model(2);
+        bytes_field(1, &piece("x", f32::NAN, 1), &mut m);
+        let e = Tokenizer::from_sentencepiece_bytes("nan.model", &m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nan.model") && e.contains("piece 264 (\"x\") has score NaN"),
+            "{e}"
+        );
+        // infinities are ordered: accepted
+        let mut m = tiny_model(2);
+        bytes_field(1, &piece("x", f32::NEG_INFINITY, 1), &mut m);
+        assert!(Tokenizer::from_sentencepiece_bytes("inf.model", &m).is_ok());
     }
 
     #[test]

@@ -516,3 +516,18 @@ fn safetensors_overlapping_and_outside_tensors_are_refused() {
     let e = err_of(safetensors_from(&b));
     assert!(e.contains("header length 1000 exceeds the file"), "{e}");
 }
+
+#[test]
+fn gguf_tokenizer_with_nan_scores_is_an_error_not_a_panic() {
+    // Found by fuzz/ (target gguf): a "llama" tokenizer whose tokenizer.ggml.scores hold NaNs.
+    // Ordering the merges by score with partial_cmp(..).unwrap_or(Equal) is no total order
+    // then, and the standard library's sort panicked ("user-provided comparison function does
+    // not correctly implement a total order").
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/fuzz_nan_scores.gguf");
+    let g = GgufFile::open(&p).unwrap();
+    let e = err_of(minigpt4::tokenizer::Tokenizer::from_gguf(&g));
+    assert!(
+        e.contains("fuzz_nan_scores.gguf") && e.contains("has score NaN, expected a number"),
+        "{e}"
+    );
+}
