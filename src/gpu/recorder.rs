@@ -58,8 +58,10 @@ pub struct Recorder<'g> {
     pub variant: Variant,
     cmds: Vec<Cmd>,
     chunks: Vec<(wgpu::Buffer, Vec<u8>)>,
-    /// The plan being replayed: its commands are matched by position.
-    old: Option<Plan>,
+    /// The plan being replayed, consumed in order: its commands are matched by position, and
+    /// its parameter buffers are handed out again as chunks are needed.
+    old_cmds: std::vec::IntoIter<Cmd>,
+    old_chunks: std::vec::IntoIter<wgpu::Buffer>,
     /// Dispatches whose bind group came from the replayed plan.
     pub reused: usize,
 }
@@ -83,7 +85,8 @@ impl<'g> Recorder<'g> {
             variant: gpu.best_variant,
             cmds: Vec::new(),
             chunks: Vec::new(),
-            old: None,
+            old_cmds: Vec::new().into_iter(),
+            old_chunks: Vec::new().into_iter(),
             reused: 0,
         }
     }
@@ -92,7 +95,8 @@ impl<'g> Recorder<'g> {
     pub fn replaying(gpu: &'g Gpu, plan: Plan) -> Self {
         Recorder {
             cmds: Vec::with_capacity(plan.cmds.len()),
-            old: Some(plan),
+            old_cmds: plan.cmds.into_iter(),
+            old_chunks: plan.chunks.into_iter(),
             ..Self::new(gpu)
         }
     }
@@ -110,11 +114,7 @@ impl<'g> Recorder<'g> {
             None => true,
         };
         if need_new {
-            let old = self
-                .old
-                .as_ref()
-                .and_then(|p| p.chunks.get(self.chunks.len()).cloned());
-            let buf = old.unwrap_or_else(|| {
+            let buf = self.old_chunks.next().unwrap_or_else(|| {
                 self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("params"),
                     size: (SLOT * SLOTS_PER_CHUNK) as u64,
@@ -150,8 +150,7 @@ impl<'g> Recorder<'g> {
             return Err(Error::Gpu(format!("{file}::{entry}: too many parameters")));
         }
         let (chunk, offset) = self.param_slot(params);
-        let i = self.cmds.len();
-        let same = self.old.as_ref().and_then(|p| p.cmds.get(i)).filter(|c| {
+        let same = self.old_cmds.next().filter(|c| {
             c.file == file
                 && c.entry == entry
                 && c.variant == self.variant
@@ -164,17 +163,7 @@ impl<'g> Recorder<'g> {
         });
         // the parameter slot is at the same place in a replay (slots are handed out in order)
         if let Some(c) = same {
-            let cmd = Cmd {
-                file,
-                entry,
-                variant: self.variant,
-                flags: c.flags.clone(),
-                pipeline: c.pipeline.clone(),
-                buffers: c.buffers.clone(),
-                bind: c.bind.clone(),
-                groups,
-            };
-            self.cmds.push(cmd);
+            self.cmds.push(Cmd { groups, ..c });
             self.reused += 1;
             return Ok(());
         }
