@@ -424,7 +424,8 @@ fn decode_at(gpu: &Gpu, a: &BenchArgs, llm: &mut Llama, context: usize) -> Resul
 }
 
 /// Decode on a real LLaMA model, next to what this run's GEMV rates predict for the weight
-/// bytes one token reads (every matrix but the embedding table, at its dtype's median rate).
+/// bytes one token reads (every matrix as loaded but the embedding table, at its dtype's
+/// median rate).
 fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) -> Result<Value> {
     use crate::model::llama::LlamaFiles;
     eprintln!("bench: decode on {}", path.display());
@@ -444,23 +445,12 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     };
     let (mut bytes, mut predicted_s) = (0u64, 0f64);
     let mut by_dtype = serde_json::Map::new();
-    for spec in Llama::specs(&cfg, policy) {
-        if spec.shape.len() != 2 || spec.name.contains("embed_tokens") {
-            continue;
-        }
-        // a Q4_1 / Q4_K source makes 4-bit layers q4m
-        let dtype = if spec.dtype == DType::Q4
-            && files.read_q4m(&cfg, &spec.name).ok().flatten().is_some()
-        {
-            DType::Q4M
-        } else {
-            spec.dtype
-        };
-        let b = dtype.bytes(spec.shape.iter().product()) as u64;
+    for t in llm.decode_matrices() {
+        let b = t.dtype.bytes(t.numel()) as u64;
         bytes += b;
-        let e = by_dtype.entry(dtype.name()).or_insert(json!(0u64));
+        let e = by_dtype.entry(t.dtype.name()).or_insert(json!(0u64));
         *e = json!(e.as_u64().unwrap_or(0) + b);
-        if let Some(r) = rate(dtype.name()) {
+        if let Some(r) = rate(t.dtype.name()) {
             predicted_s += b as f64 / (r * 1e9);
         }
     }

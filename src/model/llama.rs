@@ -852,6 +852,18 @@ impl Llama {
         (weights, kv, scratch)
     }
 
+    /// The matrices a decode step reads in full, as loaded (every layer's and the LM head; the
+    /// embedding table is only gathered from).
+    pub fn decode_matrices(&self) -> Vec<&Tensor> {
+        let mut v: Vec<&Tensor> = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wqkv, &l.wo, &l.gate, &l.up, &l.down])
+            .collect();
+        v.push(&self.lm_head);
+        v
+    }
+
     /// Forgets the conversation (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
         self.pos = 0;
