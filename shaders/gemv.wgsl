@@ -13,24 +13,9 @@
 
 #include common
 #include weights
+#include matmul_out
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    x_stride: u32,
-    out_stride: u32,
-    out_col: u32,
-    bias_off: u32,
-    accumulate: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-#if BIAS
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
-#endif
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 #if LANES1
 const LANES: u32 = 1u;
@@ -253,15 +238,7 @@ fn gemv(ids: Ids, grp: Grp) {
             }
             let total = part[r * WG + ids.lid];
             for (var m = 0u; m < p.m; m++) {
-                var v = total[m];
-#if BIAS
-                v += bias[p.bias_off + c];
-#endif
-                let o = m * p.out_stride + p.out_col + c;
-                if (p.accumulate != 0u) {
-                    v += out[o];
-                }
-                out[o] = v;
+                store(m, c, total[m]);
             }
         }
     }

@@ -7,36 +7,9 @@
 
 #include common
 #include weights
+#include matmul_out
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    x_stride: u32,
-    out_stride: u32,
-    out_col: u32,
-    bias_off: u32,
-    accumulate: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-#if BIAS
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
-#endif
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
-
-fn store(m: u32, n: u32, acc: f32) {
-    var v = acc;
-#if BIAS
-    v += bias[p.bias_off + n];
-#endif
-    let o = m * p.out_stride + p.out_col + n;
-    if (p.accumulate != 0u) {
-        v += out[o];
-    }
-    out[o] = v;
-}
 
 // Dot product of `count` (<= 8) consecutive weights starting at element wi with x[xi..].
 fn w_dot8(wi: u32, xi: u32, count: u32) -> f32 {

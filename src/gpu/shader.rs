@@ -40,6 +40,7 @@ impl Variant {
 pub const SOURCES: &[(&str, &str)] = &[
     ("common", include_str!("../../shaders/common.wgsl")),
     ("weights", include_str!("../../shaders/weights.wgsl")),
+    ("matmul_out", include_str!("../../shaders/matmul_out.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("gemv", include_str!("../../shaders/gemv.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),

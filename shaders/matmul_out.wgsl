@@ -1,0 +1,34 @@
+// The output side every matmul kernel shares (pulled in with `#include matmul_out` by
+// matmul.wgsl and gemv.wgsl): the parameter block `ops.rs` fills the same way for both, the
+// bias and output bindings, and `store`, which adds the bias and (with accumulate, a fused
+// residual) the output's previous value. Each includer declares its own x binding.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    x_stride: u32,
+    out_stride: u32,
+    out_col: u32,
+    bias_off: u32,
+    accumulate: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+#if BIAS
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+#endif
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+// out[m, out_col + n] (+)= acc (+ bias[bias_off + n])
+fn store(m: u32, n: u32, acc: f32) {
+    var v = acc;
+#if BIAS
+    v += bias[p.bias_off + n];
+#endif
+    let o = m * p.out_stride + p.out_col + n;
+    if (p.accumulate != 0u) {
+        v += out[o];
+    }
+    out[o] = v;
+}
