@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
+# A clean clone gains nothing from incremental compilation, and its caches cost gigabytes of
+# disk (CI machines can be short of it).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+df -h . | tail -1 | awk '{ print "== disk: " $4 " free of " $2 }'
 
 need=()
 for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip procps; do
@@ -68,4 +72,6 @@ bash web/build.sh debug
 (cd tests/web && npm ci --no-audit --no-fund --silent)
 cargo build -q --bin minigpt4
 VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan node tests/web/e2e.mjs --bin target/debug/minigpt4 --out target/web-e2e
+df -h . | tail -1 | awk '{ print "== disk: " $4 " free of " $2 }'
+du -sh target fuzz/target 2>/dev/null || true
 echo "== all checks passed"

@@ -16,9 +16,9 @@ if [ "$have" != "$want" ]; then
     cargo install wasm-bindgen-cli --version "$want"
 fi
 if [ "$profile" = release ]; then
-    cargo build --lib --release --target wasm32-unknown-unknown
+    cargo rustc --lib --release --target wasm32-unknown-unknown --crate-type cdylib
 else
-    cargo build --lib --target wasm32-unknown-unknown
+    cargo rustc --lib --target wasm32-unknown-unknown --crate-type cdylib
 fi
 rm -rf web/pkg
 wasm-bindgen --target web --no-typescript --out-dir web/pkg \
