@@ -17,11 +17,11 @@ use serde_json::{json, Value};
 use crate::error::Result;
 use crate::gpu::recorder::grid;
 use crate::gpu::{tune, Gpu, Recorder, Tensor};
-use crate::model::llama::{Input, Llama, LlamaConfig, QuantPolicy};
+use crate::model::llama::{Input, Llama, QuantPolicy};
 use crate::model::qformer::{QFormer, QFormerConfig};
 use crate::model::vit::{Vit, VitConfig};
 use crate::quant::DType;
-use crate::weights::{TensorMap, TensorSpec};
+use crate::synthetic::{self, fill_random, llm_config, tensors as synthetic_tensors};
 
 pub struct BenchArgs {
     /// Small shapes and few runs (CI).
@@ -38,8 +38,9 @@ pub struct BenchArgs {
     pub llm: Option<std::path::PathBuf>,
 }
 
-/// Every part of the report, in order.
-pub const PARTS: [&str; 4] = ["copy", "gemv", "gemm", "e2e"];
+/// Every part of the report, in order. `decode` (the synthetic LLM's decode alone, the same
+/// code as the page's `MiniGPT4.benchDecode`) runs only when asked for.
+pub const PARTS: [&str; 5] = ["copy", "gemv", "gemm", "e2e", "decode"];
 
 /// Median, min and max of `runs` timings (seconds) of `f`.
 fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
@@ -52,61 +53,6 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64
     }
     v.sort_by(|a, b| a.total_cmp(b));
     Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
-}
-
-/// Fills a weight tensor with pseudo-random codes and small valid f16 scales.
-fn fill_random(gpu: &Gpu, t: &Tensor, seed: u64) {
-    let n = t.numel();
-    let words = t.dtype.data_words(n);
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    let chunk = 1 << 20;
-    let mut at = 0;
-    while at < words {
-        let m = chunk.min(words - at);
-        let data: Vec<u32> = (0..m)
-            .map(|_| {
-                let r = next() as u32;
-                match t.dtype {
-                    // f32 / f16: small finite values (exponent bits forced low)
-                    DType::F32 => (r & 0x807f_ffff) | 0x3c00_0000,
-                    DType::F16 => (r & 0x83ff_83ff) | 0x2c00_2c00,
-                    _ => r,
-                }
-            })
-            .collect();
-        t.write_stored(
-            &gpu.queue,
-            false,
-            (at * 4) as u64,
-            bytemuck::cast_slice(&data),
-        );
-        at += m;
-    }
-    if t.dtype.is_quantized() {
-        // f16 0.01 ≈ 0x211f (and a zero minimum for q4m)
-        let sw = t.dtype.scale_words(n);
-        let word = match t.dtype {
-            DType::Q4M => 0x0000_211f,
-            _ => 0x211f_211f,
-        };
-        let mut at = 0;
-        while at < sw {
-            let m = chunk.min(sw - at);
-            t.write_stored(
-                &gpu.queue,
-                true,
-                (at * 4) as u64,
-                bytemuck::cast_slice(&vec![word; m]),
-            );
-            at += m;
-        }
-    }
 }
 
 fn random_weight(
@@ -240,53 +186,6 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     Ok(Value::from(out))
 }
 
-/// Tensors of `specs`, allocated and filled with pseudo-random values.
-fn synthetic_tensors(gpu: &Gpu, specs: &[TensorSpec]) -> Result<(TensorMap, u64)> {
-    let mut m = TensorMap::default();
-    let mut bytes = 0u64;
-    for (i, s) in specs.iter().enumerate() {
-        let t = Tensor::empty(gpu, &s.name, &s.shape, s.dtype)?;
-        if s.dtype == DType::F32 && s.shape.len() == 1 {
-            // norm weights and biases: ones / zeros keep activations finite
-            let one = if s.name.contains("bias") { 0.0f32 } else { 1.0 };
-            t.write_stored(
-                &gpu.queue,
-                false,
-                0,
-                bytemuck::cast_slice(&vec![one; s.shape[0]]),
-            );
-        } else {
-            fill_random(gpu, &t, i as u64 + 1);
-        }
-        bytes += s.dtype.bytes(t.numel()) as u64;
-        m.insert(t);
-        if i % 64 == 0 {
-            gpu.queue.submit([]);
-            gpu.wait();
-        }
-    }
-    Ok((m, bytes))
-}
-
-fn llm_config(name: &str, tiny: bool) -> Result<LlamaConfig> {
-    let (hidden, layers, heads, inter) = match name {
-        "vicuna0-7b" | "vicuna0-13b" if tiny => (64, 2, 2, 128),
-        "vicuna0-7b" => (4096, 32, 32, 11008),
-        "vicuna0-13b" => (5120, 40, 40, 13824),
-        other => {
-            return Err(crate::Error::InvalidOption {
-                name: "--synthetic".into(),
-                msg: format!("expected vicuna0-7b or vicuna0-13b, found '{other}'"),
-            })
-        }
-    };
-    let mut cfg = LlamaConfig::vicuna_v0(hidden, layers, heads, inter);
-    if tiny {
-        cfg.vocab = 1024;
-    }
-    Ok(cfg)
-}
-
 fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
     let mut llm_cfg = llm_config(name, a.tiny)?;
     let (mut vit_cfg, mut qf_cfg) = (VitConfig::eva_vit_g(224), QFormerConfig::blip2());
@@ -398,28 +297,12 @@ fn gemv_lanes(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
 /// to `context` positions (untimed) before the timed steps.
 fn decode_at(gpu: &Gpu, a: &BenchArgs, llm: &mut Llama, context: usize) -> Result<(f64, f64, f64)> {
     let steps = if a.tiny { 4 } else { 16 };
-    let vocab = llm.cfg.vocab;
-    let mut per_token = Vec::new();
-    for _ in 0..a.runs.clamp(1, 3) {
-        llm.reset();
-        let fill: Vec<u32> = (0..context)
-            .map(|i| 3 + (i % 500.min(vocab - 3)) as u32)
-            .collect();
-        for chunk in fill.chunks(512) {
-            pollster::block_on(llm.forward(gpu, Input::Ids(chunk), false))?;
-        }
-        let t = Instant::now();
-        let mut tok = 5u32;
-        for _ in 0..steps {
-            tok = pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&[tok]), vocab))?;
-        }
-        per_token.push(t.elapsed().as_secs_f64() / steps as f64);
-    }
-    per_token.sort_by(|a, b| a.total_cmp(b));
-    Ok((
-        per_token[per_token.len() / 2],
-        per_token[0],
-        per_token[per_token.len() - 1],
+    pollster::block_on(synthetic::decode_seconds(
+        gpu,
+        llm,
+        context,
+        steps,
+        a.runs.clamp(1, 3),
     ))
 }
 
@@ -524,6 +407,23 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             report["end_to_end"] = end_to_end(gpu, a, s)?;
         }
     }
+    if let Some(s) = &a.synthetic {
+        if a.parts.iter().any(|p| p == "decode") {
+            let b = synthetic::DecodeBench {
+                model: s.clone(),
+                layers: a.layers,
+                quant: a.quant.name().into(),
+                context: 128,
+                steps: if a.tiny { 4 } else { 16 },
+                runs: a.runs.clamp(1, 5),
+                tiny: a.tiny,
+            };
+            // tuned as the page tunes (or as MINIGPT4_GEMV_LANES says)
+            pollster::block_on(tune::autotune(gpu))?;
+            eprintln!("bench: decode alone, synthetic {s}");
+            report["decode"] = pollster::block_on(synthetic::decode(gpu, &b))?;
+        }
+    }
     if let Some(p) = &a.llm {
         if want("e2e") {
             report["llm_decode"] = llm_decode(gpu, a, p, &report["gemv"])?;
@@ -610,6 +510,17 @@ pub fn human(r: &Value) -> String {
         );
     }
     s += "\n";
+    if let Some(d) = r.get("decode") {
+        s += &format!(
+            "\ndecode alone ({}, {} layers, {}): {:.2} tok/s at context {} ({} GEMV lanes)\n",
+            d["model"].as_str().unwrap_or(""),
+            d["layers"],
+            d["quant"].as_str().unwrap_or(""),
+            d["decode_tok_per_s"].as_f64().unwrap_or(0.0),
+            d["context"],
+            d["gemv_lanes"],
+        );
+    }
     if let Some(e) = r.get("llm_decode") {
         s += &format!(
             "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n",

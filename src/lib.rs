@@ -22,6 +22,7 @@ pub mod package;
 pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
+pub mod synthetic;
 pub mod tokenizer;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

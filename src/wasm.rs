@@ -129,6 +129,27 @@ impl Engine {
         })
     }
 
+    /// Measures greedy decode on a synthetic LLaMA (random weights at the real dimensions) with
+    /// the same code as `minigpt4 bench --parts decode`, for the browser-against-native ratio.
+    /// `options` is the JSON of [`crate::synthetic::DecodeBench`] (`{model, layers, quant,
+    /// context, steps, runs, tiny}`, each optional); resolves to the report as JSON. The weights
+    /// are freed when it returns.
+    #[wasm_bindgen(js_name = benchDecode)]
+    pub fn bench_decode(&self, options: String) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let gpu = inner.try_borrow().map_err(|_| busy())?.gpu.clone();
+            let b: crate::synthetic::DecodeBench = if options.trim().is_empty() {
+                Default::default()
+            } else {
+                serde_json::from_str(&options)
+                    .map_err(|e| to_js(format!("benchDecode options: {e}")))?
+            };
+            let r = crate::synthetic::decode(&gpu, &b).await.map_err(to_js)?;
+            Ok(JsValue::from_str(&r.to_string()))
+        })
+    }
+
     /// Parses and checks the package's `config.json`, index and `tokenizer.json`, allocates
     /// every GPU tensor, and returns the shard file names to feed, in order.
     #[wasm_bindgen(js_name = beginLoad)]

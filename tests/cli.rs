@@ -535,3 +535,42 @@ fn bench_tiny_reports_every_part() {
     let (ok, _, err) = minigpt4(&["bench", "--tiny", "--synthetic", "vicuna0-70b"]);
     assert!(!ok && err.contains("vicuna0-70b"), "{err}");
 }
+
+/// `bench --parts decode` (the code the page's `benchDecode` runs) reports a rate and only
+/// the parts asked for; an unknown part is named.
+#[test]
+fn bench_decode_part_alone() {
+    let (ok, out, err) = minigpt4(&[
+        "bench",
+        "--tiny",
+        "--runs",
+        "1",
+        "--synthetic",
+        "vicuna0-7b",
+        "--layers",
+        "1",
+        "--parts",
+        "decode",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let d = &r["decode"];
+    assert!(
+        d["decode_tok_per_s"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0 && x.is_finite()),
+        "{d}"
+    );
+    assert_eq!(d["layers"], 1, "{d}");
+    assert_eq!(d["quant"], "q4", "{d}");
+    assert!(
+        r.get("gemv").is_none() && r.get("end_to_end").is_none(),
+        "{r}"
+    );
+    let (ok, _, err) = minigpt4(&["bench", "--tiny", "--parts", "decode,speed"]);
+    assert!(
+        !ok && err.contains("speed") && err.contains("decode"),
+        "{err}"
+    );
+}

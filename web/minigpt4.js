@@ -69,6 +69,21 @@ export class MiniGPT4 {
     }
   }
 
+  /**
+   * Decode speed on a synthetic LLaMA (random weights at real dimensions), measured in a
+   * worker with the same code as `minigpt4 bench --parts decode`. Options: model
+   * ('vicuna0-7b'), layers (1), quant ('q4'), context (128), steps (8), runs (3), tiny.
+   * Resolves to the report ({decode_tok_per_s, per_token, gemv_lanes, adapter, ...}).
+   */
+  static async benchDecode(options = {}, { workerUrl } = {}) {
+    const chat = new MiniGPT4(MiniGPT4.worker(workerUrl));
+    try {
+      return await chat._call({ type: 'benchDecode', options });
+    } finally {
+      chat.worker.terminate();
+    }
+  }
+
   /** A new conversation about the same image. */
   reset() {
     return this._call({ type: 'reset' });

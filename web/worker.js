@@ -131,6 +131,7 @@ self.onmessage = async (ev) => {
       case 'image': await (await getEngine()).setImage(new Uint8Array(m.bytes)); break;
       case 'ask': result = await ask(m.id, m.question, m.options); break;
       case 'checkKernels': result = JSON.parse(await (await getEngine()).checkKernels()); break;
+      case 'benchDecode': result = JSON.parse(await (await getEngine()).benchDecode(JSON.stringify(m.options || {}))); break;
       case 'reset': (await getEngine()).reset(); break;
       case 'unload': if (engine) engine.unload(); break;
       case 'clearCache': result = self.caches ? await self.caches.delete(CACHE) : false; break;
