@@ -151,6 +151,29 @@ fn context_overflow_is_an_error() {
     assert!(e.contains("vocabulary size"), "{e}");
 }
 
+/// Decode steps on both sides of `ATTN_SPLIT` keys (one attention pass below it, split-K with
+/// a combine pass above it; the recorded plan changes at the switch) give the logits of one
+/// full forward over the same ids (f32 weights: the two differ only in summation order).
+#[test]
+fn decode_across_the_split_attention_threshold_matches_a_full_forward() {
+    let gpu = gpu();
+    let (mut cfg, files) = LlamaFiles::open(&fixture("mha_untied_hd64")).unwrap();
+    let n = minigpt4::gpu::ATTN_SPLIT + 24;
+    cfg.max_pos = n + 8; // rotary positions past the fixture's 64 are fine for a self-comparison
+    let mut m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(DType::F32), n).unwrap();
+    let ids: Vec<u32> = (0..n).map(|i| 3 + (i * 37 % 300) as u32).collect();
+    let all = pollster::block_on(m.forward(&gpu, Input::Ids(&ids), true)).unwrap();
+    let vocab = cfg.vocab;
+    m.reset();
+    let start = minigpt4::gpu::ATTN_SPLIT - 8;
+    pollster::block_on(m.forward(&gpu, Input::Ids(&ids[..start]), false)).unwrap();
+    for t in start..n {
+        let l = pollster::block_on(m.forward(&gpu, Input::Ids(&ids[t..t + 1]), false)).unwrap();
+        let err = max_abs(&l, &all[t * vocab..(t + 1) * vocab]);
+        assert!(err <= 1e-4, "decode at position {t}: max-abs {err}");
+    }
+}
+
 /// Sampling from the GPU's 64 top-k candidates gives exactly the tokens that sampling from the
 /// full logits gives (same seeds, penalty, temperature, top-k, top-p), token after token.
 #[test]

@@ -9,7 +9,7 @@ use crate::gpu::ops::{topk_words, MatmulPath, GEMV_MAX_ROWS, TOPK_KEEP};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{
     attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeMode,
-    RopeTable, Tensor,
+    RopeTable, Tensor, ATTN_SPLIT,
 };
 use crate::loader::gguf::{self, GgmlType, GgufFile};
 use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
@@ -1095,7 +1095,9 @@ impl Llama {
                     causal: true,
                     scale: 1.0 / (c.head_dim as f32).sqrt(),
                 },
-                s.partials.as_ref(),
+                // split-K only pays off with more than one chunk of keys; below that the
+                // combine pass would be one more dispatch per layer for nothing
+                s.partials.as_ref().filter(|_| pos + t > ATTN_SPLIT),
             )?;
             rec.matmul(&s.attn, &l.wo, None, &s.x, true)?;
             rec.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &s.h)?;
