@@ -281,7 +281,10 @@ fn gemv_lanes(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
     let (n, k) = if a.tiny { (512, 256) } else { (4096, 4096) };
     eprintln!("bench: block GEMV lanes, q4 {n}×{k}");
     let trials = pollster::block_on(tune::measure_gemv(gpu, n, k, 4, a.runs))?;
-    if let Some(best) = tune::fastest(&trials) {
+    if std::env::var_os("MINIGPT4_GEMV_LANES").is_some() {
+        // the override wins over this run's measurement too
+        pollster::block_on(tune::autotune(gpu))?;
+    } else if let Some(best) = tune::fastest(&trials) {
         gpu.set_gemv_lanes(best);
     }
     Ok(json!({

@@ -981,3 +981,27 @@ fn argmax_first_maximum() {
         assert_eq!(got, minigpt4::chat::argmax(&x[..limit]), "n {n}");
     }
 }
+
+#[test]
+fn small_weights_get_lanes_tuned_for_their_shape() {
+    // a device of its own: the per-shape choices belong to one `Gpu`
+    let gpu = gpu_with(GpuOptions::default());
+    let (small, large, odd) = (
+        (576, 576, DType::Q4M),
+        (4096, 64, DType::Q4),
+        (100, 40, DType::F16),
+    );
+    pollster::block_on(minigpt4::gpu::tune::tune_shapes(&gpu, &[small, large, odd])).unwrap();
+    assert!(gpu.has_gemv_lanes_for(small.0, small.1, small.2));
+    assert!(GEMV_LANES.contains(&gpu.gemv_lanes_for(small.0, small.1, small.2)));
+    // large weights keep the adapter's lanes; widths off the block size take no block GEMV
+    assert!(!gpu.has_gemv_lanes_for(large.0, large.1, large.2));
+    assert_eq!(
+        gpu.gemv_lanes_for(large.0, large.1, large.2),
+        gpu.gemv_lanes()
+    );
+    assert!(!gpu.has_gemv_lanes_for(odd.0, odd.1, odd.2));
+    // an explicit choice (MINIGPT4_GEMV_LANES, bench) replaces the per-shape ones
+    gpu.set_gemv_lanes(16);
+    assert_eq!(gpu.gemv_lanes_for(small.0, small.1, small.2), 16);
+}

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::shader::Variant;
+use crate::quant::DType;
 
 /// How to choose the adapter and which fast paths to allow. Every field can also come from the
 /// environment (see [`GpuOptions::from_env`]); explicit values win.
@@ -297,6 +298,8 @@ pub struct Gpu {
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     /// Invocations per output column of the block GEMV (see `shaders/gemv.wgsl`, `tune.rs`).
     gemv_lanes: AtomicU32,
+    /// Per-shape block GEMV lanes: (rows, cols, dtype) → lanes.
+    gemv_shapes: Mutex<HashMap<(usize, usize, DType), u32>>,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
     errors: Arc<Mutex<Vec<String>>>,
     /// Set when the device is lost (driver reset, `destroy`, the browser reclaiming it).
@@ -369,6 +372,7 @@ impl Gpu {
             max_binding,
             pipelines: Mutex::new(HashMap::new()),
             gemv_lanes: AtomicU32::new(crate::gpu::tune::default_gemv_lanes(&info)),
+            gemv_shapes: Mutex::new(HashMap::new()),
             info,
             errors,
             lost,
@@ -393,6 +397,11 @@ impl Gpu {
     pub async fn reopen(&self) -> Result<Gpu> {
         let g = Gpu::new(&self.options).await?;
         g.set_gemv_lanes(self.gemv_lanes());
+        if let Ok(m) = self.gemv_shapes.lock() {
+            for (&(n, k, dt), &l) in m.iter() {
+                g.set_gemv_lanes_for(n, k, dt, l);
+            }
+        }
         Ok(g)
     }
 
@@ -427,9 +436,37 @@ impl Gpu {
         self.gemv_lanes.load(Ordering::Relaxed)
     }
 
-    /// Sets the block GEMV's lanes (one of [`crate::gpu::ops::GEMV_LANES`]).
+    /// Sets the block GEMV's lanes (one of [`crate::gpu::ops::GEMV_LANES`]) for every
+    /// weight, forgetting the per-shape choices.
     pub fn set_gemv_lanes(&self, lanes: u32) {
         self.gemv_lanes.store(lanes, Ordering::Relaxed);
+        if let Ok(mut m) = self.gemv_shapes.lock() {
+            m.clear();
+        }
+    }
+
+    /// The lanes for an `[n, k]` weight of `dtype`: tuned for its shape (small matrices, see
+    /// [`crate::gpu::tune::tune_shapes`]), else the adapter's.
+    pub fn gemv_lanes_for(&self, n: usize, k: usize, dtype: DType) -> u32 {
+        self.gemv_shapes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(n, k, dtype)).copied())
+            .unwrap_or_else(|| self.gemv_lanes())
+    }
+
+    /// Whether `[n, k]` `dtype` weights have their own lanes.
+    pub fn has_gemv_lanes_for(&self, n: usize, k: usize, dtype: DType) -> bool {
+        self.gemv_shapes
+            .lock()
+            .is_ok_and(|m| m.contains_key(&(n, k, dtype)))
+    }
+
+    /// Sets the lanes for `[n, k]` `dtype` weights.
+    pub fn set_gemv_lanes_for(&self, n: usize, k: usize, dtype: DType, lanes: u32) {
+        if let Ok(mut m) = self.gemv_shapes.lock() {
+            m.insert((n, k, dtype), lanes);
+        }
     }
 
     /// Checks this device against a model's requirements before anything is loaded.

@@ -254,7 +254,7 @@ impl Recorder<'_> {
         }
         let path = match path {
             MatmulPath::Auto if m <= GEMV_MAX_ROWS && k.is_multiple_of(32) => {
-                MatmulPath::GemvBlocks(self.gpu.gemv_lanes())
+                MatmulPath::GemvBlocks(self.gpu.gemv_lanes_for(n, k, w.dtype))
             }
             MatmulPath::Auto if m <= GEMV_MAX_ROWS => MatmulPath::Gemv,
             MatmulPath::Auto => MatmulPath::Gemm,

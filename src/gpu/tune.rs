@@ -2,7 +2,11 @@
 //!
 //! Today one choice is tuned: the block GEMV's lanes per output column (`shaders/gemv.wgsl`),
 //! the kernel that decides decode speed. Each candidate runs a 4-bit 4096×4096 GEMV (the
-//! size of a 7B attention projection) a few times and the fastest wins. Natively the choice is
+//! size of a 7B attention projection) a few times and the fastest wins. Weights with fewer
+//! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
+//! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
+//! no single shape predicts that (SmolLM2's 576-row matrices want 4 lanes on lavapipe where a
+//! 1024-row one wants 1). Natively the choice is
 //! stored in `<cache dir>/tune.json` under a key naming the adapter, driver, backend and kernel
 //! variant, so later runs skip the measurement; `MINIGPT4_GEMV_LANES` overrides it.
 
@@ -23,6 +27,9 @@ pub fn default_gemv_lanes(info: &wgpu::AdapterInfo) -> u32 {
         _ => 32,
     }
 }
+
+/// Weights with fewer output rows than this get lanes tuned for their own shape.
+pub const SMALL_ROWS: usize = 2048;
 
 /// Seconds on a monotonic clock (the page's clock in the browser).
 pub fn now_s() -> f64 {
@@ -57,10 +64,22 @@ pub async fn measure_gemv(
     reps: usize,
     runs: usize,
 ) -> Result<Vec<Trial>> {
-    let w = Tensor::empty(gpu, "tune.w", &[n, k], DType::Q4)?;
+    measure_gemv_of(gpu, n, k, DType::Q4, reps, runs).await
+}
+
+/// [`measure_gemv`] for a weight of any dtype.
+pub async fn measure_gemv_of(
+    gpu: &Gpu,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    reps: usize,
+    runs: usize,
+) -> Result<Vec<Trial>> {
+    let w = Tensor::empty(gpu, "tune.w", &[n, k], dtype)?;
     let x = Tensor::zeros(gpu, "tune.x", &[1, k])?;
     let y = Tensor::zeros(gpu, "tune.y", &[1, n])?;
-    let bytes = DType::Q4.bytes(n * k) as f64;
+    let bytes = dtype.bytes(n * k) as f64;
     let mut out = Vec::new();
     for lanes in GEMV_LANES {
         let mut times = Vec::new();
@@ -156,7 +175,10 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
         }
         let lanes = measured(gpu).await?;
         if let Some(p) = &path {
-            cache[&key] = json!({ "gemv_lanes": lanes });
+            if !cache[&key].is_object() {
+                cache[&key] = json!({});
+            }
+            cache[&key]["gemv_lanes"] = json!(lanes);
             // best effort: a read-only cache directory only costs a re-measurement next time
             let _ = write_atomically(p, &serde_json::to_vec_pretty(&cache).unwrap_or_default());
         }
@@ -173,6 +195,76 @@ async fn measured(gpu: &Gpu) -> Result<u32> {
     let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
     gpu.set_gemv_lanes(lanes);
     Ok(lanes)
+}
+
+/// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` with
+/// fewer than [`SMALL_ROWS`] rows (and `k` a multiple of 32) that has none yet: from the
+/// native cache file when it holds the shape, else by measuring every lane count (a few
+/// milliseconds per shape) and caching the result. `MINIGPT4_GEMV_LANES` turns it off.
+pub async fn tune_shapes(gpu: &Gpu, shapes: &[(usize, usize, DType)]) -> Result<()> {
+    let mut todo: Vec<(usize, usize, DType)> = shapes
+        .iter()
+        .copied()
+        .filter(|&(n, k, dt)| {
+            n < SMALL_ROWS && n > 0 && k.is_multiple_of(32) && !gpu.has_gemv_lanes_for(n, k, dt)
+        })
+        .collect();
+    todo.sort_by_key(|&(n, k, dt)| (n, k, dt.name()));
+    todo.dedup();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let name = |n: usize, k: usize, dt: DType| format!("{n}x{k} {}", dt.name());
+    #[cfg(not(target_arch = "wasm32"))]
+    let (path, key, mut cache) = {
+        use serde_json::{json, Value};
+        if std::env::var("MINIGPT4_GEMV_LANES").is_ok_and(|v| !v.is_empty()) {
+            return Ok(());
+        }
+        let path = crate::download::default_dir()
+            .ok()
+            .map(|d| d.join("tune.json"));
+        let cache: Value = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        (path, cache_key(gpu), cache)
+    };
+    for &(n, k, dt) in &todo {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(l) = cache[&key]["shapes"][name(n, k, dt)]
+            .as_u64()
+            .and_then(|l| parse_lanes("tune.json", &l.to_string()).ok())
+        {
+            gpu.set_gemv_lanes_for(n, k, dt, l);
+            continue;
+        }
+        // enough GEMVs per timed submit that the submit itself does not decide
+        let reps = ((1usize << 22) / (n * k).max(1)).clamp(2, 64);
+        let trials = measure_gemv_of(gpu, n, k, dt, reps, 3).await?;
+        let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
+        gpu.set_gemv_lanes_for(n, k, dt, lanes);
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            if !cache[&key].is_object() {
+                cache[&key] = serde_json::json!({});
+            }
+            if !cache[&key]["shapes"].is_object() {
+                cache[&key]["shapes"] = serde_json::json!({});
+            }
+            cache[&key]["shapes"][name(n, k, dt)] = serde_json::json!(lanes);
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(p) = &path {
+        // best effort, like autotune's
+        let _ = write_atomically(p, &serde_json::to_vec_pretty(&cache).unwrap_or_default());
+    }
+    #[cfg(target_arch = "wasm32")]
+    let _ = name;
+    Ok(())
 }
 
 #[cfg(not(target_arch = "wasm32"))]

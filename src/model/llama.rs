@@ -699,6 +699,8 @@ pub struct Llama {
     last_rows: usize,
     /// Tokens currently in the KV cache.
     pub pos: usize,
+    /// Whether the block GEMV's lanes have been tuned for this model's small matrices.
+    tuned: bool,
 }
 
 impl Llama {
@@ -807,6 +809,7 @@ impl Llama {
             plans: HashMap::new(),
             last_rows: 1,
             pos: 0,
+            tuned: false,
         })
     }
 
@@ -986,6 +989,16 @@ impl Llama {
         all_logits: bool,
         pick: Pick<'_>,
     ) -> Result<Output> {
+        if !self.tuned {
+            // lanes per shape for small models' matrices (once; cached on disk natively)
+            let shapes: Vec<_> = self
+                .decode_matrices()
+                .iter()
+                .map(|t| (t.rows(), t.cols(), t.dtype))
+                .collect();
+            crate::gpu::tune::tune_shapes(gpu, &shapes).await?;
+            self.tuned = true;
+        }
         let t = match &input {
             Input::Ids(ids) => ids.len(),
             Input::Embeds(e) => e.rows(),
