@@ -471,17 +471,25 @@ fn convert_memory_is_bounded_by_twice_the_largest_tensor() {
     );
 }
 
-/// `bench --tiny` runs every part and reports positive numbers (not a timed test: the values
-/// are not compared with anything).
-#[test]
-fn bench_tiny_reports_every_part() {
-    let (ok, out, err) = minigpt4(&[
+/// `minigpt4 bench --tiny --runs 1 --synthetic vicuna0-7b` with `extra` arguments.
+fn tiny_bench(extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
         "bench",
         "--tiny",
         "--runs",
         "1",
         "--synthetic",
         "vicuna0-7b",
+    ];
+    args.extend_from_slice(extra);
+    minigpt4(&args)
+}
+
+/// `bench --tiny` runs every part and reports positive numbers (not a timed test: the values
+/// are not compared with anything).
+#[test]
+fn bench_tiny_reports_every_part() {
+    let (ok, out, err) = tiny_bench(&[
         "--llm",
         &fixture_path("tests/fixtures/llama/mha_untied_hd64"),
         "--json",
@@ -540,19 +548,7 @@ fn bench_tiny_reports_every_part() {
 /// the parts asked for; an unknown part is named.
 #[test]
 fn bench_decode_part_alone() {
-    let (ok, out, err) = minigpt4(&[
-        "bench",
-        "--tiny",
-        "--runs",
-        "1",
-        "--synthetic",
-        "vicuna0-7b",
-        "--layers",
-        "1",
-        "--parts",
-        "decode",
-        "--json",
-    ]);
+    let (ok, out, err) = tiny_bench(&["--layers", "1", "--parts", "decode", "--json"]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let d = &r["decode"];
