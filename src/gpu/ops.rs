@@ -24,6 +24,19 @@ fn wflag(d: DType) -> &'static str {
     }
 }
 
+/// `x` is f32 and holds the `n` (at least 1) elements a selection reads.
+fn need_first(x: &Tensor, n: usize) -> Result<()> {
+    need_f32(x)?;
+    if n == 0 || n > x.numel() {
+        return Err(Error::tensor(
+            &x.name,
+            format!("at least {n} elements (n >= 1)"),
+            x.numel(),
+        ));
+    }
+    Ok(())
+}
+
 fn need_f32(t: &Tensor) -> Result<()> {
     if t.dtype != DType::F32 || t.parts.len() != 1 {
         return Err(Error::tensor(
@@ -683,14 +696,7 @@ impl Recorder<'_> {
 
     /// Index of the first maximum of the first `n` elements of `x`, written to `out[0]` (u32).
     pub fn argmax(&mut self, x: &Tensor, n: usize, out: &Ids) -> Result<()> {
-        need_f32(x)?;
-        if n == 0 || n > x.numel() {
-            return Err(Error::tensor(
-                &x.name,
-                format!("at least {n} elements (n >= 1)"),
-                x.numel(),
-            ));
-        }
+        need_first(x, n)?;
         self.dispatch(
             "argmax",
             "argmax",
@@ -715,14 +721,7 @@ impl Recorder<'_> {
         ping: &'b Ids,
         pong: &'b Ids,
     ) -> Result<&'b Ids> {
-        need_f32(x)?;
-        if n == 0 || n > x.numel() {
-            return Err(Error::tensor(
-                &x.name,
-                format!("at least {n} elements (n >= 1)"),
-                x.numel(),
-            ));
-        }
+        need_first(x, n)?;
         if mask.len < n.div_ceil(32) || ping.len < topk_words(n) || pong.len < topk_words(n) {
             return Err(Error::tensor(
                 "topk",

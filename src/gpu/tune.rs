@@ -141,60 +141,125 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
         })
 }
 
+/// `MINIGPT4_GEMV_LANES`, when set (natively): lanes for every weight, no tuning.
+fn override_lanes() -> Result<Option<u32>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(v) = std::env::var("MINIGPT4_GEMV_LANES")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        return parse_lanes("MINIGPT4_GEMV_LANES", &v).map(Some);
+    }
+    Ok(None)
+}
+
+/// The tuning results of this adapter in `<cache dir>/tune.json` (natively; in the page the
+/// cache is always empty and saving does nothing).
+struct TuneCache {
+    #[cfg(not(target_arch = "wasm32"))]
+    path: Option<std::path::PathBuf>,
+    #[cfg(not(target_arch = "wasm32"))]
+    key: String,
+    #[cfg(not(target_arch = "wasm32"))]
+    all: serde_json::Value,
+}
+
+impl TuneCache {
+    fn open(gpu: &Gpu) -> TuneCache {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use serde_json::{json, Value};
+            let path = crate::download::default_dir()
+                .ok()
+                .map(|d| d.join("tune.json"));
+            let all = path
+                .as_ref()
+                .and_then(|p| std::fs::read(p).ok())
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}));
+            TuneCache {
+                path,
+                key: cache_key(gpu),
+                all,
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = gpu;
+            TuneCache {}
+        }
+    }
+
+    /// The lanes stored under `field` (`gemv_lanes`, or a shape's name under `shapes`).
+    fn get(&self, shape: Option<&str>) -> Option<u32> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let v = &self.all[&self.key];
+            let v = match shape {
+                Some(s) => &v["shapes"][s],
+                None => &v["gemv_lanes"],
+            };
+            v.as_u64()
+                .and_then(|l| parse_lanes("tune.json", &l.to_string()).ok())
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = shape;
+            None
+        }
+    }
+
+    fn set(&mut self, shape: Option<&str>, lanes: u32) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use serde_json::json;
+            let entry = &mut self.all[&self.key];
+            if !entry.is_object() {
+                *entry = json!({});
+            }
+            match shape {
+                Some(s) => {
+                    if !entry["shapes"].is_object() {
+                        entry["shapes"] = json!({});
+                    }
+                    entry["shapes"][s] = json!(lanes);
+                }
+                None => entry["gemv_lanes"] = json!(lanes),
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        let _ = (shape, lanes);
+    }
+
+    /// Best effort: a read-only cache directory only costs a re-measurement next time.
+    fn save(&self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(p) = &self.path {
+            let _ = write_atomically(p, &serde_json::to_vec_pretty(&self.all).unwrap_or_default());
+        }
+    }
+}
+
 /// Chooses the block GEMV's lanes for this adapter and sets them on `gpu`: from
 /// `MINIGPT4_GEMV_LANES`, else from the cache file (native), else by measuring (and caching).
 /// Returns the choice and where it came from.
 pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use serde_json::{json, Value};
-        if let Some(v) = std::env::var("MINIGPT4_GEMV_LANES")
-            .ok()
-            .filter(|v| !v.is_empty())
-        {
-            let lanes = parse_lanes("MINIGPT4_GEMV_LANES", &v)?;
-            gpu.set_gemv_lanes(lanes);
-            return Ok((lanes, "MINIGPT4_GEMV_LANES"));
-        }
-        let path = crate::download::default_dir()
-            .ok()
-            .map(|d| d.join("tune.json"));
-        let key = cache_key(gpu);
-        let mut cache: Value = path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
-        if let Some(lanes) = cache[&key]["gemv_lanes"]
-            .as_u64()
-            .and_then(|l| parse_lanes("tune.json", &l.to_string()).ok())
-        {
-            gpu.set_gemv_lanes(lanes);
-            return Ok((lanes, "the tuning cache"));
-        }
-        let lanes = measured(gpu).await?;
-        if let Some(p) = &path {
-            if !cache[&key].is_object() {
-                cache[&key] = json!({});
-            }
-            cache[&key]["gemv_lanes"] = json!(lanes);
-            // best effort: a read-only cache directory only costs a re-measurement next time
-            let _ = write_atomically(p, &serde_json::to_vec_pretty(&cache).unwrap_or_default());
-        }
-        Ok((lanes, "measurement"))
+    if let Some(lanes) = override_lanes()? {
+        gpu.set_gemv_lanes(lanes);
+        return Ok((lanes, "MINIGPT4_GEMV_LANES"));
     }
-    #[cfg(target_arch = "wasm32")]
-    {
-        Ok((measured(gpu).await?, "measurement"))
+    let mut cache = TuneCache::open(gpu);
+    if let Some(lanes) = cache.get(None) {
+        gpu.set_gemv_lanes(lanes);
+        return Ok((lanes, "the tuning cache"));
     }
-}
-
-async fn measured(gpu: &Gpu) -> Result<u32> {
     let trials = measure_gemv(gpu, 4096, 4096, 2, 3).await?;
     let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
     gpu.set_gemv_lanes(lanes);
-    Ok(lanes)
+    cache.set(None, lanes);
+    cache.save();
+    Ok((lanes, "measurement"))
 }
 
 /// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` with
@@ -211,33 +276,13 @@ pub async fn tune_shapes(gpu: &Gpu, shapes: &[(usize, usize, DType)]) -> Result<
         .collect();
     todo.sort_by_key(|&(n, k, dt)| (n, k, dt.name()));
     todo.dedup();
-    if todo.is_empty() {
+    if todo.is_empty() || override_lanes()?.is_some() {
         return Ok(());
     }
-    let name = |n: usize, k: usize, dt: DType| format!("{n}x{k} {}", dt.name());
-    #[cfg(not(target_arch = "wasm32"))]
-    let (path, key, mut cache) = {
-        use serde_json::{json, Value};
-        if std::env::var("MINIGPT4_GEMV_LANES").is_ok_and(|v| !v.is_empty()) {
-            return Ok(());
-        }
-        let path = crate::download::default_dir()
-            .ok()
-            .map(|d| d.join("tune.json"));
-        let cache: Value = path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
-        (path, cache_key(gpu), cache)
-    };
+    let mut cache = TuneCache::open(gpu);
     for &(n, k, dt) in &todo {
-        #[cfg(not(target_arch = "wasm32"))]
-        if let Some(l) = cache[&key]["shapes"][name(n, k, dt)]
-            .as_u64()
-            .and_then(|l| parse_lanes("tune.json", &l.to_string()).ok())
-        {
+        let name = format!("{n}x{k} {}", dt.name());
+        if let Some(l) = cache.get(Some(&name)) {
             gpu.set_gemv_lanes_for(n, k, dt, l);
             continue;
         }
@@ -246,24 +291,9 @@ pub async fn tune_shapes(gpu: &Gpu, shapes: &[(usize, usize, DType)]) -> Result<
         let trials = measure_gemv_of(gpu, n, k, dt, reps, 3).await?;
         let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
         gpu.set_gemv_lanes_for(n, k, dt, lanes);
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            if !cache[&key].is_object() {
-                cache[&key] = serde_json::json!({});
-            }
-            if !cache[&key]["shapes"].is_object() {
-                cache[&key]["shapes"] = serde_json::json!({});
-            }
-            cache[&key]["shapes"][name(n, k, dt)] = serde_json::json!(lanes);
-        }
+        cache.set(Some(&name), lanes);
     }
-    #[cfg(not(target_arch = "wasm32"))]
-    if let Some(p) = &path {
-        // best effort, like autotune's
-        let _ = write_atomically(p, &serde_json::to_vec_pretty(&cache).unwrap_or_default());
-    }
-    #[cfg(target_arch = "wasm32")]
-    let _ = name;
+    cache.save();
     Ok(())
 }
 
