@@ -51,8 +51,7 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64
         f()?;
         v.push(t.elapsed().as_secs_f64());
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
+    Ok(synthetic::spread(v))
 }
 
 fn random_weight(
