@@ -111,6 +111,7 @@ impl Tokenizer {
                 "expected a tokenizer.json object with a \"model\" field, found none",
             ));
         }
+        check_decoder(&shown, doc.get("decoder"))?;
         let inner = tokenizers::Tokenizer::from_str(text).map_err(|e| {
             Error::format(
                 &shown,
@@ -562,6 +563,40 @@ impl Tokenizer {
 fn token_content(v: &Json) -> Option<&str> {
     v.as_str()
         .or_else(|| v.get("content").and_then(Json::as_str))
+}
+
+/// Refuses decoders the `tokenizers` crate accepts but then panics on: a `Strip` that cuts
+/// from the end (`stop` > 0) indexes past the start of an empty or all-`content` piece
+/// (tokenizers 0.22 `decoders/strip.rs`; found by the tokenizer_json fuzz target). No
+/// released model strips from the end; SentencePiece models strip one leading space.
+fn check_decoder(shown: &str, decoder: Option<&Json>) -> Result<()> {
+    let Some(d) = decoder else { return Ok(()) };
+    match d.get("type").and_then(Json::as_str) {
+        Some("Sequence") => {
+            for inner in d
+                .get("decoders")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+            {
+                check_decoder(shown, Some(inner))?;
+            }
+        }
+        Some("Strip") => {
+            let stop = d.get("stop").and_then(Json::as_u64).unwrap_or(0);
+            if stop > 0 {
+                return Err(Error::format(
+                    shown,
+                    format!(
+                        "decoder \"Strip\": expected \"stop\": 0 (only leading characters \
+                         can be stripped), found \"stop\": {stop}"
+                    ),
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// From a tokenizer.json `post_processor`: (adds BOS?, BOS id) when it is (or contains) a
@@ -1231,6 +1266,44 @@ mod tests {
                 .unwrap(),
             "hi é"
         );
+    }
+
+    #[test]
+    fn strip_decoders_that_cut_the_end_are_refused() {
+        // Found by the tokenizer_json fuzz target: tokenizers 0.22 panics decoding a piece
+        // that is empty or only `content` when a Strip decoder has stop > 0.
+        let t = Tokenizer::from_sentencepiece_bytes("tiny.model", &tiny_model(2)).unwrap();
+        let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
+        let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": 1});
+        doc["decoder"]["decoders"]
+            .as_array_mut()
+            .unwrap()
+            .push(strip);
+        let text = doc.to_string();
+        let e = Tokenizer::from_json_bytes("strip.json", text.as_bytes(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("strip.json") && e.contains("Strip") && e.contains("\"stop\": 1"),
+            "{e}"
+        );
+        // the crate does panic on it: the check is what stands between a file and a crash
+        let inner = tokenizers::Tokenizer::from_str(&text).unwrap();
+        let sp = t.piece_to_id("▁").unwrap();
+        let panicked = std::panic::catch_unwind(|| inner.decode(&[sp], false)).is_err();
+        assert!(
+            panicked,
+            "tokenizers no longer panics on Strip stop > 0; drop the check"
+        );
+        // stop: 0 (what SentencePiece conversions write) still loads and decodes
+        let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
+        let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": 0});
+        doc["decoder"]["decoders"]
+            .as_array_mut()
+            .unwrap()
+            .push(strip);
+        let ok = Tokenizer::from_json_bytes("ok.json", doc.to_string().as_bytes(), None).unwrap();
+        assert_eq!(ok.decode(&[sp], false).unwrap(), "");
     }
 
     #[test]
