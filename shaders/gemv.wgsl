@@ -1,15 +1,21 @@
 // GEMV for decode: out[m, out_col + n] (+)= sum_k x[m, k] * W[n, k] (+ bias), for M <= 4 rows
 // of x and K a multiple of 32 (one quantisation block).
 //
-// A workgroup of 64 invocations computes ROWS = 64 / LANES output columns n. The LANES
-// invocations of one column walk its K in whole 32-weight blocks (lane j takes blocks j,
-// j + LANES, ...), with u32 weight loads (8 four-bit or 4 eight-bit weights per load), one
-// scale per block, and x read as vec4. The LANES partial sums of a column are then added in
-// workgroup memory.
+// A workgroup of 64 invocations computes 4 ROWS output columns (ROWS = 64 / LANES; each
+// invocation takes columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS and shares every x load
+// among them). The LANES invocations of a column walk its K in whole 32-weight blocks (lane
+// j takes blocks j, j + LANES, ...; in decode, for q4 and q8, pairs of blocks, whose scales
+// share a word). Quantised weights are read with 16-byte loads (one per q4 block, two per q8
+// block) and x as vec4. The LANES partial sums of a column are then added in workgroup
+// memory.
+//
+// Memory-bound kernels on CPU drivers are bound by the number of loads (each is a gather
+// across the SIMD lanes), so wide loads and fewer scale loads are what count there; they are
+// also what GPUs coalesce best.
+//
 // LANES (1, 4, 8, 16, 32 or 64) is chosen per adapter by measurement (src/gpu/tune.rs): wide
 // for GPUs, whose neighbouring invocations should read neighbouring blocks; 1 suits CPU
-// drivers, where every invocation then reads the same x block at the same time (one load for
-// the whole SIMD vector) and no reduction step is needed.
+// drivers, where no reduction step is needed.
 
 #include common
 #include weights
@@ -55,36 +61,84 @@ fn xv(m: u32, b: u32, j: u32) -> vec4<f32> {
 #endif
 }
 
+// The pair of x vec4s that meets weights 8j .. 8j + 7, scaled to match `w8`.
+struct X8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+    sum: vec4<f32>, // lo + hi unscaled (for the per-block offset or minimum of q4 and q4m)
+}
+
+fn x8(m: u32, b: u32, j: u32) -> X8 {
+    let lo = xv(m, b, 2u * j);
+    let hi = xv(m, b, 2u * j + 1u);
+#if W_Q4 || W_Q4M
+    return X8(lo * XS, hi * XS, lo + hi);
+#else
+    return X8(lo, hi, vec4<f32>(0.0));
+#endif
+}
+
 // Eight consecutive weights (elements 8j .. 8j + 7 of a block), before the block scale.
 struct W8 {
     lo: vec4<f32>,
     hi: vec4<f32>,
 }
 
-// Four nibbles of `word` starting at bit `shift`, as f32 (signed conversions are the cheap ones).
-fn nibbles(word: i32, shift: u32) -> vec4<f32> {
-    let s = vec4<u32>(shift, shift + 4u, shift + 8u, shift + 12u);
-    return vec4<f32>((vec4<i32>(word) >> s) & vec4<i32>(15));
+#if W_Q4 || W_Q4M
+// 4-bit weights are isolated by masking alone: a word's low half holds weights 8j .. 8j + 3
+// at bits 0, 4, 8, 12; `(half & M4)` gives q * (1, 16, 256, 4096), and the matching x elements
+// are scaled by XS = (1, 1/16, 1/256, 1/4096) once per load (shared by every column that
+// uses them). Powers of two scale exactly, so q * x is unchanged; this saves a shift per
+// weight.
+const M4 = vec4<i32>(0xF, 0xF0, 0xF00, 0xF000);
+const XS = vec4<f32>(1.0, 0.0625, 0.00390625, 0.000244140625);
+
+// A block's weight data as loaded: one 16-byte load.
+alias WB = vec4<u32>;
+
+fn wload(blk: u32) -> WB {
+    return w[blk];
 }
 
-// Weights 8j .. 8j + 7 of block `blk` (block index within the tensor part): q - 8 for q4, q
-// for q4m and q8, the values themselves for f16 and f32.
-fn w8(blk: u32, j: u32) -> W8 {
-#if W_Q4
-    let word = bitcast<i32>(w[blk * 4u + j]);
-    return W8(nibbles(word, 0u) - 8.0, nibbles(word, 16u) - 8.0);
+// Weights 8j .. 8j + 7 of a loaded block: q, each times its nibble's place value (see M4; the
+// offset of q4 and the minimum of q4m are applied per block through the sum of x).
+fn w8(wb: WB, j: u32) -> W8 {
+    let v = bitcast<i32>(wb[j]);
+    return W8(vec4<f32>(vec4<i32>(v) & M4), vec4<f32>(vec4<i32>(v >> 16u) & M4));
+}
 #endif
-#if W_Q4M
-    let word = bitcast<i32>(w[blk * 4u + j]);
-    return W8(nibbles(word, 0u), nibbles(word, 16u));
-#endif
+
 #if W_Q8
+// A block's weight data as loaded: two 16-byte loads.
+struct WB {
+    a: vec4<u32>,
+    b: vec4<u32>,
+}
+
+fn wload(blk: u32) -> WB {
+    return WB(w[2u * blk], w[2u * blk + 1u]);
+}
+
+// Weights 8j .. 8j + 7 of a loaded block: q (sign-extended bytes).
+fn w8(wb: WB, j: u32) -> W8 {
+    let v = select(wb.a, wb.b, j >= 2u);
     let sh = vec4<u32>(24u, 16u, 8u, 0u);
-    let a = bitcast<i32>(w[blk * 8u + 2u * j]);
-    let c = bitcast<i32>(w[blk * 8u + 2u * j + 1u]);
+    let a = bitcast<i32>(v[(2u * j) & 3u]);
+    let c = bitcast<i32>(v[(2u * j + 1u) & 3u]);
     return W8(vec4<f32>((vec4<i32>(a) << sh) >> vec4<u32>(24u)),
               vec4<f32>((vec4<i32>(c) << sh) >> vec4<u32>(24u)));
+}
 #endif
+
+#if W_F16 || W_F32
+// Unquantised blocks are read as they are used: the block index stands for the data.
+alias WB = u32;
+
+fn wload(blk: u32) -> WB {
+    return blk;
+}
+
+fn w8(blk: WB, j: u32) -> W8 {
 #if W_F16
     let i = blk * 16u + 4u * j;
 #if F16
@@ -101,75 +155,129 @@ fn w8(blk: u32, j: u32) -> W8 {
               vec4<f32>(w[e + 4u], w[e + 5u], w[e + 6u], w[e + 7u]));
 #endif
 }
-
-// A block's dot product from its unscaled sum s and (q4m) the sum of its x.
-fn finish(blk: u32, s: vec4<f32>, sx: vec4<f32>) -> f32 {
-    let t = dot(s, vec4<f32>(1.0));
-#if W_Q4
-    return t * scale_at(blk);
 #endif
-#if W_Q8
-    return t * scale_at(blk);
+
+// Whether decode walks K in pairs of blocks (see dm2): for the formats whose scales pair up.
+#if W_Q4 || W_Q8
+const PAIRED: bool = true;
+#else
+const PAIRED: bool = false;
+#endif
+
+// (scale, minimum) of block blk: (d, 0) for q4 and q8, (d, m) for q4m, (1, 0) unquantised.
+fn dm1(blk: u32) -> vec2<f32> {
+#if W_Q4 || W_Q8
+    return vec2<f32>(scale_at(blk), 0.0);
 #endif
 #if W_Q4M
-    let dm = unpack2x16float(w_scales[blk]);
+    return unpack2x16float(w_scales[blk]);
+#endif
+#if W_F16 || W_F32
+    return vec2<f32>(1.0, 0.0);
+#endif
+}
+
+// The same for blocks blk and blk + 1, blk even: q4 and q8 keep both scales in one word, so
+// a pair of blocks costs one scale load instead of two.
+fn dm2(blk: u32) -> vec4<f32> {
+#if W_Q4 || W_Q8
+    let d = unpack2x16float(w_scales[blk >> 1u]);
+    return vec4<f32>(d.x, 0.0, d.y, 0.0);
+#else
+    return vec4<f32>(dm1(blk), dm1(blk + 1u));
+#endif
+}
+
+// A block's dot product from its unscaled sum s, the sum of its x (sx) and its dm.
+fn finish(s: vec4<f32>, sx: vec4<f32>, dm: vec2<f32>) -> f32 {
+    let t = dot(s, vec4<f32>(1.0));
+#if W_Q4
+    return (t - 8.0 * dot(sx, vec4<f32>(1.0))) * dm.x;
+#endif
+#if W_Q4M
     return t * dm.x + dot(sx, vec4<f32>(1.0)) * dm.y;
 #endif
-#if W_F16
-    return t;
-#endif
-#if W_F32
-    return t;
+#if W_Q8 || W_F16 || W_F32
+    return t * dm.x;
 #endif
 }
 
 // sum_j W[n, 32 b + j] * x[m, 32 b + j] for block b of column n.
 fn block_dot(n: u32, b: u32, m: u32) -> f32 {
     let blk = n * (p.k / 32u) + b;
+    let wb = wload(blk);
     var s = vec4<f32>(0.0);
     var sx = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
-        let x0 = xv(m, b, 2u * j);
-        let x1 = xv(m, b, 2u * j + 1u);
-        let q = w8(blk, j);
-        s += q.lo * x0 + q.hi * x1;
-#if W_Q4M
-        sx += x0 + x1;
-#endif
+        let xj = x8(m, b, j);
+        let q = w8(wb, j);
+        s += q.lo * xj.lo + q.hi * xj.hi;
+        sx += xj.sum;
     }
-    return finish(blk, s, sx);
+    return finish(s, sx, dm1(blk));
 }
 
-// The same for four columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS and row 0 of x, sharing
-// every x load (on CPU drivers each x load is a gather; on GPUs it saves cache traffic).
+// Unscaled sums of block b for four columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS and row 0 of
+// x, sharing every x load (on CPU drivers each x load is a gather; on GPUs it saves cache
+// traffic).
+struct Sums4 {
+    s0: vec4<f32>,
+    s1: vec4<f32>,
+    s2: vec4<f32>,
+    s3: vec4<f32>,
+    sx: vec4<f32>,
+}
+
+fn sums4(blk: u32, stride: u32, b: u32) -> Sums4 {
+    var r = Sums4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let c0 = wload(blk);
+    let c1 = wload(blk + stride);
+    let c2 = wload(blk + 2u * stride);
+    let c3 = wload(blk + 3u * stride);
+    for (var j = 0u; j < 4u; j++) {
+        let xj = x8(0u, b, j);
+        let q0 = w8(c0, j);
+        let q1 = w8(c1, j);
+        let q2 = w8(c2, j);
+        let q3 = w8(c3, j);
+        r.s0 += q0.lo * xj.lo + q0.hi * xj.hi;
+        r.s1 += q1.lo * xj.lo + q1.hi * xj.hi;
+        r.s2 += q2.lo * xj.lo + q2.hi * xj.hi;
+        r.s3 += q3.lo * xj.lo + q3.hi * xj.hi;
+        r.sx += xj.sum;
+    }
+    return r;
+}
+
+// Block b of the four columns, finished.
 fn block_dot4(n: u32, b: u32) -> vec4<f32> {
     let stride = ROWS * (p.k / 32u);
     let blk = n * (p.k / 32u) + b;
-    var s0 = vec4<f32>(0.0);
-    var s1 = vec4<f32>(0.0);
-    var s2 = vec4<f32>(0.0);
-    var s3 = vec4<f32>(0.0);
-    var sx = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u; j++) {
-        let x0 = xv(0u, b, 2u * j);
-        let x1 = xv(0u, b, 2u * j + 1u);
-        let q0 = w8(blk, j);
-        let q1 = w8(blk + stride, j);
-        let q2 = w8(blk + 2u * stride, j);
-        let q3 = w8(blk + 3u * stride, j);
-        s0 += q0.lo * x0 + q0.hi * x1;
-        s1 += q1.lo * x0 + q1.hi * x1;
-        s2 += q2.lo * x0 + q2.hi * x1;
-        s3 += q3.lo * x0 + q3.hi * x1;
-#if W_Q4M
-        sx += x0 + x1;
-#endif
-    }
+    let r = sums4(blk, stride, b);
     return vec4<f32>(
-        finish(blk, s0, sx),
-        finish(blk + stride, s1, sx),
-        finish(blk + 2u * stride, s2, sx),
-        finish(blk + 3u * stride, s3, sx),
+        finish(r.s0, r.sx, dm1(blk)),
+        finish(r.s1, r.sx, dm1(blk + stride)),
+        finish(r.s2, r.sx, dm1(blk + 2u * stride)),
+        finish(r.s3, r.sx, dm1(blk + 3u * stride)),
+    );
+}
+
+// Blocks b and b + 1 (b even, K a multiple of 64) of the four columns, finished: one scale
+// load per column for both blocks.
+fn block_pair_dot4(n: u32, b: u32) -> vec4<f32> {
+    let stride = ROWS * (p.k / 32u);
+    let blk = n * (p.k / 32u) + b;
+    let d0 = dm2(blk);
+    let d1 = dm2(blk + stride);
+    let d2 = dm2(blk + 2u * stride);
+    let d3 = dm2(blk + 3u * stride);
+    let r = sums4(blk, stride, b);
+    let t = sums4(blk + 1u, stride, b + 1u);
+    return vec4<f32>(
+        finish(r.s0, r.sx, d0.xy) + finish(t.s0, t.sx, d0.zw),
+        finish(r.s1, r.sx, d1.xy) + finish(t.s1, t.sx, d1.zw),
+        finish(r.s2, r.sx, d2.xy) + finish(t.s2, t.sx, d2.zw),
+        finish(r.s3, r.sx, d3.xy) + finish(t.s3, t.sx, d3.zw),
     );
 }
 
@@ -191,13 +299,21 @@ fn gemv(ids: Ids, grp: Grp) {
     let blocks = p.k / 32u;
     if (n + 3u * ROWS < p.n && p.m == 1u) {
         // decode, all four columns present: one x load serves four weight loads
-        for (var b = lane; b < blocks; b += LANES) {
-            let d = block_dot4(n, b);
-            acc0.x += d.x;
-            acc1.x += d.y;
-            acc2.x += d.z;
-            acc3.x += d.w;
+        var d = vec4<f32>(0.0);
+        if (PAIRED && blocks % 2u == 0u) {
+            // pairs of blocks (lane j takes pairs j, j + LANES, ...)
+            for (var b = 2u * lane; b < blocks; b += 2u * LANES) {
+                d += block_pair_dot4(n, b);
+            }
+        } else {
+            for (var b = lane; b < blocks; b += LANES) {
+                d += block_dot4(n, b);
+            }
         }
+        acc0.x = d.x;
+        acc1.x = d.y;
+        acc2.x = d.z;
+        acc3.x = d.w;
     } else {
         for (var b = lane; b < blocks; b += LANES) {
             for (var m = 0u; m < p.m; m++) {

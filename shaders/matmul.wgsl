@@ -16,7 +16,7 @@ fn w_dot8(wi: u32, xi: u32, count: u32) -> f32 {
     var acc = 0.0;
 #if W_Q4
     if (count == 8u) {
-        let word = w[wi >> 3u];
+        let word = w[wi >> 5u][(wi >> 3u) & 3u];
         let d = scale_at(wi >> 5u);
         var s = 0.0;
         for (var j = 0u; j < 8u; j++) {

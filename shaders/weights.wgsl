@@ -28,7 +28,9 @@ fn w_at(i: u32) -> f32 {
 #endif
 
 #if W_Q8
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+// Two elements per 32-weight block (16-byte loads: memory-bound kernels are bound by the
+// number of loads on CPU drivers, and wide loads are what GPUs coalesce best).
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> w_scales: array<u32>;
 
 fn scale_at(b: u32) -> f32 {
@@ -36,13 +38,14 @@ fn scale_at(b: u32) -> f32 {
 }
 
 fn w_at(i: u32) -> f32 {
-    let q = extractBits(bitcast<i32>(w[i >> 2u]), (i & 3u) * 8u, 8u);
+    let q = extractBits(bitcast<i32>(w[i >> 4u][(i >> 2u) & 3u]), (i & 3u) * 8u, 8u);
     return f32(q) * scale_at(i >> 5u);
 }
 #endif
 
 #if W_Q4
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+// One element per 32-weight block (one 16-byte load per block).
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> w_scales: array<u32>;
 
 fn scale_at(b: u32) -> f32 {
@@ -50,18 +53,19 @@ fn scale_at(b: u32) -> f32 {
 }
 
 fn w_at(i: u32) -> f32 {
-    let q = extractBits(w[i >> 3u], (i & 7u) * 4u, 4u);
+    let q = extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u);
     return (f32(q) - 8.0) * scale_at(i >> 5u);
 }
 #endif
 
 #if W_Q4M
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+// One element per 32-weight block, as for q4.
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> w_scales: array<u32>;
 
 // One word per block: f16 scale d (low half), f16 minimum m (high half); w = q * d + m.
 fn w_at(i: u32) -> f32 {
-    let q = extractBits(w[i >> 3u], (i & 7u) * 4u, 4u);
+    let q = extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u);
     let dm = unpack2x16float(w_scales[i >> 5u]);
     return f32(q) * dm.x + dm.y;
 }

@@ -129,13 +129,18 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
         for dt in DType::ALL {
             for lanes in GEMV_LANES {
                 // N not a multiple of the columns per workgroup; K from one block to many,
-                // with lanes idle when K has fewer blocks than lanes; M from 1 to 4.
+                // with lanes idle when K has fewer blocks than lanes; M from 1 to 4. For one
+                // row (x staged in chunks of 32 to 128 blocks): several chunks, the last one
+                // partial, with an odd and an even number of blocks (pairs of blocks share a
+                // scale word in q4 and q8).
                 for (m, n, k) in [
                     (1, 1, 32),
                     (1, 7, 96),
                     (2, 33, 64),
                     (4, 65, 1408),
                     (3, 130, 2048),
+                    (1, 130, 4160),
+                    (1, 67, 4192),
                 ] {
                     seed += 1;
                     check_matmul(

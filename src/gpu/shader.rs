@@ -1,7 +1,8 @@
 //! WGSL sources, a tiny explicit preprocessor, and the compiled-pipeline cache.
 //!
 //! The preprocessor understands, at the start of a line:
-//! `#include NAME` (another file of `shaders/`), `#if FLAG`, `#if !FLAG`, `#else`, `#endif`.
+//! `#include NAME` (another file of `shaders/`), `#if FLAG`, `#if !FLAG`, `#if A || B` (any of
+//! them), `#else`, `#endif`.
 //! Flags come from the kernel [`Variant`] (`F16`, `SUBGROUPS`) and from the op (e.g. `W_Q4`).
 //! Nothing else is rewritten, so the shader a driver sees is the file with lines removed.
 
@@ -156,7 +157,10 @@ fn expand(name: &str, flags: &[&str], out: &mut String, depth: usize) -> Result<
     if depth > 4 {
         return Err(Error::Gpu(format!("#include nested too deep at '{name}'")));
     }
-    let src = source(name)?;
+    expand_src(name, source(name)?, flags, out, depth)
+}
+
+fn expand_src(name: &str, src: &str, flags: &[&str], out: &mut String, depth: usize) -> Result<()> {
     // stack of (this branch active, any enclosing branch inactive)
     let mut stack: Vec<(bool, bool)> = Vec::new();
     let active = |s: &Vec<(bool, bool)>| s.iter().all(|(a, _)| *a);
@@ -164,12 +168,13 @@ fn expand(name: &str, flags: &[&str], out: &mut String, depth: usize) -> Result<
         let t = line.trim_start();
         let bad = |what: &str| Error::Gpu(format!("{name}.wgsl:{}: {what}", lineno + 1));
         if let Some(rest) = t.strip_prefix("#if ") {
-            let rest = rest.trim();
-            let (neg, flag) = match rest.strip_prefix('!') {
-                Some(f) => (true, f.trim()),
-                None => (false, rest),
-            };
-            let on = flags.contains(&flag) != neg;
+            let on = rest.split("||").any(|term| {
+                let term = term.trim();
+                match term.strip_prefix('!') {
+                    Some(f) => !flags.contains(&f.trim()),
+                    None => flags.contains(&term),
+                }
+            });
             stack.push((on, false));
         } else if t.starts_with("#else") {
             let top = stack.last_mut().ok_or_else(|| bad("#else without #if"))?;
@@ -256,6 +261,27 @@ fn poisoned<T>(_: T) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conditionals_select_lines() {
+        let src = "a\n#if X\nx\n#else\nnot x\n#endif\n#if !Y\nnot y\n#endif\n\
+                   #if Y || X\nx or y\n#endif\n#if Y || !Z\ny or not z\n#endif\nb\n";
+        let run = |flags: &[&str]| {
+            let mut out = String::new();
+            expand_src("t", src, flags, &mut out, 0).unwrap();
+            out.lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .join("|")
+        };
+        assert_eq!(run(&[]), "a|not x|not y|y or not z|b");
+        assert_eq!(run(&["X"]), "a|x|not y|x or y|y or not z|b");
+        assert_eq!(run(&["Y", "Z"]), "a|not x|x or y|y or not z|b");
+        assert_eq!(run(&["Z"]), "a|not x|not y|b");
+        let mut out = String::new();
+        let e = expand_src("t", "#if X\n", &[], &mut out, 0).unwrap_err();
+        assert!(e.to_string().contains("unterminated"), "{e}");
+    }
 
     #[test]
     fn every_family_preprocesses_for_every_variant() {
