@@ -55,56 +55,74 @@ const TM: u32 = 64u;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
 
-var<workgroup> xs: array<f32, 1024>; // [TK][TM]
-var<workgroup> ws: array<f32, 1024>; // [TK][TN]
+// The tiles, transposed and four wide: xs4[kk * 16 + i] holds x rows m0 + 4i .. 4i + 3 at
+// k0 + kk, ws4 the same for weight rows (output columns). The inner loop reads one vec4 of
+// each per step and does 16 multiply-adds with them.
+var<workgroup> xs4: array<vec4<f32>, 256>;
+var<workgroup> ws4: array<vec4<f32>, 256>;
 
-// Workgroup (x, y) computes output columns x*64.. and rows y*64..; each invocation a 4x4 block.
+// Workgroup (x, y) computes output columns x*64.. and rows y*64..; each invocation a 4x4 block
+// (rows m0 + 4 l.y .., columns n0 + 4 l.x ..) held in registers.
 @compute @workgroup_size(16, 16)
 fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
         @builtin(local_invocation_index) li: u32,
         @builtin(workgroup_id) wg: vec3<u32>) {
     let n0 = wg.x * TN;
     let m0 = wg.y * TM;
-    var acc: array<f32, 16>;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    // This invocation loads 4 consecutive k (k0 + 4 kq ..) of tile row r, for x and for W.
+    let r = li / 4u;
+    let kq = li % 4u;
+    let slot = kq * 64u + r / 4u; // xs4 index of k0 + 4 kq, row r (+ 16 per further k)
+    let c = r % 4u;
+    let whole = p.k % 4u == 0u; // W rows start on a multiple of 4: one w4_at per 4 weights
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
-        for (var e = 0u; e < 4u; e++) {
-            let idx = li + e * 256u;
-            let r = idx / TK;
-            let kk = idx % TK;
-            let gk = k0 + kk;
-            var xv = 0.0;
-            if (m0 + r < p.m && gk < p.k) {
-                xv = x[(m0 + r) * p.x_stride + gk];
-            }
-            xs[kk * TM + r] = xv;
-            var wv = 0.0;
-            if (n0 + r < p.n && gk < p.k) {
-                wv = w_at((n0 + r) * p.k + gk);
-            }
-            ws[kk * TN + r] = wv;
-        }
-        workgroupBarrier();
-        for (var kk = 0u; kk < TK; kk++) {
-            var a: array<f32, 4>;
-            var b: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                a[i] = xs[kk * TM + l.y * 4u + i];
-                b[i] = ws[kk * TN + l.x * 4u + i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] += a[i] * b[j];
+        let gk = k0 + 4u * kq;
+        var xv = vec4<f32>(0.0);
+        if (m0 + r < p.m) {
+            for (var e = 0u; e < 4u; e++) {
+                if (gk + e < p.k) {
+                    xv[e] = x[(m0 + r) * p.x_stride + gk + e];
                 }
             }
         }
+        var wv = vec4<f32>(0.0);
+        if (n0 + r < p.n && gk < p.k) {
+            if (whole) {
+                wv = w4_at((n0 + r) * p.k + gk);
+            } else {
+                for (var e = 0u; e < 4u; e++) {
+                    if (gk + e < p.k) {
+                        wv[e] = w_at((n0 + r) * p.k + gk + e);
+                    }
+                }
+            }
+        }
+        for (var e = 0u; e < 4u; e++) {
+            xs4[slot + e * 16u][c] = xv[e];
+            ws4[slot + e * 16u][c] = wv[e];
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk++) {
+            let a = xs4[kk * 16u + l.y];
+            let b = ws4[kk * 16u + l.x];
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
+        }
         workgroupBarrier();
     }
+    let acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + l.y * 4u + i;
         for (var j = 0u; j < 4u; j++) {
             let n = n0 + l.x * 4u + j;
             if (m < p.m && n < p.n) {
-                store(m, n, acc[i * 4u + j]);
+                store(m, n, acc[i][j]);
             }
         }
     }

@@ -1,12 +1,17 @@
 // Weight storage formats (see src/quant.rs for the byte layout). Exactly one W_* flag is set.
 // Declares binding 2 (`w`, the data words) and, for quantised formats, binding 3 (`w_scales`),
-// and `w_at(i)`: element i (row-major within the tensor part) as f32.
+// `w_at(i)`: element i (row-major within the tensor part) as f32, and `w4_at(i)`: elements
+// i .. i + 3 (i a multiple of 4) with one data load and at most one scale load.
 
 #if W_F32
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 
 fn w_at(i: u32) -> f32 {
     return w[i];
+}
+
+fn w4_at(i: u32) -> vec4<f32> {
+    return vec4<f32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
 }
 #endif
 
@@ -18,11 +23,19 @@ fn w_at(i: u32) -> f32 {
 fn w_at(i: u32) -> f32 {
     return f32(w[i >> 1u][i & 1u]);
 }
+
+fn w4_at(i: u32) -> vec4<f32> {
+    return vec4<f32>(vec2<f32>(w[i >> 1u]), vec2<f32>(w[(i >> 1u) + 1u]));
+}
 #else
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 
 fn w_at(i: u32) -> f32 {
     return unpack2x16float(w[i >> 1u])[i & 1u];
+}
+
+fn w4_at(i: u32) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w[i >> 1u]), unpack2x16float(w[(i >> 1u) + 1u]));
 }
 #endif
 #endif
@@ -41,6 +54,12 @@ fn w_at(i: u32) -> f32 {
     let q = extractBits(bitcast<i32>(w[i >> 4u][(i >> 2u) & 3u]), (i & 3u) * 8u, 8u);
     return f32(q) * scale_at(i >> 5u);
 }
+
+fn w4_at(i: u32) -> vec4<f32> {
+    let v = vec4<i32>(bitcast<i32>(w[i >> 4u][(i >> 2u) & 3u]));
+    let q = (v << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+    return vec4<f32>(q) * scale_at(i >> 5u);
+}
 #endif
 
 #if W_Q4
@@ -56,6 +75,12 @@ fn w_at(i: u32) -> f32 {
     let q = extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u);
     return (f32(q) - 8.0) * scale_at(i >> 5u);
 }
+
+fn w4_at(i: u32) -> vec4<f32> {
+    let word = w[i >> 5u][(i >> 3u) & 3u] >> ((i & 4u) * 4u);
+    let q = (vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
+    return (vec4<f32>(q) - 8.0) * scale_at(i >> 5u);
+}
 #endif
 
 #if W_Q4M
@@ -68,5 +93,12 @@ fn w_at(i: u32) -> f32 {
     let q = extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u);
     let dm = unpack2x16float(w_scales[i >> 5u]);
     return f32(q) * dm.x + dm.y;
+}
+
+fn w4_at(i: u32) -> vec4<f32> {
+    let word = w[i >> 5u][(i >> 3u) & 3u] >> ((i & 4u) * 4u);
+    let q = (vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
+    let dm = unpack2x16float(w_scales[i >> 5u]);
+    return vec4<f32>(q) * dm.x + dm.y;
 }
 #endif

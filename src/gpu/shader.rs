@@ -124,6 +124,19 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("topk", &[&[], &["NEXT"]]),
 ];
 
+/// A fingerprint (FNV-1a, 64 bits) of every kernel source: tuning results cached on disk are
+/// keyed by it, so that a changed kernel is measured again instead of reusing stale choices.
+pub fn sources_fingerprint() -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, src) in SOURCES {
+        for b in name.bytes().chain([0]).chain(src.bytes()).chain([0]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 fn source(name: &str) -> Result<&'static str> {
     SOURCES
         .iter()

@@ -115,17 +115,19 @@ pub fn fastest(trials: &[Trial]) -> Option<u32> {
         .map(|t| t.lanes)
 }
 
-/// The key a tuning result is stored under: everything that can change the best choice.
+/// The key a tuning result is stored under: everything that can change the best choice (the
+/// adapter, its driver, the kernel variant, and the kernels' own source).
 pub fn cache_key(gpu: &Gpu) -> String {
     let i = &gpu.info;
     format!(
-        "{} | {:?} | {} {} | {} | v{}",
+        "{} | {:?} | {} {} | {} | v{} | kernels {:016x}",
         i.name,
         i.backend,
         i.driver,
         i.driver_info,
         gpu.best_variant.name(),
-        env!("CARGO_PKG_VERSION")
+        env!("CARGO_PKG_VERSION"),
+        crate::gpu::shader::sources_fingerprint()
     )
 }
 
