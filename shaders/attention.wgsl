@@ -31,17 +31,37 @@ struct Params {
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-// Keys and values: f32, or (KV_F16, a LLaMA KV cache) f16 pairs packed in u32 words.
+// Keys and values: f32, or (KV_F16, a LLaMA KV cache) f16 pairs, read as 16-byte words of
+// eight halves (tensor buffers are whole 16-byte units).
+struct H8 {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
 #if KV_F16
-@group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> v: array<u32>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
+
+fn halves8(w: vec4<u32>) -> H8 {
+    return H8(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)),
+              vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)));
+}
 
 fn k_at(i: u32) -> f32 {
-    return unpack2x16float(k[i >> 1u])[i & 1u];
+    return unpack2x16float(k[i >> 3u][(i >> 1u) & 3u])[i & 1u];
 }
 
 fn v_at(i: u32) -> f32 {
-    return unpack2x16float(v[i >> 1u])[i & 1u];
+    return unpack2x16float(v[i >> 3u][(i >> 1u) & 3u])[i & 1u];
+}
+
+// Elements i .. i + 7 (i a multiple of 8): one load.
+fn k8(i: u32) -> H8 {
+    return halves8(k[i >> 3u]);
+}
+
+fn v8(i: u32) -> H8 {
+    return halves8(v[i >> 3u]);
 }
 #else
 @group(0) @binding(2) var<storage, read> k: array<f32>;
@@ -54,11 +74,95 @@ fn k_at(i: u32) -> f32 {
 fn v_at(i: u32) -> f32 {
     return v[i];
 }
+
+fn k8(i: u32) -> H8 {
+    return H8(vec4<f32>(k[i], k[i + 1u], k[i + 2u], k[i + 3u]),
+              vec4<f32>(k[i + 4u], k[i + 5u], k[i + 6u], k[i + 7u]));
+}
+
+fn v8(i: u32) -> H8 {
+    return H8(vec4<f32>(v[i], v[i + 1u], v[i + 2u], v[i + 3u]),
+              vec4<f32>(v[i + 4u], v[i + 5u], v[i + 6u], v[i + 7u]));
+}
 #endif
 
 const MAXD: u32 = 256u;
-var<workgroup> qs: array<f32, MAXD>;
-var<workgroup> pw: array<f32, WG>;
+const CH: u32 = 256u; // keys per split of attention_split: 4 per invocation
+var<workgroup> qs: array<vec4<f32>, 64>; // the query row (MAXD floats)
+var<workgroup> pw: array<f32, CH>; // softmax weights of the keys in hand
+var<workgroup> vpart: array<vec4<f32>, 128>; // v_sum's partial sums
+
+// Whether heads are read eight elements at a time: head_dim and every offset and stride of K
+// and V multiples of 8 (always for LLaMA, the ViT and the Q-Former).
+fn by8() -> bool {
+    return (p.d | p.k_off | p.k_stride | p.v_off | p.v_stride) % 8u == 0u;
+}
+
+// q . k for the key whose first element is kb (q in qs).
+fn qk(kb: u32) -> f32 {
+    var s = 0.0;
+    if (by8()) {
+        for (var d = 0u; d < p.d; d += 8u) {
+            let kk = k8(kb + d);
+            s += dot(qs[d / 4u], kk.lo) + dot(qs[d / 4u + 1u], kk.hi);
+        }
+    } else {
+        for (var d = 0u; d < p.d; d++) {
+            s += qs[d / 4u][d % 4u] * k_at(kb + d);
+        }
+    }
+    return s;
+}
+
+// sum_{j < cnt} pw[j] * V[j], where V[j] starts at element vb + j * v_stride, for dims
+// lid + i * WG (i = 0..3) of this invocation. Called by the whole workgroup with pw written and
+// visible. With by8, invocations split into groups of 8 dims x groups of keys, each reading
+// 8 values per load; the key groups' sums meet in vpart.
+fn v_sum(vb: u32, cnt: u32, lid: u32) -> array<f32, 4> {
+    var out: array<f32, 4>;
+    if (by8()) {
+        let groups = p.d / 8u;
+        let kgs = WG / groups;
+        let dg = lid % groups;
+        let kg = lid / groups;
+        if (kg < kgs) {
+            var lo = vec4<f32>(0.0);
+            var hi = vec4<f32>(0.0);
+            for (var j = kg; j < cnt; j += kgs) {
+                let w = pw[j];
+                let vv = v8(vb + j * p.v_stride + 8u * dg);
+                lo += w * vv.lo;
+                hi += w * vv.hi;
+            }
+            vpart[2u * (kg * groups + dg)] = lo;
+            vpart[2u * (kg * groups + dg) + 1u] = hi;
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < 4u; i++) {
+            let d = lid + i * WG;
+            if (d < p.d) {
+                var s = 0.0;
+                for (var g = 0u; g < kgs; g++) {
+                    s += vpart[2u * g * groups + d / 4u][d % 4u];
+                }
+                out[i] = s;
+            }
+        }
+        workgroupBarrier();
+    } else {
+        for (var i = 0u; i < 4u; i++) {
+            let d = lid + i * WG;
+            if (d < p.d) {
+                var s = 0.0;
+                for (var j = 0u; j < cnt; j++) {
+                    s += pw[j] * v_at(vb + j * p.v_stride + d);
+                }
+                out[i] = s;
+            }
+        }
+    }
+    return out;
+}
 
 @compute @workgroup_size(64)
 fn attention(ids: Ids, grp: Grp) {
@@ -71,7 +175,7 @@ fn attention(ids: Ids, grp: Grp) {
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
     for (var d = ids.lid; d < p.d; d += WG) {
-        qs[d] = q[qb + d];
+        qs[d / 4u][d % 4u] = q[qb + d];
     }
     workgroupBarrier();
     var kv_len = p.s;
@@ -85,12 +189,7 @@ fn attention(ids: Ids, grp: Grp) {
         let j = base + ids.lid;
         var sc = NEG_BIG;
         if (j < kv_len) {
-            let kb = p.k_off + j * p.k_stride + kvh * p.d;
-            var dot = 0.0;
-            for (var d = 0u; d < p.d; d++) {
-                dot += qs[d] * k_at(kb + d);
-            }
-            sc = dot * p.scale;
+            sc = qk(p.k_off + j * p.k_stride + kvh * p.d) * p.scale;
         }
         let m_new = max(m_run, wg_max(sc, ids));
         var pj = 0.0;
@@ -103,16 +202,9 @@ fn attention(ids: Ids, grp: Grp) {
         let corr = exp(m_run - m_new);
         l_run = l_run * corr + chunk_sum;
         let cnt = min(WG, kv_len - base);
+        let chunk = v_sum(p.v_off + base * p.v_stride + kvh * p.d, cnt, ids.lid);
         for (var i = 0u; i < 4u; i++) {
-            let d = ids.lid + i * WG;
-            if (d < p.d) {
-                var a = acc[i] * corr;
-                let vb = p.v_off + base * p.v_stride + kvh * p.d + d;
-                for (var jj = 0u; jj < cnt; jj++) {
-                    a += pw[jj] * v_at(vb + jj * p.v_stride);
-                }
-                acc[i] = a;
-            }
+            acc[i] = acc[i] * corr + chunk[i];
         }
         m_run = m_new;
         workgroupBarrier();
@@ -135,11 +227,7 @@ fn attention(ids: Ids, grp: Grp) {
 // maximum and divides. Long contexts then keep every compute unit busy instead of one
 // workgroup per head walking the whole cache.
 
-const CH: u32 = 256u; // keys per split: 4 per invocation
-
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;
-
-var<workgroup> sc: array<f32, CH>;
 
 fn splits() -> u32 {
     return (p.s + CH - 1u) / CH;
@@ -165,7 +253,7 @@ fn attention_split(ids: Ids, grp: Grp) {
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
     for (var d = ids.lid; d < p.d; d += WG) {
-        qs[d] = q[qb + d] * p.scale;
+        qs[d / 4u][d % 4u] = q[qb + d] * p.scale;
     }
     workgroupBarrier();
     let j0 = c * CH;
@@ -175,14 +263,9 @@ fn attention_split(ids: Ids, grp: Grp) {
         let jj = ids.lid + i * WG;
         var score = NEG_BIG;
         if (j0 + jj < j1) {
-            let kb = p.k_off + (j0 + jj) * p.k_stride + kvh * p.d;
-            var dot = 0.0;
-            for (var d = 0u; d < p.d; d++) {
-                dot += qs[d] * k_at(kb + d);
-            }
-            score = dot;
+            score = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.d);
         }
-        sc[jj] = score;
+        pw[jj] = score;
         mx = max(mx, score);
     }
     let m = wg_max(mx, ids);
@@ -191,22 +274,21 @@ fn attention_split(ids: Ids, grp: Grp) {
         let jj = ids.lid + i * WG;
         var e = 0.0;
         if (j0 + jj < j1) {
-            e = exp(sc[jj] - m);
+            e = exp(pw[jj] - m);
         }
-        sc[jj] = e;
+        pw[jj] = e;
         l += e;
     }
-    // wg_sum starts with a barrier: every sc write is visible after it
+    // wg_sum starts with a barrier: every pw write is visible after it
     let lsum = wg_sum(l, ids);
     let pb = ((ti * p.hq + h) * ns + c) * (p.d + 2u);
     let cnt = select(0u, j1 - j0, j1 > j0);
-    for (var d = ids.lid; d < p.d; d += WG) {
-        let vb = p.v_off + j0 * p.v_stride + kvh * p.d + d;
-        var a = 0.0;
-        for (var jj = 0u; jj < cnt; jj++) {
-            a += sc[jj] * v_at(vb + jj * p.v_stride);
+    let sums = v_sum(p.v_off + j0 * p.v_stride + kvh * p.d, cnt, ids.lid);
+    for (var i = 0u; i < 4u; i++) {
+        let d = ids.lid + i * WG;
+        if (d < p.d) {
+            part[pb + 2u + d] = sums[i];
         }
-        part[pb + 2u + d] = a;
     }
     if (ids.lid == 0u) {
         part[pb] = m;

@@ -55,10 +55,12 @@ pub fn stored_row_bytes(dtype: DType, cols: usize, scales: bool) -> usize {
     }
 }
 
+/// Buffers are sized in whole 16-byte units, so that kernels may view any tensor as vec4
+/// elements (16-byte loads) without its last few words falling outside the view.
 fn new_buffer_unchecked(gpu: &Gpu, label: &str, words: usize) -> wgpu::Buffer {
     gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: (words.max(1) * 4) as u64,
+        size: (words.max(1).next_multiple_of(4) * 4) as u64,
         usage: USAGE,
         mapped_at_creation: false,
     })
