@@ -340,10 +340,16 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         }
     }
     let ctx_short = if a.tiny { 16 } else { 128 };
-    crate::gpu::recorder::profile::take();
     let short = decode_at(gpu, a, &mut llm, ctx_short)?;
-    for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(12) {
-        eprintln!("profile: {secs:>8.4} s {n:>6}× {kernel}");
+    // MINIGPT4_PROFILE=1: where the timed decode steps of the last run went (each dispatch
+    // submitted and waited for alone, so small kernels carry the submit cost)
+    let tokens = if a.tiny { 4.0 } else { 16.0 };
+    for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
+        eprintln!(
+            "profile: {:>7.3} ms/token {:>5.1} dispatches/token  {kernel}",
+            secs * 1e3 / tokens,
+            *n as f64 / tokens
+        );
     }
     let long = decode_at(gpu, a, &mut llm, ctx_long)?;
     let predicted = if predicted_s > 0.0 {

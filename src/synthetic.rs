@@ -146,6 +146,9 @@ pub async fn decode_seconds(
         }
         // one untimed step: the decode plan is recorded and its pipelines compiled
         let mut tok = llm.forward_argmax(gpu, Input::Ids(&[5]), vocab).await?;
+        // MINIGPT4_PROFILE: per-kernel totals of the timed steps only
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::gpu::recorder::profile::take();
         let t = now_s();
         for _ in 0..steps.max(1) {
             tok = llm.forward_argmax(gpu, Input::Ids(&[tok]), vocab).await?;
