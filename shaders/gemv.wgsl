@@ -44,21 +44,9 @@ const LANES: u32 = 64u;
 const ROWS: u32 = WG / LANES;
 const MMAX: u32 = 4u;
 
-#if X_SILU
-// The input is silu(gate) * up, computed as it is read (LLaMA's down projection): x holds
-// the gate, x_up the up projection. Saves the pass that would write the product.
-@group(0) @binding(6) var<storage, read> x_up: array<vec4<f32>>;
-#endif
-
 // x[m, 32 * b + 4 * j ..][0..4] as a vec4 (x_stride is a multiple of 4).
 fn xv(m: u32, b: u32, j: u32) -> vec4<f32> {
-    let i = (m * p.x_stride + b * 32u) / 4u + j;
-#if X_SILU
-    let g = x[i];
-    return g / (1.0 + exp(-g)) * x_up[i];
-#else
-    return x[i];
-#endif
+    return x[(m * p.x_stride + b * 32u) / 4u + j];
 }
 
 // The pair of x vec4s that meets weights 8j .. 8j + 7, scaled to match `w8`.

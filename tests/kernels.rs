@@ -181,11 +181,11 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
 }
 
 #[test]
-fn down_projection_with_silu_fused_into_the_input() {
+fn gate_and_up_projections_store_silu_gate_times_up() {
     let gpu = gpu();
     let mut r = Rng::new(31);
     for v in gpu.variants() {
-        for dt in [DType::Q4, DType::Q4M, DType::F16] {
+        for dt in [DType::Q4, DType::Q4M, DType::Q8, DType::F16, DType::F32] {
             for path in [
                 MatmulPath::Auto,
                 MatmulPath::Gemv,
@@ -194,37 +194,51 @@ fn down_projection_with_silu_fused_into_the_input() {
                 MatmulPath::GemvBlocks(64),
                 MatmulPath::Gemm,
             ] {
-                let (m, n, k) = (2, 300, 96);
-                let g = r.vec(m * k, 2.0);
-                let up = r.vec(m * k, 1.0);
-                let wv = r.vec(n * k, 0.5);
-                let init = r.vec(m * n, 1.0);
-                let wq = quant::round_trip(dt, &wv, k).unwrap();
-                let act: Vec<f32> = g
-                    .iter()
-                    .zip(&up)
-                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                    .collect();
-                let mut want = cpu::matmul(&act, m, k, &wq, n, None);
-                for (w, i) in want.iter_mut().zip(&init) {
-                    *w += i;
+                for m in [1, 3, 70] {
+                    if m > 4 && !matches!(path, MatmulPath::Auto | MatmulPath::Gemm) {
+                        continue;
+                    }
+                    let (n, k) = (300, 96);
+                    let x = r.vec(m * k, 1.0);
+                    let (gv, uv) = (r.vec(n * k, 0.5), r.vec(n * k, 0.5));
+                    let gq = quant::round_trip(dt, &gv, k).unwrap();
+                    let uq = quant::round_trip(dt, &uv, k).unwrap();
+                    let g = cpu::matmul(&x, m, k, &gq, n, None);
+                    let u = cpu::matmul(&x, m, k, &uq, n, None);
+                    let want: Vec<f32> = g
+                        .iter()
+                        .zip(&u)
+                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect();
+                    let gate = Tensor::upload(&gpu, "gate", &[n, k], dt, &gv).unwrap();
+                    let up = Tensor::upload(&gpu, "up", &[n, k], dt, &uv).unwrap();
+                    // whatever the output held before is overwritten, not added to
+                    let out = t(&gpu, "out", &[m, n], &r.vec(m * n, 1.0));
+                    let mut rec = Recorder::with_variant(&gpu, v);
+                    rec.matmul_glu(path, &t(&gpu, "x", &[m, k], &x), &gate, &up, &out)
+                        .unwrap();
+                    run(rec);
+                    assert_close(
+                        &format!("silu(gate) * up {dt} {path:?} m{m} {}", v.name()),
+                        &read(&gpu, &out),
+                        &want,
+                        1e-4,
+                        1e-4,
+                    );
                 }
-                let (gt, ut) = (t(&gpu, "gate", &[m, k], &g), t(&gpu, "up", &[m, k], &up));
-                let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wv).unwrap();
-                let out = t(&gpu, "out", &[m, n], &init);
-                let mut rec = Recorder::with_variant(&gpu, v);
-                rec.matmul_silu(path, &gt, &ut, &w, &out, true).unwrap();
-                run(rec);
-                assert_close(
-                    &format!("silu down {dt} {path:?} {}", v.name()),
-                    &read(&gpu, &out),
-                    &want,
-                    1e-4,
-                    1e-4,
-                );
             }
         }
     }
+    // gate and up of different shapes are refused
+    let x = Tensor::zeros(&gpu, "x", &[1, 64]).unwrap();
+    let gate = Tensor::zeros(&gpu, "gate", &[8, 64]).unwrap();
+    let up = Tensor::zeros(&gpu, "up", &[16, 64]).unwrap();
+    let out = Tensor::zeros(&gpu, "out", &[1, 8]).unwrap();
+    let err = Recorder::new(&gpu)
+        .matmul_glu(MatmulPath::Auto, &x, &gate, &up, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("up") && err.contains("[16, 64]"), "{err}");
 }
 
 #[test]

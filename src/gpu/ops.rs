@@ -195,6 +195,17 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// What a matmul does with each output value before storing it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Epilogue {
+    /// Store (or add, with accumulate) as it is.
+    None,
+    /// Store silu(value).
+    Silu,
+    /// Multiply what the output holds by the value.
+    MulInto,
+}
+
 impl Recorder<'_> {
     /// `out[M, N] (+)= x[M, K] · Wᵀ (+ bias)` for a weight `[N, K]` in any dtype, split or not.
     pub fn matmul(
@@ -217,21 +228,29 @@ impl Recorder<'_> {
         out: &Tensor,
         accumulate: bool,
     ) -> Result<()> {
-        self.matmul_impl(path, x, None, w, bias, out, accumulate)
+        self.matmul_impl(path, x, Epilogue::None, w, bias, out, accumulate)
     }
 
-    /// `out (+)= (silu(gate) * up) · Wᵀ` (LLaMA's MLP down projection). The block GEMV computes
-    /// the product as it reads its input; the other paths first write it into `gate`.
-    pub fn matmul_silu(
+    /// `out = silu(x · gateᵀ) * (x · upᵀ)` (LLaMA's MLP before the down projection): the gate
+    /// projection writes silu of its result, the up projection multiplies into it. Two
+    /// matmuls, no separate pass, and the down projection reads a plain input.
+    pub fn matmul_glu(
         &mut self,
         path: MatmulPath,
+        x: &Tensor,
         gate: &Tensor,
         up: &Tensor,
-        w: &Tensor,
         out: &Tensor,
-        accumulate: bool,
     ) -> Result<()> {
-        self.matmul_impl(path, gate, Some(up), w, None, out, accumulate)
+        if gate.shape != up.shape {
+            return Err(Error::tensor(
+                &up.name,
+                format!("the shape of `{}` {:?}", gate.name, gate.shape),
+                format!("{:?}", up.shape),
+            ));
+        }
+        self.matmul_impl(path, x, Epilogue::Silu, gate, None, out, false)?;
+        self.matmul_impl(path, x, Epilogue::MulInto, up, None, out, false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -239,7 +258,7 @@ impl Recorder<'_> {
         &mut self,
         path: MatmulPath,
         x: &Tensor,
-        x_up: Option<&Tensor>,
+        epilogue: Epilogue,
         w: &Tensor,
         bias: Option<&Tensor>,
         out: &Tensor,
@@ -289,16 +308,11 @@ impl Recorder<'_> {
             }
             flags.push(lanes_flag(lanes)?);
         }
-        if let Some(up) = x_up {
-            need_f32(up)?;
-            up.expect(None, &x.shape)?;
-            if matches!(path, MatmulPath::GemvBlocks(_)) {
-                flags.push("X_SILU");
-            } else {
-                self.silu_mul(x, up)?;
-            }
+        match epilogue {
+            Epilogue::None => {}
+            Epilogue::Silu => flags.push("OUT_SILU"),
+            Epilogue::MulInto => flags.push("OUT_MUL"),
         }
-        let x_up = x_up.filter(|_| matches!(path, MatmulPath::GemvBlocks(_)));
         for part in &w.parts {
             let params = [
                 u(m),
@@ -317,9 +331,6 @@ impl Recorder<'_> {
             }
             if let Some(b) = bias {
                 bufs.push((4, b.buffer()));
-            }
-            if let Some(up) = x_up {
-                bufs.push((6, up.buffer()));
             }
             match path {
                 MatmulPath::GemvBlocks(lanes) => {

@@ -639,7 +639,6 @@ struct Scratch {
     qkv: Tensor,
     attn: Tensor,
     g: Tensor,
-    u: Tensor,
     last: Tensor,
     logits_last: Tensor,
     logits_all: Option<Tensor>,
@@ -850,7 +849,7 @@ impl Llama {
             .kv_dtype()
             .bytes(2 * cfg.layers * ctx * cfg.kv_heads * cfg.head_dim) as u64;
         let (q, kvw) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
-        let rows = 4 * (3 * cfg.hidden + q + 2 * kvw + q + 2 * cfg.intermediate + 2 * cfg.vocab);
+        let rows = 4 * (3 * cfg.hidden + q + 2 * kvw + q + cfg.intermediate + 2 * cfg.vocab);
         let scratch = (rows + attention_partials(1, cfg.heads, ctx, cfg.head_dim)) as u64 * 4;
         (weights, kv, scratch)
     }
@@ -884,7 +883,6 @@ impl Llama {
             qkv: Tensor::zeros(gpu, "qkv", &[t, q + 2 * kv])?,
             attn: Tensor::zeros(gpu, "attn", &[t, q])?,
             g: Tensor::zeros(gpu, "gate", &[t, c.intermediate])?,
-            u: Tensor::zeros(gpu, "up", &[t, c.intermediate])?,
             last: Tensor::zeros(gpu, "last", &[1, c.hidden])?,
             logits_last: Tensor::zeros(gpu, "logits", &[1, c.vocab])?,
             logits_all: if all_logits {
@@ -1114,9 +1112,8 @@ impl Llama {
             )?;
             rec.matmul(&s.attn, &l.wo, None, &s.x, true)?;
             rec.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &s.h)?;
-            rec.matmul(&s.h, &l.gate, None, &s.g, false)?;
-            rec.matmul(&s.h, &l.up, None, &s.u, false)?;
-            rec.matmul_silu(MatmulPath::Auto, &s.g, &s.u, &l.down, &s.x, true)?;
+            rec.matmul_glu(MatmulPath::Auto, &s.h, &l.gate, &l.up, &s.g)?;
+            rec.matmul(&s.g, &l.down, None, &s.x, true)?;
         }
         rec.rms_norm(&s.x, &self.norm, c.rms_eps, &s.h)?;
         let out = if let Some(all) = &s.logits_all {
