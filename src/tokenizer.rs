@@ -1273,13 +1273,17 @@ mod tests {
         // Found by the tokenizer_json fuzz target: tokenizers 0.22 panics decoding a piece
         // that is empty or only `content` when a Strip decoder has stop > 0.
         let t = Tokenizer::from_sentencepiece_bytes("tiny.model", &tiny_model(2)).unwrap();
-        let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
-        let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": 1});
-        doc["decoder"]["decoders"]
-            .as_array_mut()
-            .unwrap()
-            .push(strip);
-        let text = doc.to_string();
+        // the tiny model's tokenizer.json with one more decoder: Strip " " (start 1, stop)
+        let with_strip = |stop: u64| {
+            let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
+            let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": stop});
+            doc["decoder"]["decoders"]
+                .as_array_mut()
+                .unwrap()
+                .push(strip);
+            doc.to_string()
+        };
+        let text = with_strip(1);
         let e = Tokenizer::from_json_bytes("strip.json", text.as_bytes(), None)
             .unwrap_err()
             .to_string();
@@ -1296,13 +1300,7 @@ mod tests {
             "tokenizers no longer panics on Strip stop > 0; drop the check"
         );
         // stop: 0 (what SentencePiece conversions write) still loads and decodes
-        let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
-        let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": 0});
-        doc["decoder"]["decoders"]
-            .as_array_mut()
-            .unwrap()
-            .push(strip);
-        let ok = Tokenizer::from_json_bytes("ok.json", doc.to_string().as_bytes(), None).unwrap();
+        let ok = Tokenizer::from_json_bytes("ok.json", with_strip(0).as_bytes(), None).unwrap();
         assert_eq!(ok.decode(&[sp], false).unwrap(), "");
     }
 
