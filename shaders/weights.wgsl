@@ -72,14 +72,11 @@ fn scale_at(b: u32) -> f32 {
 }
 
 fn w_at(i: u32) -> f32 {
-    let q = extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u);
-    return (f32(q) - 8.0) * scale_at(i >> 5u);
+    return (nibble(i) - 8.0) * scale_at(i >> 5u);
 }
 
 fn w4_at(i: u32) -> vec4<f32> {
-    let word = w[i >> 5u][(i >> 3u) & 3u] >> ((i & 4u) * 4u);
-    let q = (vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
-    return (vec4<f32>(q) - 8.0) * scale_at(i >> 5u);
+    return (nibbles4(i) - 8.0) * scale_at(i >> 5u);
 }
 #endif
 
@@ -90,15 +87,25 @@ fn w4_at(i: u32) -> vec4<f32> {
 
 // One word per block: f16 scale d (low half), f16 minimum m (high half); w = q * d + m.
 fn w_at(i: u32) -> f32 {
-    let q = extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u);
     let dm = unpack2x16float(w_scales[i >> 5u]);
-    return f32(q) * dm.x + dm.y;
+    return nibble(i) * dm.x + dm.y;
 }
 
 fn w4_at(i: u32) -> vec4<f32> {
-    let word = w[i >> 5u][(i >> 3u) & 3u] >> ((i & 4u) * 4u);
-    let q = (vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
     let dm = unpack2x16float(w_scales[i >> 5u]);
-    return vec4<f32>(q) * dm.x + dm.y;
+    return nibbles4(i) * dm.x + dm.y;
+}
+#endif
+
+#if W_Q4 || W_Q4M
+// The 4-bit value q of element i (eight per word, four words per block).
+fn nibble(i: u32) -> f32 {
+    return f32(extractBits(w[i >> 5u][(i >> 3u) & 3u], (i & 7u) * 4u, 4u));
+}
+
+// q of elements i .. i + 3 (i a multiple of 4): one word, one load.
+fn nibbles4(i: u32) -> vec4<f32> {
+    let word = w[i >> 5u][(i >> 3u) & 3u] >> ((i & 4u) * 4u);
+    return vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
 }
 #endif
