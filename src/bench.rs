@@ -295,15 +295,23 @@ fn gemv_lanes(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
     }))
 }
 
+/// Timed decode steps per run of [`decode_at`].
+fn decode_steps(a: &BenchArgs) -> usize {
+    if a.tiny {
+        4
+    } else {
+        16
+    }
+}
+
 /// Greedy decode seconds per token (median, min, max over up to 3 runs) with the KV cache filled
 /// to `context` positions (untimed) before the timed steps.
 fn decode_at(gpu: &Gpu, a: &BenchArgs, llm: &mut Llama, context: usize) -> Result<(f64, f64, f64)> {
-    let steps = if a.tiny { 4 } else { 16 };
     pollster::block_on(synthetic::decode_seconds(
         gpu,
         llm,
         context,
-        steps,
+        decode_steps(a),
         a.runs.clamp(1, 3),
     ))
 }
@@ -343,7 +351,7 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     let short = decode_at(gpu, a, &mut llm, ctx_short)?;
     // MINIGPT4_PROFILE=1: where the timed decode steps of the last run went (each dispatch
     // submitted and waited for alone, so small kernels carry the submit cost)
-    let tokens = if a.tiny { 4.0 } else { 16.0 };
+    let tokens = decode_steps(a) as f64;
     for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
         eprintln!(
             "profile: {:>7.3} ms/token {:>5.1} dispatches/token  {kernel}",
