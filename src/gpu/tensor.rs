@@ -55,12 +55,17 @@ pub fn stored_row_bytes(dtype: DType, cols: usize, scales: bool) -> usize {
     }
 }
 
-/// Buffers are sized in whole 16-byte units, so that kernels may view any tensor as vec4
-/// elements (16-byte loads) without its last few words falling outside the view.
+/// Bytes of the buffer that holds `words` words: whole 16-byte units, so that kernels may view
+/// any tensor as vec4 elements (16-byte loads) without its last few words falling outside
+/// the view.
+fn buffer_bytes(words: usize) -> u64 {
+    (words.max(1).next_multiple_of(4) * 4) as u64
+}
+
 fn new_buffer_unchecked(gpu: &Gpu, label: &str, words: usize) -> wgpu::Buffer {
     gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: (words.max(1).next_multiple_of(4) * 4) as u64,
+        size: buffer_bytes(words),
         usage: USAGE,
         mapped_at_creation: false,
     })
@@ -84,7 +89,7 @@ pub(crate) fn new_buffer(gpu: &Gpu, label: &str, words: usize) -> Result<wgpu::B
         if let Some(e) = errs.into_iter().flatten().next() {
             return Err(Error::Gpu(format!(
                 "allocating `{label}` ({} bytes) on '{}': {e}",
-                words.max(1) * 4,
+                buffer_bytes(words),
                 gpu.info.name
             )));
         }
