@@ -13,6 +13,11 @@
 // across the SIMD lanes), so wide loads and fewer scale loads are what count there; they are
 // also what GPUs coalesce best.
 //
+// With GLU (one row of x, quantised weights), the workgroup computes LLaMA's silu(gate) * up
+// for 2 ROWS columns in one pass: an invocation's four weight rows are gate rows n and
+// n + ROWS (binding 2) and the same up rows (binding 6), so gate and up share every x load and
+// the MLP costs one dispatch fewer per layer.
+//
 // LANES (1, 4, 8, 16, 32 or 64) is chosen per adapter by measurement (src/gpu/tune.rs): wide
 // for GPUs, whose neighbouring invocations should read neighbouring blocks; 1 suits CPU
 // drivers, where no reduction step is needed.
@@ -42,7 +47,12 @@ const LANES: u32 = 32u;
 const LANES: u32 = 64u;
 #endif
 const ROWS: u32 = WG / LANES;
-const MMAX: u32 = 4u;
+
+#if GLU
+// The up projection (same shape and format as the gate projection in `w`).
+@group(0) @binding(6) var<storage, read> w2: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> w2_scales: array<u32>;
+#endif
 
 // x[m, 32 * b + 4 * j ..][0..4] as a vec4 (x_stride is a multiple of 4).
 fn xv(m: u32, b: u32, j: u32) -> vec4<f32> {
@@ -84,7 +94,12 @@ const XS = vec4<f32>(1.0, 0.0625, 0.00390625, 0.000244140625);
 // A block's weight data as loaded: one 16-byte load.
 alias WB = vec4<u32>;
 
-fn wload(blk: u32) -> WB {
+fn wload(second: bool, blk: u32) -> WB {
+#if GLU
+    if (second) {
+        return w2[blk];
+    }
+#endif
     return w[blk];
 }
 
@@ -103,7 +118,12 @@ struct WB {
     b: vec4<u32>,
 }
 
-fn wload(blk: u32) -> WB {
+fn wload(second: bool, blk: u32) -> WB {
+#if GLU
+    if (second) {
+        return WB(w2[2u * blk], w2[2u * blk + 1u]);
+    }
+#endif
     return WB(w[2u * blk], w[2u * blk + 1u]);
 }
 
@@ -122,7 +142,7 @@ fn w8(wb: WB, j: u32) -> W8 {
 // Unquantised blocks are read as they are used: the block index stands for the data.
 alias WB = u32;
 
-fn wload(blk: u32) -> WB {
+fn wload(second: bool, blk: u32) -> WB {
     return blk;
 }
 
@@ -152,13 +172,26 @@ const PAIRED: bool = true;
 const PAIRED: bool = false;
 #endif
 
-// (scale, minimum) of block blk: (d, 0) for q4 and q8, (d, m) for q4m, (1, 0) unquantised.
-fn dm1(blk: u32) -> vec2<f32> {
+#if W_Q4 || W_Q8 || W_Q4M
+// Word i of the scales of `w` or (second) of `w2`.
+fn scale_word(second: bool, i: u32) -> u32 {
+#if GLU
+    if (second) {
+        return w2_scales[i];
+    }
+#endif
+    return w_scales[i];
+}
+#endif
+
+// (scale, minimum) of block blk (of `w`, or of `w2` when second): (d, 0) for q4 and q8,
+// (d, m) for q4m, (1, 0) unquantised.
+fn dm1(second: bool, blk: u32) -> vec2<f32> {
 #if W_Q4 || W_Q8
-    return vec2<f32>(scale_at(blk), 0.0);
+    return vec2<f32>(unpack2x16float(scale_word(second, blk >> 1u))[blk & 1u], 0.0);
 #endif
 #if W_Q4M
-    return unpack2x16float(w_scales[blk]);
+    return unpack2x16float(scale_word(second, blk));
 #endif
 #if W_F16 || W_F32
     return vec2<f32>(1.0, 0.0);
@@ -167,12 +200,12 @@ fn dm1(blk: u32) -> vec2<f32> {
 
 // The same for blocks blk and blk + 1, blk even: q4 and q8 keep both scales in one word, so
 // a pair of blocks costs one scale load instead of two.
-fn dm2(blk: u32) -> vec4<f32> {
+fn dm2(second: bool, blk: u32) -> vec4<f32> {
 #if W_Q4 || W_Q8
-    let d = unpack2x16float(w_scales[blk >> 1u]);
+    let d = unpack2x16float(scale_word(second, blk >> 1u));
     return vec4<f32>(d.x, 0.0, d.y, 0.0);
 #else
-    return vec4<f32>(dm1(blk), dm1(blk + 1u));
+    return vec4<f32>(dm1(second, blk), dm1(second, blk + 1u));
 #endif
 }
 
@@ -193,7 +226,7 @@ fn finish(s: vec4<f32>, sx: vec4<f32>, dm: vec2<f32>) -> f32 {
 // sum_j W[n, 32 b + j] * x[m, 32 b + j] for block b of column n.
 fn block_dot(n: u32, b: u32, m: u32) -> f32 {
     let blk = n * (p.k / 32u) + b;
-    let wb = wload(blk);
+    let wb = wload(false, blk);
     var s = vec4<f32>(0.0);
     var sx = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
@@ -202,12 +235,12 @@ fn block_dot(n: u32, b: u32, m: u32) -> f32 {
         s += q.lo * xj.lo + q.hi * xj.hi;
         sx += xj.sum;
     }
-    return finish(s, sx, dm1(blk));
+    return finish(s, sx, dm1(false, blk));
 }
 
-// Unscaled sums of block b for four columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS and row 0 of
-// x, sharing every x load (on CPU drivers each x load is a gather; on GPUs it saves cache
-// traffic).
+// Unscaled sums of block b of four weight rows and row 0 of x, sharing every x load (on CPU
+// drivers each x load is a gather; on GPUs it saves cache traffic). `base` holds each row's
+// first block; rows 2 and 3 come from `w2` with GLU.
 struct Sums4 {
     s0: vec4<f32>,
     s1: vec4<f32>,
@@ -216,12 +249,18 @@ struct Sums4 {
     sx: vec4<f32>,
 }
 
-fn sums4(blk: u32, stride: u32, b: u32) -> Sums4 {
+#if GLU
+const SECOND_HALF: bool = true;
+#else
+const SECOND_HALF: bool = false;
+#endif
+
+fn sums4(base: vec4<u32>, b: u32) -> Sums4 {
     var r = Sums4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    let c0 = wload(blk);
-    let c1 = wload(blk + stride);
-    let c2 = wload(blk + 2u * stride);
-    let c3 = wload(blk + 3u * stride);
+    let c0 = wload(false, base.x + b);
+    let c1 = wload(false, base.y + b);
+    let c2 = wload(SECOND_HALF, base.z + b);
+    let c3 = wload(SECOND_HALF, base.w + b);
     for (var j = 0u; j < 4u; j++) {
         let xj = x8(0u, b, j);
         let q0 = w8(c0, j);
@@ -237,30 +276,26 @@ fn sums4(blk: u32, stride: u32, b: u32) -> Sums4 {
     return r;
 }
 
-// Block b of the four columns, finished.
-fn block_dot4(n: u32, b: u32) -> vec4<f32> {
-    let stride = ROWS * (p.k / 32u);
-    let blk = n * (p.k / 32u) + b;
-    let r = sums4(blk, stride, b);
+// Block b of the four rows, finished.
+fn block_dot4(base: vec4<u32>, b: u32) -> vec4<f32> {
+    let r = sums4(base, b);
     return vec4<f32>(
-        finish(r.s0, r.sx, dm1(blk)),
-        finish(r.s1, r.sx, dm1(blk + stride)),
-        finish(r.s2, r.sx, dm1(blk + 2u * stride)),
-        finish(r.s3, r.sx, dm1(blk + 3u * stride)),
+        finish(r.s0, r.sx, dm1(false, base.x + b)),
+        finish(r.s1, r.sx, dm1(false, base.y + b)),
+        finish(r.s2, r.sx, dm1(SECOND_HALF, base.z + b)),
+        finish(r.s3, r.sx, dm1(SECOND_HALF, base.w + b)),
     );
 }
 
-// Blocks b and b + 1 (b even, K a multiple of 64) of the four columns, finished: one scale
-// load per column for both blocks.
-fn block_pair_dot4(n: u32, b: u32) -> vec4<f32> {
-    let stride = ROWS * (p.k / 32u);
-    let blk = n * (p.k / 32u) + b;
-    let d0 = dm2(blk);
-    let d1 = dm2(blk + stride);
-    let d2 = dm2(blk + 2u * stride);
-    let d3 = dm2(blk + 3u * stride);
-    let r = sums4(blk, stride, b);
-    let t = sums4(blk + 1u, stride, b + 1u);
+// Blocks b and b + 1 (b even, K a multiple of 64) of the four rows, finished: one scale load
+// per row for both blocks.
+fn block_pair_dot4(base: vec4<u32>, b: u32) -> vec4<f32> {
+    let d0 = dm2(false, base.x + b);
+    let d1 = dm2(false, base.y + b);
+    let d2 = dm2(SECOND_HALF, base.z + b);
+    let d3 = dm2(SECOND_HALF, base.w + b);
+    let r = sums4(base, b);
+    let t = sums4(base, b + 1u);
     return vec4<f32>(
         finish(r.s0, r.sx, d0.xy) + finish(t.s0, t.sx, d0.zw),
         finish(r.s1, r.sx, d1.xy) + finish(t.s1, t.sx, d1.zw),
@@ -269,9 +304,14 @@ fn block_pair_dot4(n: u32, b: u32) -> vec4<f32> {
     );
 }
 
-// Output columns per invocation: n, n + ROWS, n + 2 ROWS, n + 3 ROWS (so a workgroup covers
-// 4 ROWS columns).
+// Weight rows per invocation: columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS (a workgroup covers
+// 4 ROWS columns), or with GLU gate and up rows of columns n and n + ROWS (2 ROWS columns).
 const CPI: u32 = 4u;
+#if GLU
+const COLS: u32 = 2u * ROWS;
+#else
+const COLS: u32 = CPI * ROWS;
+#endif
 
 var<workgroup> part: array<vec4<f32>, 256>; // [CPI][WG] partial sums, one vec4 over m
 
@@ -279,30 +319,39 @@ var<workgroup> part: array<vec4<f32>, 256>; // [CPI][WG] partial sums, one vec4 
 fn gemv(ids: Ids, grp: Grp) {
     let col = ids.lid / LANES;
     let lane = ids.lid % LANES;
-    let n = group_index(grp) * CPI * ROWS + col;
+    let n = group_index(grp) * COLS + col;
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let blocks = p.k / 32u;
-    if (n + 3u * ROWS < p.n && p.m == 1u) {
-        // decode, all four columns present: one x load serves four weight loads
+    if (p.m == 1u) {
+        // decode: one x load serves four weight rows. Rows past the end (the last workgroup)
+        // repeat the last row and are not stored, so the tail takes the same path.
+#if GLU
+        let rows = vec4<u32>(n, n + ROWS, n, n + ROWS);
+#else
+        let rows = n + vec4<u32>(0u, 1u, 2u, 3u) * ROWS;
+#endif
+        let base = min(rows, vec4<u32>(p.n - 1u)) * blocks;
         var d = vec4<f32>(0.0);
         if (PAIRED && blocks % 2u == 0u) {
             // pairs of blocks (lane j takes pairs j, j + LANES, ...)
             for (var b = 2u * lane; b < blocks; b += 2u * LANES) {
-                d += block_pair_dot4(n, b);
+                d += block_pair_dot4(base, b);
             }
         } else {
             for (var b = lane; b < blocks; b += LANES) {
-                d += block_dot4(n, b);
+                d += block_dot4(base, b);
             }
         }
         acc0.x = d.x;
         acc1.x = d.y;
         acc2.x = d.z;
         acc3.x = d.w;
-    } else {
+    }
+#if !GLU
+    else {
         for (var b = lane; b < blocks; b += LANES) {
             for (var m = 0u; m < p.m; m++) {
                 if (n < p.n) {
@@ -320,7 +369,8 @@ fn gemv(ids: Ids, grp: Grp) {
             }
         }
     }
-    // Add the LANES partial sums of each column (a tree in workgroup memory).
+#endif
+    // Add the LANES partial sums of each row (a tree in workgroup memory).
     part[ids.lid] = acc0;
     part[WG + ids.lid] = acc1;
     part[2u * WG + ids.lid] = acc2;
@@ -335,6 +385,16 @@ fn gemv(ids: Ids, grp: Grp) {
         workgroupBarrier();
     }
     if (lane == 0u) {
+#if GLU
+        for (var r = 0u; r < 2u; r++) {
+            let c = n + r * ROWS;
+            if (c < p.n) {
+                let g = part[r * WG + ids.lid].x;
+                let up = part[(r + 2u) * WG + ids.lid].x;
+                out[p.out_col + c] = g / (1.0 + exp(-g)) * up;
+            }
+        }
+#else
         for (var r = 0u; r < CPI; r++) {
             let c = n + r * ROWS;
             if (c >= p.n) {
@@ -345,5 +405,6 @@ fn gemv(ids: Ids, grp: Grp) {
                 store(m, c, total[m]);
             }
         }
+#endif
     }
 }

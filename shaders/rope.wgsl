@@ -14,6 +14,7 @@ struct Params {
     stride: u32,
     pos0: u32,
     mode: u32,
+    kv_heads: u32, // rope_kv only
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -44,4 +45,93 @@ fn rope(ids: Ids, grp: Grp) {
     let x1 = x[b];
     x[a] = x0 * c - x1 * s;
     x[b] = x1 * c + x0 * s;
+}
+
+// A LLaMA layer's rotary step and KV-cache write in one pass. x holds rows of the fused
+// projection [q (heads), k (kv_heads), v (kv_heads)] (p.stride apart, from p.offset); row t
+// has position pos0 + t. q is rotated in place; k is rotated and written with v into cache
+// row pos0 + t, laid out [k, v] (2 kv_heads head_dim values; f16 pairs with KV_F16). Every
+// value is the same f32 expression the separate rotation computes, so both paths agree bit
+// for bit. Work items per row: one per q rotation pair, one per pair of adjacent k values and
+// one per pair of v values.
+#if KV_F16
+@group(0) @binding(3) var<storage, read_write> cache: array<u32>;
+#else
+@group(0) @binding(3) var<storage, read_write> cache: array<f32>;
+#endif
+
+// Element d of the rotated head starting at x[base], at position pos.
+fn rotated(base: u32, d: u32, pos: u32) -> f32 {
+    let half = p.head_dim / 2u;
+    var i = d % half;
+    var partner = select(d + half, d - half, d >= half);
+    if (p.mode == 1u) {
+        i = d / 2u;
+        partner = d ^ 1u;
+    }
+    let tb = (pos * half + i) * 2u;
+    let c = table[tb];
+    let s = table[tb + 1u];
+    // the first of a pair takes x0 c - x1 s, the second x1 c + x0 s (x0 the first's value)
+    let first = select(d < half, (d & 1u) == 0u, p.mode == 1u);
+    if (first) {
+        return x[base + d] * c - x[base + partner] * s;
+    }
+    return x[base + d] * c + x[base + partner] * s;
+}
+
+@compute @workgroup_size(256)
+fn rope_kv(ids: Ids, grp: Grp) {
+    let half = p.head_dim / 2u;
+    let kv = p.kv_heads * p.head_dim;
+    let per_row = p.heads * half + kv;
+    let e = flat_index(grp, ids);
+    if (e >= p.t * per_row) {
+        return;
+    }
+    let t = e / per_row;
+    let u = e % per_row;
+    let pos = p.pos0 + t;
+    let row = p.offset + t * p.stride;
+    if (u < p.heads * half) {
+        // q: rotation pair i of head h, in place
+        let h = u / half;
+        let i = u % half;
+        let tb = (pos * half + i) * 2u;
+        let c = table[tb];
+        let s = table[tb + 1u];
+        let base = row + h * p.head_dim;
+        var a = base + i;
+        var b = base + i + half;
+        if (p.mode == 1u) {
+            a = base + 2u * i;
+            b = a + 1u;
+        }
+        let x0 = x[a];
+        let x1 = x[b];
+        x[a] = x0 * c - x1 * s;
+        x[b] = x1 * c + x0 * s;
+        return;
+    }
+    // c: the first of two adjacent values of the cache row [k, v] (head_dim is even)
+    let c = 2u * (u - p.heads * half);
+    let q_width = p.heads * p.head_dim;
+    var v0: f32;
+    var v1: f32;
+    if (c < kv) {
+        let base = row + q_width + (c / p.head_dim) * p.head_dim;
+        let d = c % p.head_dim;
+        v0 = rotated(base, d, pos);
+        v1 = rotated(base, d + 1u, pos);
+    } else {
+        v0 = x[row + q_width + c];
+        v1 = x[row + q_width + c + 1u];
+    }
+    let o = pos * 2u * kv + c;
+#if KV_F16
+    cache[o / 2u] = pack2x16float(vec2<f32>(v0, v1));
+#else
+    cache[o] = v0;
+    cache[o + 1u] = v1;
+#endif
 }

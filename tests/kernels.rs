@@ -190,15 +190,18 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                 MatmulPath::Auto,
                 MatmulPath::Gemv,
                 MatmulPath::GemvBlocks(1),
+                MatmulPath::GemvBlocks(4),
                 MatmulPath::GemvBlocks(8),
                 MatmulPath::GemvBlocks(64),
                 MatmulPath::Gemm,
             ] {
-                for m in [1, 3, 70] {
+                // m = 1 on the block GEMV with quantised weights is the one-dispatch GLU: N
+                // not a multiple of its columns per workgroup, K an odd (unpaired) and an
+                // even (paired) number of blocks
+                for (m, n, k) in [(1, 300, 96), (1, 130, 128), (3, 300, 96), (70, 300, 96)] {
                     if m > 4 && !matches!(path, MatmulPath::Auto | MatmulPath::Gemm) {
                         continue;
                     }
-                    let (n, k) = (300, 96);
                     let x = r.vec(m * k, 1.0);
                     let (gv, uv) = (r.vec(n * k, 0.5), r.vec(n * k, 0.5));
                     let gq = quant::round_trip(dt, &gv, k).unwrap();
@@ -219,7 +222,7 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                         .unwrap();
                     run(rec);
                     assert_close(
-                        &format!("silu(gate) * up {dt} {path:?} m{m} {}", v.name()),
+                        &format!("silu(gate) * up {dt} {path:?} m{m} n{n} k{k} {}", v.name()),
                         &read(&gpu, &out),
                         &want,
                         1e-4,
@@ -312,6 +315,31 @@ fn tensors_larger_than_the_binding_limit_are_split_and_still_correct() {
                 &want,
                 2e-5,
                 1e-5,
+            );
+        }
+        // silu(gate) * up of one row, gate and up both split (one GLU dispatch per part pair)
+        if dt.is_quantized() {
+            let uv = r.vec(n * k, 1.0);
+            let up = Tensor::upload(&gpu, "up", &[n, k], dt, &uv).unwrap();
+            let x1 = t(&gpu, "x1", &[1, k], &x[..k]);
+            let out = Tensor::zeros(&gpu, "glu", &[1, n]).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            rec.matmul_glu(MatmulPath::GemvBlocks(4), &x1, &w, &up, &out)
+                .unwrap();
+            run(rec);
+            let g = cpu::matmul(&x[..k], 1, k, &wq, n, None);
+            let uq = quant::round_trip(dt, &uv, k).unwrap();
+            let want: Vec<f32> = cpu::matmul(&x[..k], 1, k, &uq, n, None)
+                .iter()
+                .zip(&g)
+                .map(|(u, g)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            assert_close(
+                &format!("split silu(gate) * up {dt}"),
+                &read(&gpu, &out),
+                &want,
+                1e-4,
+                1e-4,
             );
         }
         // embedding rows gathered from every part
@@ -474,6 +502,96 @@ fn gelu_is_the_exact_erf_form_not_tanh() {
         6.0,
     ];
     assert_close("gelu erf", &read(&gpu, &xt), &want, 1e-6, 1e-6);
+}
+
+#[test]
+fn rope_kv_matches_rope_then_cache_copy_bit_for_bit() {
+    let gpu = gpu();
+    let mut r = Rng::new(61);
+    for (heads, kv_heads, d, rows, pos0) in [(4, 2, 8, 3, 5), (3, 3, 64, 1, 17), (2, 1, 2, 2, 0)] {
+        for mode in [RopeMode::Half, RopeMode::Interleaved] {
+            for dt in [DType::F32, DType::F16] {
+                let what = format!("rope_kv h{heads} kv{kv_heads} d{d} t{rows} {mode:?} {dt}");
+                let (q, kv) = (heads * d, kv_heads * d);
+                let width = q + 2 * kv;
+                let table = RopeTable::new(&gpu, d, pos0 + rows + 2, 10000.0).unwrap();
+                let x = r.vec(rows * width, 2.0);
+                let ctx = pos0 + rows + 2;
+                // the fused kernel
+                let qkv1 = t(&gpu, "qkv", &[rows, width], &x);
+                let cache1 = Tensor::empty(&gpu, "cache", &[ctx, 2 * kv], dt).unwrap();
+                let mut rec = Recorder::new(&gpu);
+                rec.rope_kv(&qkv1, rows, heads, kv_heads, &table, pos0, mode, &cache1)
+                    .unwrap();
+                run(rec);
+                // rotation of q and k, then a copy of k and v
+                let qkv2 = t(&gpu, "qkv", &[rows, width], &x);
+                let cache2 = Tensor::empty(&gpu, "cache", &[ctx, 2 * kv], dt).unwrap();
+                let view = HeadView {
+                    t: &qkv2,
+                    offset: 0,
+                    stride: width,
+                };
+                let mut rec = Recorder::new(&gpu);
+                rec.rope(view, rows, heads + kv_heads, &table, pos0, mode)
+                    .unwrap();
+                rec.copy_rows(
+                    &qkv2,
+                    q,
+                    width,
+                    &cache2,
+                    pos0 * 2 * kv,
+                    2 * kv,
+                    rows,
+                    2 * kv,
+                )
+                .unwrap();
+                run(rec);
+                let (a, b) = (read(&gpu, &qkv1), read(&gpu, &qkv2));
+                for row in 0..rows {
+                    let s = row * width..row * width + q;
+                    assert_eq!(&a[s.clone()], &b[s], "{what}: q of row {row}");
+                }
+                let words = ctx * 2 * kv * if dt == DType::F16 { 1 } else { 2 } / 2;
+                let w1 = pollster::block_on(minigpt4::gpu::tensor::read_words(
+                    &gpu,
+                    cache1.buffer(),
+                    0,
+                    words,
+                ))
+                .unwrap();
+                let w2 = pollster::block_on(minigpt4::gpu::tensor::read_words(
+                    &gpu,
+                    cache2.buffer(),
+                    0,
+                    words,
+                ))
+                .unwrap();
+                assert_eq!(w1, w2, "{what}: cache");
+                // rows were written where the positions say, and only there
+                let per_row = words / ctx;
+                assert!(w1[pos0 * per_row..(pos0 + rows) * per_row]
+                    .iter()
+                    .any(|&w| w != 0));
+                assert!(
+                    w1[(pos0 + rows) * per_row..].iter().all(|&w| w == 0),
+                    "{what}"
+                );
+            }
+        }
+    }
+    // a cache of the wrong width is refused with both shapes
+    let table = RopeTable::new(&gpu, 8, 4, 10000.0).unwrap();
+    let qkv = Tensor::zeros(&gpu, "qkv", &[1, 32]).unwrap();
+    let cache = Tensor::empty(&gpu, "cache", &[4, 8], DType::F16).unwrap();
+    let err = Recorder::new(&gpu)
+        .rope_kv(&qkv, 1, 2, 1, &table, 0, RopeMode::Half, &cache)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache") && err.contains("16") && err.contains("[4, 8]"),
+        "{err}"
+    );
 }
 
 #[test]

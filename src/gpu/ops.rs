@@ -2,6 +2,7 @@
 //! records one or more dispatches; nothing runs until the recorder is submitted.
 
 use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
 use crate::gpu::recorder::{grid, Recorder};
 use crate::gpu::tensor::{Ids, Tensor};
 use crate::quant::DType;
@@ -94,6 +95,18 @@ fn lanes_flag(lanes: u32) -> Result<&'static str> {
 
 /// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
 pub const GEMV_MAX_ROWS: usize = 4;
+
+/// The kernel [`MatmulPath::Auto`] stands for with `m` rows of x and `[n, k]` weights.
+fn resolve(gpu: &Gpu, path: MatmulPath, m: usize, n: usize, k: usize, dt: DType) -> MatmulPath {
+    match path {
+        MatmulPath::Auto if m <= GEMV_MAX_ROWS && k.is_multiple_of(32) => {
+            MatmulPath::GemvBlocks(gpu.gemv_lanes_for(n, k, dt))
+        }
+        MatmulPath::Auto if m <= GEMV_MAX_ROWS => MatmulPath::Gemv,
+        MatmulPath::Auto => MatmulPath::Gemm,
+        other => other,
+    }
+}
 
 /// Candidates the GPU top-k keeps (`KEEP` in `topk.wgsl`) and the span one workgroup sorts.
 pub const TOPK_KEEP: usize = 64;
@@ -231,9 +244,11 @@ impl Recorder<'_> {
         self.matmul_impl(path, x, Epilogue::None, w, bias, out, accumulate)
     }
 
-    /// `out = silu(x · gateᵀ) * (x · upᵀ)` (LLaMA's MLP before the down projection): the gate
-    /// projection writes silu of its result, the up projection multiplies into it. Two
-    /// matmuls, no separate pass, and the down projection reads a plain input.
+    /// `out = silu(x · gateᵀ) * (x · upᵀ)` (LLaMA's MLP before the down projection). For one
+    /// row of x and quantised weights on the block GEMV this is one dispatch in which gate and
+    /// up share every x load (`GLU` in `gemv.wgsl`); otherwise the gate projection writes silu
+    /// of its result and the up projection multiplies into it. Either way there is no separate
+    /// pass, and the down projection reads a plain input.
     pub fn matmul_glu(
         &mut self,
         path: MatmulPath,
@@ -249,8 +264,60 @@ impl Recorder<'_> {
                 format!("{:?}", up.shape),
             ));
         }
+        let (m, n, k) = (x.rows(), gate.rows(), x.cols());
+        let same_parts = gate.parts.len() == up.parts.len()
+            && gate
+                .parts
+                .iter()
+                .zip(&up.parts)
+                .all(|(a, b)| (a.row_start, a.rows) == (b.row_start, b.rows));
+        if m == 1
+            && gate.dtype == up.dtype
+            && gate.dtype.is_quantized()
+            && same_parts
+            && gate.shape.len() == 2
+            && gate.cols() == k
+        {
+            if let MatmulPath::GemvBlocks(lanes) = resolve(self.gpu, path, m, n, k, gate.dtype) {
+                return self.gemv_glu(lanes, x, gate, up, out);
+            }
+        }
         self.matmul_impl(path, x, Epilogue::Silu, gate, None, out, false)?;
         self.matmul_impl(path, x, Epilogue::MulInto, up, None, out, false)
+    }
+
+    /// The one-dispatch silu(gate) * up of [`Recorder::matmul_glu`]: `x` one row, `gate` and
+    /// `up` quantised, of one dtype and split into the same parts.
+    fn gemv_glu(
+        &mut self,
+        lanes: u32,
+        x: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
+        need_f32(x)?;
+        need_f32(out)?;
+        let (n, k) = (gate.rows(), x.cols());
+        out.expect(None, &[1, n])?;
+        let flags = [wflag(gate.dtype), lanes_flag(lanes)?, "GLU"];
+        for (g, u_) in gate.parts.iter().zip(&up.parts) {
+            let (Some(gs), Some(us)) = (&g.scales, &u_.scales) else {
+                return Err(Error::tensor(&gate.name, "block scales", "none"));
+            };
+            let params = [1, u(g.rows), u(k), u(k), u(n), u(g.row_start), 0, 0];
+            let bufs = [
+                (1, x.buffer()),
+                (2, &g.data),
+                (3, gs),
+                (5, out.buffer()),
+                (6, &u_.data),
+                (7, us),
+            ];
+            let groups = grid(u(g.rows).div_ceil(2 * 64 / lanes));
+            self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -284,14 +351,7 @@ impl Recorder<'_> {
             need_f32(b)?;
             b.expect(None, &[n])?;
         }
-        let path = match path {
-            MatmulPath::Auto if m <= GEMV_MAX_ROWS && k.is_multiple_of(32) => {
-                MatmulPath::GemvBlocks(self.gpu.gemv_lanes_for(n, k, w.dtype))
-            }
-            MatmulPath::Auto if m <= GEMV_MAX_ROWS => MatmulPath::Gemv,
-            MatmulPath::Auto => MatmulPath::Gemm,
-            other => other,
-        };
+        let path = resolve(self.gpu, path, m, n, k, w.dtype);
         let mut flags = vec![wflag(w.dtype)];
         if bias.is_some() {
             flags.push("BIAS");
@@ -507,6 +567,80 @@ impl Recorder<'_> {
             ],
             &[(1, x.t.buffer()), (2, table.buffer.buffer())],
             grid(u(n.div_ceil(256))),
+        )
+    }
+
+    /// A LLaMA layer's rotation and cache write in one dispatch (`rope_kv` in `rope.wgsl`).
+    /// `qkv` holds `rows` rows `[q (heads), k (kv_heads), v (kv_heads)]` of `head_dim` values
+    /// each; row r has position `pos0 + r`. q is rotated in place; the rotated k and v are
+    /// written to `cache` rows `pos0 ..`, laid out `[k, v]` (f32 or f16). The same as
+    /// [`Recorder::rope`] over q and k followed by [`Recorder::copy_rows`] of k and v, with
+    /// one dispatch instead of two.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv(
+        &mut self,
+        qkv: &Tensor,
+        rows: usize,
+        heads: usize,
+        kv_heads: usize,
+        table: &RopeTable,
+        pos0: usize,
+        mode: RopeMode,
+        cache: &Tensor,
+    ) -> Result<()> {
+        need_f32(qkv)?;
+        let d = table.head_dim;
+        let (width, kv) = ((heads + 2 * kv_heads) * d, 2 * kv_heads * d);
+        qkv.expect(None, &[rows, width])?;
+        let f16 = match cache.dtype {
+            DType::F16 if cache.parts.len() == 1 => true,
+            DType::F32 if cache.parts.len() == 1 => false,
+            other => {
+                return Err(Error::tensor(
+                    &cache.name,
+                    "a single-part f32 or f16 KV cache",
+                    format!("{other} in {} parts", cache.parts.len()),
+                ))
+            }
+        };
+        if cache.cols() != kv || pos0 + rows > cache.rows() {
+            return Err(Error::tensor(
+                &cache.name,
+                format!("a KV cache [>= {}, {kv}]", pos0 + rows),
+                format!("{:?}", cache.shape),
+            ));
+        }
+        if pos0 + rows > table.max_pos {
+            return Err(Error::tensor(
+                "rope_table",
+                format!("positions up to {}", pos0 + rows),
+                format!("a table of {} positions", table.max_pos),
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let items = rows * (heads * d / 2 + kv_heads * d);
+        self.dispatch(
+            "rope",
+            "rope_kv",
+            if f16 { &["KV_F16"] } else { &[] },
+            &[
+                u(rows),
+                u(heads),
+                u(d),
+                0,
+                u(width),
+                u(pos0),
+                (mode == RopeMode::Interleaved) as u32,
+                u(kv_heads),
+            ],
+            &[
+                (1, qkv.buffer()),
+                (2, table.buffer.buffer()),
+                (3, cache.buffer()),
+            ],
+            grid(u(items.div_ceil(256))),
         )
     }
 

@@ -1056,29 +1056,16 @@ impl Llama {
         for l in &self.layers {
             rec.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &s.h)?;
             rec.matmul(&s.h, &l.wqkv, None, &s.qkv, false)?;
-            // q and k heads are adjacent in the fused output: one rotation for both
-            rec.rope(
-                HeadView {
-                    t: &s.qkv,
-                    offset: 0,
-                    stride: qkv_stride,
-                },
+            // q rotated in place; k rotated and v copied into this layer's cache rows
+            rec.rope_kv(
+                &s.qkv,
                 t,
-                c.heads + c.kv_heads,
+                c.heads,
+                c.kv_heads,
                 &self.rope,
                 pos,
                 RopeMode::Half,
-            )?;
-            // k and v are adjacent too: one copy into the cache row
-            rec.copy_rows(
-                &s.qkv,
-                q,
-                qkv_stride,
                 &l.kv_cache,
-                pos * 2 * kv,
-                2 * kv,
-                t,
-                2 * kv,
             )?;
             rec.attention_with(
                 HeadView {
