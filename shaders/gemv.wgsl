@@ -261,19 +261,27 @@ fn sums4(base: vec4<u32>, b: u32) -> Sums4 {
     let c1 = wload(false, base.y + b);
     let c2 = wload(SECOND_HALF, base.z + b);
     let c3 = wload(SECOND_HALF, base.w + b);
-    for (var j = 0u; j < 4u; j++) {
-        let xj = x8(0u, b, j);
-        let q0 = w8(c0, j);
-        let q1 = w8(c1, j);
-        let q2 = w8(c2, j);
-        let q3 = w8(c3, j);
-        r.s0 += q0.lo * xj.lo + q0.hi * xj.hi;
-        r.s1 += q1.lo * xj.lo + q1.hi * xj.hi;
-        r.s2 += q2.lo * xj.lo + q2.hi * xj.hi;
-        r.s3 += q3.lo * xj.lo + q3.hi * xj.hi;
-        r.sx += xj.sum;
-    }
+    // written out, not looped: every index into the loaded words is then a constant, whatever
+    // the driver's unrolling heuristics decide (a dynamic index into a vector can cost a
+    // chain of selects per use)
+    acc8(&r, c0, c1, c2, c3, x8(0u, b, 0u), 0u);
+    acc8(&r, c0, c1, c2, c3, x8(0u, b, 1u), 1u);
+    acc8(&r, c0, c1, c2, c3, x8(0u, b, 2u), 2u);
+    acc8(&r, c0, c1, c2, c3, x8(0u, b, 3u), 3u);
     return r;
+}
+
+// Adds weights 8j .. 8j + 7 of four loaded blocks times x to r.
+fn acc8(r: ptr<function, Sums4>, c0: WB, c1: WB, c2: WB, c3: WB, xj: X8, j: u32) {
+    let q0 = w8(c0, j);
+    let q1 = w8(c1, j);
+    let q2 = w8(c2, j);
+    let q3 = w8(c3, j);
+    (*r).s0 += q0.lo * xj.lo + q0.hi * xj.hi;
+    (*r).s1 += q1.lo * xj.lo + q1.hi * xj.hi;
+    (*r).s2 += q2.lo * xj.lo + q2.hi * xj.hi;
+    (*r).s3 += q3.lo * xj.lo + q3.hi * xj.hi;
+    (*r).sx += xj.sum;
 }
 
 // Block b of the four rows, finished.
@@ -325,7 +333,7 @@ fn gemv(ids: Ids, grp: Grp) {
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let blocks = p.k / 32u;
-    if (p.m == 1u) {
+    if (n < p.n && p.m == 1u) {
         // decode: one x load serves four weight rows. Rows past the end (the last workgroup)
         // repeat the last row and are not stored, so the tail takes the same path.
 #if GLU
@@ -408,3 +416,75 @@ fn gemv(ids: Ids, grp: Grp) {
 #endif
     }
 }
+
+#if SUBGROUPS
+// The same GEMV for one row of x with subgroup reductions (subgroup variants; chosen per
+// adapter by measurement like the lane counts, as "lanes 0"). Each subgroup takes whole
+// groups of four weight rows (four columns, or with GLU two columns' gate and up rows); its
+// invocations split K in blocks, neighbours reading neighbouring blocks, and one subgroupAdd
+// sums them, with no workgroup memory and no barrier tree. Nothing assumes how invocations map
+// to subgroups or how large subgroups are: an invocation's place among its subgroup's active
+// invocations is a prefix count, and subgroups number themselves through a workgroup atomic.
+const SG_GROUPS: u32 = 2u; // groups of four weight rows per workgroup
+#if GLU
+const SG_COLS: u32 = 2u; // columns per group
+#else
+const SG_COLS: u32 = 4u;
+#endif
+
+var<workgroup> sg_next: atomic<u32>;
+
+@compute @workgroup_size(64)
+fn gemv_sg(ids: Ids, grp: Grp) {
+    let rank = subgroupExclusiveAdd(1u);
+    let count = subgroupAdd(1u);
+    var mine = 0u;
+    if (rank == 0u) {
+        mine = atomicAdd(&sg_next, 1u);
+    }
+    let sg = subgroupBroadcastFirst(mine);
+    workgroupBarrier();
+    let subgroups = atomicLoad(&sg_next);
+    let blocks = p.k / 32u;
+    for (var g = 0u; g < SG_GROUPS; g++) {
+        let owner = g % subgroups == sg;
+        let n = (group_index(grp) * SG_GROUPS + g) * SG_COLS;
+        var d = vec4<f32>(0.0);
+        if (owner) {
+#if GLU
+            let rows = vec4<u32>(n, n + 1u, n, n + 1u);
+#else
+            let rows = n + vec4<u32>(0u, 1u, 2u, 3u);
+#endif
+            let base = min(rows, vec4<u32>(p.n - 1u)) * blocks;
+            if (PAIRED && blocks % 2u == 0u) {
+                for (var b = 2u * rank; b < blocks; b += 2u * count) {
+                    d += block_pair_dot4(base, b);
+                }
+            } else {
+                for (var b = rank; b < blocks; b += count) {
+                    d += block_dot4(base, b);
+                }
+            }
+        }
+        // in uniform control flow: every subgroup adds, owners store
+        let total = subgroupAdd(d);
+        if (owner && rank == 0u) {
+#if GLU
+            for (var r = 0u; r < 2u; r++) {
+                if (n + r < p.n) {
+                    let gate = total[r];
+                    out[p.out_col + n + r] = gate / (1.0 + exp(-gate)) * total[r + 2u];
+                }
+            }
+#else
+            for (var r = 0u; r < 4u; r++) {
+                if (n + r < p.n) {
+                    store(0u, n + r, total[r]);
+                }
+            }
+#endif
+        }
+    }
+}
+#endif

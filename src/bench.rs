@@ -448,6 +448,14 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     Ok(report)
 }
 
+/// A block GEMV lane count as printed: the subgroup form (lanes 0) as "subgroups".
+fn lanes_name(v: &Value) -> String {
+    match v.as_u64() {
+        Some(l) if l == u64::from(crate::gpu::GEMV_SUBGROUP) => "subgroups".into(),
+        _ => v.to_string(),
+    }
+}
+
 /// The report as a table for humans.
 pub fn human(r: &Value) -> String {
     let mut s = format!(
@@ -462,11 +470,11 @@ pub fn human(r: &Value) -> String {
         for t in l["trials"].as_array().into_iter().flatten() {
             s += &format!(
                 " {} → {:.2} GB/s;",
-                t["lanes"],
+                lanes_name(&t["lanes"]),
                 t["gb_per_s"].as_f64().unwrap_or(0.0)
             );
         }
-        s += &format!(" chosen {}\n", l["chosen"]);
+        s += &format!(" chosen {}\n", lanes_name(&l["chosen"]));
     }
     for g in r["gemv"].as_array().into_iter().flatten() {
         s += &format!(
@@ -534,7 +542,7 @@ pub fn human(r: &Value) -> String {
             d["quant"].as_str().unwrap_or(""),
             d["decode_tok_per_s"].as_f64().unwrap_or(0.0),
             d["context"],
-            d["gemv_lanes"],
+            lanes_name(&d["gemv_lanes"]),
         );
     }
     if let Some(e) = r.get("llm_decode") {

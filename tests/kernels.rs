@@ -10,7 +10,7 @@ use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
     attention_partials, AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode,
-    RopeTable, Tensor, Variant, GEMV_LANES,
+    RopeTable, Tensor, Variant, GEMV_LANES, GEMV_SUBGROUP,
 };
 use minigpt4::quant::{self, DType};
 
@@ -127,7 +127,11 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
     let mut seed = 500;
     for v in gpu.variants() {
         for dt in DType::ALL {
-            for lanes in GEMV_LANES {
+            let mut candidates = GEMV_LANES.to_vec();
+            if v.subgroups {
+                candidates.push(GEMV_SUBGROUP);
+            }
+            for lanes in candidates {
                 // N not a multiple of the columns per workgroup; K from one block to many,
                 // with lanes idle when K has fewer blocks than lanes; M from 1 to 4. For one
                 // row (x staged in chunks of 32 to 128 blocks): several chunks, the last one
@@ -143,6 +147,9 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
                     (1, 67, 4192),
                 ] {
                     seed += 1;
+                    if lanes == GEMV_SUBGROUP && m > 1 {
+                        continue;
+                    }
                     check_matmul(
                         &gpu,
                         v,
@@ -178,6 +185,38 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("found 12"), "{err}");
+    // the subgroup form needs a subgroup variant, and one row of x
+    let err = Recorder::with_variant(&gpu, Variant::PORTABLE)
+        .matmul_with(
+            MatmulPath::GemvBlocks(GEMV_SUBGROUP),
+            &x,
+            &w,
+            None,
+            &out,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("subgroup") && err.contains("portable"),
+        "{err}"
+    );
+    if gpu.best_variant.subgroups {
+        let x2 = Tensor::zeros(&gpu, "x2", &[2, 64]).unwrap();
+        let out2 = Tensor::zeros(&gpu, "out2", &[2, 8]).unwrap();
+        let err = Recorder::new(&gpu)
+            .matmul_with(
+                MatmulPath::GemvBlocks(GEMV_SUBGROUP),
+                &x2,
+                &w,
+                None,
+                &out2,
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x2") && err.contains("2 rows"), "{err}");
+    }
 }
 
 #[test]
@@ -186,7 +225,7 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
     let mut r = Rng::new(31);
     for v in gpu.variants() {
         for dt in [DType::Q4, DType::Q4M, DType::Q8, DType::F16, DType::F32] {
-            for path in [
+            let mut paths = vec![
                 MatmulPath::Auto,
                 MatmulPath::Gemv,
                 MatmulPath::GemvBlocks(1),
@@ -194,12 +233,18 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                 MatmulPath::GemvBlocks(8),
                 MatmulPath::GemvBlocks(64),
                 MatmulPath::Gemm,
-            ] {
+            ];
+            if v.subgroups {
+                paths.push(MatmulPath::GemvBlocks(GEMV_SUBGROUP));
+            }
+            for path in paths {
                 // m = 1 on the block GEMV with quantised weights is the one-dispatch GLU: N
                 // not a multiple of its columns per workgroup, K an odd (unpaired) and an
                 // even (paired) number of blocks
                 for (m, n, k) in [(1, 300, 96), (1, 130, 128), (3, 300, 96), (70, 300, 96)] {
-                    if m > 4 && !matches!(path, MatmulPath::Auto | MatmulPath::Gemm) {
+                    if m > 4 && !matches!(path, MatmulPath::Auto | MatmulPath::Gemm)
+                        || m > 1 && path == MatmulPath::GemvBlocks(GEMV_SUBGROUP)
+                    {
                         continue;
                     }
                     let x = r.vec(m * k, 1.0);

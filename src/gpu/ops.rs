@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::recorder::{grid, Recorder};
+use crate::gpu::shader::Variant;
 use crate::gpu::tensor::{Ids, Tensor};
 use crate::quant::DType;
 
@@ -33,6 +34,24 @@ fn need_first(x: &Tensor, n: usize) -> Result<()> {
             &x.name,
             format!("at least {n} elements (n >= 1)"),
             x.numel(),
+        ));
+    }
+    Ok(())
+}
+
+/// The block GEMV's subgroup form needs a subgroup variant and one row of x.
+fn need_subgroups(v: Variant, m: usize, x: &str) -> Result<()> {
+    if !v.subgroups {
+        return Err(Error::Gpu(format!(
+            "block GEMV lanes {GEMV_SUBGROUP} (subgroups) need a subgroup kernel variant, found {}",
+            v.name()
+        )));
+    }
+    if m != 1 {
+        return Err(Error::tensor(
+            x,
+            "one row of x (block GEMV with subgroups)",
+            format!("{m} rows"),
         ));
     }
     Ok(())
@@ -77,6 +96,28 @@ pub enum MatmulPath {
 /// Lane counts the block GEMV is compiled for.
 pub const GEMV_LANES: [u32; 6] = [1, 4, 8, 16, 32, 64];
 
+/// "Lanes" value of the block GEMV's subgroup form (`gemv_sg` in `gemv.wgsl`, subgroup
+/// variants, one row of x): a subgroup per group of four weight rows, its invocations
+/// splitting K, summed with `subgroupAdd`.
+pub const GEMV_SUBGROUP: u32 = 0;
+
+/// The block GEMV's candidates on `gpu`: every lane count, and the subgroup form where the
+/// adapter offers subgroups.
+pub fn gemv_candidates(gpu: &Gpu) -> Vec<u32> {
+    let mut v = GEMV_LANES.to_vec();
+    if gpu.best_variant.subgroups {
+        v.push(GEMV_SUBGROUP);
+    }
+    v
+}
+
+/// Lanes the subgroup form falls back to where it cannot run (a recorder without subgroups,
+/// or more than one row of x).
+const GEMV_SUBGROUP_FALLBACK: u32 = 8;
+
+/// Rows of weights per workgroup of `gemv_sg`: `SG_GROUPS` groups of four.
+const GEMV_SG_ROWS: usize = 8;
+
 fn lanes_flag(lanes: u32) -> Result<&'static str> {
     Ok(match lanes {
         1 => "LANES1",
@@ -96,11 +137,25 @@ fn lanes_flag(lanes: u32) -> Result<&'static str> {
 /// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
 pub const GEMV_MAX_ROWS: usize = 4;
 
-/// The kernel [`MatmulPath::Auto`] stands for with `m` rows of x and `[n, k]` weights.
-fn resolve(gpu: &Gpu, path: MatmulPath, m: usize, n: usize, k: usize, dt: DType) -> MatmulPath {
+/// The kernel [`MatmulPath::Auto`] stands for with `m` rows of x and `[n, k]` weights, for a
+/// recorder of kernel variant `v`.
+fn resolve(
+    gpu: &Gpu,
+    v: Variant,
+    path: MatmulPath,
+    m: usize,
+    n: usize,
+    k: usize,
+    dt: DType,
+) -> MatmulPath {
     match path {
         MatmulPath::Auto if m <= GEMV_MAX_ROWS && k.is_multiple_of(32) => {
-            MatmulPath::GemvBlocks(gpu.gemv_lanes_for(n, k, dt))
+            match gpu.gemv_lanes_for(n, k, dt) {
+                GEMV_SUBGROUP if !v.subgroups || m > 1 => {
+                    MatmulPath::GemvBlocks(GEMV_SUBGROUP_FALLBACK)
+                }
+                lanes => MatmulPath::GemvBlocks(lanes),
+            }
         }
         MatmulPath::Auto if m <= GEMV_MAX_ROWS => MatmulPath::Gemv,
         MatmulPath::Auto => MatmulPath::Gemm,
@@ -278,7 +333,9 @@ impl Recorder<'_> {
             && gate.shape.len() == 2
             && gate.cols() == k
         {
-            if let MatmulPath::GemvBlocks(lanes) = resolve(self.gpu, path, m, n, k, gate.dtype) {
+            if let MatmulPath::GemvBlocks(lanes) =
+                resolve(self.gpu, self.variant, path, m, n, k, gate.dtype)
+            {
                 return self.gemv_glu(lanes, x, gate, up, out);
             }
         }
@@ -300,7 +357,15 @@ impl Recorder<'_> {
         need_f32(out)?;
         let (n, k) = (gate.rows(), x.cols());
         out.expect(None, &[1, n])?;
-        let flags = [wflag(gate.dtype), lanes_flag(lanes)?, "GLU"];
+        let sg = lanes == GEMV_SUBGROUP;
+        if sg {
+            need_subgroups(self.variant, 1, &x.name)?;
+        }
+        let flags = [
+            wflag(gate.dtype),
+            if sg { "LANES1" } else { lanes_flag(lanes)? },
+            "GLU",
+        ];
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
             let (Some(gs), Some(us)) = (&g.scales, &u_.scales) else {
                 return Err(Error::tensor(&gate.name, "block scales", "none"));
@@ -314,8 +379,14 @@ impl Recorder<'_> {
                 (6, &u_.data),
                 (7, us),
             ];
-            let groups = grid(u(g.rows).div_ceil(2 * 64 / lanes));
-            self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
+            if sg {
+                // two columns (gate and up rows) per group of four weight rows
+                let groups = grid(u(g.rows.div_ceil(GEMV_SG_ROWS / 2)));
+                self.dispatch("gemv", "gemv_sg", &flags, &params, &bufs, groups)?;
+            } else {
+                let groups = grid(u(g.rows).div_ceil(2 * 64 / lanes));
+                self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
+            }
         }
         Ok(())
     }
@@ -351,7 +422,7 @@ impl Recorder<'_> {
             need_f32(b)?;
             b.expect(None, &[n])?;
         }
-        let path = resolve(self.gpu, path, m, n, k, w.dtype);
+        let path = resolve(self.gpu, self.variant, path, m, n, k, w.dtype);
         let mut flags = vec![wflag(w.dtype)];
         if bias.is_some() {
             flags.push("BIAS");
@@ -366,7 +437,13 @@ impl Recorder<'_> {
                     format!("{:?}", x.shape),
                 ));
             }
-            flags.push(lanes_flag(lanes)?);
+            if lanes == GEMV_SUBGROUP {
+                need_subgroups(self.variant, m, &x.name)?;
+                // the module's plain entry point needs a lane count to compile
+                flags.push("LANES1");
+            } else {
+                flags.push(lanes_flag(lanes)?);
+            }
         }
         match epilogue {
             Epilogue::None => {}
@@ -393,6 +470,10 @@ impl Recorder<'_> {
                 bufs.push((4, b.buffer()));
             }
             match path {
+                MatmulPath::GemvBlocks(GEMV_SUBGROUP) => {
+                    let groups = grid(u(part.rows.div_ceil(GEMV_SG_ROWS)));
+                    self.dispatch("gemv", "gemv_sg", &flags, &params, &bufs, groups)?;
+                }
                 MatmulPath::GemvBlocks(lanes) => {
                     let groups = grid(u(part.rows).div_ceil(4 * 64 / lanes));
                     self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;

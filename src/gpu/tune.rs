@@ -13,7 +13,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::gpu::ops::{MatmulPath, GEMV_LANES};
+use crate::gpu::ops::{gemv_candidates, MatmulPath, GEMV_LANES, GEMV_SUBGROUP};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -55,7 +55,7 @@ pub struct Trial {
     pub gb_per_s: f64,
 }
 
-/// Times the block GEMV at every lane count on a `[n, k]` q4 weight: `runs` timed submits of
+/// Times the block GEMV at every lane count (and in its subgroup form where offered) on a `[n, k]` q4 weight: `runs` timed submits of
 /// `reps` GEMVs each (after one warm-up), median per candidate.
 pub async fn measure_gemv(
     gpu: &Gpu,
@@ -81,7 +81,7 @@ pub async fn measure_gemv_of(
     let y = Tensor::zeros(gpu, "tune.y", &[1, n])?;
     let bytes = dtype.bytes(n * k) as f64;
     let mut out = Vec::new();
-    for lanes in GEMV_LANES {
+    for lanes in gemv_candidates(gpu) {
         let mut times = Vec::new();
         for run in 0..=runs.max(1) {
             let mut rec = Recorder::new(gpu);
@@ -136,10 +136,12 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
     v.trim()
         .parse::<u32>()
         .ok()
-        .filter(|l| GEMV_LANES.contains(l))
+        .filter(|l| GEMV_LANES.contains(l) || *l == GEMV_SUBGROUP)
         .ok_or_else(|| Error::InvalidOption {
             name: what.into(),
-            msg: format!("expected one of {GEMV_LANES:?}, found '{v}'"),
+            msg: format!(
+                "expected one of {GEMV_LANES:?}, or {GEMV_SUBGROUP} for subgroups, found '{v}'"
+            ),
         })
 }
 
