@@ -26,7 +26,15 @@
 #include weights
 #include matmul_out
 
+#if X_UNIFORM
+// One row of x through a uniform binding (64 KiB: up to 16384 values), a tuned choice: CPU
+// drivers read a uniform buffer with vector gathers, or one load for all invocations where
+// the index is the same, instead of element by element; GPUs broadcast it when every
+// invocation reads the same place (one lane per column).
+@group(0) @binding(1) var<uniform> x: array<vec4<f32>, 4096>;
+#else
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+#endif
 
 #if LANES1
 const LANES: u32 = 1u;

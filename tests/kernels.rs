@@ -10,12 +10,20 @@ use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
     attention_partials, AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode,
-    RopeTable, Tensor, Variant, GEMV_LANES, GEMV_SUBGROUP,
+    RopeTable, Tensor, Variant, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
 };
 use minigpt4::quant::{self, DType};
 
 fn t(gpu: &Gpu, name: &str, shape: &[usize], x: &[f32]) -> Tensor {
     Tensor::upload(gpu, name, shape, DType::F32, x).unwrap()
+}
+
+/// An activation as the model makes them (`Tensor::zeros`, then written): padded to the
+/// size the block GEMV can bind as a uniform, so the `X_UNIFORM` form runs on it.
+fn act(gpu: &Gpu, name: &str, shape: &[usize], x: &[f32]) -> Tensor {
+    let a = Tensor::zeros(gpu, name, shape).unwrap();
+    a.write_f32(gpu, x).unwrap();
+    a
 }
 
 fn read(gpu: &Gpu, x: &Tensor) -> Vec<f32> {
@@ -62,7 +70,7 @@ fn check_matmul(
             *w += i;
         }
     }
-    let xt = t(gpu, "x", &[m, k], &x);
+    let xt = act(gpu, "x", &[m, k], &x);
     let w = Tensor::upload(gpu, "w", &[n, k], dt, &wv).unwrap();
     let bt = t(gpu, "b", &[n], &b);
     let out = t(gpu, "out", &[m, n], &init);
@@ -128,6 +136,7 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
     for v in gpu.variants() {
         for dt in DType::ALL {
             let mut candidates = GEMV_LANES.to_vec();
+            candidates.push(GEMV_UNIFORM_X);
             if v.subgroups {
                 candidates.push(GEMV_SUBGROUP);
             }
@@ -232,6 +241,7 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                 MatmulPath::GemvBlocks(4),
                 MatmulPath::GemvBlocks(8),
                 MatmulPath::GemvBlocks(64),
+                MatmulPath::GemvBlocks(GEMV_UNIFORM_X),
                 MatmulPath::Gemm,
             ];
             if v.subgroups {
@@ -263,7 +273,7 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                     // whatever the output held before is overwritten, not added to
                     let out = t(&gpu, "out", &[m, n], &r.vec(m * n, 1.0));
                     let mut rec = Recorder::with_variant(&gpu, v);
-                    rec.matmul_glu(path, &t(&gpu, "x", &[m, k], &x), &gate, &up, &out)
+                    rec.matmul_glu(path, &act(&gpu, "x", &[m, k], &x), &gate, &up, &out)
                         .unwrap();
                     run(rec);
                     assert_close(
@@ -1175,7 +1185,8 @@ fn small_weights_get_lanes_tuned_for_their_shape() {
     );
     pollster::block_on(minigpt4::gpu::tune::tune_shapes(&gpu, &[small, large, odd])).unwrap();
     assert!(gpu.has_gemv_lanes_for(small.0, small.1, small.2));
-    assert!(GEMV_LANES.contains(&gpu.gemv_lanes_for(small.0, small.1, small.2)));
+    assert!(minigpt4::gpu::gemv_candidates(&gpu)
+        .contains(&gpu.gemv_lanes_for(small.0, small.1, small.2)));
     // large weights keep the adapter's lanes; widths off the block size take no block GEMV
     assert!(!gpu.has_gemv_lanes_for(large.0, large.1, large.2));
     assert_eq!(

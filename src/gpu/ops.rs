@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::recorder::{grid, Recorder};
 use crate::gpu::shader::Variant;
-use crate::gpu::tensor::{Ids, Tensor};
+use crate::gpu::tensor::{Ids, Tensor, UNIFORM_X_BYTES};
 use crate::quant::DType;
 
 fn f(v: f32) -> u32 {
@@ -37,6 +37,16 @@ fn need_first(x: &Tensor, n: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether `x` (`m` rows) can be bound as the block GEMV's uniform input: one row, in a
+/// buffer of [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit.
+fn uniform_x(gpu: &Gpu, x: &Tensor, m: usize) -> bool {
+    let size = x.buffer().size();
+    m == 1
+        && x.cols() * 4 <= UNIFORM_X_BYTES as usize
+        && size >= UNIFORM_X_BYTES
+        && size <= u64::from(gpu.limits.max_uniform_buffer_binding_size)
 }
 
 /// The block GEMV's subgroup form needs a subgroup variant and one row of x.
@@ -101,10 +111,16 @@ pub const GEMV_LANES: [u32; 6] = [1, 4, 8, 16, 32, 64];
 /// splitting K, summed with `subgroupAdd`.
 pub const GEMV_SUBGROUP: u32 = 0;
 
-/// The block GEMV's candidates on `gpu`: every lane count, and the subgroup form where the
-/// adapter offers subgroups.
+/// "Lanes" value of the block GEMV with one lane per column and x read through a uniform
+/// binding (`X_UNIFORM` in `gemv.wgsl`; one row of x of at most 16384 values, in a buffer of
+/// [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit; 1 lane otherwise).
+pub const GEMV_UNIFORM_X: u32 = 2;
+
+/// The block GEMV's candidates on `gpu`: every lane count, one lane with x as a uniform, and
+/// the subgroup form where the adapter offers subgroups.
 pub fn gemv_candidates(gpu: &Gpu) -> Vec<u32> {
     let mut v = GEMV_LANES.to_vec();
+    v.push(GEMV_UNIFORM_X);
     if gpu.best_variant.subgroups {
         v.push(GEMV_SUBGROUP);
     }
@@ -361,11 +377,19 @@ impl Recorder<'_> {
         if sg {
             need_subgroups(self.variant, 1, &x.name)?;
         }
-        let flags = [
+        let mut flags = vec![
             wflag(gate.dtype),
-            if sg { "LANES1" } else { lanes_flag(lanes)? },
+            if sg || lanes == GEMV_UNIFORM_X {
+                "LANES1"
+            } else {
+                lanes_flag(lanes)?
+            },
             "GLU",
         ];
+        if lanes == GEMV_UNIFORM_X && uniform_x(self.gpu, x, 1) {
+            flags.push("X_UNIFORM");
+        }
+        let lanes = if lanes == GEMV_UNIFORM_X { 1 } else { lanes };
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
             let (Some(gs), Some(us)) = (&g.scales, &u_.scales) else {
                 return Err(Error::tensor(&gate.name, "block scales", "none"));
@@ -441,6 +465,11 @@ impl Recorder<'_> {
                 need_subgroups(self.variant, m, &x.name)?;
                 // the module's plain entry point needs a lane count to compile
                 flags.push("LANES1");
+            } else if lanes == GEMV_UNIFORM_X {
+                flags.push("LANES1");
+                if uniform_x(self.gpu, x, m) {
+                    flags.push("X_UNIFORM");
+                }
             } else {
                 flags.push(lanes_flag(lanes)?);
             }
@@ -475,6 +504,7 @@ impl Recorder<'_> {
                     self.dispatch("gemv", "gemv_sg", &flags, &params, &bufs, groups)?;
                 }
                 MatmulPath::GemvBlocks(lanes) => {
+                    let lanes = if lanes == GEMV_UNIFORM_X { 1 } else { lanes };
                     let groups = grid(u(part.rows).div_ceil(4 * 64 / lanes));
                     self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
                 }

@@ -31,8 +31,14 @@ pub struct Tensor {
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::UNIFORM)
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Bytes of the uniform view of a GEMV input (`X_UNIFORM` in `gemv.wgsl`, WebGPU's default
+/// `maxUniformBufferBindingSize`): activations are allocated at least this large so that any
+/// row of up to 16384 values can be bound that way.
+pub const UNIFORM_X_BYTES: u64 = 64 << 10;
 
 fn rows_cols(shape: &[usize]) -> (usize, usize) {
     match shape.split_last() {
@@ -186,7 +192,7 @@ impl Tensor {
             parts: vec![Part {
                 row_start: 0,
                 rows,
-                data: new_buffer(gpu, name, n)?,
+                data: new_buffer(gpu, name, n.max(UNIFORM_X_BYTES as usize / 4))?,
                 scales: None,
             }],
         })

@@ -13,7 +13,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::gpu::ops::{gemv_candidates, MatmulPath, GEMV_LANES, GEMV_SUBGROUP};
+use crate::gpu::ops::{gemv_candidates, MatmulPath, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -140,11 +140,11 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
     v.trim()
         .parse::<u32>()
         .ok()
-        .filter(|l| GEMV_LANES.contains(l) || *l == GEMV_SUBGROUP)
+        .filter(|l| GEMV_LANES.contains(l) || [GEMV_SUBGROUP, GEMV_UNIFORM_X].contains(l))
         .ok_or_else(|| Error::InvalidOption {
             name: what.into(),
             msg: format!(
-                "expected one of {GEMV_LANES:?}, or {GEMV_SUBGROUP} for subgroups, found '{v}'"
+                "expected one of {GEMV_LANES:?}, {GEMV_UNIFORM_X} for 1 lane with x as a uniform, or {GEMV_SUBGROUP} for subgroups, found '{v}'"
             ),
         })
 }
