@@ -46,7 +46,7 @@ fn uniform_x(gpu: &Gpu, x: &Tensor, m: usize) -> bool {
     m == 1
         && x.cols() * 4 <= UNIFORM_X_BYTES as usize
         && size >= UNIFORM_X_BYTES
-        && size <= u64::from(gpu.limits.max_uniform_buffer_binding_size)
+        && size <= gpu.limits.max_uniform_buffer_binding_size
 }
 
 /// The block GEMV's subgroup form needs a subgroup variant and one row of x.

@@ -13,7 +13,9 @@
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::gpu::ops::{gemv_candidates, MatmulPath, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X};
+use crate::gpu::ops::{gemv_candidates, MatmulPath};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::ops::{GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
