@@ -373,23 +373,9 @@ impl Recorder<'_> {
         need_f32(out)?;
         let (n, k) = (gate.rows(), x.cols());
         out.expect(None, &[1, n])?;
-        let sg = lanes == GEMV_SUBGROUP;
-        if sg {
-            need_subgroups(self.variant, 1, &x.name)?;
-        }
-        let mut flags = vec![
-            wflag(gate.dtype),
-            if sg || lanes == GEMV_UNIFORM_X {
-                "LANES1"
-            } else {
-                lanes_flag(lanes)?
-            },
-            "GLU",
-        ];
-        if lanes == GEMV_UNIFORM_X && uniform_x(self.gpu, x, 1) {
-            flags.push("X_UNIFORM");
-        }
-        let lanes = if lanes == GEMV_UNIFORM_X { 1 } else { lanes };
+        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 1)?;
+        let mut flags = vec![wflag(gate.dtype), "GLU"];
+        flags.extend(form);
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
             let (Some(gs), Some(us)) = (&g.scales, &u_.scales) else {
                 return Err(Error::tensor(&gate.name, "block scales", "none"));
@@ -403,16 +389,34 @@ impl Recorder<'_> {
                 (6, &u_.data),
                 (7, us),
             ];
-            if sg {
-                // two columns (gate and up rows) per group of four weight rows
-                let groups = grid(u(g.rows.div_ceil(GEMV_SG_ROWS / 2)));
-                self.dispatch("gemv", "gemv_sg", &flags, &params, &bufs, groups)?;
-            } else {
-                let groups = grid(u(g.rows).div_ceil(2 * 64 / lanes));
-                self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
-            }
+            // a column takes two weight rows (gate and up)
+            let groups = grid(u(g.rows.div_ceil(rows_per_group / 2)));
+            self.dispatch("gemv", entry, &flags, &params, &bufs, groups)?;
         }
         Ok(())
+    }
+
+    /// The block GEMV form `lanes` stands for with `m` rows of `x`: its flags (the lane count,
+    /// and `X_UNIFORM` where x can be bound as a uniform), its entry point, and the weight rows
+    /// one workgroup covers.
+    fn gemv_form(
+        &self,
+        lanes: u32,
+        x: &Tensor,
+        m: usize,
+    ) -> Result<(Vec<&'static str>, &'static str, usize)> {
+        Ok(match lanes {
+            GEMV_SUBGROUP => {
+                need_subgroups(self.variant, m, &x.name)?;
+                // the module's plain entry point needs a lane count to compile
+                (vec!["LANES1"], "gemv_sg", GEMV_SG_ROWS)
+            }
+            GEMV_UNIFORM_X if uniform_x(self.gpu, x, m) => {
+                (vec!["LANES1", "X_UNIFORM"], "gemv", 4 * 64)
+            }
+            GEMV_UNIFORM_X => (vec!["LANES1"], "gemv", 4 * 64),
+            l => (vec![lanes_flag(l)?], "gemv", 4 * 64 / l as usize),
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -451,6 +455,8 @@ impl Recorder<'_> {
         if bias.is_some() {
             flags.push("BIAS");
         }
+        // the block GEMV's entry point and weight rows per workgroup
+        let mut block_gemv = ("gemv", 1);
         if let MatmulPath::GemvBlocks(lanes) = path {
             if m > GEMV_MAX_ROWS || !k.is_multiple_of(32) {
                 return Err(Error::tensor(
@@ -461,18 +467,9 @@ impl Recorder<'_> {
                     format!("{:?}", x.shape),
                 ));
             }
-            if lanes == GEMV_SUBGROUP {
-                need_subgroups(self.variant, m, &x.name)?;
-                // the module's plain entry point needs a lane count to compile
-                flags.push("LANES1");
-            } else if lanes == GEMV_UNIFORM_X {
-                flags.push("LANES1");
-                if uniform_x(self.gpu, x, m) {
-                    flags.push("X_UNIFORM");
-                }
-            } else {
-                flags.push(lanes_flag(lanes)?);
-            }
+            let (form, entry, rows_per_group) = self.gemv_form(lanes, x, m)?;
+            flags.extend(form);
+            block_gemv = (entry, rows_per_group);
         }
         match epilogue {
             Epilogue::None => {}
@@ -499,14 +496,9 @@ impl Recorder<'_> {
                 bufs.push((4, b.buffer()));
             }
             match path {
-                MatmulPath::GemvBlocks(GEMV_SUBGROUP) => {
-                    let groups = grid(u(part.rows.div_ceil(GEMV_SG_ROWS)));
-                    self.dispatch("gemv", "gemv_sg", &flags, &params, &bufs, groups)?;
-                }
-                MatmulPath::GemvBlocks(lanes) => {
-                    let lanes = if lanes == GEMV_UNIFORM_X { 1 } else { lanes };
-                    let groups = grid(u(part.rows).div_ceil(4 * 64 / lanes));
-                    self.dispatch("gemv", "gemv", &flags, &params, &bufs, groups)?;
+                MatmulPath::GemvBlocks(_) => {
+                    let groups = grid(u(part.rows.div_ceil(block_gemv.1)));
+                    self.dispatch("gemv", block_gemv.0, &flags, &params, &bufs, groups)?;
                 }
                 MatmulPath::Gemv | MatmulPath::Auto => {
                     let groups = grid(u(m * part.rows));
