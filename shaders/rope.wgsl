@@ -31,10 +31,15 @@ fn rope(ids: Ids, grp: Grp) {
     let i = e % half;
     let h = (e / half) % p.heads;
     let t = e / (half * p.heads);
-    let tb = ((p.pos0 + t) * half + i) * 2u;
+    rotate_pair(p.offset + t * p.stride + h * p.head_dim, i, p.pos0 + t);
+}
+
+// Rotates pair i of the head starting at x[base] in place, at position pos.
+fn rotate_pair(base: u32, i: u32, pos: u32) {
+    let half = p.head_dim / 2u;
+    let tb = (pos * half + i) * 2u;
     let c = table[tb];
     let s = table[tb + 1u];
-    let base = p.offset + t * p.stride + h * p.head_dim;
     var a = base + i;
     var b = base + i + half;
     if (p.mode == 1u) {
@@ -94,23 +99,8 @@ fn rope_kv(ids: Ids, grp: Grp) {
     let pos = p.pos0 + t;
     let row = p.offset + t * p.stride;
     if (u < p.heads * half) {
-        // q: rotation pair i of head h, in place
-        let h = u / half;
-        let i = u % half;
-        let tb = (pos * half + i) * 2u;
-        let c = table[tb];
-        let s = table[tb + 1u];
-        let base = row + h * p.head_dim;
-        var a = base + i;
-        var b = base + i + half;
-        if (p.mode == 1u) {
-            a = base + 2u * i;
-            b = a + 1u;
-        }
-        let x0 = x[a];
-        let x1 = x[b];
-        x[a] = x0 * c - x1 * s;
-        x[b] = x1 * c + x0 * s;
+        // q: rotation pair u % half of head u / half, in place
+        rotate_pair(row + (u / half) * p.head_dim, u % half, pos);
         return;
     }
     // c: the first of two adjacent values of the cache row [k, v] (head_dim is even)
