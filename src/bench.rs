@@ -448,12 +448,14 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     Ok(report)
 }
 
-/// A block GEMV lane count as printed: the subgroup form (lanes 0) as "subgroups", one lane
-/// with x as a uniform (lanes 2) as "1 (x uniform)".
+/// A block GEMV lane count as printed: the subgroup form (lanes 0) as "subgroups", lanes with
+/// x as a uniform (`4 | GEMV_UNIFORM_X`) as "4 (x uniform)".
 fn lanes_name(v: &Value) -> String {
     match v.as_u64() {
         Some(l) if l == u64::from(crate::gpu::GEMV_SUBGROUP) => "subgroups".into(),
-        Some(l) if l == u64::from(crate::gpu::GEMV_UNIFORM_X) => "1 (x uniform)".into(),
+        Some(l) if l & u64::from(crate::gpu::GEMV_UNIFORM_X) != 0 => {
+            format!("{} (x uniform)", l & !u64::from(crate::gpu::GEMV_UNIFORM_X))
+        }
         _ => v.to_string(),
     }
 }

@@ -136,7 +136,7 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
     for v in gpu.variants() {
         for dt in DType::ALL {
             let mut candidates = GEMV_LANES.to_vec();
-            candidates.push(GEMV_UNIFORM_X);
+            candidates.extend(GEMV_LANES.map(|l| l | GEMV_UNIFORM_X));
             if v.subgroups {
                 candidates.push(GEMV_SUBGROUP);
             }
@@ -241,7 +241,8 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                 MatmulPath::GemvBlocks(4),
                 MatmulPath::GemvBlocks(8),
                 MatmulPath::GemvBlocks(64),
-                MatmulPath::GemvBlocks(GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(1 | GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(8 | GEMV_UNIFORM_X),
                 MatmulPath::Gemm,
             ];
             if v.subgroups {

@@ -9,8 +9,8 @@ pub mod tune;
 
 pub use context::{adapter_reports, AdapterReport, Gpu, GpuOptions, Requirements};
 pub use ops::{
-    attention_partials, gemv_candidates, AttnShape, HeadView, MatmulPath, RopeMode, RopeTable,
-    ATTN_SPLIT, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
+    attention_partials, gemv_candidates, is_gemv_lanes, AttnShape, HeadView, MatmulPath, RopeMode,
+    RopeTable, ATTN_SPLIT, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
 };
 pub use recorder::{Plan, Recorder};
 pub use shader::Variant;

@@ -111,16 +111,23 @@ pub const GEMV_LANES: [u32; 6] = [1, 4, 8, 16, 32, 64];
 /// splitting K, summed with `subgroupAdd`.
 pub const GEMV_SUBGROUP: u32 = 0;
 
-/// "Lanes" value of the block GEMV with one lane per column and x read through a uniform
-/// binding (`X_UNIFORM` in `gemv.wgsl`; one row of x of at most 16384 values, in a buffer of
-/// [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit; 1 lane otherwise).
-pub const GEMV_UNIFORM_X: u32 = 2;
+/// Bit of a block-GEMV lane value: x read through a uniform binding (`X_UNIFORM` in
+/// `gemv.wgsl`), where x is one row of at most 16384 values in a buffer of
+/// [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit (as a storage buffer
+/// otherwise). `4 | GEMV_UNIFORM_X`: 4 lanes per column, x as a uniform.
+pub const GEMV_UNIFORM_X: u32 = 0x100;
 
-/// The block GEMV's candidates on `gpu`: every lane count, one lane with x as a uniform, and
-/// the subgroup form where the adapter offers subgroups.
+/// Whether `lanes` is a block-GEMV lane value: a lane count, with or without
+/// [`GEMV_UNIFORM_X`], or [`GEMV_SUBGROUP`].
+pub fn is_gemv_lanes(lanes: u32) -> bool {
+    lanes == GEMV_SUBGROUP || GEMV_LANES.contains(&(lanes & !GEMV_UNIFORM_X))
+}
+
+/// The block GEMV's candidates on `gpu`: every lane count with x as a storage buffer and as a
+/// uniform, and the subgroup form where the adapter offers subgroups.
 pub fn gemv_candidates(gpu: &Gpu) -> Vec<u32> {
     let mut v = GEMV_LANES.to_vec();
-    v.push(GEMV_UNIFORM_X);
+    v.extend(GEMV_LANES.map(|l| l | GEMV_UNIFORM_X));
     if gpu.best_variant.subgroups {
         v.push(GEMV_SUBGROUP);
     }
@@ -411,11 +418,14 @@ impl Recorder<'_> {
                 // the module's plain entry point needs a lane count to compile
                 (vec!["LANES1"], "gemv_sg", GEMV_SG_ROWS)
             }
-            GEMV_UNIFORM_X if uniform_x(self.gpu, x, m) => {
-                (vec!["LANES1", "X_UNIFORM"], "gemv", 4 * 64)
+            l => {
+                let lanes = l & !GEMV_UNIFORM_X;
+                let mut flags = vec![lanes_flag(lanes)?];
+                if l & GEMV_UNIFORM_X != 0 && uniform_x(self.gpu, x, m) {
+                    flags.push("X_UNIFORM");
+                }
+                (flags, "gemv", 4 * 64 / lanes as usize)
             }
-            GEMV_UNIFORM_X => (vec!["LANES1"], "gemv", 4 * 64),
-            l => (vec![lanes_flag(l)?], "gemv", 4 * 64 / l as usize),
         })
     }
 

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::gpu::ops::{gemv_candidates, MatmulPath};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::ops::{GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X};
+use crate::gpu::ops::{is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -142,11 +142,12 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
     v.trim()
         .parse::<u32>()
         .ok()
-        .filter(|l| GEMV_LANES.contains(l) || [GEMV_SUBGROUP, GEMV_UNIFORM_X].contains(l))
+        .filter(|&l| is_gemv_lanes(l))
         .ok_or_else(|| Error::InvalidOption {
             name: what.into(),
             msg: format!(
-                "expected one of {GEMV_LANES:?}, {GEMV_UNIFORM_X} for 1 lane with x as a uniform, or {GEMV_SUBGROUP} for subgroups, found '{v}'"
+                "expected one of {GEMV_LANES:?}, one of them plus {GEMV_UNIFORM_X} (x as a \
+                 uniform), or {GEMV_SUBGROUP} (subgroups), found '{v}'"
             ),
         })
 }
@@ -338,6 +339,9 @@ mod tests {
         assert_eq!(fastest(&[t(4, 2.0), t(8, 1.0), noisy]), Some(16));
         assert_eq!(fastest(&[]), None);
         assert_eq!(parse_lanes("X", " 16 ").unwrap(), 16);
+        assert_eq!(parse_lanes("X", "260").unwrap(), 4 | GEMV_UNIFORM_X);
+        assert_eq!(parse_lanes("X", "0").unwrap(), GEMV_SUBGROUP);
+        assert!(parse_lanes("X", "258").is_err() && parse_lanes("X", "2").is_err());
         let e = parse_lanes("MINIGPT4_GEMV_LANES", "12")
             .unwrap_err()
             .to_string();
