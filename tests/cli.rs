@@ -501,13 +501,26 @@ fn bench_tiny_reports_every_part() {
     // q4, q4m, q8, f16 at two tiny shapes
     let gemv = r["gemv"].as_array().unwrap();
     assert_eq!(gemv.len(), 8);
-    // every lane count of the block GEMV measured, one of them chosen
+    // every lane count of the block GEMV measured, with x as a storage buffer and as a
+    // uniform (and the subgroup form where offered), one of them chosen
     let trials = r["gemv_lanes"]["trials"].as_array().unwrap();
-    assert_eq!(trials.len(), minigpt4::gpu::GEMV_LANES.len());
-    assert!(trials.iter().all(|t| pos(&t["gb_per_s"])));
-    assert!(minigpt4::gpu::GEMV_LANES
+    let lanes: Vec<u32> = trials
         .iter()
-        .any(|&l| r["gemv_lanes"]["chosen"] == l));
+        .map(|t| t["lanes"].as_u64().unwrap() as u32)
+        .collect();
+    for l in minigpt4::gpu::GEMV_LANES {
+        assert!(lanes.contains(&l), "{lanes:?}");
+        assert!(
+            lanes.contains(&(l | minigpt4::gpu::GEMV_UNIFORM_X)),
+            "{lanes:?}"
+        );
+    }
+    assert!(
+        lanes.iter().all(|&l| minigpt4::gpu::is_gemv_lanes(l)),
+        "{lanes:?}"
+    );
+    assert!(trials.iter().all(|t| pos(&t["gb_per_s"])));
+    assert!(lanes.iter().any(|&l| r["gemv_lanes"]["chosen"] == l));
     // decode on a real (tiny) LLaMA next to its GEMV prediction
     let l = &r["llm_decode"];
     for k in [
