@@ -60,8 +60,9 @@ pub struct Trial {
     pub gb_per_s: f64,
 }
 
-/// Times the block GEMV at every lane count (and in its subgroup form where offered) on a `[n, k]` q4 weight: `runs` timed submits of
-/// `reps` GEMVs each (after one warm-up), median per candidate.
+/// Times the block GEMV in each of its forms ([`gemv_candidates`]) on a `[n, k]` q4 weight:
+/// `runs` timed submits of `reps` GEMVs each (after one warm-up), median and fastest run per
+/// candidate.
 pub async fn measure_gemv(
     gpu: &Gpu,
     n: usize,
