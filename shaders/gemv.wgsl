@@ -1,13 +1,13 @@
 // GEMV for decode: out[m, out_col + n] (+)= sum_k x[m, k] * W[n, k] (+ bias), for M <= 4 rows
 // of x and K a multiple of 32 (one quantisation block).
 //
-// A workgroup of 64 invocations computes 4 ROWS output columns (ROWS = 64 / LANES; each
-// invocation takes columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS and shares every x load
-// among them). The LANES invocations of a column walk its K in whole 32-weight blocks (lane
+// A workgroup of GW invocations (64, or 16 with WG16) computes 4 ROWS output columns
+// (ROWS = GW / LANES; each invocation takes columns n, n + ROWS, n + 2 ROWS, n + 3 ROWS and
+// shares every x load among them). The LANES invocations of a column walk its K in whole 32-weight blocks (lane
 // j takes blocks j, j + LANES, ...; in decode, for q4 and q8, pairs of blocks, whose scales
 // share a word). Quantised weights are read with 16-byte loads (one per q4 block, two per q8
 // block) and x as vec4. The LANES partial sums of a column are then added in workgroup
-// memory.
+// memory (with one lane, no workgroup memory and no barrier).
 //
 // Memory-bound kernels on CPU drivers are bound by the number of loads (each is a gather
 // across the SIMD lanes), so wide loads and fewer scale loads are what count there; they are
@@ -54,7 +54,15 @@ const LANES: u32 = 32u;
 #if LANES64
 const LANES: u32 = 64u;
 #endif
-const ROWS: u32 = WG / LANES;
+// Invocations per workgroup: 64, or (WG16, a tuned choice) 16, which makes four times as many
+// workgroups for the same matrix; CPU drivers run a workgroup per thread, and small matrices
+// (SmolLM2's 576 rows) then spread evenly over the threads.
+#if WG16
+const GW: u32 = 16u;
+#else
+const GW: u32 = WG;
+#endif
+const ROWS: u32 = GW / LANES;
 
 #if GLU
 // The up projection (same shape and format as the gate projection in `w`).
@@ -329,9 +337,9 @@ const COLS: u32 = 2u * ROWS;
 const COLS: u32 = CPI * ROWS;
 #endif
 
-var<workgroup> part: array<vec4<f32>, 256>; // [CPI][WG] partial sums, one vec4 over m
+var<workgroup> part: array<vec4<f32>, 256>; // [CPI][GW] partial sums, one vec4 over m
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(GW)
 fn gemv(ids: Ids, grp: Grp) {
     let col = ids.lid / LANES;
     let lane = ids.lid % LANES;
@@ -386,43 +394,59 @@ fn gemv(ids: Ids, grp: Grp) {
         }
     }
 #endif
+#if LANES1
+    // One invocation per column: nothing to add up, so no workgroup memory and no barrier
+    // (CPU drivers run a workgroup that has a barrier as one coroutine per SIMD slice).
+    store_cols(n, acc0, acc1, acc2, acc3);
+#else
     // Add the LANES partial sums of each row (a tree in workgroup memory).
     part[ids.lid] = acc0;
-    part[WG + ids.lid] = acc1;
-    part[2u * WG + ids.lid] = acc2;
-    part[3u * WG + ids.lid] = acc3;
+    part[GW + ids.lid] = acc1;
+    part[2u * GW + ids.lid] = acc2;
+    part[3u * GW + ids.lid] = acc3;
     workgroupBarrier();
     for (var s = LANES / 2u; s > 0u; s >>= 1u) {
         if (lane < s) {
             for (var r = 0u; r < CPI; r++) {
-                part[r * WG + ids.lid] += part[r * WG + ids.lid + s];
+                part[r * GW + ids.lid] += part[r * GW + ids.lid + s];
             }
         }
         workgroupBarrier();
     }
     if (lane == 0u) {
-#if GLU
-        for (var r = 0u; r < 2u; r++) {
-            let c = n + r * ROWS;
-            if (c < p.n) {
-                let g = part[r * WG + ids.lid].x;
-                let up = part[(r + 2u) * WG + ids.lid].x;
-                out[p.out_col + c] = g / (1.0 + exp(-g)) * up;
-            }
-        }
-#else
-        for (var r = 0u; r < CPI; r++) {
-            let c = n + r * ROWS;
-            if (c >= p.n) {
-                break;
-            }
-            let total = part[r * WG + ids.lid];
-            for (var m = 0u; m < p.m; m++) {
-                store(m, c, total[m]);
-            }
-        }
-#endif
+        store_cols(n, part[ids.lid], part[GW + ids.lid], part[2u * GW + ids.lid],
+                   part[3u * GW + ids.lid]);
     }
+#endif
+}
+
+// Stores the totals of an invocation's four weight rows (columns n + r ROWS, one vec4 over m
+// each): with GLU, silu(gate) * up of columns n and n + ROWS.
+fn store_cols(n: u32, t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>) {
+#if GLU
+    if (n < p.n) {
+        out[p.out_col + n] = silu_mul(t0.x, t2.x);
+    }
+    if (n + ROWS < p.n) {
+        out[p.out_col + n + ROWS] = silu_mul(t1.x, t3.x);
+    }
+#else
+    let t = array<vec4<f32>, 4>(t0, t1, t2, t3);
+    for (var r = 0u; r < CPI; r++) {
+        let c = n + r * ROWS;
+        if (c >= p.n) {
+            break;
+        }
+        for (var m = 0u; m < p.m; m++) {
+            store(m, c, t[r][m]);
+        }
+    }
+#endif
+}
+
+// LLaMA's MLP activation: silu(gate) * up.
+fn silu_mul(gate: f32, up: f32) -> f32 {
+    return gate / (1.0 + exp(-gate)) * up;
 }
 
 #if SUBGROUPS
@@ -481,8 +505,7 @@ fn gemv_sg(ids: Ids, grp: Grp) {
 #if GLU
             for (var r = 0u; r < 2u; r++) {
                 if (n + r < p.n) {
-                    let gate = total[r];
-                    out[p.out_col + n + r] = gate / (1.0 + exp(-gate)) * total[r + 2u];
+                    out[p.out_col + n + r] = silu_mul(total[r], total[r + 2u]);
                 }
             }
 #else

@@ -448,15 +448,29 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     Ok(report)
 }
 
-/// A block GEMV lane count as printed: the subgroup form (lanes 0) as "subgroups", lanes with
-/// x as a uniform (`4 | GEMV_UNIFORM_X`) as "4 (x uniform)".
+/// A block GEMV lane value as printed: the subgroup form (lanes 0) as "subgroups", the bits
+/// after the lane count in brackets: `4 | GEMV_UNIFORM_X | GEMV_WG16` as
+/// "4 (x uniform, wg 16)".
 fn lanes_name(v: &Value) -> String {
-    match v.as_u64() {
-        Some(l) if l == u64::from(crate::gpu::GEMV_SUBGROUP) => "subgroups".into(),
-        Some(l) if l & u64::from(crate::gpu::GEMV_UNIFORM_X) != 0 => {
-            format!("{} (x uniform)", l & !u64::from(crate::gpu::GEMV_UNIFORM_X))
+    use crate::gpu::{GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
+    match v.as_u64().and_then(|l| u32::try_from(l).ok()) {
+        Some(GEMV_SUBGROUP) => "subgroups".into(),
+        Some(l) => {
+            let mut bits = Vec::new();
+            if l & GEMV_UNIFORM_X != 0 {
+                bits.push("x uniform");
+            }
+            if l & GEMV_WG16 != 0 {
+                bits.push("wg 16");
+            }
+            let count = l & !(GEMV_UNIFORM_X | GEMV_WG16);
+            if bits.is_empty() {
+                count.to_string()
+            } else {
+                format!("{count} ({})", bits.join(", "))
+            }
         }
-        _ => v.to_string(),
+        None => v.to_string(),
     }
 }
 

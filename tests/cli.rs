@@ -502,7 +502,8 @@ fn bench_tiny_reports_every_part() {
     let gemv = r["gemv"].as_array().unwrap();
     assert_eq!(gemv.len(), 8);
     // every lane count of the block GEMV measured, with x as a storage buffer and as a
-    // uniform (and the subgroup form where offered), one of them chosen
+    // uniform, 1 lane in workgroups of 16 (and the subgroup form where offered), one of them
+    // chosen
     let trials = r["gemv_lanes"]["trials"].as_array().unwrap();
     let lanes: Vec<u32> = trials
         .iter()
@@ -515,6 +516,10 @@ fn bench_tiny_reports_every_part() {
             "{lanes:?}"
         );
     }
+    assert!(
+        lanes.contains(&(1 | minigpt4::gpu::GEMV_WG16 | minigpt4::gpu::GEMV_UNIFORM_X)),
+        "{lanes:?}"
+    );
     assert!(
         lanes.iter().all(|&l| minigpt4::gpu::is_gemv_lanes(l)),
         "{lanes:?}"

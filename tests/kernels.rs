@@ -10,7 +10,7 @@ use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
     attention_partials, AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode,
-    RopeTable, Tensor, Variant, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
+    RopeTable, Tensor, Variant, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
 };
 use minigpt4::quant::{self, DType};
 
@@ -137,6 +137,9 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
         for dt in DType::ALL {
             let mut candidates = GEMV_LANES.to_vec();
             candidates.extend(GEMV_LANES.map(|l| l | GEMV_UNIFORM_X));
+            // workgroups of 16 at every lane count that fits one
+            candidates.extend([1, 4, 8, 16].map(|l| l | GEMV_WG16));
+            candidates.extend([1, 16].map(|l| l | GEMV_WG16 | GEMV_UNIFORM_X));
             if v.subgroups {
                 candidates.push(GEMV_SUBGROUP);
             }
@@ -243,6 +246,8 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
                 MatmulPath::GemvBlocks(64),
                 MatmulPath::GemvBlocks(1 | GEMV_UNIFORM_X),
                 MatmulPath::GemvBlocks(8 | GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(1 | GEMV_WG16 | GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(4 | GEMV_WG16),
                 MatmulPath::Gemm,
             ];
             if v.subgroups {

@@ -10,7 +10,7 @@ pub mod tune;
 pub use context::{adapter_reports, AdapterReport, Gpu, GpuOptions, Requirements};
 pub use ops::{
     attention_partials, gemv_candidates, is_gemv_lanes, AttnShape, HeadView, MatmulPath, RopeMode,
-    RopeTable, ATTN_SPLIT, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
+    RopeTable, ATTN_SPLIT, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
 };
 pub use recorder::{Plan, Recorder};
 pub use shader::Variant;

@@ -117,17 +117,33 @@ pub const GEMV_SUBGROUP: u32 = 0;
 /// otherwise). `4 | GEMV_UNIFORM_X`: 4 lanes per column, x as a uniform.
 pub const GEMV_UNIFORM_X: u32 = 0x100;
 
+/// Bit of a block-GEMV lane value: workgroups of 16 invocations instead of 64 (`WG16` in
+/// `gemv.wgsl`; lane counts up to 16), a quarter of the rows each. CPU drivers run one
+/// workgroup per thread, so a small matrix (SmolLM2's 576 rows: three workgroups of 256 rows
+/// on two threads) spreads evenly. `1 | GEMV_WG16 | GEMV_UNIFORM_X`: 1 lane, 16 invocations,
+/// x as a uniform.
+pub const GEMV_WG16: u32 = 0x200;
+
 /// Whether `lanes` is a block-GEMV lane value: a lane count, with or without
-/// [`GEMV_UNIFORM_X`], or [`GEMV_SUBGROUP`].
+/// [`GEMV_UNIFORM_X`] and (up to 16 lanes) [`GEMV_WG16`], or [`GEMV_SUBGROUP`].
 pub fn is_gemv_lanes(lanes: u32) -> bool {
-    lanes == GEMV_SUBGROUP || GEMV_LANES.contains(&(lanes & !GEMV_UNIFORM_X))
+    let count = lanes & !(GEMV_UNIFORM_X | GEMV_WG16);
+    lanes == GEMV_SUBGROUP
+        || (GEMV_LANES.contains(&count) && (lanes & GEMV_WG16 == 0 || count <= 16))
 }
 
+/// Lane counts also tried with 16-invocation workgroups ([`GEMV_WG16`]).
+const GEMV_WG16_LANES: [u32; 2] = [1, 4];
+
 /// The block GEMV's candidates on `gpu`: every lane count with x as a storage buffer and as a
-/// uniform, and the subgroup form where the adapter offers subgroups.
+/// uniform, 1 and 4 lanes also in workgroups of 16, and the subgroup form where the adapter
+/// offers subgroups.
 pub fn gemv_candidates(gpu: &Gpu) -> Vec<u32> {
     let mut v = GEMV_LANES.to_vec();
     v.extend(GEMV_LANES.map(|l| l | GEMV_UNIFORM_X));
+    for x in [0, GEMV_UNIFORM_X] {
+        v.extend(GEMV_WG16_LANES.map(|l| l | GEMV_WG16 | x));
+    }
     if gpu.best_variant.subgroups {
         v.push(GEMV_SUBGROUP);
     }
@@ -419,12 +435,22 @@ impl Recorder<'_> {
                 (vec!["LANES1"], "gemv_sg", GEMV_SG_ROWS)
             }
             l => {
-                let lanes = l & !GEMV_UNIFORM_X;
+                let lanes = l & !(GEMV_UNIFORM_X | GEMV_WG16);
                 let mut flags = vec![lanes_flag(lanes)?];
                 if l & GEMV_UNIFORM_X != 0 && uniform_x(self.gpu, x, m) {
                     flags.push("X_UNIFORM");
                 }
-                (flags, "gemv", 4 * 64 / lanes as usize)
+                let mut invocations = 64;
+                if l & GEMV_WG16 != 0 {
+                    if lanes > 16 {
+                        return Err(Error::Gpu(format!(
+                            "block GEMV: workgroups of 16 take at most 16 lanes, found {lanes}"
+                        )));
+                    }
+                    flags.push("WG16");
+                    invocations = 16;
+                }
+                (flags, "gemv", 4 * invocations / lanes as usize)
             }
         })
     }

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::gpu::ops::{gemv_candidates, MatmulPath};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::ops::{is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X};
+use crate::gpu::ops::{is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -148,7 +148,8 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
             name: what.into(),
             msg: format!(
                 "expected one of {GEMV_LANES:?}, one of them plus {GEMV_UNIFORM_X} (x as a \
-                 uniform), or {GEMV_SUBGROUP} (subgroups), found '{v}'"
+                 uniform) and, up to 16 lanes, plus {GEMV_WG16} (workgroups of 16), or \
+                 {GEMV_SUBGROUP} (subgroups), found '{v}'"
             ),
         })
 }
@@ -342,6 +343,13 @@ mod tests {
         assert_eq!(parse_lanes("X", " 16 ").unwrap(), 16);
         assert_eq!(parse_lanes("X", "260").unwrap(), 4 | GEMV_UNIFORM_X);
         assert_eq!(parse_lanes("X", "0").unwrap(), GEMV_SUBGROUP);
+        assert_eq!(
+            parse_lanes("X", "769").unwrap(),
+            1 | GEMV_UNIFORM_X | GEMV_WG16
+        );
+        assert_eq!(parse_lanes("X", "528").unwrap(), 16 | GEMV_WG16);
+        // 32 lanes do not fit a workgroup of 16
+        assert!(parse_lanes("X", "544").is_err());
         assert!(parse_lanes("X", "258").is_err() && parse_lanes("X", "2").is_err());
         let e = parse_lanes("MINIGPT4_GEMV_LANES", "12")
             .unwrap_err()
