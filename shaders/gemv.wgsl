@@ -70,6 +70,19 @@ const ROWS: u32 = GW / LANES;
 @group(0) @binding(7) var<storage, read> w2_scales: array<u32>;
 #endif
 
+#if NORM
+// RMSNorm fused in (one row of x): the weights meet x * norm_w, the sum of squares of x is
+// gathered from the same loads, and each column's total is scaled by 1 / rms(x) when stored.
+// norm_w is bound like x (a uniform with X_UNIFORM).
+#if X_UNIFORM
+@group(0) @binding(8) var<uniform> norm_w: array<vec4<f32>, 4096>;
+#else
+@group(0) @binding(8) var<storage, read> norm_w: array<vec4<f32>>;
+#endif
+// This invocation's share of sum(x * x), one term per x element it reads.
+var<private> sumsq: vec4<f32>;
+#endif
+
 // x[m, 32 * b + 4 * j ..][0..4] as a vec4 (x_stride is a multiple of 4).
 fn xv(m: u32, b: u32, j: u32) -> vec4<f32> {
     return x[(m * p.x_stride + b * 32u) / 4u + j];
@@ -83,8 +96,13 @@ struct X8 {
 }
 
 fn x8(m: u32, b: u32, j: u32) -> X8 {
-    let lo = xv(m, b, 2u * j);
-    let hi = xv(m, b, 2u * j + 1u);
+    var lo = xv(m, b, 2u * j);
+    var hi = xv(m, b, 2u * j + 1u);
+#if NORM
+    sumsq += lo * lo + hi * hi;
+    lo *= norm_w[b * 8u + 2u * j];
+    hi *= norm_w[b * 8u + 2u * j + 1u];
+#endif
 #if W_Q4 || W_Q4M
     return X8(lo * XS, hi * XS, lo + hi);
 #else
@@ -373,6 +391,10 @@ fn gemv(ids: Ids, grp: Grp) {
         acc1.x = d.y;
         acc2.x = d.z;
         acc3.x = d.w;
+#if NORM
+        // one row of x: .y is free to carry the sum of squares through the lane sums
+        acc0.y = dot(sumsq, vec4<f32>(1.0));
+#endif
     }
 #if !GLU
     else {
@@ -421,14 +443,15 @@ fn gemv(ids: Ids, grp: Grp) {
 }
 
 // Stores the totals of an invocation's four weight rows (columns n + r ROWS, one vec4 over m
-// each): with GLU, silu(gate) * up of columns n and n + ROWS.
+// each): with GLU, silu(gate) * up of columns n and n + ROWS. With NORM, t0.y is sum(x * x).
 fn store_cols(n: u32, t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>) {
+    let inv = rms_scale(t0.y);
 #if GLU
     if (n < p.n) {
-        out[p.out_col + n] = silu_mul(t0.x, t2.x);
+        out[p.out_col + n] = silu_mul(t0.x * inv, t2.x * inv);
     }
     if (n + ROWS < p.n) {
-        out[p.out_col + n + ROWS] = silu_mul(t1.x, t3.x);
+        out[p.out_col + n + ROWS] = silu_mul(t1.x * inv, t3.x * inv);
     }
 #else
     let t = array<vec4<f32>, 4>(t0, t1, t2, t3);
@@ -438,9 +461,18 @@ fn store_cols(n: u32, t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>
             break;
         }
         for (var m = 0u; m < p.m; m++) {
-            store(m, c, t[r][m]);
+            store(m, c, t[r][m] * inv);
         }
     }
+#endif
+}
+
+// What the totals are scaled by: 1 / rms(x) with NORM (from sum(x * x)), else 1.
+fn rms_scale(ss: f32) -> f32 {
+#if NORM
+    return 1.0 / sqrt(ss / f32(p.k) + p.eps);
+#else
+    return 1.0;
 #endif
 }
 
@@ -482,6 +514,9 @@ fn gemv_sg(ids: Ids, grp: Grp) {
         let owner = g % subgroups == sg;
         let n = (group_index(grp) * SG_GROUPS + g) * SG_COLS;
         var d = vec4<f32>(0.0);
+#if NORM
+        sumsq = vec4<f32>(0.0);
+#endif
         if (owner) {
 #if GLU
             let rows = vec4<u32>(n, n + 1u, n, n + 1u);
@@ -501,17 +536,22 @@ fn gemv_sg(ids: Ids, grp: Grp) {
         }
         // in uniform control flow: every subgroup adds, owners store
         let total = subgroupAdd(d);
+#if NORM
+        let inv = rms_scale(subgroupAdd(dot(sumsq, vec4<f32>(1.0))));
+#else
+        let inv = 1.0;
+#endif
         if (owner && rank == 0u) {
 #if GLU
             for (var r = 0u; r < 2u; r++) {
                 if (n + r < p.n) {
-                    out[p.out_col + n + r] = silu_mul(total[r], total[r + 2u]);
+                    out[p.out_col + n + r] = silu_mul(total[r] * inv, total[r + 2u] * inv);
                 }
             }
 #else
             for (var r = 0u; r < 4u; r++) {
                 if (n + r < p.n) {
-                    store(0u, n + r, total[r]);
+                    store(0u, n + r, total[r] * inv);
                 }
             }
 #endif

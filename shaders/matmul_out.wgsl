@@ -12,6 +12,7 @@ struct Params {
     out_col: u32,
     bias_off: u32,
     accumulate: u32,
+    eps: f32, // RMSNorm's epsilon (NORM in gemv.wgsl)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

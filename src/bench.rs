@@ -286,8 +286,12 @@ fn gemv_lanes(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
     } else if let Some(best) = tune::fastest(&trials) {
         gpu.set_gemv_lanes(best);
     }
+    // RMSNorm fused into the GEMV or a dispatch of its own, at the lanes chosen
+    let (fused, separate) = pollster::block_on(tune::measure_fuse_norm(gpu, k, 4, a.runs))?;
+    gpu.set_fuse_norm(tune::override_fuse_norm()?.unwrap_or(fused <= separate));
     Ok(json!({
         "n": n, "k": k, "chosen": gpu.gemv_lanes(),
+        "fuse_norm": {"fused_s": fused, "separate_s": separate, "chosen": gpu.fuse_norm()},
         "trials": trials.iter().map(|t| json!({
             "lanes": t.lanes, "median_s": t.seconds, "gb_per_s": t.gb_per_s,
             "percent_of_copy": 100.0 * t.gb_per_s / copy_gbs,
@@ -493,6 +497,19 @@ pub fn human(r: &Value) -> String {
             );
         }
         s += &format!(" chosen {}\n", lanes_name(&l["chosen"]));
+        let f = &l["fuse_norm"];
+        s += &format!(
+            "  RMSNorm + q4 GEMV ({}×{}): fused {:.1} µs, separate {:.1} µs; {}\n",
+            l["k"],
+            l["k"],
+            f["fused_s"].as_f64().unwrap_or(0.0) * 1e6,
+            f["separate_s"].as_f64().unwrap_or(0.0) * 1e6,
+            if f["chosen"] == true {
+                "fused"
+            } else {
+                "separate"
+            }
+        );
     }
     for g in r["gemv"].as_array().into_iter().flatten() {
         s += &format!(

@@ -653,7 +653,7 @@ impl PackageLoader {
         let mut expected = HashMap::new();
         let mut total = 0;
         for (spec, es) in checked {
-            let t = Tensor::empty(gpu, &spec.name, &spec.shape, spec.dtype)?;
+            let t = spec.allocate(gpu)?;
             for e in es {
                 total += e.bytes();
                 targets.insert(

@@ -93,7 +93,7 @@ pub fn tensors(gpu: &Gpu, specs: &[TensorSpec]) -> Result<(TensorMap, u64)> {
     let mut m = TensorMap::default();
     let mut bytes = 0u64;
     for (i, s) in specs.iter().enumerate() {
-        let t = Tensor::empty(gpu, &s.name, &s.shape, s.dtype)?;
+        let t = s.allocate(gpu)?;
         if s.dtype == DType::F32 && s.shape.len() == 1 {
             let one = if s.name.contains("bias") { 0.0f32 } else { 1.0 };
             t.write_stored(

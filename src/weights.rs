@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+use crate::gpu::tensor::UNIFORM_X_BYTES;
 use crate::gpu::{Gpu, Tensor};
 use crate::loader::TensorSource;
 use crate::quant::{self, DType, Encoded};
@@ -297,6 +298,9 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub recipe: Recipe,
+    /// An f32 vector a kernel binds as a uniform (an RMSNorm's weights, fused into the GEMV
+    /// that follows it): allocated at least [`UNIFORM_X_BYTES`] like an activation.
+    pub uniform: bool,
 }
 
 impl TensorSpec {
@@ -306,6 +310,33 @@ impl TensorSpec {
             shape: shape.to_vec(),
             dtype,
             recipe,
+            uniform: false,
+        }
+    }
+
+    /// This spec with [`TensorSpec::uniform`] set.
+    pub fn bound_as_uniform(self) -> Self {
+        TensorSpec {
+            uniform: true,
+            ..self
+        }
+    }
+
+    /// An empty GPU tensor for this spec (padded as [`TensorSpec::uniform`] asks).
+    pub fn allocate(&self, gpu: &Gpu) -> Result<Tensor> {
+        if self.uniform && self.dtype == DType::F32 {
+            Tensor::zeros(gpu, &self.name, &self.shape)
+        } else {
+            Tensor::empty(gpu, &self.name, &self.shape, self.dtype)
+        }
+    }
+
+    /// GPU bytes of this tensor once allocated.
+    pub fn gpu_bytes(&self) -> u64 {
+        let b = self.dtype.bytes(self.shape.iter().product()) as u64;
+        match self.uniform && self.dtype == DType::F32 {
+            true => b.max(UNIFORM_X_BYTES),
+            false => b,
         }
     }
 
@@ -416,7 +447,11 @@ impl TensorMap {
         let mut m = TensorMap::default();
         for s in specs {
             let enc = s.produce(src)?;
-            m.insert(Tensor::upload_encoded(gpu, &s.name, &s.shape, &enc)?);
+            let t = Tensor::upload_encoded(gpu, &s.name, &s.shape, &enc)?;
+            m.insert(match s.uniform {
+                true => t.padded_for_uniform(gpu)?,
+                false => t,
+            });
         }
         Ok(m)
     }

@@ -525,6 +525,10 @@ fn bench_tiny_reports_every_part() {
         "{lanes:?}"
     );
     assert!(trials.iter().all(|t| pos(&t["gb_per_s"])));
+    // the fused RMSNorm timed both ways, one of them chosen
+    let f = &r["gemv_lanes"]["fuse_norm"];
+    assert!(pos(&f["fused_s"]) && pos(&f["separate_s"]), "{f}");
+    assert!(f["chosen"].is_boolean(), "{f}");
     assert!(lanes.iter().any(|&l| r["gemv_lanes"]["chosen"] == l));
     // decode on a real (tiny) LLaMA next to its GEMV prediction
     let l = &r["llm_decode"];

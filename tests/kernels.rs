@@ -306,6 +306,120 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
 }
 
 #[test]
+fn rms_norm_fused_into_the_gemv_matches_norm_then_matmul() {
+    let gpu = gpu();
+    let mut r = Rng::new(77);
+    let eps = 1e-5;
+    for v in gpu.variants() {
+        for dt in [DType::Q4, DType::Q4M, DType::Q8, DType::F16] {
+            let mut paths = vec![
+                MatmulPath::Auto,
+                MatmulPath::GemvBlocks(1),
+                MatmulPath::GemvBlocks(8),
+                MatmulPath::GemvBlocks(64),
+                MatmulPath::GemvBlocks(1 | GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(4 | GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(1 | GEMV_WG16 | GEMV_UNIFORM_X),
+                MatmulPath::GemvBlocks(16 | GEMV_WG16),
+                MatmulPath::Gemm,
+            ];
+            if v.subgroups {
+                paths.push(MatmulPath::GemvBlocks(GEMV_SUBGROUP));
+            }
+            // fused wherever it can be, and (Auto only) never
+            let runs = paths
+                .iter()
+                .map(|&p| (p, true))
+                .chain([(MatmulPath::Auto, false)]);
+            for (path, fuse) in runs {
+                gpu.set_fuse_norm(fuse);
+                // N not a multiple of the columns per workgroup, K odd and even in blocks;
+                // two rows of x are never fused
+                for (m, n, k) in [(1, 300, 96), (1, 130, 128), (2, 70, 64)] {
+                    if m > 1 && path == MatmulPath::GemvBlocks(GEMV_SUBGROUP) {
+                        continue;
+                    }
+                    // large values, as in LLaMA's residual stream
+                    let x = r.vec(m * k, 8.0);
+                    let nw = r.vec(k, 1.0);
+                    let h = cpu::rms_norm(&x, k, &nw, eps);
+                    let (wv, uv) = (r.vec(n * k, 0.5), r.vec(n * k, 0.5));
+                    let wq = quant::round_trip(dt, &wv, k).unwrap();
+                    let uq = quant::round_trip(dt, &uv, k).unwrap();
+                    let want = cpu::matmul(&h, m, k, &wq, n, None);
+                    let up_h = cpu::matmul(&h, m, k, &uq, n, None);
+                    let want_glu: Vec<f32> = want
+                        .iter()
+                        .zip(&up_h)
+                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect();
+                    let w = Tensor::upload(&gpu, "w", &[n, k], dt, &wv).unwrap();
+                    let up = Tensor::upload(&gpu, "up", &[n, k], dt, &uv).unwrap();
+                    let blocks = !matches!(path, MatmulPath::Gemm) && m == 1 && fuse;
+                    // the norm's weights padded as the model pads them (bound like x), and
+                    // not (read as a storage buffer)
+                    for padded in [true, false] {
+                        let norm = t(&gpu, "norm", &[k], &nw);
+                        let norm = if padded {
+                            norm.padded_for_uniform(&gpu).unwrap()
+                        } else {
+                            norm
+                        };
+                        let what = format!(
+                            "{dt} {path:?} fuse {fuse} padded {padded} m{m} n{n} k{k} {}",
+                            v.name()
+                        );
+                        let xs = act(&gpu, "x", &[m, k], &x);
+                        let hs = Tensor::zeros(&gpu, "h", &[m, k]).unwrap();
+                        let out = t(&gpu, "out", &[m, n], &r.vec(m * n, 1.0));
+                        let mut rec = Recorder::with_variant(&gpu, v);
+                        rec.rms_norm_matmul(path, &xs, &norm, eps, &hs, &w, &out)
+                            .unwrap();
+                        // one dispatch when fused, the norm and the matmul otherwise
+                        assert_eq!(rec.len() == 1, blocks, "{what}");
+                        run(rec);
+                        assert_close(&what, &read(&gpu, &out), &want, 1e-4, 1e-4);
+                        let mut rec = Recorder::with_variant(&gpu, v);
+                        rec.rms_norm_glu(path, &xs, &norm, eps, &hs, &w, &up, &out)
+                            .unwrap();
+                        assert_eq!(rec.len() == 1, blocks && dt.is_quantized(), "{what}");
+                        run(rec);
+                        let what = format!("silu(gate) * up of the norm, {what}");
+                        assert_close(&what, &read(&gpu, &out), &want_glu, 1e-4, 1e-4);
+                    }
+                }
+            }
+        }
+    }
+    // the norm's weights must match x's width, fused or not
+    for fuse in [true, false] {
+        gpu.set_fuse_norm(fuse);
+        let x = Tensor::zeros(&gpu, "x", &[1, 64]).unwrap();
+        let norm = Tensor::zeros(&gpu, "attn_norm", &[32]).unwrap();
+        let w = Tensor::zeros(&gpu, "w", &[8, 64]).unwrap();
+        let out = Tensor::zeros(&gpu, "out", &[1, 8]).unwrap();
+        let err = Recorder::new(&gpu)
+            .rms_norm_matmul(MatmulPath::Auto, &x, &norm, 1e-5, &x, &w, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attn_norm") && err.contains("[64]"), "{err}");
+    }
+}
+
+#[test]
+fn measuring_the_fused_norm_times_both_forms_and_leaves_the_choice() {
+    let gpu = gpu();
+    for was in [false, true] {
+        gpu.set_fuse_norm(was);
+        let (fused, separate) =
+            pollster::block_on(minigpt4::gpu::tune::measure_fuse_norm(&gpu, 256, 1, 1)).unwrap();
+        assert!(fused > 0.0 && fused < 10.0, "{fused}");
+        assert!(separate > 0.0 && separate < 10.0, "{separate}");
+        assert_eq!(gpu.fuse_norm(), was);
+    }
+}
+
+#[test]
 fn matmul_at_vit_width_and_auto_path() {
     let gpu = gpu();
     // ViT-g width: K = 1408 (44 blocks), a non-multiple-of-64 N.

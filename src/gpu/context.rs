@@ -1,7 +1,7 @@
 //! Instance, adapter and device creation; adapter listing for `minigpt4 info`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -298,6 +298,9 @@ pub struct Gpu {
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     /// Invocations per output column of the block GEMV (see `shaders/gemv.wgsl`, `tune.rs`).
     gemv_lanes: AtomicU32,
+    /// Whether an RMSNorm is fused into the one-row GEMV that reads it (tuned; see
+    /// [`crate::gpu::tune::autotune`]).
+    fuse_norm: AtomicBool,
     /// Per-shape block GEMV lanes: (rows, cols, dtype) → lanes.
     gemv_shapes: Mutex<HashMap<(usize, usize, DType), u32>>,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
@@ -373,6 +376,7 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             gemv_lanes: AtomicU32::new(crate::gpu::tune::default_gemv_lanes(&info)),
             gemv_shapes: Mutex::new(HashMap::new()),
+            fuse_norm: AtomicBool::new(true),
             info,
             errors,
             lost,
@@ -434,6 +438,16 @@ impl Gpu {
     /// Invocations per output column of the block GEMV.
     pub fn gemv_lanes(&self) -> u32 {
         self.gemv_lanes.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`crate::gpu::Recorder::rms_norm_matmul`] and `rms_norm_glu` fuse the norm into
+    /// a one-row block GEMV (on until tuning decides otherwise).
+    pub fn fuse_norm(&self) -> bool {
+        self.fuse_norm.load(Ordering::Relaxed)
+    }
+
+    pub fn set_fuse_norm(&self, on: bool) {
+        self.fuse_norm.store(on, Ordering::Relaxed);
     }
 
     /// Sets the block GEMV's lanes (one of [`crate::gpu::ops::GEMV_LANES`]) for every

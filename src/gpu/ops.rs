@@ -39,6 +39,24 @@ fn need_first(x: &Tensor, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// An RMSNorm fused into the block GEMV that reads its output (`NORM` in `gemv.wgsl`).
+#[derive(Clone, Copy)]
+struct Norm<'a> {
+    weight: &'a Tensor,
+    eps: f32,
+}
+
+impl<'a> Norm<'a> {
+    /// The norm of `x`'s rows with `weight`, checked as [`Recorder::rms_norm`] checks it.
+    fn checked(x: &Tensor, weight: &'a Tensor, eps: f32) -> Result<Self> {
+        for t in [x, weight] {
+            need_f32(t)?;
+        }
+        weight.expect(None, &[x.cols()])?;
+        Ok(Norm { weight, eps })
+    }
+}
+
 /// Whether `x` (`m` rows) can be bound as the block GEMV's uniform input: one row, in a
 /// buffer of [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit.
 fn uniform_x(gpu: &Gpu, x: &Tensor, m: usize) -> bool {
@@ -335,7 +353,7 @@ impl Recorder<'_> {
         out: &Tensor,
         accumulate: bool,
     ) -> Result<()> {
-        self.matmul_impl(path, x, Epilogue::None, w, bias, out, accumulate)
+        self.matmul_impl(path, x, Epilogue::None, w, bias, out, accumulate, None)
     }
 
     /// `out = silu(x · gateᵀ) * (x · upᵀ)` (LLaMA's MLP before the down projection). For one
@@ -358,6 +376,16 @@ impl Recorder<'_> {
                 format!("{:?}", up.shape),
             ));
         }
+        if let Some(lanes) = self.glu_lanes(path, x, gate, up) {
+            return self.gemv_glu(lanes, x, gate, up, out, None);
+        }
+        self.matmul_impl(path, x, Epilogue::Silu, gate, None, out, false, None)?;
+        self.matmul_impl(path, x, Epilogue::MulInto, up, None, out, false, None)
+    }
+
+    /// The block GEMV lanes of the one-dispatch GLU where it applies: one row of `x`, `gate`
+    /// and `up` quantised, of one dtype, `[N, K]`, split into the same parts.
+    fn glu_lanes(&self, path: MatmulPath, x: &Tensor, gate: &Tensor, up: &Tensor) -> Option<u32> {
         let (m, n, k) = (x.rows(), gate.rows(), x.cols());
         let same_parts = gate.parts.len() == up.parts.len()
             && gate
@@ -365,21 +393,79 @@ impl Recorder<'_> {
                 .iter()
                 .zip(&up.parts)
                 .all(|(a, b)| (a.row_start, a.rows) == (b.row_start, b.rows));
-        if m == 1
+        let fits = m == 1
             && gate.dtype == up.dtype
             && gate.dtype.is_quantized()
             && same_parts
             && gate.shape.len() == 2
-            && gate.cols() == k
-        {
-            if let MatmulPath::GemvBlocks(lanes) =
-                resolve(self.gpu, self.variant, path, m, n, k, gate.dtype)
-            {
-                return self.gemv_glu(lanes, x, gate, up, out);
+            && gate.cols() == k;
+        match resolve(self.gpu, self.variant, path, m, n, k, gate.dtype) {
+            MatmulPath::GemvBlocks(lanes) if fits => Some(lanes),
+            _ => None,
+        }
+    }
+
+    /// `out = rms_norm(x) · wᵀ` (LLaMA's attention input and logits). For one row of x on the
+    /// block GEMV, where [`Gpu::fuse_norm`] says so, this is one dispatch (`NORM` in
+    /// `gemv.wgsl`): the GEMV reads x times the norm's weights, sums the squares of x from the
+    /// same loads, and scales each total by 1 / rms(x). That saves a dispatch but repeats the
+    /// norm's arithmetic in every invocation, so tuning decides. Otherwise `h` (x's shape)
+    /// receives the normalised x and the matmul reads it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_matmul(
+        &mut self,
+        path: MatmulPath,
+        x: &Tensor,
+        norm_w: &Tensor,
+        eps: f32,
+        h: &Tensor,
+        w: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
+        let norm = Norm::checked(x, norm_w, eps)?;
+        let (m, k) = (x.rows(), x.cols());
+        if self.gpu.fuse_norm() && m == 1 && w.shape.len() == 2 && w.cols() == k {
+            let blocks = resolve(self.gpu, self.variant, path, m, w.rows(), k, w.dtype);
+            if matches!(blocks, MatmulPath::GemvBlocks(_)) {
+                return self.matmul_impl(
+                    blocks,
+                    x,
+                    Epilogue::None,
+                    w,
+                    None,
+                    out,
+                    false,
+                    Some(norm),
+                );
             }
         }
-        self.matmul_impl(path, x, Epilogue::Silu, gate, None, out, false)?;
-        self.matmul_impl(path, x, Epilogue::MulInto, up, None, out, false)
+        self.rms_norm(x, norm_w, eps, h)?;
+        self.matmul_with(path, h, w, None, out, false)
+    }
+
+    /// `out = silu(rms_norm(x) · gateᵀ) * (rms_norm(x) · upᵀ)` (LLaMA's MLP input): one
+    /// dispatch where [`Recorder::matmul_glu`] takes one and the norm can be fused as in
+    /// [`Recorder::rms_norm_matmul`]; otherwise through `h`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_glu(
+        &mut self,
+        path: MatmulPath,
+        x: &Tensor,
+        norm_w: &Tensor,
+        eps: f32,
+        h: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
+        let norm = Norm::checked(x, norm_w, eps)?;
+        if self.gpu.fuse_norm() && gate.shape == up.shape {
+            if let Some(lanes) = self.glu_lanes(path, x, gate, up) {
+                return self.gemv_glu(lanes, x, gate, up, out, Some(norm));
+            }
+        }
+        self.rms_norm(x, norm_w, eps, h)?;
+        self.matmul_glu(path, h, gate, up, out)
     }
 
     /// The one-dispatch silu(gate) * up of [`Recorder::matmul_glu`]: `x` one row, `gate` and
@@ -391,20 +477,25 @@ impl Recorder<'_> {
         gate: &Tensor,
         up: &Tensor,
         out: &Tensor,
+        norm: Option<Norm>,
     ) -> Result<()> {
         need_f32(x)?;
         need_f32(out)?;
         let (n, k) = (gate.rows(), x.cols());
         out.expect(None, &[1, n])?;
-        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 1)?;
+        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 1, norm)?;
         let mut flags = vec![wflag(gate.dtype), "GLU"];
         flags.extend(form);
+        if norm.is_some() {
+            flags.push("NORM");
+        }
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
             let (Some(gs), Some(us)) = (&g.scales, &u_.scales) else {
                 return Err(Error::tensor(&gate.name, "block scales", "none"));
             };
-            let params = [1, u(g.rows), u(k), u(k), u(n), u(g.row_start), 0, 0];
-            let bufs = [
+            let eps = f(norm.map_or(0.0, |n| n.eps));
+            let params = [1, u(g.rows), u(k), u(k), u(n), u(g.row_start), 0, 0, eps];
+            let mut bufs = vec![
                 (1, x.buffer()),
                 (2, &g.data),
                 (3, gs),
@@ -412,6 +503,9 @@ impl Recorder<'_> {
                 (6, &u_.data),
                 (7, us),
             ];
+            if let Some(n) = norm {
+                bufs.push((8, n.weight.buffer()));
+            }
             // a column takes two weight rows (gate and up)
             let groups = grid(u(g.rows.div_ceil(rows_per_group / 2)));
             self.dispatch("gemv", entry, &flags, &params, &bufs, groups)?;
@@ -419,14 +513,15 @@ impl Recorder<'_> {
         Ok(())
     }
 
-    /// The block GEMV form `lanes` stands for with `m` rows of `x`: its flags (the lane count,
-    /// and `X_UNIFORM` where x can be bound as a uniform), its entry point, and the weight rows
-    /// one workgroup covers.
+    /// The block GEMV form `lanes` stands for with `m` rows of `x` (and a fused RMSNorm's
+    /// weights): its flags (the lane count, `X_UNIFORM` where x and those weights can be bound
+    /// as uniforms, `WG16`), its entry point, and the weight rows one workgroup covers.
     fn gemv_form(
         &self,
         lanes: u32,
         x: &Tensor,
         m: usize,
+        norm: Option<Norm>,
     ) -> Result<(Vec<&'static str>, &'static str, usize)> {
         Ok(match lanes {
             GEMV_SUBGROUP => {
@@ -437,7 +532,11 @@ impl Recorder<'_> {
             l => {
                 let lanes = l & !(GEMV_UNIFORM_X | GEMV_WG16);
                 let mut flags = vec![lanes_flag(lanes)?];
-                if l & GEMV_UNIFORM_X != 0 && uniform_x(self.gpu, x, m) {
+                // a fused norm's weights are bound the way x is
+                if l & GEMV_UNIFORM_X != 0
+                    && uniform_x(self.gpu, x, m)
+                    && norm.is_none_or(|n| uniform_x(self.gpu, n.weight, 1))
+                {
                     flags.push("X_UNIFORM");
                 }
                 let mut invocations = 64;
@@ -465,6 +564,7 @@ impl Recorder<'_> {
         bias: Option<&Tensor>,
         out: &Tensor,
         accumulate: bool,
+        norm: Option<Norm>,
     ) -> Result<()> {
         need_f32(x)?;
         need_f32(out)?;
@@ -503,9 +603,19 @@ impl Recorder<'_> {
                     format!("{:?}", x.shape),
                 ));
             }
-            let (form, entry, rows_per_group) = self.gemv_form(lanes, x, m)?;
+            let (form, entry, rows_per_group) = self.gemv_form(lanes, x, m, norm)?;
             flags.extend(form);
             block_gemv = (entry, rows_per_group);
+        }
+        if norm.is_some() {
+            if m != 1 || !matches!(path, MatmulPath::GemvBlocks(_)) {
+                return Err(Error::tensor(
+                    &x.name,
+                    "one row on the block GEMV (a fused RMSNorm)",
+                    format!("{:?} on {path:?}", x.shape),
+                ));
+            }
+            flags.push("NORM");
         }
         match epilogue {
             Epilogue::None => {}
@@ -522,9 +632,13 @@ impl Recorder<'_> {
                 u(part.row_start),
                 u(part.row_start),
                 accumulate as u32,
+                f(norm.map_or(0.0, |n| n.eps)),
             ];
             let mut bufs: Vec<(u32, &wgpu::Buffer)> =
                 vec![(1, x.buffer()), (2, &part.data), (5, out.buffer())];
+            if let Some(n) = norm {
+                bufs.push((8, n.weight.buffer()));
+            }
             if let Some(s) = &part.scales {
                 bufs.push((3, s));
             }

@@ -1,7 +1,8 @@
 //! Per-adapter kernel choices: a small auto-tune at load, cached on disk natively.
 //!
-//! Today one choice is tuned: the block GEMV's lanes per output column (`shaders/gemv.wgsl`),
-//! the kernel that decides decode speed. Each candidate runs a 4-bit 4096×4096 GEMV (the
+//! Two choices are tuned. The block GEMV's lanes per output column (`shaders/gemv.wgsl`),
+//! the kernel that decides decode speed, and whether an RMSNorm is fused into the one-row
+//! GEMV that reads it ([`measure_fuse_norm`]). Each candidate runs a 4-bit 4096×4096 GEMV (the
 //! size of a 7B attention projection) a few times and the fastest wins. Weights with fewer
 //! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
 //! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
@@ -166,6 +167,26 @@ fn override_lanes() -> Result<Option<u32>> {
     Ok(None)
 }
 
+/// `MINIGPT4_FUSE_NORM`, when set (natively): `1` fuses RMSNorm into the GEMV after it, `0`
+/// keeps it a dispatch of its own, without measuring.
+pub fn override_fuse_norm() -> Result<Option<bool>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(v) = std::env::var("MINIGPT4_FUSE_NORM")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        return match v.trim() {
+            "1" => Ok(Some(true)),
+            "0" => Ok(Some(false)),
+            _ => Err(Error::InvalidOption {
+                name: "MINIGPT4_FUSE_NORM".into(),
+                msg: format!("expected 0 or 1, found '{v}'"),
+            }),
+        };
+    }
+    Ok(None)
+}
+
 /// The tuning results of this adapter in `<cache dir>/tune.json` (natively; in the page the
 /// cache is always empty and saving does nothing).
 struct TuneCache {
@@ -245,6 +266,27 @@ impl TuneCache {
         let _ = (shape, lanes);
     }
 
+    /// Whether the norm is fused (see [`measure_fuse_norm`]), as stored.
+    fn get_fuse_norm(&self) -> Option<bool> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            self.all[&self.key]["fuse_norm"].as_bool()
+        }
+        #[cfg(target_arch = "wasm32")]
+        None
+    }
+
+    fn set_fuse_norm(&mut self, on: bool) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            if self.all[&self.key].is_object() {
+                self.all[&self.key]["fuse_norm"] = serde_json::json!(on);
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        let _ = on;
+    }
+
     /// Best effort: a read-only cache directory only costs a re-measurement next time.
     fn save(&self) {
         #[cfg(not(target_arch = "wasm32"))]
@@ -258,21 +300,70 @@ impl TuneCache {
 /// `MINIGPT4_GEMV_LANES`, else from the cache file (native), else by measuring (and caching).
 /// Returns the choice and where it came from.
 pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
+    let fuse_override = override_fuse_norm()?;
+    if let Some(fuse) = fuse_override {
+        gpu.set_fuse_norm(fuse);
+    }
     if let Some(lanes) = override_lanes()? {
         gpu.set_gemv_lanes(lanes);
         return Ok((lanes, "MINIGPT4_GEMV_LANES"));
     }
     let mut cache = TuneCache::open(gpu);
-    if let Some(lanes) = cache.get(None) {
+    if let (Some(lanes), Some(fuse)) = (cache.get(None), cache.get_fuse_norm()) {
         gpu.set_gemv_lanes(lanes);
+        gpu.set_fuse_norm(fuse_override.unwrap_or(fuse));
         return Ok((lanes, "the tuning cache"));
     }
     let trials = measure_gemv(gpu, 4096, 4096, 2, 3).await?;
     let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
     gpu.set_gemv_lanes(lanes);
+    // at the lanes just chosen
+    let (fused, separate) = measure_fuse_norm(gpu, 4096, 2, 3).await?;
+    gpu.set_fuse_norm(fuse_override.unwrap_or(fused <= separate));
     cache.set(None, lanes);
+    cache.set_fuse_norm(fused <= separate);
     cache.save();
     Ok((lanes, "measurement"))
+}
+
+/// Fastest-run seconds of an RMSNorm followed by a one-row q4 `[k, k]` GEMV, fused into the
+/// GEMV and as two dispatches, at the adapter's lanes: `runs` timed submits of `reps` each.
+/// The fused form saves a dispatch and repeats the norm's arithmetic in every invocation;
+/// which costs more depends on the device. Leaves [`Gpu::fuse_norm`] as it found it.
+pub async fn measure_fuse_norm(
+    gpu: &Gpu,
+    k: usize,
+    reps: usize,
+    runs: usize,
+) -> Result<(f64, f64)> {
+    let w = Tensor::empty(gpu, "tune.w", &[k, k], DType::Q4)?;
+    let x = Tensor::zeros(gpu, "tune.x", &[1, k])?;
+    let norm = Tensor::zeros(gpu, "tune.norm", &[k])?;
+    let h = Tensor::zeros(gpu, "tune.h", &[1, k])?;
+    let y = Tensor::zeros(gpu, "tune.y", &[1, k])?;
+    let was = gpu.fuse_norm();
+    let mut best = [f64::MAX; 2];
+    for (i, fuse) in [true, false].into_iter().enumerate() {
+        gpu.set_fuse_norm(fuse);
+        for run in 0..=runs.max(1) {
+            let mut rec = Recorder::new(gpu);
+            for _ in 0..reps.max(1) {
+                rec.rms_norm_matmul(MatmulPath::Auto, &x, &norm, 1e-6, &h, &w, &y)?;
+            }
+            let t = now_s();
+            let done = rec.submit().await;
+            let read = read_words(gpu, y.buffer(), 0, 1).await;
+            if let Err(e) = done.and(read.map(drop)) {
+                gpu.set_fuse_norm(was);
+                return Err(e);
+            }
+            if run > 0 {
+                best[i] = best[i].min((now_s() - t) / reps.max(1) as f64);
+            }
+        }
+    }
+    gpu.set_fuse_norm(was);
+    Ok((best[0], best[1]))
 }
 
 /// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` with

@@ -640,6 +640,8 @@ struct Scratch {
     attn: Tensor,
     g: Tensor,
     last: Tensor,
+    /// The normalised last row, where the final norm is not fused into the LM head.
+    last_h: Tensor,
     logits_last: Tensor,
     logits_all: Option<Tensor>,
     /// Split-K attention partial results (decode, at most 4 rows).
@@ -714,7 +716,8 @@ impl Llama {
             cfg.vocab,
         );
         let mut s = Vec::new();
-        let norm = |name: String| TensorSpec::copied(name, &[h], DType::F32);
+        // bound as uniforms where the norms are fused into the GEMVs after them
+        let norm = |name: String| TensorSpec::copied(name, &[h], DType::F32).bound_as_uniform();
         let lin = |name: String, rows: usize, cols: usize| {
             TensorSpec::copied(name, &[rows, cols], policy.linear)
         };
@@ -843,7 +846,7 @@ impl Llama {
     pub fn memory(cfg: &LlamaConfig, policy: QuantPolicy, ctx: usize) -> (u64, u64, u64) {
         let weights = Self::specs(cfg, policy)
             .iter()
-            .map(|s| s.dtype.bytes(s.shape.iter().product()) as u64)
+            .map(TensorSpec::gpu_bytes)
             .sum();
         let kv = policy
             .kv_dtype()
@@ -884,6 +887,7 @@ impl Llama {
             attn: Tensor::zeros(gpu, "attn", &[t, q])?,
             g: Tensor::zeros(gpu, "gate", &[t, c.intermediate])?,
             last: Tensor::zeros(gpu, "last", &[1, c.hidden])?,
+            last_h: Tensor::zeros(gpu, "last_h", &[1, c.hidden])?,
             logits_last: Tensor::zeros(gpu, "logits", &[1, c.vocab])?,
             logits_all: if all_logits {
                 Some(Tensor::zeros(gpu, "logits_all", &[t, c.vocab])?)
@@ -1054,8 +1058,16 @@ impl Llama {
         }
         let qkv_stride = q + 2 * kv;
         for l in &self.layers {
-            rec.rms_norm(&s.x, &l.attn_norm, c.rms_eps, &s.h)?;
-            rec.matmul(&s.h, &l.wqkv, None, &s.qkv, false)?;
+            // for one token the norms are fused into the projections that read them
+            rec.rms_norm_matmul(
+                MatmulPath::Auto,
+                &s.x,
+                &l.attn_norm,
+                c.rms_eps,
+                &s.h,
+                &l.wqkv,
+                &s.qkv,
+            )?;
             // q rotated in place; k rotated and v copied into this layer's cache rows
             rec.rope_kv(
                 &s.qkv,
@@ -1098,26 +1110,41 @@ impl Llama {
                 s.partials.as_ref().filter(|_| pos + t > ATTN_SPLIT),
             )?;
             rec.matmul(&s.attn, &l.wo, None, &s.x, true)?;
-            rec.rms_norm(&s.x, &l.ffn_norm, c.rms_eps, &s.h)?;
-            rec.matmul_glu(MatmulPath::Auto, &s.h, &l.gate, &l.up, &s.g)?;
+            rec.rms_norm_glu(
+                MatmulPath::Auto,
+                &s.x,
+                &l.ffn_norm,
+                c.rms_eps,
+                &s.h,
+                &l.gate,
+                &l.up,
+                &s.g,
+            )?;
             rec.matmul(&s.g, &l.down, None, &s.x, true)?;
         }
-        rec.rms_norm(&s.x, &self.norm, c.rms_eps, &s.h)?;
         let out = if let Some(all) = &s.logits_all {
+            rec.rms_norm(&s.x, &self.norm, c.rms_eps, &s.h)?;
             rec.matmul(&s.h, &self.lm_head, None, all, false)?;
             all
         } else {
-            rec.copy_rows(
-                &s.h,
-                (t - 1) * c.hidden,
-                c.hidden,
-                &s.last,
-                0,
-                c.hidden,
-                1,
-                c.hidden,
+            // the last row alone (copied out of x when there are several), its norm fused into
+            // the LM head where it can be
+            let last = if t == 1 {
+                &s.x
+            } else {
+                let h = c.hidden;
+                rec.copy_rows(&s.x, (t - 1) * h, h, &s.last, 0, h, 1, h)?;
+                &s.last
+            };
+            rec.rms_norm_matmul(
+                MatmulPath::Auto,
+                last,
+                &self.norm,
+                c.rms_eps,
+                &s.last_h,
+                &self.lm_head,
+                &s.logits_last,
             )?;
-            rec.matmul(&s.last, &self.lm_head, None, &s.logits_last, false)?;
             &s.logits_last
         };
         self.last_rows = t;
