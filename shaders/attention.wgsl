@@ -28,7 +28,14 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+#if Q_UNIFORM
+// The query rows through a uniform binding (decode: q is a row of an activation buffer, which
+// is at least 64 KiB): every invocation of a workgroup reads the same query element at the same
+// time, which a uniform read broadcasts, so the row is not staged in workgroup memory.
+@group(0) @binding(1) var<uniform> qu: array<vec4<f32>, 4096>;
+#else
 @group(0) @binding(1) var<storage, read> q: array<f32>;
+#endif
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 // Keys and values: f32, or (KV_F16, a LLaMA KV cache) f16 pairs, read as 16-byte words of
@@ -92,6 +99,34 @@ var<workgroup> qs: array<vec4<f32>, 64>; // the query row (MAXD floats)
 var<workgroup> pw: array<f32, CH>; // softmax weights of the keys in hand
 var<workgroup> vpart: array<vec4<f32>, 128>; // v_sum's partial sums
 
+// This workgroup's query row: its first vec4 in qu and the factor it is read with (Q_UNIFORM).
+var<private> q_first: u32;
+var<private> q_mul: f32;
+
+// Elements 4i .. 4i + 3 of this workgroup's query row (times q_mul with Q_UNIFORM; as staged
+// in qs otherwise).
+fn qv(i: u32) -> vec4<f32> {
+#if Q_UNIFORM
+    return qu[q_first + i] * q_mul;
+#else
+    return qs[i];
+#endif
+}
+
+// Makes the query row starting at element qb, times mul, readable through qv. Called by the
+// whole workgroup in uniform control flow.
+fn load_query(qb: u32, mul: f32, lid: u32) {
+#if Q_UNIFORM
+    q_first = qb / 4u;
+    q_mul = mul;
+#else
+    for (var d = lid; d < p.d; d += WG) {
+        qs[d / 4u][d % 4u] = q[qb + d] * mul;
+    }
+    workgroupBarrier();
+#endif
+}
+
 // Whether heads are read eight elements at a time: head_dim and every offset and stride of K
 // and V multiples of 8 (always for LLaMA, the ViT and the Q-Former).
 fn by8() -> bool {
@@ -104,11 +139,11 @@ fn qk(kb: u32) -> f32 {
     if (by8()) {
         for (var d = 0u; d < p.d; d += 8u) {
             let kk = k8(kb + d);
-            s += dot(qs[d / 4u], kk.lo) + dot(qs[d / 4u + 1u], kk.hi);
+            s += dot(qv(d / 4u), kk.lo) + dot(qv(d / 4u + 1u), kk.hi);
         }
     } else {
         for (var d = 0u; d < p.d; d++) {
-            s += qs[d / 4u][d % 4u] * k_at(kb + d);
+            s += qv(d / 4u)[d % 4u] * k_at(kb + d);
         }
     }
     return s;
@@ -174,10 +209,7 @@ fn attention(ids: Ids, grp: Grp) {
     let ti = g / p.hq;
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
-    for (var d = ids.lid; d < p.d; d += WG) {
-        qs[d / 4u][d % 4u] = q[qb + d];
-    }
-    workgroupBarrier();
+    load_query(qb, 1.0, ids.lid);
     var kv_len = p.s;
     if (p.causal != 0u) {
         kv_len = min(p.s, ti + p.past + 1u);
@@ -252,10 +284,7 @@ fn attention_split(ids: Ids, grp: Grp) {
     let ti = g / (ns * p.hq);
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
-    for (var d = ids.lid; d < p.d; d += WG) {
-        qs[d / 4u][d % 4u] = q[qb + d] * p.scale;
-    }
-    workgroupBarrier();
+    load_query(qb, p.scale, ids.lid);
     let j0 = c * CH;
     let j1 = min(j0 + CH, visible(ti));
     var mx = NEG_BIG;

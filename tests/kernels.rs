@@ -829,6 +829,9 @@ struct AttnPath {
     /// Split-K decode kernels (with a partials buffer).
     split: bool,
     kv: DType,
+    /// q in an activation buffer at whole vec4s, so the kernels read it as a uniform
+    /// (`Q_UNIFORM`, where the head dim allows); a small unaligned storage buffer otherwise.
+    q_uniform: bool,
 }
 
 fn check_attention(
@@ -851,10 +854,13 @@ fn check_attention(
     let scale = 1.0 / (d as f32).sqrt();
     let want = cpu::attention(&q, &k, &vv, t_, s, hq, hkv, d, causal, scale);
     // q inside a fused [t, q | pad] buffer; k and v inside a "cache" with room for more rows
-    let qs = hq * d + 3;
-    let mut qbuf = r.vec(t_ * qs + 2, 1.0);
+    let (qoff, qs) = match path.q_uniform {
+        true => (4, (hq * d).next_multiple_of(4) + 4),
+        false => (2, hq * d + 3),
+    };
+    let mut qbuf = r.vec(t_ * qs + qoff, 1.0);
     for i in 0..t_ {
-        qbuf[2 + i * qs..][..hq * d].copy_from_slice(&q[i * hq * d..][..hq * d]);
+        qbuf[qoff + i * qs..][..hq * d].copy_from_slice(&q[i * hq * d..][..hq * d]);
     }
     let cap = s + 5;
     let mut kc = vec![0f32; cap * hkv * d];
@@ -862,7 +868,10 @@ fn check_attention(
     kc[..k.len()].copy_from_slice(&k);
     vc[..vv.len()].copy_from_slice(&vv);
     let (qt, kt, vt) = (
-        t(gpu, "q", &[qbuf.len()], &qbuf),
+        match path.q_uniform {
+            true => act(gpu, "q", &[qbuf.len()], &qbuf),
+            false => t(gpu, "q", &[qbuf.len()], &qbuf),
+        },
         Tensor::upload(gpu, "k", &[cap, hkv * d], path.kv, &kc).unwrap(),
         Tensor::upload(gpu, "v", &[cap, hkv * d], path.kv, &vc).unwrap(),
     );
@@ -872,7 +881,7 @@ fn check_attention(
     rec.attention_with(
         HeadView {
             t: &qt,
-            offset: 2,
+            offset: qoff,
             stride: qs,
         },
         HeadView::whole(&kt),
@@ -917,12 +926,15 @@ fn attention_prefill_decode_cross_and_gqa() {
             (1, 1, 1, 1, 1, true),
             (2, 65, 3, 1, 200, false),
         ] {
-            seed += 1;
-            let path = AttnPath {
-                split: false,
-                kv: DType::F32,
-            };
-            check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
+            for q_uniform in [false, true] {
+                seed += 1;
+                let path = AttnPath {
+                    split: false,
+                    kv: DType::F32,
+                    q_uniform,
+                };
+                check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
+            }
         }
     }
 }
@@ -942,9 +954,15 @@ fn split_k_decode_attention_and_f16_kv_cache() {
                     (4, 256, 2, 1, 200, false), // exactly one full split, head dim > 64
                     (2, 1030, 3, 3, 100, true), // five splits
                 ] {
-                    seed += 1;
-                    let path = AttnPath { split, kv };
-                    check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
+                    for q_uniform in [false, true] {
+                        seed += 1;
+                        let path = AttnPath {
+                            split,
+                            kv,
+                            q_uniform,
+                        };
+                        check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
+                    }
                 }
             }
         }

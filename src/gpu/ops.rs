@@ -60,9 +60,16 @@ impl<'a> Norm<'a> {
 /// Whether `x` (`m` rows) can be bound as the block GEMV's uniform input: one row, in a
 /// buffer of [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit.
 fn uniform_x(gpu: &Gpu, x: &Tensor, m: usize) -> bool {
-    let size = x.buffer().size();
-    m == 1
-        && x.cols() * 4 <= UNIFORM_X_BYTES as usize
+    m == 1 && uniform_span(gpu, x, x.cols())
+}
+
+/// Whether `t`'s first `floats` values can be read through a uniform binding of its whole
+/// buffer, declared as [`UNIFORM_X_BYTES`]: the buffer at least that large and at most the
+/// adapter's uniform binding limit.
+fn uniform_span(gpu: &Gpu, t: &Tensor, floats: usize) -> bool {
+    let size = t.buffer().size();
+    t.parts.len() == 1
+        && floats * 4 <= UNIFORM_X_BYTES as usize
         && size >= UNIFORM_X_BYTES
         && size <= gpu.limits.max_uniform_buffer_binding_size
 }
@@ -991,7 +998,14 @@ impl Recorder<'_> {
             u(a.s - a.t.min(a.s)),
             f(a.scale),
         ];
-        let flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
+        let kv_flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
+        let mut flags = kv_flags.to_vec();
+        // q through a uniform where it fits one, in whole vec4s (every decode step)
+        if (q.offset | q.stride | a.head_dim).is_multiple_of(4)
+            && uniform_span(self.gpu, q.t, span(&q, a.t, a.heads))
+        {
+            flags.push("Q_UNIFORM");
+        }
         if let Some(part) = partials.filter(|_| a.t <= GEMV_MAX_ROWS) {
             need_f32(part)?;
             need_len(
@@ -1009,7 +1023,7 @@ impl Recorder<'_> {
             self.dispatch(
                 "attention",
                 "attention_split",
-                flags,
+                &flags,
                 &params,
                 &bufs,
                 grid(u(a.t * a.heads * splits)),
@@ -1017,7 +1031,7 @@ impl Recorder<'_> {
             return self.dispatch(
                 "attention",
                 "attention_combine",
-                flags,
+                kv_flags,
                 &params,
                 &[(4, out.t.buffer()), (5, part.buffer())],
                 grid(u(a.t * a.heads)),
@@ -1026,7 +1040,7 @@ impl Recorder<'_> {
         self.dispatch(
             "attention",
             "attention",
-            flags,
+            &flags,
             &params,
             &[
                 (1, q.t.buffer()),

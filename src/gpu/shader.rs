@@ -131,7 +131,10 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("softmax", &[&[]]),
     ("elementwise", &[&[]]),
     ("rope", &[&[], &["KV_F16"]]),
-    ("attention", &[&[], &["KV_F16"]]),
+    (
+        "attention",
+        &[&[], &["KV_F16"], &["Q_UNIFORM"], &["KV_F16", "Q_UNIFORM"]],
+    ),
     (
         "embedding",
         &[&["W_F32"], &["W_F16"], &["W_Q8"], &["W_Q4"], &["W_Q4M"]],
