@@ -118,7 +118,7 @@ impl Requirements {
             what: "kernel library".into(),
             max_buffer_size: 1 << 20,
             max_storage_buffer_binding_size: 1 << 20,
-            max_storage_buffers_per_shader_stage: 6,
+            max_storage_buffers_per_shader_stage: 8,
             max_compute_invocations_per_workgroup: 256,
             max_compute_workgroup_storage_size: 16 << 10,
             max_compute_workgroups_per_dimension: 65535,
@@ -539,7 +539,7 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.contains("offered 4") && err.contains("needed 6"),
+            err.contains("offered 4") && err.contains("needed 8"),
             "{err}"
         );
         assert!(Requirements::kernels()

@@ -124,6 +124,7 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
             &["W_Q8", "LANES16", "BIAS", "WG16"],
             &["W_Q4M", "LANES1", "GLU", "X_UNIFORM", "NORM"],
             &["W_Q8", "LANES8", "NORM"],
+            &["W_Q4", "LANES4", "GLU", "NORM"],
             &["W_F16", "LANES4", "X_UNIFORM", "WG16", "NORM"],
         ],
     ),
@@ -315,6 +316,22 @@ mod tests {
         let mut out = String::new();
         let e = expand_src("t", "#if X\n", &[], &mut out, 0).unwrap_err();
         assert!(e.to_string().contains("unterminated"), "{e}");
+    }
+
+    #[test]
+    fn no_kernel_binds_more_storage_buffers_than_the_floor_asks_for() {
+        let floor = crate::gpu::Requirements::kernels().max_storage_buffers_per_shader_stage;
+        let mut most = 0;
+        for (file, flag_sets) in FAMILIES {
+            for flags in flag_sets.iter() {
+                let s = preprocess(file, Variant::PORTABLE, flags, false).unwrap();
+                let n = s.matches("var<storage").count() as u32;
+                assert!(n <= floor, "{file} {flags:?}: {n} storage buffers");
+                most = most.max(n);
+            }
+        }
+        // the GEMV with GLU, a fused norm and x as a storage buffer binds 7
+        assert_eq!(most, 7);
     }
 
     #[test]
