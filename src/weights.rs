@@ -322,9 +322,14 @@ impl TensorSpec {
         }
     }
 
+    /// Whether this tensor gets a padded buffer: [`TensorSpec::uniform`] (which only f32 uses).
+    fn padded(&self) -> bool {
+        self.uniform && self.dtype == DType::F32
+    }
+
     /// An empty GPU tensor for this spec (padded as [`TensorSpec::uniform`] asks).
     pub fn allocate(&self, gpu: &Gpu) -> Result<Tensor> {
-        if self.uniform && self.dtype == DType::F32 {
+        if self.padded() {
             Tensor::zeros(gpu, &self.name, &self.shape)
         } else {
             Tensor::empty(gpu, &self.name, &self.shape, self.dtype)
@@ -334,7 +339,7 @@ impl TensorSpec {
     /// GPU bytes of this tensor once allocated.
     pub fn gpu_bytes(&self) -> u64 {
         let b = self.dtype.bytes(self.shape.iter().product()) as u64;
-        match self.uniform && self.dtype == DType::F32 {
+        match self.padded() {
             true => b.max(UNIFORM_X_BYTES),
             false => b,
         }
@@ -447,11 +452,15 @@ impl TensorMap {
         let mut m = TensorMap::default();
         for s in specs {
             let enc = s.produce(src)?;
-            let t = Tensor::upload_encoded(gpu, &s.name, &s.shape, &enc)?;
-            m.insert(match s.uniform {
-                true => t.padded_for_uniform(gpu)?,
-                false => t,
-            });
+            let t = if s.padded() && enc.dtype == DType::F32 {
+                // allocated as the package loader allocates it, then written
+                let t = s.allocate(gpu)?;
+                t.write_f32(gpu, bytemuck::cast_slice(&enc.data))?;
+                t
+            } else {
+                Tensor::upload_encoded(gpu, &s.name, &s.shape, &enc)?
+            };
+            m.insert(t);
         }
         Ok(m)
     }

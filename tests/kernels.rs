@@ -359,11 +359,10 @@ fn rms_norm_fused_into_the_gemv_matches_norm_then_matmul() {
                     // the norm's weights padded as the model pads them (bound like x), and
                     // not (read as a storage buffer)
                     for padded in [true, false] {
-                        let norm = t(&gpu, "norm", &[k], &nw);
                         let norm = if padded {
-                            norm.padded_for_uniform(&gpu).unwrap()
+                            act(&gpu, "norm", &[k], &nw)
                         } else {
-                            norm
+                            t(&gpu, "norm", &[k], &nw)
                         };
                         let what = format!(
                             "{dt} {path:?} fuse {fuse} padded {padded} m{m} n{n} k{k} {}",

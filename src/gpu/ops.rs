@@ -391,7 +391,7 @@ impl Recorder<'_> {
     }
 
     /// The block GEMV lanes of the one-dispatch GLU where it applies: one row of `x`, `gate`
-    /// and `up` quantised, of one dtype, `[N, K]`, split into the same parts.
+    /// and `up` quantised, of one dtype and shape `[N, K]`, split into the same parts.
     fn glu_lanes(&self, path: MatmulPath, x: &Tensor, gate: &Tensor, up: &Tensor) -> Option<u32> {
         let (m, n, k) = (x.rows(), gate.rows(), x.cols());
         let same_parts = gate.parts.len() == up.parts.len()
@@ -401,6 +401,7 @@ impl Recorder<'_> {
                 .zip(&up.parts)
                 .all(|(a, b)| (a.row_start, a.rows) == (b.row_start, b.rows));
         let fits = m == 1
+            && gate.shape == up.shape
             && gate.dtype == up.dtype
             && gate.dtype.is_quantized()
             && same_parts
@@ -466,7 +467,7 @@ impl Recorder<'_> {
         out: &Tensor,
     ) -> Result<()> {
         let norm = Norm::checked(x, norm_w, eps)?;
-        if self.gpu.fuse_norm() && gate.shape == up.shape {
+        if self.gpu.fuse_norm() {
             if let Some(lanes) = self.glu_lanes(path, x, gate, up) {
                 return self.gemv_glu(lanes, x, gate, up, out, Some(norm));
             }
@@ -493,9 +494,6 @@ impl Recorder<'_> {
         let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 1, norm)?;
         let mut flags = vec![wflag(gate.dtype), "GLU"];
         flags.extend(form);
-        if norm.is_some() {
-            flags.push("NORM");
-        }
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
             let (Some(gs), Some(us)) = (&g.scales, &u_.scales) else {
                 return Err(Error::tensor(&gate.name, "block scales", "none"));
@@ -522,7 +520,7 @@ impl Recorder<'_> {
 
     /// The block GEMV form `lanes` stands for with `m` rows of `x` (and a fused RMSNorm's
     /// weights): its flags (the lane count, `X_UNIFORM` where x and those weights can be bound
-    /// as uniforms, `WG16`), its entry point, and the weight rows one workgroup covers.
+    /// as uniforms, `WG16`, `NORM`), its entry point, and the weight rows one workgroup covers.
     fn gemv_form(
         &self,
         lanes: u32,
@@ -530,7 +528,7 @@ impl Recorder<'_> {
         m: usize,
         norm: Option<Norm>,
     ) -> Result<(Vec<&'static str>, &'static str, usize)> {
-        Ok(match lanes {
+        let (mut flags, entry, rows) = match lanes {
             GEMV_SUBGROUP => {
                 need_subgroups(self.variant, m, &x.name)?;
                 // the module's plain entry point needs a lane count to compile
@@ -558,7 +556,11 @@ impl Recorder<'_> {
                 }
                 (flags, "gemv", 4 * invocations / lanes as usize)
             }
-        })
+        };
+        if norm.is_some() {
+            flags.push("NORM");
+        }
+        Ok((flags, entry, rows))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -614,15 +616,13 @@ impl Recorder<'_> {
             flags.extend(form);
             block_gemv = (entry, rows_per_group);
         }
-        if norm.is_some() {
-            if m != 1 || !matches!(path, MatmulPath::GemvBlocks(_)) {
-                return Err(Error::tensor(
-                    &x.name,
-                    "one row on the block GEMV (a fused RMSNorm)",
-                    format!("{:?} on {path:?}", x.shape),
-                ));
-            }
-            flags.push("NORM");
+        // gemv_form adds NORM
+        if norm.is_some() && (m != 1 || !matches!(path, MatmulPath::GemvBlocks(_))) {
+            return Err(Error::tensor(
+                &x.name,
+                "one row on the block GEMV (a fused RMSNorm)",
+                format!("{:?} on {path:?}", x.shape),
+            ));
         }
         match epilogue {
             Epilogue::None => {}

@@ -171,28 +171,6 @@ impl Tensor {
         Ok(lo / align * align)
     }
 
-    /// This f32 tensor in a buffer of at least [`UNIFORM_X_BYTES`] (a copy on the GPU where
-    /// its buffer is smaller), so that the block GEMV can bind it as a uniform as it binds
-    /// activations: the weights of an RMSNorm fused into the GEMV that follows it. Other
-    /// tensors are returned as they are.
-    pub fn padded_for_uniform(self, gpu: &Gpu) -> Result<Tensor> {
-        if self.dtype != DType::F32
-            || self.parts.len() != 1
-            || self.buffer().size() >= UNIFORM_X_BYTES
-        {
-            return Ok(self);
-        }
-        let padded = Tensor::zeros(gpu, &self.name, &self.shape)?;
-        let mut enc = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("pad for uniform"),
-            });
-        enc.copy_buffer_to_buffer(self.buffer(), 0, padded.buffer(), 0, self.buffer().size());
-        gpu.queue.submit([enc.finish()]);
-        Ok(padded)
-    }
-
     /// A zero-filled f32 activation tensor (one buffer; must fit in one binding).
     pub fn zeros(gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
