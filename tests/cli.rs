@@ -540,6 +540,17 @@ fn bench_tiny_reports_every_part() {
     ] {
         assert!(pos(&l[k]), "{k}: {l}");
     }
+    // kernels timed on the GPU's own clock where the adapter has timestamp queries
+    let (ok, info, err) = minigpt4(&["info", "--json"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&info).expect("JSON");
+    let chosen = &info["adapters"][info["chosen"].as_u64().unwrap() as usize];
+    let clock = if chosen["timestamps"] == true {
+        "gpu timestamps"
+    } else {
+        "wall"
+    };
+    assert_eq!(r["kernel_clock"], clock, "{chosen}");
     // the 6 GB check of the issue: Vicuna-7B q4 with a 2k cache
     assert_eq!(r["llm_memory"][0]["model"], "vicuna0-7b");
     assert!(r["llm_memory"][0]["total"].as_f64().unwrap() < 6e9);
@@ -564,6 +575,42 @@ fn bench_tiny_reports_every_part() {
     assert!(pos(&e["gpu_memory_bytes"]["total"]));
     let (ok, _, err) = minigpt4(&["bench", "--tiny", "--synthetic", "vicuna0-70b"]);
     assert!(!ok && err.contains("vicuna0-70b"), "{err}");
+}
+
+/// `MINIGPT4_PROFILE=1` tells where a LLaMA's timed decode steps went: every kernel a step
+/// runs, with its time and dispatches per token and its workgroup count.
+#[test]
+fn bench_profile_names_every_decode_kernel() {
+    let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
+        .args(["bench", "--tiny", "--runs", "1", "--parts", "e2e", "--llm"])
+        .arg(fixture_path("tests/fixtures/llama/mha_untied_hd64"))
+        .env("MINIGPT4_PROFILE", "1")
+        .env_remove("MINIGPT4_ADAPTER")
+        .output()
+        .expect("run minigpt4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("profile:")).collect();
+    for kernel in [
+        "embedding::embedding",
+        "gemv::gemv",
+        "rope::rope_kv",
+        "attention::attention",
+        "argmax::argmax",
+    ] {
+        assert!(lines.iter().any(|l| l.contains(kernel)), "{kernel}: {err}");
+    }
+    let mut dispatches = 0.0;
+    for l in &lines {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let ms: f64 = words[1].parse().expect(l);
+        let per_token: f64 = words[3].parse().expect(l);
+        assert!(ms >= 0.0 && ms.is_finite() && per_token > 0.0, "{l}");
+        assert!(l.ends_with(" groups)"), "{l}");
+        dispatches += per_token;
+    }
+    // one embedding, one argmax, and per layer at least the rope, attention and four GEMVs
+    assert!(dispatches >= 2.0 + 6.0, "{err}");
 }
 
 /// `bench --parts decode` (the code the page's `benchDecode` runs) reports a rate and only

@@ -1335,3 +1335,40 @@ fn small_weights_get_lanes_tuned_for_their_shape() {
     gpu.set_gemv_lanes(16);
     assert_eq!(gpu.gemv_lanes_for(small.0, small.1, small.2), 16);
 }
+
+/// GPU time from timestamp queries (what `bench` and the tuning time kernels by): the submits
+/// between start and finish are measured, and a device without timestamp queries (a portable
+/// one does not ask for them) says so, leaving the caller to its wall clock.
+#[test]
+fn gpu_timing_measures_the_submits_in_between() {
+    let n = 1 << 18;
+    let timed = |gpu: &Gpu, submits: usize| -> (bool, Option<f64>) {
+        let a = Tensor::zeros(gpu, "a", &[n]).unwrap();
+        let b = Tensor::zeros(gpu, "b", &[n]).unwrap();
+        let started = gpu.start_timing();
+        for _ in 0..submits {
+            let mut rec = Recorder::new(gpu);
+            rec.add(&a, &b).unwrap();
+            pollster::block_on(rec.submit()).unwrap();
+        }
+        (started, pollster::block_on(gpu.finish_timing()).unwrap())
+    };
+    let gpu = gpu();
+    if gpu.has_timestamps() {
+        for submits in [1, 3] {
+            let (started, t) = timed(&gpu, submits);
+            assert!(started);
+            assert!(t.is_some_and(|t| t > 0.0 && t < 60.0), "{t:?}");
+        }
+        // nothing submitted: nothing measured
+        assert_eq!(timed(&gpu, 0), (true, None));
+    }
+    // finished: no longer timing
+    assert_eq!(pollster::block_on(gpu.finish_timing()).unwrap(), None);
+    let portable = gpu_with(GpuOptions {
+        portable: true,
+        ..Default::default()
+    });
+    assert!(!portable.has_timestamps());
+    assert_eq!(timed(&portable, 1), (false, None));
+}

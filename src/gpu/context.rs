@@ -309,6 +309,9 @@ pub struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     /// How this device was chosen (to open it again after a loss).
     pub options: GpuOptions,
+    /// While timing ([`Gpu::start_timing`]): each recorded submit's start and end timestamps,
+    /// resolved into a buffer, to be read by [`Gpu::finish_timing`].
+    timing: Mutex<Option<Vec<wgpu::Buffer>>>,
 }
 
 impl Gpu {
@@ -381,6 +384,7 @@ impl Gpu {
             errors,
             lost,
             options: opts.clone(),
+            timing: Mutex::new(None),
         })
     }
 
@@ -512,6 +516,65 @@ impl Gpu {
         v
     }
 
+    /// Whether the device has timestamp queries (GPU time for `bench` and the tuning).
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Starts measuring GPU time: until [`Gpu::finish_timing`], every [`Recorder`] submit
+    /// writes timestamps at the start and end of its compute pass. Returns false, and does
+    /// nothing, where the device has no timestamp queries.
+    ///
+    /// [`Recorder`]: crate::gpu::Recorder
+    pub fn start_timing(&self) -> bool {
+        if !self.has_timestamps() {
+            return false;
+        }
+        if let Ok(mut t) = self.timing.lock() {
+            *t = Some(Vec::new());
+        }
+        true
+    }
+
+    /// A query set for one submit's start and end, with the buffer it resolves into, while
+    /// timing; the buffer is kept for [`Gpu::finish_timing`].
+    pub(crate) fn timing_queries(&self) -> Option<(wgpu::QuerySet, wgpu::Buffer)> {
+        let mut t = self.timing.lock().ok()?;
+        let pending = t.as_mut()?;
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timing"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        pending.push(resolved.clone());
+        Some((set, resolved))
+    }
+
+    /// Stops timing; the GPU seconds of the submits since [`Gpu::start_timing`] (the sum of
+    /// each compute pass's end minus start), or None when it was not timing or nothing was
+    /// submitted through a [`Recorder`] (a profiled run times its dispatches itself).
+    ///
+    /// [`Recorder`]: crate::gpu::Recorder
+    pub async fn finish_timing(&self) -> Result<Option<f64>> {
+        let pending = self.timing.lock().ok().and_then(|mut t| t.take());
+        let Some(pending) = pending.filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let ns_per_tick = f64::from(self.queue.get_timestamp_period());
+        let mut seconds = 0.0;
+        for resolved in &pending {
+            let w = crate::gpu::tensor::read_words(self, resolved, 0, 4).await?;
+            seconds += ticks_between(&w) as f64 * ns_per_tick * 1e-9;
+        }
+        Ok(Some(seconds))
+    }
+
     /// Waits for all submitted work (native); a no-op in the browser.
     pub fn wait(&self) {
         #[cfg(not(target_arch = "wasm32"))]
@@ -519,6 +582,13 @@ impl Gpu {
             let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         }
     }
+}
+
+/// End minus start of two resolved timestamps, as four little-endian u32 words (0 when the
+/// end is not after the start: some drivers' clocks are not monotonic across a pass).
+pub(crate) fn ticks_between(words: &[u32]) -> u64 {
+    let at = |i: usize| u64::from(words[i]) | (u64::from(words[i + 1]) << 32);
+    at(2).saturating_sub(at(0))
 }
 
 #[cfg(test)]

@@ -34,6 +34,22 @@ struct Cmd {
     groups: [u32; 3],
 }
 
+impl Cmd {
+    /// How the profile names this dispatch: file, entry, flags and workgroup count (which
+    /// tells shapes apart).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn profile_name(&self) -> String {
+        let [x, y, z] = self.groups;
+        format!(
+            "{}::{} {} ({} groups)",
+            self.file,
+            self.entry,
+            self.flags.join(","),
+            x * y * z
+        )
+    }
+}
+
 /// A submitted recording kept for replay (see the module docs).
 #[derive(Default)]
 pub struct Plan {
@@ -227,6 +243,9 @@ impl<'g> Recorder<'g> {
         }
         #[cfg(not(target_arch = "wasm32"))]
         if profile::enabled() {
+            if gpu.has_timestamps() {
+                return self.submit_timestamped().await;
+            }
             return self.submit_profiled();
         }
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -235,10 +254,17 @@ impl<'g> Recorder<'g> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("forward"),
             });
+        let timing = gpu.timing_queries();
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("forward"),
-                timestamp_writes: None,
+                timestamp_writes: timing.as_ref().map(|(set, _)| {
+                    wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    }
+                }),
             });
             let mut last: Option<&Arc<wgpu::ComputePipeline>> = None;
             for cmd in &self.cmds {
@@ -249,6 +275,9 @@ impl<'g> Recorder<'g> {
                 pass.set_bind_group(0, &cmd.bind, &[]);
                 pass.dispatch_workgroups(cmd.groups[0], cmd.groups[1], cmd.groups[2]);
             }
+        }
+        if let Some((set, resolved)) = &timing {
+            enc.resolve_query_set(set, 0..2, resolved, 0);
         }
         gpu.queue.submit([enc.finish()]);
         if let Some(err) = scope.pop().await {
@@ -266,7 +295,64 @@ impl<'g> Recorder<'g> {
         }
     }
 
-    /// Profiling (`MINIGPT4_PROFILE=1`): every dispatch submitted and waited for on its own,
+    /// Profiling (`MINIGPT4_PROFILE=1`) where the adapter has timestamp queries: the recording
+    /// runs as one command buffer, as it would, but every dispatch in a compute pass of its own
+    /// with timestamps written at its start and end; each dispatch's GPU time is added to its
+    /// kernel's total.
+    #[cfg(not(target_arch = "wasm32"))]
+    async fn submit_timestamped(self) -> Result<Plan> {
+        let gpu = self.gpu;
+        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut sets = Vec::new();
+        for chunk in self.cmds.chunks(profile::PASSES_PER_SET) {
+            let queries = 2 * chunk.len() as u32;
+            let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: queries,
+            });
+            for (i, cmd) in chunk.iter().enumerate() {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(cmd.entry),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &set,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    }),
+                });
+                pass.set_pipeline(&cmd.pipeline);
+                pass.set_bind_group(0, &cmd.bind, &[]);
+                pass.dispatch_workgroups(cmd.groups[0], cmd.groups[1], cmd.groups[2]);
+            }
+            let resolved = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile"),
+                size: 8 * queries as u64,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            enc.resolve_query_set(&set, 0..queries, &resolved, 0);
+            sets.push((resolved, chunk.len()));
+        }
+        gpu.queue.submit([enc.finish()]);
+        if let Some(err) = scope.pop().await {
+            gpu.check_lost()?;
+            return Err(Error::Gpu(err.to_string()));
+        }
+        let ns_per_tick = f64::from(gpu.queue.get_timestamp_period());
+        let mut cmds = self.cmds.iter();
+        for (resolved, n) in &sets {
+            let words = crate::gpu::tensor::read_words(gpu, resolved, 0, 4 * n).await?;
+            for (pair, cmd) in words.chunks_exact(4).zip(cmds.by_ref()) {
+                let secs = crate::gpu::context::ticks_between(pair) as f64 * ns_per_tick * 1e-9;
+                profile::add(cmd.profile_name(), secs);
+            }
+        }
+        gpu.take_error()?;
+        Ok(self.into_plan())
+    }
+
+    /// Profiling (`MINIGPT4_PROFILE=1`) without timestamp queries: every dispatch submitted and waited for on its own,
     /// its wall time added to its kernel's total. Slow; for finding where time goes.
     #[cfg(not(target_arch = "wasm32"))]
     fn submit_profiled(self) -> Result<Plan> {
@@ -284,8 +370,7 @@ impl<'g> Recorder<'g> {
             let t = std::time::Instant::now();
             gpu.queue.submit([enc.finish()]);
             gpu.wait();
-            let name = format!("{}::{} {}", cmd.file, cmd.entry, cmd.flags.join(","));
-            profile::add(name, t.elapsed().as_secs_f64());
+            profile::add(cmd.profile_name(), t.elapsed().as_secs_f64());
         }
         gpu.take_error()?;
         Ok(self.into_plan())
@@ -299,6 +384,9 @@ pub mod profile {
     use std::sync::Mutex;
 
     static TOTALS: Mutex<Option<HashMap<String, (f64, u64)>>> = Mutex::new(None);
+
+    /// Dispatches timed per query set (two timestamps each: 4096 queries, wgpu's maximum).
+    pub(super) const PASSES_PER_SET: usize = 2048;
 
     pub fn enabled() -> bool {
         std::env::var("MINIGPT4_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0")

@@ -95,12 +95,9 @@ pub async fn measure_gemv_of(
             for _ in 0..reps.max(1) {
                 rec.matmul_with(MatmulPath::GemvBlocks(lanes), &x, &w, None, &y, false)?;
             }
-            let t = now_s();
-            rec.submit().await?;
-            // a 4-byte readback waits for the work on every platform
-            read_words(gpu, y.buffer(), 0, 1).await?;
+            let t = timed_submit(gpu, rec, &y).await?;
             if run > 0 {
-                times.push((now_s() - t) / reps.max(1) as f64);
+                times.push(t / reps.max(1) as f64);
             }
         }
         times.sort_by(|a, b| a.total_cmp(b));
@@ -113,6 +110,21 @@ pub async fn measure_gemv_of(
         });
     }
     Ok(out)
+}
+
+/// Seconds the recording takes to run: GPU time from timestamp queries where the device has
+/// them, else wall time until a 4-byte readback of `out` (which waits for the work on every
+/// platform).
+async fn timed_submit(gpu: &Gpu, rec: Recorder<'_>, out: &Tensor) -> Result<f64> {
+    gpu.start_timing();
+    let t = now_s();
+    let done = rec.submit().await;
+    let read = read_words(gpu, out.buffer(), 0, 1).await;
+    let wall = now_s() - t;
+    let gpu_s = gpu.finish_timing().await;
+    done?;
+    read?;
+    Ok(gpu_s?.unwrap_or(wall))
 }
 
 /// The fastest candidate by its fastest run (ties to the earlier, narrower one).
@@ -350,15 +362,15 @@ pub async fn measure_fuse_norm(
             for _ in 0..reps.max(1) {
                 rec.rms_norm_matmul(MatmulPath::Auto, &x, &norm, 1e-6, &h, &w, &y)?;
             }
-            let t = now_s();
-            let done = rec.submit().await;
-            let read = read_words(gpu, y.buffer(), 0, 1).await;
-            if let Err(e) = done.and(read.map(drop)) {
-                gpu.set_fuse_norm(was);
-                return Err(e);
-            }
+            let t = match timed_submit(gpu, rec, &y).await {
+                Ok(t) => t,
+                Err(e) => {
+                    gpu.set_fuse_norm(was);
+                    return Err(e);
+                }
+            };
             if run > 0 {
-                best[i] = best[i].min((now_s() - t) / reps.max(1) as f64);
+                best[i] = best[i].min(t / reps.max(1) as f64);
             }
         }
     }
