@@ -52,20 +52,28 @@ fn time_kernels(
     f()?; // warm-up: pipelines compiled, buffers touched
     let mut v = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
-        gpu.start_timing();
+        let timing = gpu.start_timing();
         let t = Instant::now();
         let done = f();
         let wall = t.elapsed().as_secs_f64();
         let gpu_s = pollster::block_on(gpu.finish_timing());
         done?;
-        v.push(gpu_s?.unwrap_or(wall));
+        let gpu_s = gpu_s?;
+        if timing && gpu_s.is_none() {
+            WALL_FALLBACK.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        v.push(gpu_s.unwrap_or(wall));
     }
     Ok(synthetic::spread(v))
 }
 
-/// What [`time_kernels`] measures on `gpu`.
+/// Set when a [`time_kernels`] measurement fell back to the wall clock on a device with
+/// timestamp queries (its clock did not move, or a profiled run timed each dispatch itself).
+static WALL_FALLBACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What [`time_kernels`] measured with on `gpu` in this run.
 fn kernel_clock(gpu: &Gpu) -> &'static str {
-    if gpu.has_timestamps() && !crate::gpu::recorder::profile::enabled() {
+    if gpu.has_timestamps() && !WALL_FALLBACK.load(std::sync::atomic::Ordering::Relaxed) {
         "gpu timestamps"
     } else {
         "wall"
@@ -429,7 +437,6 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         "backend": format!("{:?}", gpu.info.backend),
         "driver": format!("{} {}", gpu.info.driver, gpu.info.driver_info),
         "kernel_variant": gpu.best_variant.name(),
-        "kernel_clock": kernel_clock(gpu),
         "tiny": a.tiny,
         "runs": a.runs,
         "copy": copy,
@@ -481,6 +488,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             report["llm_decode"] = llm_decode(gpu, a, p, &report["gemv"])?;
         }
     }
+    report["kernel_clock"] = kernel_clock(gpu).into();
     Ok(report)
 }
 

@@ -523,11 +523,13 @@ impl Gpu {
 
     /// Starts measuring GPU time: until [`Gpu::finish_timing`], every [`Recorder`] submit
     /// writes timestamps at the start and end of its compute pass. Returns false, and does
-    /// nothing, where the device has no timestamp queries.
+    /// nothing, where the device has no timestamp queries, and in the browser: browsers
+    /// coarsen timestamps (Chromium to 100 µs) against timing attacks, which would turn a
+    /// short kernel's time into 0 or one step, so the page keeps its wall clock.
     ///
     /// [`Recorder`]: crate::gpu::Recorder
     pub fn start_timing(&self) -> bool {
-        if !self.has_timestamps() {
+        if cfg!(target_arch = "wasm32") || !self.has_timestamps() {
             return false;
         }
         if let Ok(mut t) = self.timing.lock() {
@@ -557,8 +559,10 @@ impl Gpu {
     }
 
     /// Stops timing; the GPU seconds of the submits since [`Gpu::start_timing`] (the sum of
-    /// each compute pass's end minus start), or None when it was not timing or nothing was
-    /// submitted through a [`Recorder`] (a profiled run times its dispatches itself).
+    /// each compute pass's end minus start), or None when it was not timing, nothing was
+    /// submitted through a [`Recorder`] (a profiled run times its dispatches itself), or the
+    /// clock did not move (a driver whose timestamps are all zero): the caller then uses its
+    /// wall clock.
     ///
     /// [`Recorder`]: crate::gpu::Recorder
     pub async fn finish_timing(&self) -> Result<Option<f64>> {
@@ -572,7 +576,7 @@ impl Gpu {
             let w = crate::gpu::tensor::read_words(self, resolved, 0, 4).await?;
             seconds += ticks_between(&w) as f64 * ns_per_tick * 1e-9;
         }
-        Ok(Some(seconds))
+        Ok(Some(seconds).filter(|&s| s > 0.0))
     }
 
     /// Waits for all submitted work (native); a no-op in the browser.
