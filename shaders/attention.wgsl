@@ -5,6 +5,11 @@
 // h / (hq / hkv) (grouped-query attention). With causal != 0, query t sees keys 0 ..= t + past
 // (past = tokens already in the KV cache). out[o_off + t * o_stride + h * d + i].
 // score = (q . k) * scale; softmax in f32.
+//
+// HEADS2, HEADS3, HEADS4 (grouped-query attention, q read as a uniform): a workgroup takes
+// p.hr = 2, 3 or 4 query heads of one KV group together, so every key and value load serves
+// all of them; scores, softmax statistics and sums are vectors over those heads. Otherwise a
+// workgroup takes one head (p.hr = 1).
 
 #include common
 
@@ -25,6 +30,56 @@ struct Params {
     causal: u32,
     past: u32,
     scale: f32,
+    hr: u32, // query heads per workgroup
+}
+
+// Per-head values of the heads in hand (RED: a vector with HEADS2/3/4, an f32 otherwise).
+alias HV = RED;
+
+#if HEADS2
+const NH: u32 = 2u;
+#endif
+#if HEADS3
+const NH: u32 = 3u;
+#endif
+#if HEADS4
+const NH: u32 = 4u;
+#endif
+#if !HEADS2
+#if !HEADS3
+#if !HEADS4
+const NH: u32 = 1u;
+#endif
+#endif
+#endif
+
+// Head r's component of v.
+fn comp(v: HV, r: u32) -> f32 {
+#if HEADS2 || HEADS3 || HEADS4
+    return v[r];
+#else
+    return v;
+#endif
+}
+
+// The per-head values a[0 .. NH] as an HV.
+fn hv(a: array<f32, NH>) -> HV {
+#if HEADS2
+    return vec2<f32>(a[0], a[1]);
+#endif
+#if HEADS3
+    return vec3<f32>(a[0], a[1], a[2]);
+#endif
+#if HEADS4
+    return vec4<f32>(a[0], a[1], a[2], a[3]);
+#endif
+#if !HEADS2
+#if !HEADS3
+#if !HEADS4
+    return a[0];
+#endif
+#endif
+#endif
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -95,22 +150,43 @@ fn v8(i: u32) -> H8 {
 
 const MAXD: u32 = 256u;
 const CH: u32 = 256u; // keys per split of attention_split: 4 per invocation
+#if !Q_UNIFORM
 var<workgroup> qs: array<vec4<f32>, 64>; // the query row (MAXD floats)
-var<workgroup> pw: array<f32, CH>; // softmax weights of the keys in hand
-var<workgroup> vpart: array<vec4<f32>, 128>; // v_sum's partial sums
+#endif
+var<workgroup> pw: array<HV, CH>; // softmax weights of the keys in hand
+var<workgroup> vpart: array<vec4<f32>, 128 * NH>; // v_sum's partial sums, per head
 
-// This workgroup's query row: its first vec4 in qu and the factor it is read with (Q_UNIFORM).
+// This workgroup's first query row: its first vec4 in qu and the factor it is read with
+// (Q_UNIFORM); head r's row follows at r * d / 4 vec4s.
 var<private> q_first: u32;
 var<private> q_mul: f32;
 
-// Elements 4i .. 4i + 3 of this workgroup's query row (times q_mul with Q_UNIFORM; as staged
-// in qs otherwise).
-fn qv(i: u32) -> vec4<f32> {
+// Elements 4i .. 4i + 3 of the query row of head r in hand (times q_mul with Q_UNIFORM; as
+// staged in qs otherwise, one head).
+fn qv(r: u32, i: u32) -> vec4<f32> {
 #if Q_UNIFORM
-    return qu[q_first + i] * q_mul;
+    return qu[q_first + r * (p.d / 4u) + i] * q_mul;
 #else
     return qs[i];
 #endif
+}
+
+// q . (8 key elements) for each head in hand, the elements being 4i .. 4i + 7 of the row.
+fn qdot8(i: u32, kk: H8) -> HV {
+    var a: array<f32, NH>;
+    for (var r = 0u; r < NH; r++) {
+        a[r] = dot(qv(r, i), kk.lo) + dot(qv(r, i + 1u), kk.hi);
+    }
+    return hv(a);
+}
+
+// Query element d of each head in hand.
+fn qe(d: u32) -> HV {
+    var a: array<f32, NH>;
+    for (var r = 0u; r < NH; r++) {
+        a[r] = qv(r, d / 4u)[d % 4u];
+    }
+    return hv(a);
 }
 
 // Makes the query row starting at element qb, times mul, readable through qv. Called by the
@@ -133,54 +209,74 @@ fn by8() -> bool {
     return (p.d | p.k_off | p.k_stride | p.v_off | p.v_stride) % 8u == 0u;
 }
 
-// q . k for the key whose first element is kb (q in qs).
-fn qk(kb: u32) -> f32 {
-    var s = 0.0;
+// q . k of each head in hand for the key whose first element is kb.
+fn qk(kb: u32) -> HV {
+    var s = HV(0.0);
     if (by8()) {
         for (var d = 0u; d < p.d; d += 8u) {
-            let kk = k8(kb + d);
-            s += dot(qv(d / 4u), kk.lo) + dot(qv(d / 4u + 1u), kk.hi);
+            s += qdot8(d / 4u, k8(kb + d));
         }
     } else {
         for (var d = 0u; d < p.d; d++) {
-            s += qv(d / 4u)[d % 4u] * k_at(kb + d);
+            s += qe(d) * k_at(kb + d);
         }
     }
     return s;
 }
 
-// sum_{j < cnt} pw[j] * V[j], where V[j] starts at element vb + j * v_stride, for dims
-// lid + i * WG (i = 0..3) of this invocation. Called by the whole workgroup with pw written and
-// visible. With by8, invocations split into groups of 8 dims x groups of keys, each reading
-// 8 values per load; the key groups' sums meet in vpart.
-fn v_sum(vb: u32, cnt: u32, lid: u32) -> array<f32, 4> {
-    var out: array<f32, 4>;
+// Where head r's partial sums of key group kg, dim group dg start in vpart.
+fn vp(r: u32, kg: u32, groups: u32, dg: u32) -> u32 {
+    return 2u * (r * WG + kg * groups + dg);
+}
+
+// sum_{j < cnt} pw[j] * V[j] for each head in hand, where V[j] starts at element
+// vb + j * v_stride, for dims lid + i * WG (i = 0..3) of this invocation. Called by the whole
+// workgroup with pw written and visible. With by8, invocations split into groups of 8 dims x
+// groups of keys, each reading 8 values per load (one load for every head); the key groups'
+// sums meet in vpart.
+fn v_sum(vb: u32, cnt: u32, lid: u32) -> array<HV, 4> {
+    var out: array<HV, 4>;
     if (by8()) {
         let groups = p.d / 8u;
         let kgs = WG / groups;
         let dg = lid % groups;
         let kg = lid / groups;
         if (kg < kgs) {
-            var lo = vec4<f32>(0.0);
-            var hi = vec4<f32>(0.0);
+            // zeroed by hand: a declaration without initialiser inside a loop or a branch was
+            // seen zeroed only once per invocation by Chromium's WebGPU on SwiftShader
+            var lo: array<vec4<f32>, NH>;
+            var hi: array<vec4<f32>, NH>;
+            for (var r = 0u; r < NH; r++) {
+                lo[r] = vec4<f32>(0.0);
+                hi[r] = vec4<f32>(0.0);
+            }
             for (var j = kg; j < cnt; j += kgs) {
                 let w = pw[j];
                 let vv = v8(vb + j * p.v_stride + 8u * dg);
-                lo += w * vv.lo;
-                hi += w * vv.hi;
+                for (var r = 0u; r < NH; r++) {
+                    lo[r] += comp(w, r) * vv.lo;
+                    hi[r] += comp(w, r) * vv.hi;
+                }
             }
-            vpart[2u * (kg * groups + dg)] = lo;
-            vpart[2u * (kg * groups + dg) + 1u] = hi;
+            for (var r = 0u; r < NH; r++) {
+                vpart[vp(r, kg, groups, dg)] = lo[r];
+                vpart[vp(r, kg, groups, dg) + 1u] = hi[r];
+            }
         }
         workgroupBarrier();
         for (var i = 0u; i < 4u; i++) {
             let d = lid + i * WG;
             if (d < p.d) {
-                var s = 0.0;
-                for (var g = 0u; g < kgs; g++) {
-                    s += vpart[2u * g * groups + d / 4u][d % 4u];
+                var s: array<f32, NH>;
+                for (var r = 0u; r < NH; r++) {
+                    s[r] = 0.0;
                 }
-                out[i] = s;
+                for (var g = 0u; g < kgs; g++) {
+                    for (var r = 0u; r < NH; r++) {
+                        s[r] += vpart[vp(r, g, groups, 0u) + d / 4u][d % 4u];
+                    }
+                }
+                out[i] = hv(s);
             }
         }
         workgroupBarrier();
@@ -188,7 +284,7 @@ fn v_sum(vb: u32, cnt: u32, lid: u32) -> array<f32, 4> {
         for (var i = 0u; i < 4u; i++) {
             let d = lid + i * WG;
             if (d < p.d) {
-                var s = 0.0;
+                var s = HV(0.0);
                 for (var j = 0u; j < cnt; j++) {
                     s += pw[j] * v_at(vb + j * p.v_stride + d);
                 }
@@ -199,14 +295,19 @@ fn v_sum(vb: u32, cnt: u32, lid: u32) -> array<f32, 4> {
     return out;
 }
 
+// Groups of p.hr query heads (workgroups per query row).
+fn head_groups() -> u32 {
+    return p.hq / p.hr;
+}
+
 @compute @workgroup_size(64)
 fn attention(ids: Ids, grp: Grp) {
     let g = group_index(grp);
-    if (g >= p.t * p.hq) {
+    if (g >= p.t * head_groups()) {
         return;
     }
-    let h = g % p.hq;
-    let ti = g / p.hq;
+    let h = (g % head_groups()) * p.hr;
+    let ti = g / head_groups();
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
     load_query(qb, 1.0, ids.lid);
@@ -214,17 +315,17 @@ fn attention(ids: Ids, grp: Grp) {
     if (p.causal != 0u) {
         kv_len = min(p.s, ti + p.past + 1u);
     }
-    var m_run = NEG_BIG;
-    var l_run = 0.0;
-    var acc: array<f32, 4>;
+    var m_run = HV(NEG_BIG);
+    var l_run = HV(0.0);
+    var acc: array<HV, 4>;
     for (var base = 0u; base < kv_len; base += WG) {
         let j = base + ids.lid;
-        var sc = NEG_BIG;
+        var sc = HV(NEG_BIG);
         if (j < kv_len) {
             sc = qk(p.k_off + j * p.k_stride + kvh * p.d) * p.scale;
         }
         let m_new = max(m_run, wg_max(sc, ids));
-        var pj = 0.0;
+        var pj = HV(0.0);
         if (j < kv_len) {
             pj = exp(sc - m_new);
         }
@@ -245,7 +346,10 @@ fn attention(ids: Ids, grp: Grp) {
     for (var i = 0u; i < 4u; i++) {
         let d = ids.lid + i * WG;
         if (d < p.d) {
-            out[ob + d] = acc[i] / l_run;
+            let o = acc[i] / l_run;
+            for (var r = 0u; r < p.hr; r++) {
+                out[ob + r * p.d + d] = comp(o, r);
+            }
         }
     }
 }
@@ -276,21 +380,21 @@ fn visible(ti: u32) -> u32 {
 fn attention_split(ids: Ids, grp: Grp) {
     let ns = splits();
     let g = group_index(grp);
-    if (g >= p.t * p.hq * ns) {
+    if (g >= p.t * head_groups() * ns) {
         return;
     }
     let c = g % ns;
-    let h = (g / ns) % p.hq;
-    let ti = g / (ns * p.hq);
+    let h = ((g / ns) % head_groups()) * p.hr;
+    let ti = g / (ns * head_groups());
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
     load_query(qb, p.scale, ids.lid);
     let j0 = c * CH;
     let j1 = min(j0 + CH, visible(ti));
-    var mx = NEG_BIG;
+    var mx = HV(NEG_BIG);
     for (var i = 0u; i < CH / WG; i++) {
         let jj = ids.lid + i * WG;
-        var score = NEG_BIG;
+        var score = HV(NEG_BIG);
         if (j0 + jj < j1) {
             score = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.d);
         }
@@ -298,10 +402,10 @@ fn attention_split(ids: Ids, grp: Grp) {
         mx = max(mx, score);
     }
     let m = wg_max(mx, ids);
-    var l = 0.0;
+    var l = HV(0.0);
     for (var i = 0u; i < CH / WG; i++) {
         let jj = ids.lid + i * WG;
-        var e = 0.0;
+        var e = HV(0.0);
         if (j0 + jj < j1) {
             e = exp(pw[jj] - m);
         }
@@ -310,18 +414,20 @@ fn attention_split(ids: Ids, grp: Grp) {
     }
     // wg_sum starts with a barrier: every pw write is visible after it
     let lsum = wg_sum(l, ids);
-    let pb = ((ti * p.hq + h) * ns + c) * (p.d + 2u);
     let cnt = select(0u, j1 - j0, j1 > j0);
     let sums = v_sum(p.v_off + j0 * p.v_stride + kvh * p.d, cnt, ids.lid);
-    for (var i = 0u; i < 4u; i++) {
-        let d = ids.lid + i * WG;
-        if (d < p.d) {
-            part[pb + 2u + d] = sums[i];
+    for (var r = 0u; r < p.hr; r++) {
+        let pb = ((ti * p.hq + h + r) * ns + c) * (p.d + 2u);
+        for (var i = 0u; i < 4u; i++) {
+            let d = ids.lid + i * WG;
+            if (d < p.d) {
+                part[pb + 2u + d] = comp(sums[i], r);
+            }
         }
-    }
-    if (ids.lid == 0u) {
-        part[pb] = m;
-        part[pb + 1u] = lsum;
+        if (ids.lid == 0u) {
+            part[pb] = comp(m, r);
+            part[pb + 1u] = comp(lsum, r);
+        }
     }
 }
 

@@ -34,18 +34,34 @@ fn flat_index(g: Grp, ids: Ids) -> u32 {
     return group_index(g) * 256u + ids.lid;
 }
 
-var<workgroup> red: array<f32, WG>;
+// What the workgroup reductions reduce: one f32, or (HEADS2, HEADS3, HEADS4: attention over
+// several query heads at once) a vector of them, reduced component by component.
+#if HEADS2 || HEADS3 || HEADS4
+#if HEADS2
+alias RED = vec2<f32>;
+#endif
+#if HEADS3
+alias RED = vec3<f32>;
+#endif
+#if HEADS4
+alias RED = vec4<f32>;
+#endif
+#else
+alias RED = f32;
+#endif
+
+var<workgroup> red: array<RED, WG>;
 
 // Sum of `v` over the WG invocations of the workgroup; every invocation gets the total.
 // Must be called in uniform control flow by all WG invocations.
-fn wg_sum(v: f32, ids: Ids) -> f32 {
+fn wg_sum(v: RED, ids: Ids) -> RED {
 #if SUBGROUPS
     let s = subgroupAdd(v);
     workgroupBarrier();
-    red[ids.lid] = select(0.0, s, ids.sg_lane == 0u);
+    red[ids.lid] = select(RED(0.0), s, ids.sg_lane == 0u);
     workgroupBarrier();
     // Each subgroup sums every slot once, whatever the subgroup-to-invocation mapping.
-    var t = 0.0;
+    var t = RED(0.0);
     for (var j = ids.sg_lane; j < WG; j += ids.sg_size) {
         t += red[j];
     }
@@ -65,13 +81,13 @@ fn wg_sum(v: f32, ids: Ids) -> f32 {
 }
 
 // Maximum of `v` over the workgroup; same contract as wg_sum.
-fn wg_max(v: f32, ids: Ids) -> f32 {
+fn wg_max(v: RED, ids: Ids) -> RED {
 #if SUBGROUPS
     let s = subgroupMax(v);
     workgroupBarrier();
-    red[ids.lid] = select(NEG_BIG, s, ids.sg_lane == 0u);
+    red[ids.lid] = select(RED(NEG_BIG), s, ids.sg_lane == 0u);
     workgroupBarrier();
-    var t = NEG_BIG;
+    var t = RED(NEG_BIG);
     for (var j = ids.sg_lane; j < WG; j += ids.sg_size) {
         t = max(t, red[j]);
     }

@@ -924,6 +924,12 @@ fn attention_prefill_decode_cross_and_gqa() {
             (32, 257, 3, 3, 64, false), // Q-Former cross-attention shape (3 heads)
             (1, 1, 1, 1, 1, true),
             (2, 65, 3, 1, 200, false),
+            // grouped-query attention in groups of 2, 3 and 4 heads per workgroup (two per KV
+            // group for 8 and 6), one head for 5; head dims by eight and not
+            (2, 70, 8, 1, 64, true),
+            (1, 90, 12, 2, 36, true),
+            (3, 40, 10, 2, 64, true),
+            (1, 33, 4, 2, 12, true),
         ] {
             for q_uniform in [false, true] {
                 seed += 1;
@@ -952,6 +958,8 @@ fn split_k_decode_attention_and_f16_kv_cache() {
                     (3, 513, 2, 2, 64, true),   // rows that see different lengths; a split
                     (4, 256, 2, 1, 200, false), // exactly one full split, head dim > 64
                     (2, 1030, 3, 3, 100, true), // five splits
+                    (1, 700, 9, 3, 64, true),   // SmolLM2's heads: three per KV group
+                    (2, 300, 8, 1, 36, true),   // four per workgroup, two per group
                 ] {
                     for q_uniform in [false, true] {
                         seed += 1;

@@ -980,6 +980,27 @@ impl Recorder<'_> {
                 "the same tensor",
             ));
         }
+        let kv_flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
+        let mut flags = kv_flags.to_vec();
+        // q through a uniform where it fits one, in whole vec4s (every decode step)
+        let q_uniform = (q.offset | q.stride | a.head_dim).is_multiple_of(4)
+            && uniform_span(self.gpu, q.t, span(&q, a.t, a.heads));
+        if q_uniform {
+            flags.push("Q_UNIFORM");
+        }
+        // grouped-query attention: up to four query heads of a KV group per workgroup, sharing
+        // every key and value load (with q as a uniform: no query row to stage)
+        let group = a.heads / a.kv_heads;
+        let hr = match q_uniform {
+            true => [4, 3, 2]
+                .into_iter()
+                .find(|r| group.is_multiple_of(*r))
+                .unwrap_or(1),
+            false => 1,
+        };
+        if hr > 1 {
+            flags.push(["HEADS2", "HEADS3", "HEADS4"][hr - 2]);
+        }
         let params = [
             u(a.t),
             u(a.s),
@@ -997,15 +1018,8 @@ impl Recorder<'_> {
             a.causal as u32,
             u(a.s - a.t.min(a.s)),
             f(a.scale),
+            u(hr),
         ];
-        let kv_flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
-        let mut flags = kv_flags.to_vec();
-        // q through a uniform where it fits one, in whole vec4s (every decode step)
-        if (q.offset | q.stride | a.head_dim).is_multiple_of(4)
-            && uniform_span(self.gpu, q.t, span(&q, a.t, a.heads))
-        {
-            flags.push("Q_UNIFORM");
-        }
         if let Some(part) = partials.filter(|_| a.t <= GEMV_MAX_ROWS) {
             need_f32(part)?;
             need_len(
@@ -1026,7 +1040,7 @@ impl Recorder<'_> {
                 &flags,
                 &params,
                 &bufs,
-                grid(u(a.t * a.heads * splits)),
+                grid(u(a.t * a.heads / hr * splits)),
             )?;
             return self.dispatch(
                 "attention",
@@ -1048,7 +1062,7 @@ impl Recorder<'_> {
                 (3, v.t.buffer()),
                 (4, out.t.buffer()),
             ],
-            grid(u(a.t * a.heads)),
+            grid(u(a.t * a.heads / hr)),
         )
     }
 

@@ -134,7 +134,16 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("rope", &[&[], &["KV_F16"]]),
     (
         "attention",
-        &[&[], &["KV_F16"], &["Q_UNIFORM"], &["KV_F16", "Q_UNIFORM"]],
+        &[
+            &[],
+            &["KV_F16"],
+            &["Q_UNIFORM"],
+            &["KV_F16", "Q_UNIFORM"],
+            &["HEADS2", "Q_UNIFORM"],
+            &["KV_F16", "HEADS3", "Q_UNIFORM"],
+            &["HEADS4", "Q_UNIFORM"],
+            &["KV_F16", "HEADS4", "Q_UNIFORM"],
+        ],
     ),
     (
         "embedding",
