@@ -924,12 +924,13 @@ fn attention_prefill_decode_cross_and_gqa() {
             (32, 257, 3, 3, 64, false), // Q-Former cross-attention shape (3 heads)
             (1, 1, 1, 1, 1, true),
             (2, 65, 3, 1, 200, false),
-            // grouped-query attention in groups of 2, 3 and 4 heads per workgroup (two per KV
-            // group for 8 and 6), one head for 5; head dims by eight and not
+            // grouped-query attention over several query rows, in groups of 2, 3 and 4 heads
+            // per workgroup (two per KV group for 8 and 6), one head for 5; head dims by eight
+            // and not (one query row keeps a head per workgroup)
             (2, 70, 8, 1, 64, true),
-            (1, 90, 12, 2, 36, true),
+            (2, 90, 12, 2, 36, true),
             (3, 40, 10, 2, 64, true),
-            (1, 33, 4, 2, 12, true),
+            (2, 33, 4, 2, 12, true),
         ] {
             for q_uniform in [false, true] {
                 seed += 1;

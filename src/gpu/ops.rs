@@ -989,9 +989,12 @@ impl Recorder<'_> {
             flags.push("Q_UNIFORM");
         }
         // grouped-query attention: up to four query heads of a KV group per workgroup, sharing
-        // every key and value load (with q as a uniform: no query row to stage)
+        // every key and value load (with q as a uniform: no query row to stage). Not for the
+        // single-pass decode kernel: one query row has only one workgroup per head to spread
+        // over the device, and grouping would divide those (slower at short contexts).
+        let split = partials.is_some() && a.t <= GEMV_MAX_ROWS;
         let group = a.heads / a.kv_heads;
-        let hr = match q_uniform {
+        let hr = match q_uniform && (split || a.t > 1) {
             true => [4, 3, 2]
                 .into_iter()
                 .find(|r| group.is_multiple_of(*r))
@@ -1020,7 +1023,7 @@ impl Recorder<'_> {
             f(a.scale),
             u(hr),
         ];
-        if let Some(part) = partials.filter(|_| a.t <= GEMV_MAX_ROWS) {
+        if let Some(part) = partials.filter(|_| split) {
             need_f32(part)?;
             need_len(
                 part,
