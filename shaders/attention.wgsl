@@ -36,6 +36,7 @@ struct Params {
 // Per-head values of the heads in hand (RED: a vector with HEADS2/3/4, an f32 otherwise).
 alias HV = RED;
 
+#if HEADS2 || HEADS3 || HEADS4
 #if HEADS2
 const NH: u32 = 2u;
 #endif
@@ -45,12 +46,8 @@ const NH: u32 = 3u;
 #if HEADS4
 const NH: u32 = 4u;
 #endif
-#if !HEADS2
-#if !HEADS3
-#if !HEADS4
+#else
 const NH: u32 = 1u;
-#endif
-#endif
 #endif
 
 // Head r's component of v.
@@ -64,6 +61,7 @@ fn comp(v: HV, r: u32) -> f32 {
 
 // The per-head values a[0 .. NH] as an HV.
 fn hv(a: array<f32, NH>) -> HV {
+#if HEADS2 || HEADS3 || HEADS4
 #if HEADS2
     return vec2<f32>(a[0], a[1]);
 #endif
@@ -73,12 +71,8 @@ fn hv(a: array<f32, NH>) -> HV {
 #if HEADS4
     return vec4<f32>(a[0], a[1], a[2], a[3]);
 #endif
-#if !HEADS2
-#if !HEADS3
-#if !HEADS4
+#else
     return a[0];
-#endif
-#endif
 #endif
 }
 
