@@ -42,29 +42,31 @@ pub struct BenchArgs {
 /// code as the page's `MiniGPT4.benchDecode`) runs only when asked for.
 pub const PARTS: [&str; 5] = ["copy", "gemv", "gemm", "e2e", "decode"];
 
-/// Median, min and max of `runs` timings (seconds) of kernels submitted by `f`: GPU time from
-/// timestamp queries where the device has them (see [`kernel_clock`]), wall clock otherwise.
+/// Median, min and max of `runs` measurements (seconds) by `run`, after one unmeasured run
+/// (pipelines compiled, buffers touched).
+fn measure(runs: usize, mut run: impl FnMut() -> Result<f64>) -> Result<(f64, f64, f64)> {
+    run()?;
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        v.push(run()?);
+    }
+    Ok(synthetic::spread(v))
+}
+
+/// [`measure`] of kernels submitted by `f`: GPU time from timestamp queries where the device
+/// has them (see [`kernel_clock`]), wall clock otherwise.
 fn time_kernels(
     gpu: &Gpu,
     runs: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<(f64, f64, f64)> {
-    f()?; // warm-up: pipelines compiled, buffers touched
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
-        let timing = gpu.start_timing();
-        let t = Instant::now();
-        let done = f();
-        let wall = t.elapsed().as_secs_f64();
-        let gpu_s = pollster::block_on(gpu.finish_timing());
-        done?;
-        let gpu_s = gpu_s?;
-        if timing && gpu_s.is_none() {
+    measure(runs, || {
+        let (s, on_gpu) = pollster::block_on(tune::gpu_or_wall(gpu, async { f() }))?;
+        if gpu.has_timestamps() && !on_gpu {
             WALL_FALLBACK.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        v.push(gpu_s.unwrap_or(wall));
-    }
-    Ok(synthetic::spread(v))
+        Ok(s)
+    })
 }
 
 /// Set when a [`time_kernels`] measurement fell back to the wall clock on a device with
@@ -80,17 +82,13 @@ fn kernel_clock(gpu: &Gpu) -> &'static str {
     }
 }
 
-/// Median, min and max of `runs` wall-clock timings (seconds) of `f` (end to end: what a user
-/// waits for).
+/// [`measure`] by the wall clock around `f` (end to end: what a user waits for).
 fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
-    f()?; // warm-up: pipelines compiled, buffers touched
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
+    measure(runs, || {
         let t = Instant::now();
         f()?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(synthetic::spread(v))
+        Ok(t.elapsed().as_secs_f64())
+    })
 }
 
 fn random_weight(

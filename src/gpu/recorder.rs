@@ -352,8 +352,9 @@ impl<'g> Recorder<'g> {
         Ok(self.into_plan())
     }
 
-    /// Profiling (`MINIGPT4_PROFILE=1`) without timestamp queries: every dispatch submitted and waited for on its own,
-    /// its wall time added to its kernel's total. Slow; for finding where time goes.
+    /// Profiling (`MINIGPT4_PROFILE=1`) without timestamp queries: every dispatch submitted
+    /// and waited for on its own, its wall time added to its kernel's total. Slow; for finding
+    /// where time goes.
     #[cfg(not(target_arch = "wasm32"))]
     fn submit_profiled(self) -> Result<Plan> {
         let gpu = self.gpu;

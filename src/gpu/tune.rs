@@ -112,19 +112,33 @@ pub async fn measure_gemv_of(
     Ok(out)
 }
 
-/// Seconds the recording takes to run: GPU time from timestamp queries where the device has
-/// them, else wall time until a 4-byte readback of `out` (which waits for the work on every
-/// platform).
-async fn timed_submit(gpu: &Gpu, rec: Recorder<'_>, out: &Tensor) -> Result<f64> {
+/// Seconds `work` takes, and whether they are the GPU's: the GPU time of the [`Recorder`]
+/// submits inside it, from timestamp queries ([`Gpu::start_timing`]), else the wall clock
+/// around it (so `work` must wait for its GPU work).
+pub async fn gpu_or_wall(
+    gpu: &Gpu,
+    work: impl std::future::Future<Output = Result<()>>,
+) -> Result<(f64, bool)> {
     gpu.start_timing();
     let t = now_s();
-    let done = rec.submit().await;
-    let read = read_words(gpu, out.buffer(), 0, 1).await;
+    let done = work.await;
     let wall = now_s() - t;
     let gpu_s = gpu.finish_timing().await;
     done?;
-    read?;
-    Ok(gpu_s?.unwrap_or(wall))
+    Ok(match gpu_s? {
+        Some(s) => (s, true),
+        None => (wall, false),
+    })
+}
+
+/// Seconds the recording takes to run ([`gpu_or_wall`]; the wall clock runs until a 4-byte
+/// readback of `out`, which waits for the work on every platform).
+async fn timed_submit(gpu: &Gpu, rec: Recorder<'_>, out: &Tensor) -> Result<f64> {
+    let work = async {
+        rec.submit().await?;
+        read_words(gpu, out.buffer(), 0, 1).await.map(drop)
+    };
+    Ok(gpu_or_wall(gpu, work).await?.0)
 }
 
 /// The fastest candidate by its fastest run (ties to the earlier, narrower one).
