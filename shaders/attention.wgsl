@@ -1,5 +1,5 @@
 // Scaled dot-product attention, one workgroup per (query row, head), online softmax over
-// chunks of WG keys, any head_dim up to 256 (88 for the ViT, 64 Q-Former, 128 LLaMA).
+// chunks of up to CH keys, any head_dim up to 256 (88 for the ViT, 64 Q-Former, 128 LLaMA).
 //
 // q row t, head h at q[q_off + t * q_stride + h * d]; keys/values likewise with the kv head
 // h / (hq / hkv) (grouped-query attention). With causal != 0, query t sees keys 0 ..= t + past
@@ -289,6 +289,41 @@ fn v_sum(vb: u32, cnt: u32, lid: u32) -> array<HV, 4> {
     return out;
 }
 
+// The softmax statistics of a chunk of keys, for each head in hand.
+struct Chunk {
+    m: HV, // the larger of the running maximum and the chunk's highest score
+    l: HV, // sum over the chunk of exp(score - m)
+}
+
+// Scores (times mul) of keys j0 + lid + i WG, i < per, those below j1, for the query row in
+// hand; leaves exp(score - m) in pw (0 for keys from j1 on), m the larger of m_prev and the
+// chunk's highest score. Called by the whole workgroup in uniform control flow; every pw
+// write is visible after it returns (wg_sum starts with a barrier).
+fn chunk_weights(j0: u32, j1: u32, per: u32, kvh: u32, mul: f32, m_prev: HV, ids: Ids) -> Chunk {
+    var mx = HV(NEG_BIG);
+    for (var i = 0u; i < per; i++) {
+        let jj = ids.lid + i * WG;
+        var sc = HV(NEG_BIG);
+        if (j0 + jj < j1) {
+            sc = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.d) * mul;
+        }
+        pw[jj] = sc;
+        mx = max(mx, sc);
+    }
+    let m = max(m_prev, wg_max(mx, ids));
+    var l = HV(0.0);
+    for (var i = 0u; i < per; i++) {
+        let jj = ids.lid + i * WG;
+        var e = HV(0.0);
+        if (j0 + jj < j1) {
+            e = exp(pw[jj] - m);
+        }
+        pw[jj] = e;
+        l += e;
+    }
+    return Chunk(m, wg_sum(l, ids));
+}
+
 // Groups of p.hr query heads (workgroups per query row).
 fn head_groups() -> u32 {
     return p.hq / p.hr;
@@ -312,28 +347,19 @@ fn attention(ids: Ids, grp: Grp) {
     var m_run = HV(NEG_BIG);
     var l_run = HV(0.0);
     var acc: array<HV, 4>;
-    for (var base = 0u; base < kv_len; base += WG) {
-        let j = base + ids.lid;
-        var sc = HV(NEG_BIG);
-        if (j < kv_len) {
-            sc = qk(p.k_off + j * p.k_stride + kvh * p.d) * p.scale;
-        }
-        let m_new = max(m_run, wg_max(sc, ids));
-        var pj = HV(0.0);
-        if (j < kv_len) {
-            pj = exp(sc - m_new);
-        }
-        pw[ids.lid] = pj;
-        // wg_sum starts with a barrier, so every pw write is visible after it.
-        let chunk_sum = wg_sum(pj, ids);
-        let corr = exp(m_run - m_new);
-        l_run = l_run * corr + chunk_sum;
-        let cnt = min(WG, kv_len - base);
+    // chunks of up to CH keys (WG per step of `per`), but no more steps than the keys need:
+    // each chunk costs two reductions and a pass over pw whatever its length
+    let per = min(CH / WG, (kv_len + WG - 1u) / WG);
+    for (var base = 0u; base < kv_len; base += per * WG) {
+        let c = chunk_weights(base, kv_len, per, kvh, p.scale, m_run, ids);
+        let corr = exp(m_run - c.m);
+        l_run = l_run * corr + c.l;
+        let cnt = min(per * WG, kv_len - base);
         let chunk = v_sum(p.v_off + base * p.v_stride + kvh * p.d, cnt, ids.lid);
         for (var i = 0u; i < 4u; i++) {
             acc[i] = acc[i] * corr + chunk[i];
         }
-        m_run = m_new;
+        m_run = c.m;
         workgroupBarrier();
     }
     let ob = p.o_off + ti * p.o_stride + h * p.d;
@@ -385,29 +411,7 @@ fn attention_split(ids: Ids, grp: Grp) {
     load_query(qb, p.scale, ids.lid);
     let j0 = c * CH;
     let j1 = min(j0 + CH, visible(ti));
-    var mx = HV(NEG_BIG);
-    for (var i = 0u; i < CH / WG; i++) {
-        let jj = ids.lid + i * WG;
-        var score = HV(NEG_BIG);
-        if (j0 + jj < j1) {
-            score = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.d);
-        }
-        pw[jj] = score;
-        mx = max(mx, score);
-    }
-    let m = wg_max(mx, ids);
-    var l = HV(0.0);
-    for (var i = 0u; i < CH / WG; i++) {
-        let jj = ids.lid + i * WG;
-        var e = HV(0.0);
-        if (j0 + jj < j1) {
-            e = exp(pw[jj] - m);
-        }
-        pw[jj] = e;
-        l += e;
-    }
-    // wg_sum starts with a barrier: every pw write is visible after it
-    let lsum = wg_sum(l, ids);
+    let st = chunk_weights(j0, j1, CH / WG, kvh, 1.0, HV(NEG_BIG), ids);
     let cnt = select(0u, j1 - j0, j1 > j0);
     let sums = v_sum(p.v_off + j0 * p.v_stride + kvh * p.d, cnt, ids.lid);
     for (var r = 0u; r < p.hr; r++) {
@@ -419,8 +423,8 @@ fn attention_split(ids: Ids, grp: Grp) {
             }
         }
         if (ids.lid == 0u) {
-            part[pb] = comp(m, r);
-            part[pb + 1u] = comp(lsum, r);
+            part[pb] = comp(st.m, r);
+            part[pb + 1u] = comp(st.l, r);
         }
     }
 }
