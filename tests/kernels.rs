@@ -931,6 +931,12 @@ fn attention_prefill_decode_cross_and_gqa() {
             (2, 90, 12, 2, 36, true),
             (3, 40, 10, 2, 64, true),
             (2, 33, 4, 2, 12, true),
+            // keys in one step of 64, 128, 192 and 256 per chunk (the step grows with the
+            // context up to 256): SmolLM2's heads decoding at 150 and 200 keys, and prefill
+            // rows whose visible keys straddle 192
+            (1, 150, 9, 3, 64, true),
+            (1, 200, 9, 3, 64, true),
+            (4, 194, 4, 2, 64, true),
         ] {
             for q_uniform in [false, true] {
                 seed += 1;
