@@ -351,15 +351,15 @@ fn attention(ids: Ids, grp: Grp) {
     // each chunk costs two reductions and a pass over pw whatever its length
     let per = min(CH / WG, (kv_len + WG - 1u) / WG);
     for (var base = 0u; base < kv_len; base += per * WG) {
-        let c = chunk_weights(base, kv_len, per, kvh, p.scale, m_run, ids);
-        let corr = exp(m_run - c.m);
-        l_run = l_run * corr + c.l;
+        let st = chunk_weights(base, kv_len, per, kvh, p.scale, m_run, ids);
+        let corr = exp(m_run - st.m);
+        l_run = l_run * corr + st.l;
         let cnt = min(per * WG, kv_len - base);
         let chunk = v_sum(p.v_off + base * p.v_stride + kvh * p.d, cnt, ids.lid);
         for (var i = 0u; i < 4u; i++) {
             acc[i] = acc[i] * corr + chunk[i];
         }
-        m_run = c.m;
+        m_run = st.m;
         workgroupBarrier();
     }
     let ob = p.o_off + ti * p.o_stride + h * p.d;

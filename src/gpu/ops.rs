@@ -992,14 +992,14 @@ impl Recorder<'_> {
         // every key and value load (with q as a uniform: no query row to stage). Also for one
         // decode row, though it divides the workgroups: on lavapipe SmolLM2's 9 heads in 3
         // workgroups took 160 µs a layer at 128 keys where 9 workgroups took 272 µs.
-        let split = partials.is_some() && a.t <= GEMV_MAX_ROWS;
         let group = a.heads / a.kv_heads;
-        let hr = match q_uniform {
-            true => [4, 3, 2]
+        let hr = if q_uniform {
+            [4, 3, 2]
                 .into_iter()
                 .find(|r| group.is_multiple_of(*r))
-                .unwrap_or(1),
-            false => 1,
+                .unwrap_or(1)
+        } else {
+            1
         };
         if hr > 1 {
             flags.push(["HEADS2", "HEADS3", "HEADS4"][hr - 2]);
@@ -1023,6 +1023,8 @@ impl Recorder<'_> {
             f(a.scale),
             u(hr),
         ];
+        // split-K for decode (a few query rows) when the caller gave room for the partials
+        let split = partials.is_some() && a.t <= GEMV_MAX_ROWS;
         if let Some(part) = partials.filter(|_| split) {
             need_f32(part)?;
             need_len(
