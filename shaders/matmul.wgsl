@@ -2,8 +2,9 @@
 //
 // x: f32 activations [M, K] with row stride x_stride. W: one row-part [N, K] of a weight in
 // any storage format (weights.wgsl). Two entry points: `gemv` (one workgroup per output
-// element, a reduction over K; for M of 1 to a few) and `gemm` (64x64 output tiles through
-// workgroup memory; for many rows). Accumulation is f32 in both.
+// element, a reduction over K; for M of 1 to a few) and `gemm` (64x64 to 128x128 output tiles
+// through workgroup memory; for many rows). Accumulation is f32 in both (the f16 form of
+// `gemm` sums 16 products in f16 before each f32 addition).
 
 #include common
 #include weights
@@ -51,78 +52,220 @@ fn gemv(ids: Ids, grp: Grp) {
     }
 }
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
 const TK: u32 = 16u;
 
-// The tiles, transposed and four wide: xs4[kk * 16 + i] holds x rows m0 + 4i .. 4i + 3 at
-// k0 + kk, ws4 the same for weight rows (output columns). The inner loop reads one vec4 of
-// each per step and does 16 multiply-adds with them.
-var<workgroup> xs4: array<vec4<f32>, 256>;
-var<workgroup> ws4: array<vec4<f32>, 256>;
+// The tiled GEMM comes in forms chosen per adapter by measurement (src/gpu/tune.rs):
+// - the default: 64x64 output tiles, each invocation a 4x4 block;
+// - GEMM_WIDE: 128 columns per tile, each invocation a second 4x4 block 64 columns further;
+// - GEMM_TALL: 128 rows per tile, each invocation a second 4x4 block 64 rows further;
+//   WIDE and TALL together make 128x128 tiles of 8x8 blocks (the workgroup memory then fills
+//   the portable 16 KiB). Larger blocks mean fewer workgroup-memory loads per multiply-add and
+//   more accumulator registers;
+// - GEMM_HALF (with F16): the tiles held as f16 and each 16-deep step of the tile multiplied
+//   and summed in f16, added to f32 accumulators once per step: half the workgroup memory
+//   traffic and packed f16 arithmetic where GPUs have it, at f16 precision for x and the
+//   products (the precision MiniGPT-4 itself runs its ViT and LLM in).
+#if GEMM_TALL
+const TM: u32 = 128u;
+#else
+const TM: u32 = 64u;
+#endif
+#if GEMM_WIDE
+const TN: u32 = 128u;
+#else
+const TN: u32 = 64u;
+#endif
+// vec4s of x rows and of weight columns per tile row of k
+const XV: u32 = TM / 4u;
+const WV: u32 = TN / 4u;
 
-// Workgroup (x, y) computes output columns x*64.. and rows y*64..; each invocation a 4x4 block
-// (rows m0 + 4 l.y .., columns n0 + 4 l.x ..) held in registers.
+#if GEMM_HALF
+alias T4 = vec4<f16>;
+alias TS = f16;
+#else
+alias T4 = vec4<f32>;
+alias TS = f32;
+#endif
+
+// The tiles, transposed and four wide: xs4[kk * XV + i] holds x rows m0 + 4i .. 4i + 3 at
+// k0 + kk, ws4[kk * WV + j] weight rows (output columns) n0 + 4j .. 4j + 3. Each step of the
+// inner loop reads one vec4 of x and one of weights per 4x4 block (a 4x8 or 8x8 block shares
+// them) and does 16 multiply-adds per block.
+var<workgroup> xs4: array<T4, TK * XV>;
+var<workgroup> ws4: array<T4, TK * WV>;
+
+// A 4x4 block of f32 accumulators (rows of x .. x + 3, each a vec4 over 4 columns).
+struct Acc {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+fn acc_zero() -> Acc {
+    return Acc(vec4<f32>(), vec4<f32>(), vec4<f32>(), vec4<f32>());
+}
+
+#if GEMM_HALF
+// One 16-deep step's 4x4 partial sums in f16.
+struct Blk {
+    r0: vec4<f16>,
+    r1: vec4<f16>,
+    r2: vec4<f16>,
+    r3: vec4<f16>,
+}
+
+fn blk_fma(c: ptr<function, Blk>, a: vec4<f16>, b: vec4<f16>) {
+    (*c).r0 += a.x * b;
+    (*c).r1 += a.y * b;
+    (*c).r2 += a.z * b;
+    (*c).r3 += a.w * b;
+}
+
+fn acc_add(c: ptr<function, Acc>, s: Blk) {
+    (*c).r0 += vec4<f32>(s.r0);
+    (*c).r1 += vec4<f32>(s.r1);
+    (*c).r2 += vec4<f32>(s.r2);
+    (*c).r3 += vec4<f32>(s.r3);
+}
+#else
+fn acc_fma(c: ptr<function, Acc>, a: vec4<f32>, b: vec4<f32>) {
+    (*c).r0 += a.x * b;
+    (*c).r1 += a.y * b;
+    (*c).r2 += a.z * b;
+    (*c).r3 += a.w * b;
+}
+#endif
+
+// Workgroup (x, y) computes output columns x*TN.. and rows y*TM..; each invocation the 4x4
+// block at rows m0 + 4 l.y .., columns n0 + 4 l.x .., and with GEMM_WIDE / GEMM_TALL the
+// blocks 64 columns / 64 rows further, held in registers.
 @compute @workgroup_size(16, 16)
 fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
         @builtin(local_invocation_index) li: u32,
         @builtin(workgroup_id) wg: vec3<u32>) {
     let n0 = wg.x * TN;
     let m0 = wg.y * TM;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    // This invocation loads 4 consecutive k (k0 + 4 kq ..) of tile row r, for x and for W.
+    // blocks: a (rows +0, cols +0), b (cols +64), c (rows +64), d (both)
+    var acc_a = acc_zero();
+    var acc_b = acc_zero();
+    var acc_c = acc_zero();
+    var acc_d = acc_zero();
+    // This invocation loads 4 consecutive k (k0 + 4 kq ..) of tile row r, for x and for W
+    // (and rows r + 64 where the tile has them).
     let r = li / 4u;
     let kq = li % 4u;
-    let slot = kq * 64u + r / 4u; // xs4 index of k0 + 4 kq, row r (+ 16 per further k)
     let c = r % 4u;
     let whole = p.k % 4u == 0u; // W rows start on a multiple of 4: one w4_at per 4 weights
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
         let gk = k0 + 4u * kq;
-        var xv = vec4<f32>(0.0);
-        if (m0 + r < p.m) {
-            for (var e = 0u; e < 4u; e++) {
-                if (gk + e < p.k) {
-                    xv[e] = x[(m0 + r) * p.x_stride + gk + e];
-                }
-            }
-        }
-        var wv = vec4<f32>(0.0);
-        if (n0 + r < p.n && gk < p.k) {
-            if (whole) {
-                wv = w4_at((n0 + r) * p.k + gk);
-            } else {
+        for (var h = 0u; h < TM / 64u; h++) {
+            let xr = m0 + r + 64u * h;
+            var xv = vec4<f32>(0.0);
+            if (xr < p.m) {
                 for (var e = 0u; e < 4u; e++) {
                     if (gk + e < p.k) {
-                        wv[e] = w_at((n0 + r) * p.k + gk + e);
+                        xv[e] = x[xr * p.x_stride + gk + e];
                     }
                 }
             }
+            for (var e = 0u; e < 4u; e++) {
+                xs4[(4u * kq + e) * XV + 16u * h + r / 4u][c] = TS(xv[e]);
+            }
         }
-        for (var e = 0u; e < 4u; e++) {
-            xs4[slot + e * 16u][c] = xv[e];
-            ws4[slot + e * 16u][c] = wv[e];
+        for (var h = 0u; h < TN / 64u; h++) {
+            let wr = n0 + r + 64u * h;
+            var wv = vec4<f32>(0.0);
+            if (wr < p.n && gk < p.k) {
+                if (whole) {
+                    wv = w4_at(wr * p.k + gk);
+                } else {
+                    for (var e = 0u; e < 4u; e++) {
+                        if (gk + e < p.k) {
+                            wv[e] = w_at(wr * p.k + gk + e);
+                        }
+                    }
+                }
+            }
+            for (var e = 0u; e < 4u; e++) {
+                ws4[(4u * kq + e) * WV + 16u * h + r / 4u][c] = TS(wv[e]);
+            }
         }
         workgroupBarrier();
+#if GEMM_HALF
+        // this step's sums in f16, then added to the f32 accumulators
+        var s_a = Blk();
+        var s_b = Blk();
+        var s_c = Blk();
+        var s_d = Blk();
+#endif
         for (var kk = 0u; kk < TK; kk++) {
-            let a = xs4[kk * 16u + l.y];
-            let b = ws4[kk * 16u + l.x];
-            acc0 += a.x * b;
-            acc1 += a.y * b;
-            acc2 += a.z * b;
-            acc3 += a.w * b;
+            let a = xs4[kk * XV + l.y];
+            let b = ws4[kk * WV + l.x];
+#if GEMM_HALF
+            blk_fma(&s_a, a, b);
+#else
+            acc_fma(&acc_a, a, b);
+#endif
+#if GEMM_WIDE
+            let b2 = ws4[kk * WV + 16u + l.x];
+#if GEMM_HALF
+            blk_fma(&s_b, a, b2);
+#else
+            acc_fma(&acc_b, a, b2);
+#endif
+#endif
+#if GEMM_TALL
+            let a2 = xs4[kk * XV + 16u + l.y];
+#if GEMM_HALF
+            blk_fma(&s_c, a2, b);
+#else
+            acc_fma(&acc_c, a2, b);
+#endif
+#if GEMM_WIDE
+#if GEMM_HALF
+            blk_fma(&s_d, a2, b2);
+#else
+            acc_fma(&acc_d, a2, b2);
+#endif
+#endif
+#endif
         }
+#if GEMM_HALF
+        acc_add(&acc_a, s_a);
+#if GEMM_WIDE
+        acc_add(&acc_b, s_b);
+#endif
+#if GEMM_TALL
+        acc_add(&acc_c, s_c);
+#if GEMM_WIDE
+        acc_add(&acc_d, s_d);
+#endif
+#endif
+#endif
         workgroupBarrier();
     }
-    let acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    let m = m0 + l.y * 4u;
+    let n = n0 + l.x * 4u;
+    store_blk(m, n, acc_a);
+#if GEMM_WIDE
+    store_blk(m, n + 64u, acc_b);
+#endif
+#if GEMM_TALL
+    store_blk(m + 64u, n, acc_c);
+#if GEMM_WIDE
+    store_blk(m + 64u, n + 64u, acc_d);
+#endif
+#endif
+}
+
+// Stores a 4x4 block at rows m .. m + 3, columns n .. n + 3 (those inside the output).
+fn store_blk(m: u32, n: u32, b: Acc) {
+    let rows = array<vec4<f32>, 4>(b.r0, b.r1, b.r2, b.r3);
     for (var i = 0u; i < 4u; i++) {
-        let m = m0 + l.y * 4u + i;
         for (var j = 0u; j < 4u; j++) {
-            let n = n0 + l.x * 4u + j;
-            if (m < p.m && n < p.n) {
-                store(m, n, acc[i][j]);
+            if (m + i < p.m && n + j < p.n) {
+                store(m + i, n + j, rows[i][j]);
             }
         }
     }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::error::Result;
 use crate::gpu::recorder::grid;
-use crate::gpu::{tune, Gpu, Recorder, Tensor};
+use crate::gpu::{gemm_form_for, tune, Gpu, Recorder, Tensor};
 use crate::model::llama::{Input, Llama, QuantPolicy};
 use crate::model::qformer::{QFormer, QFormerConfig};
 use crate::model::vit::{Vit, VitConfig};
@@ -200,6 +200,46 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         ]);
         v
     };
+    // the forms as the tuning measures them, then at a prefill and a ViT shape (the ratios
+    // show whether the tuning's small shape chooses right); the chosen form runs the cases
+    let tune_shape = if a.tiny {
+        (32, 128, 64)
+    } else {
+        tune::GEMM_TUNE_SHAPE
+    };
+    eprintln!(
+        "bench: GEMM forms, f16 {}×{}×{}",
+        tune_shape.0, tune_shape.1, tune_shape.2
+    );
+    let trials = pollster::block_on(tune::measure_gemm(gpu, tune_shape, DType::F16, a.runs))?;
+    let chosen = match tune::override_gemm()? {
+        Some(f) => f,
+        None => tune::fastest_gemm(&trials).unwrap_or(0),
+    };
+    gpu.set_gemm_form(chosen);
+    let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {
+        vec![("prefill", 40, 192, 64, DType::Q4)]
+    } else {
+        vec![
+            ("prefill", 256, 4096, 4096, DType::Q4),
+            ("vit fc1", 257, 6144, 1408, DType::F16),
+        ]
+    };
+    let mut at_shapes = Vec::new();
+    for (what, m, n, k, dtype) in form_cases {
+        eprintln!("bench: GEMM forms, {what} {m}×{n}×{k} {dtype}");
+        let t = pollster::block_on(tune::measure_gemm(gpu, (m, n, k), dtype, a.runs))?;
+        at_shapes.push(json!({
+            "case": what, "m": m, "n": n, "k": k, "dtype": dtype.name(),
+            "trials": gemm_trials(&t),
+        }));
+    }
+    let forms = json!({
+        "tune_shape": {"m": tune_shape.0, "n": tune_shape.1, "k": tune_shape.2, "dtype": "f16",
+                       "trials": gemm_trials(&trials)},
+        "chosen": chosen,
+        "at_shapes": at_shapes,
+    });
     let mut out = Vec::new();
     for (what, m, n, k, dtype) in cases {
         eprintln!("bench: gemm {what} {m}×{n}×{k} {dtype}");
@@ -216,10 +256,35 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         let flop = 2.0 * (m * n * k) as f64;
         out.push(json!({
             "case": what, "m": m, "n": n, "k": k, "dtype": dtype.name(),
+            "form": gemm_form_for(chosen, m, n, dtype),
             "gflop_per_s": flop / t.0 / 1e9, "time": stats(t),
         }));
     }
-    Ok(Value::from(out))
+    Ok(json!({"forms": forms, "cases": out}))
+}
+
+fn gemm_trials(trials: &[tune::GemmTrial]) -> Value {
+    trials
+        .iter()
+        .map(|t| {
+            json!({"form": t.form, "gflop_per_s": t.gflop_per_s,
+                   "median_s": t.seconds, "min_s": t.min_seconds})
+        })
+        .collect()
+}
+
+/// A GEMM form as printed: its tile (rows × columns of output) and arithmetic.
+fn gemm_form_name(v: &Value) -> String {
+    use crate::gpu::{GEMM_HALF, GEMM_TALL, GEMM_WIDE};
+    match v.as_u64().and_then(|f| u32::try_from(f).ok()) {
+        Some(f) => format!(
+            "{}×{} {}",
+            if f & GEMM_TALL != 0 { 128 } else { 64 },
+            if f & GEMM_WIDE != 0 { 128 } else { 64 },
+            if f & GEMM_HALF != 0 { "f16" } else { "f32" }
+        ),
+        None => v.to_string(),
+    }
 }
 
 fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
@@ -458,6 +523,9 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     }
     if want("gemm") {
         report["gemm"] = gemm(gpu, a)?;
+    } else if want("e2e") {
+        // the GEMM form the chat would use (override, cache or measurement)
+        pollster::block_on(tune::tune_gemm(gpu))?;
     }
     if let Some(s) = &a.synthetic {
         if want("e2e") {
@@ -560,19 +628,53 @@ pub fn human(r: &Value) -> String {
             g["percent_of_copy"].as_f64().unwrap_or(0.0)
         );
     }
-    if r.get("gemm").is_some() {
+    if let Some(g) = r.get("gemm") {
         s += "\nGEMM                          GFLOP/s\n";
-    }
-    for g in r["gemm"].as_array().into_iter().flatten() {
+        let f = &g["forms"];
+        let trials = |t: &Value| {
+            let mut s = String::new();
+            for t in t["trials"].as_array().into_iter().flatten() {
+                s += &format!(
+                    " {} → {:.2};",
+                    gemm_form_name(&t["form"]),
+                    t["gflop_per_s"].as_f64().unwrap_or(0.0)
+                );
+            }
+            s
+        };
+        let ts = &f["tune_shape"];
         s += &format!(
-            "  {:<8} {:>4}×{:>5}×{:<5} {:>4} {:>9.2}\n",
-            g["case"].as_str().unwrap_or(""),
-            g["m"],
-            g["n"],
-            g["k"],
-            g["dtype"].as_str().unwrap_or(""),
-            g["gflop_per_s"].as_f64().unwrap_or(0.0)
+            "  forms at the tuning's {}×{}×{} {}:{} chosen {}\n",
+            ts["m"],
+            ts["n"],
+            ts["k"],
+            ts["dtype"].as_str().unwrap_or(""),
+            trials(ts),
+            gemm_form_name(&f["chosen"])
         );
+        for c in f["at_shapes"].as_array().into_iter().flatten() {
+            s += &format!(
+                "  forms at {} {}×{}×{} {}:{}\n",
+                c["case"].as_str().unwrap_or(""),
+                c["m"],
+                c["n"],
+                c["k"],
+                c["dtype"].as_str().unwrap_or(""),
+                trials(c)
+            );
+        }
+        for g in g["cases"].as_array().into_iter().flatten() {
+            s += &format!(
+                "  {:<8} {:>4}×{:>5}×{:<5} {:>4} {:>9.2}  ({})\n",
+                g["case"].as_str().unwrap_or(""),
+                g["m"],
+                g["n"],
+                g["k"],
+                g["dtype"].as_str().unwrap_or(""),
+                g["gflop_per_s"].as_f64().unwrap_or(0.0),
+                gemm_form_name(&g["form"])
+            );
+        }
     }
     if let Some(e) = r.get("end_to_end") {
         s += &format!(

@@ -390,7 +390,10 @@ fn open_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
 fn open_tuned_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
     let gpu = open_gpu(args)?;
     let (lanes, from) = pollster::block_on(minigpt4::gpu::tune::autotune(&gpu))?;
-    log::debug!("block GEMV: {lanes} lanes per column (from {from})");
+    log::debug!(
+        "block GEMV: {lanes} lanes per column (from {from}); GEMM form {}",
+        gpu.gemm_form()
+    );
     Ok(gpu)
 }
 

@@ -77,6 +77,7 @@ impl Engine {
             "f16": g.best_variant.f16,
             "subgroups": g.best_variant.subgroups,
             "gemvLanes": g.gemv_lanes(),
+            "gemmForm": g.gemm_form(),
             "maxStorageBindingSize": g.limits.max_storage_buffer_binding_size,
             "maxBufferSize": g.limits.max_buffer_size,
             "maxComputeInvocationsPerWorkgroup": g.limits.max_compute_invocations_per_workgroup,

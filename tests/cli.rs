@@ -557,11 +557,24 @@ fn bench_tiny_reports_every_part() {
     assert!(gemv
         .iter()
         .all(|g| pos(&g["gb_per_s"]) && pos(&g["percent_of_copy"])));
-    assert!(r["gemm"]
+    let g = &r["gemm"];
+    assert!(g["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .all(|g| pos(&g["gflop_per_s"])));
+        .all(|g| pos(&g["gflop_per_s"]) && g["form"].as_u64().is_some_and(|f| f < 8)));
+    // every GEMM form, at the tuning's shape and at a prefill shape, and the one chosen
+    let forms = &g["forms"];
+    for t in std::iter::once(&forms["tune_shape"]).chain(forms["at_shapes"].as_array().unwrap()) {
+        let trials = t["trials"].as_array().unwrap();
+        assert!(trials.len() >= 4, "{t}");
+        assert!(trials.iter().all(|t| pos(&t["gflop_per_s"])), "{t}");
+    }
+    assert!(forms["tune_shape"]["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["form"] == forms["chosen"]));
     let e = &r["end_to_end"];
     for k in [
         "image_encode_ms",

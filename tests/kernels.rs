@@ -9,8 +9,9 @@ mod common;
 use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
-    attention_partials, AttnShape, Gpu, GpuOptions, HeadView, Ids, MatmulPath, Recorder, RopeMode,
-    RopeTable, Tensor, Variant, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
+    attention_partials, gemm_form_for, is_gemm_form, AttnShape, Gpu, GpuOptions, HeadView, Ids,
+    MatmulPath, Recorder, RopeMode, RopeTable, Tensor, Variant, GEMM_HALF, GEMM_TALL, GEMM_WIDE,
+    GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
 };
 use minigpt4::quant::{self, DType};
 
@@ -41,6 +42,20 @@ fn dot_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         for j in 0..n {
             let s: f32 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).abs()).sum();
             t[i * n + j] = 4e-7 * s * (k as f32).sqrt() + 1e-6;
+        }
+    }
+    t
+}
+
+/// Tolerance of a dot product computed in f16 steps of 16 terms summed in f32: about 20 f16
+/// roundoffs of the root sum of squares of the terms (the errors are independent, so they
+/// grow like that root, not like the sum of magnitudes).
+fn half_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let ss: f32 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).powi(2)).sum();
+            t[i * n + j] = 1e-2 * ss.sqrt() + 1e-5;
         }
     }
     t
@@ -79,7 +94,19 @@ fn check_matmul(
         .unwrap();
     run(rec);
     let got = read(gpu, &out);
-    let tol = dot_tol(&x, &wq, m, n, k);
+    // the GEMM's f16 arithmetic: x, the weights, the products and 16-term sums rounded to f16
+    // (a unit roundoff of 2^-11), f32 across the sums
+    let form = match path {
+        MatmulPath::GemmForm(f) => Some(f),
+        MatmulPath::Gemm => Some(gemm_form_for(gpu.gemm_form(), m, n, dt)),
+        _ => None,
+    };
+    let half = v.f16 && form.is_some_and(|f| f & GEMM_HALF != 0);
+    let tol = if half {
+        half_tol(&x, &wq, m, n, k)
+    } else {
+        dot_tol(&x, &wq, m, n, k)
+    };
     for i in 0..m * n {
         assert!(
             (got[i] - want[i]).abs() <= tol[i] + 1e-6 * want[i].abs(),
@@ -127,6 +154,67 @@ fn matmul_all_dtypes_paths_variants_and_odd_sizes() {
             }
         }
     }
+}
+
+#[test]
+fn gemm_every_form_dtype_and_variant() {
+    let gpu = gpu();
+    let mut seed = 900;
+    // (the GEMM has no subgroup code: the variants that differ for it)
+    for v in gpu.variants().into_iter().filter(|v| !v.subgroups) {
+        for form in 0..8u32 {
+            assert!(is_gemm_form(form));
+            // Each form with a quantised and an unquantised dtype, in turn: the weight decoding
+            // is the same code in every form (every dtype is tested on the default form
+            // above), and each (form, dtype, bias) is a pipeline of its own to compile, which
+            // takes seconds on llvmpipe's GL.
+            let f = form as usize;
+            let quantised = [DType::Q4, DType::Q8, DType::Q4M][f % 3];
+            let plain = [DType::F32, DType::F16][f % 2];
+            for dt in [quantised, plain] {
+                let bias = f.is_multiple_of(2);
+                // a second 64-row / 64-column block that is partly outside the output, one
+                // wholly outside it, and several tiles each way
+                let mut shapes = vec![(65, 130, 96), (130, 70, 64), (200, 257, 160)];
+                if !dt.is_quantized() {
+                    shapes.extend([(129, 131, 17), (5, 257, 89)]);
+                }
+                for (m, n, k) in shapes {
+                    seed += 1;
+                    let path = MatmulPath::GemmForm(form);
+                    check_matmul(&gpu, v, dt, path, m, n, k, bias, seed % 3 == 0, seed);
+                }
+            }
+        }
+    }
+    // the tuned form: whatever the adapter chose, on the same shapes
+    for form in [GEMM_WIDE | GEMM_TALL, GEMM_HALF | GEMM_TALL] {
+        gpu.set_gemm_form(form);
+        for (m, n, k) in [(70, 300, 96), (257, 64, 64)] {
+            check_matmul(
+                &gpu,
+                gpu.best_variant,
+                DType::Q4,
+                MatmulPath::Gemm,
+                m,
+                n,
+                k,
+                true,
+                false,
+                7,
+            );
+        }
+    }
+    gpu.set_gemm_form(0);
+    assert!(!is_gemm_form(8));
+    let x = Tensor::zeros(&gpu, "x", &[70, 64]).unwrap();
+    let w = Tensor::zeros(&gpu, "w", &[8, 64]).unwrap();
+    let out = Tensor::zeros(&gpu, "out", &[70, 8]).unwrap();
+    let err = Recorder::new(&gpu)
+        .matmul_with(MatmulPath::GemmForm(9), &x, &w, None, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("GEMM") && err.contains('9'), "{err}");
 }
 
 #[test]

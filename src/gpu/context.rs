@@ -301,6 +301,9 @@ pub struct Gpu {
     /// Whether an RMSNorm is fused into the one-row GEMV that reads it (tuned; see
     /// [`crate::gpu::tune::autotune`]).
     fuse_norm: AtomicBool,
+    /// The tiled GEMM's form (`GEMM_WIDE` / `GEMM_HALF` bits, see `shaders/matmul.wgsl`;
+    /// tuned like the lanes).
+    gemm_form: AtomicU32,
     /// Per-shape block GEMV lanes: (rows, cols, dtype) → lanes.
     gemv_shapes: Mutex<HashMap<(usize, usize, DType), u32>>,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
@@ -380,6 +383,7 @@ impl Gpu {
             gemv_lanes: AtomicU32::new(crate::gpu::tune::default_gemv_lanes(&info)),
             gemv_shapes: Mutex::new(HashMap::new()),
             fuse_norm: AtomicBool::new(true),
+            gemm_form: AtomicU32::new(0),
             info,
             errors,
             lost,
@@ -405,6 +409,8 @@ impl Gpu {
     pub async fn reopen(&self) -> Result<Gpu> {
         let g = Gpu::new(&self.options).await?;
         g.set_gemv_lanes(self.gemv_lanes());
+        g.set_fuse_norm(self.fuse_norm());
+        g.set_gemm_form(self.gemm_form());
         if let Ok(m) = self.gemv_shapes.lock() {
             for (&(n, k, dt), &l) in m.iter() {
                 g.set_gemv_lanes_for(n, k, dt, l);
@@ -452,6 +458,16 @@ impl Gpu {
 
     pub fn set_fuse_norm(&self, on: bool) {
         self.fuse_norm.store(on, Ordering::Relaxed);
+    }
+
+    /// The form [`crate::gpu::MatmulPath::Gemm`] runs in: 64×64 tiles of f32 until tuning
+    /// decides otherwise (see [`crate::gpu::ops::GEMM_WIDE`] and `GEMM_HALF`).
+    pub fn gemm_form(&self) -> u32 {
+        self.gemm_form.load(Ordering::Relaxed)
+    }
+
+    pub fn set_gemm_form(&self, form: u32) {
+        self.gemm_form.store(form, Ordering::Relaxed);
     }
 
     /// Sets the block GEMV's lanes (one of [`crate::gpu::ops::GEMV_LANES`]) for every

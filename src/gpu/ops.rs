@@ -125,7 +125,59 @@ pub enum MatmulPath {
     /// Whole 32-weight blocks, `64 / lanes` output columns per workgroup (`gemv.wgsl`); needs
     /// M <= 4 and K % 32 == 0. Lanes: 1, 4, 8, 16, 32 or 64.
     GemvBlocks(u32),
+    /// The tiled GEMM in the adapter's tuned form ([`crate::gpu::Gpu::gemm_form`]).
     Gemm,
+    /// The tiled GEMM in a given form: [`GEMM_WIDE`], [`GEMM_TALL`] and [`GEMM_HALF`] bits
+    /// (0: 64×64 tiles, 4×4 outputs per invocation, f32).
+    GemmForm(u32),
+}
+
+/// Bit of a GEMM form: 128 output columns per tile, 4×8 outputs per invocation (`GEMM_WIDE`
+/// in `matmul.wgsl`): fewer workgroup-memory loads per multiply-add, more registers.
+pub const GEMM_WIDE: u32 = 1;
+
+/// Bit of a GEMM form: 128 rows of x per tile, 8×4 outputs per invocation (`GEMM_TALL`);
+/// with [`GEMM_WIDE`], 128×128 tiles of 8×8.
+pub const GEMM_TALL: u32 = 4;
+
+/// Bit of a GEMM form: tiles held in f16 and each 16-deep step multiplied and summed in f16
+/// before its f32 accumulation (`GEMM_HALF`; needs the f16 kernel variant, and is the f32
+/// form of the same tile without it).
+pub const GEMM_HALF: u32 = 2;
+
+/// Whether `form` is a GEMM form value.
+pub fn is_gemm_form(form: u32) -> bool {
+    form & !(GEMM_WIDE | GEMM_TALL | GEMM_HALF) == 0
+}
+
+/// The form a tuned GEMM (`MatmulPath::Gemm`) runs in for `m` rows of x and `n` output
+/// columns of `dtype` weights: `form` without the bits whose second block would lie wholly
+/// outside the output (128-row tiles for at most 64 rows, 128-column tiles for at most 64
+/// columns), which would only double the work, and without f16 arithmetic for f32 weights (a
+/// model loaded in f32 computes in f32).
+pub fn gemm_form_for(form: u32, m: usize, n: usize, dtype: DType) -> u32 {
+    let mut f = form;
+    if dtype == DType::F32 {
+        f &= !GEMM_HALF;
+    }
+    if m <= 64 {
+        f &= !GEMM_TALL;
+    }
+    if n <= 64 {
+        f &= !GEMM_WIDE;
+    }
+    f
+}
+
+/// The GEMM's candidates on `gpu`: the four tile shapes, each also in f16 where the adapter
+/// offers f16.
+pub fn gemm_candidates(gpu: &Gpu) -> Vec<u32> {
+    let tiles = [0, GEMM_WIDE, GEMM_TALL, GEMM_WIDE | GEMM_TALL];
+    let mut v = tiles.to_vec();
+    if gpu.best_variant.f16 {
+        v.extend(tiles.map(|t| t | GEMM_HALF));
+    }
+    v
 }
 
 /// Lane counts the block GEMV is compiled for.
@@ -661,8 +713,31 @@ impl Recorder<'_> {
                     let groups = grid(u(m * part.rows));
                     self.dispatch("matmul", "gemv", &flags, &params, &bufs, groups)?;
                 }
-                MatmulPath::Gemm => {
-                    let groups = [u(part.rows.div_ceil(64)), u(m.div_ceil(64)), 1];
+                MatmulPath::Gemm | MatmulPath::GemmForm(_) => {
+                    let form = match path {
+                        MatmulPath::GemmForm(f) => f,
+                        _ => gemm_form_for(self.gpu.gemm_form(), m, part.rows, w.dtype),
+                    };
+                    if !is_gemm_form(form) {
+                        return Err(Error::Gpu(format!(
+                            "GEMM: expected a form of 0 to 7, found {form}"
+                        )));
+                    }
+                    let mut flags = flags.clone();
+                    let mut tile = [64, 64]; // columns, rows
+                    if form & GEMM_WIDE != 0 {
+                        flags.push("GEMM_WIDE");
+                        tile[0] = 128;
+                    }
+                    if form & GEMM_TALL != 0 {
+                        flags.push("GEMM_TALL");
+                        tile[1] = 128;
+                    }
+                    if form & GEMM_HALF != 0 {
+                        // (the f32 form where the recorder's variant has no f16)
+                        flags.push("GEMM_HALF");
+                    }
+                    let groups = [u(part.rows.div_ceil(tile[0])), u(m.div_ceil(tile[1])), 1];
                     self.dispatch("matmul", "gemm", &flags, &params, &bufs, groups)?;
                 }
             }

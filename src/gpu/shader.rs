@@ -79,6 +79,13 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
             &["W_Q4M", "OUT_MUL"],
             &["W_F16", "OUT_SILU"],
             &["W_F32", "OUT_MUL"],
+            &["W_Q4", "GEMM_WIDE"],
+            &["W_F16", "GEMM_TALL", "BIAS"],
+            &["W_Q4M", "GEMM_WIDE", "GEMM_TALL", "OUT_MUL"],
+            &["W_Q8", "GEMM_HALF"],
+            &["W_F16", "GEMM_WIDE", "GEMM_HALF", "OUT_SILU"],
+            &["W_Q4", "GEMM_TALL", "GEMM_HALF", "BIAS"],
+            &["W_F32", "GEMM_WIDE", "GEMM_TALL", "GEMM_HALF"],
         ],
     ),
     (
@@ -176,9 +183,17 @@ fn source(name: &str) -> Result<&'static str> {
         .ok_or_else(|| Error::Gpu(format!("no shader file '{name}.wgsl'")))
 }
 
+/// Op flags that declare f16 arithmetic: kept only for the f16 variant (without it a kernel
+/// asked for one of them is its f32 form).
+pub const F16_ONLY_FLAGS: &[&str] = &["GEMM_HALF"];
+
 /// Expands `#include` and `#if` lines of `shaders/<name>.wgsl` for the given flags.
 pub fn preprocess(name: &str, variant: Variant, flags: &[&str], web: bool) -> Result<String> {
-    let mut all: Vec<&str> = flags.to_vec();
+    let mut all: Vec<&str> = flags
+        .iter()
+        .copied()
+        .filter(|f| variant.f16 || !F16_ONLY_FLAGS.contains(f))
+        .collect();
     if variant.f16 {
         all.push("F16");
     }

@@ -1,8 +1,9 @@
 //! Per-adapter kernel choices: a small auto-tune at load, cached on disk natively.
 //!
-//! Two choices are tuned. The block GEMV's lanes per output column (`shaders/gemv.wgsl`),
-//! the kernel that decides decode speed, and whether an RMSNorm is fused into the one-row
-//! GEMV that reads it ([`measure_fuse_norm`]). Each candidate runs a 4-bit 4096×4096 GEMV (the
+//! Three choices are tuned. The block GEMV's lanes per output column (`shaders/gemv.wgsl`),
+//! the kernel that decides decode speed; whether an RMSNorm is fused into the one-row
+//! GEMV that reads it ([`measure_fuse_norm`]); and the tiled GEMM's form (`shaders/matmul.wgsl`:
+//! tile shape and f16 arithmetic, [`measure_gemm`]), the kernel of prefill and the ViT. Each candidate runs a 4-bit 4096×4096 GEMV (the
 //! size of a 7B attention projection) a few times and the fastest wins. Weights with fewer
 //! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
 //! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
@@ -14,9 +15,11 @@
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::gpu::ops::{gemv_candidates, MatmulPath};
+use crate::gpu::ops::{gemm_candidates, gemv_candidates, MatmulPath, GEMM_HALF};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::ops::{is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
+use crate::gpu::ops::{
+    is_gemm_form, is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
+};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -112,6 +115,77 @@ pub async fn measure_gemv_of(
     Ok(out)
 }
 
+/// One GEMM form's measurement.
+#[derive(Clone, Debug)]
+pub struct GemmTrial {
+    pub form: u32,
+    /// Median seconds of one GEMM.
+    pub seconds: f64,
+    /// The fastest run's seconds.
+    pub min_seconds: f64,
+    pub gflop_per_s: f64,
+}
+
+/// The GEMM shape the forms are tuned at (m, n, k, f16 weights): the ViT's and prefill's
+/// kind of work at a size that costs well under a second on a CPU driver (0.13 GFLOP).
+pub const GEMM_TUNE_SHAPE: (usize, usize, usize) = (128, 1024, 512);
+
+/// How much faster (fastest runs) an f16-arithmetic GEMM form must be than its f32 twin to be
+/// chosen: f16 costs precision, so a win inside the noise does not take it.
+pub const GEMM_HALF_MARGIN: f64 = 0.85;
+
+/// Times the tiled GEMM in each of its forms ([`gemm_candidates`]) on an `[m, k]` x and an
+/// `[n, k]` weight of `dtype`: `runs` timed submits of one GEMM each (after one warm-up).
+pub async fn measure_gemm(
+    gpu: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
+    runs: usize,
+) -> Result<Vec<GemmTrial>> {
+    let w = Tensor::empty(gpu, "tune.gemm.w", &[n, k], dtype)?;
+    let x = Tensor::zeros(gpu, "tune.gemm.x", &[m, k])?;
+    let y = Tensor::zeros(gpu, "tune.gemm.y", &[m, n])?;
+    let flop = 2.0 * (m * n * k) as f64;
+    let mut out = Vec::new();
+    for (i, form) in gemm_candidates(gpu).into_iter().enumerate() {
+        let mut times = Vec::new();
+        // the first candidate also warms the buffers up
+        for run in 0..runs.max(1) + usize::from(i == 0) {
+            let mut rec = Recorder::new(gpu);
+            rec.matmul_with(MatmulPath::GemmForm(form), &x, &w, None, &y, false)?;
+            let t = timed_submit(gpu, rec, &y).await?;
+            if i != 0 || run > 0 {
+                times.push(t);
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let seconds = times[times.len() / 2].max(1e-9);
+        out.push(GemmTrial {
+            form,
+            seconds,
+            min_seconds: times[0].max(1e-9),
+            gflop_per_s: flop / seconds / 1e9,
+        });
+    }
+    Ok(out)
+}
+
+/// The GEMM form to use: the fastest f32 form by its fastest run, replaced by the fastest
+/// f16 form only where that beats it by [`GEMM_HALF_MARGIN`].
+pub fn fastest_gemm(trials: &[GemmTrial]) -> Option<u32> {
+    let best = |half: bool| {
+        trials
+            .iter()
+            .filter(|t| (t.form & GEMM_HALF != 0) == half)
+            .min_by(|a, b| a.min_seconds.total_cmp(&b.min_seconds))
+    };
+    match (best(false), best(true)) {
+        (Some(f), Some(h)) if h.min_seconds < GEMM_HALF_MARGIN * f.min_seconds => Some(h.form),
+        (Some(f), _) => Some(f.form),
+        (None, h) => h.map(|h| h.form),
+    }
+}
+
 /// Seconds `work` takes, and whether they are the GPU's: the GPU time of the [`Recorder`]
 /// submits inside it, from timestamp queries ([`Gpu::start_timing`]), else the wall clock
 /// around it (so `work` must wait for its GPU work).
@@ -191,6 +265,34 @@ fn override_lanes() -> Result<Option<u32>> {
         return parse_lanes("MINIGPT4_GEMV_LANES", &v).map(Some);
     }
     Ok(None)
+}
+
+/// `MINIGPT4_GEMM`, when set (natively): the GEMM form for every GEMM, no tuning (0 to 7:
+/// [`crate::gpu::GEMM_WIDE`] 1, [`crate::gpu::GEMM_HALF`] 2, [`crate::gpu::GEMM_TALL`] 4).
+pub fn override_gemm() -> Result<Option<u32>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(v) = std::env::var("MINIGPT4_GEMM")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        return parse_gemm_form("MINIGPT4_GEMM", &v).map(Some);
+    }
+    Ok(None)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn parse_gemm_form(what: &str, v: &str) -> Result<u32> {
+    v.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|&f| is_gemm_form(f))
+        .ok_or_else(|| Error::InvalidOption {
+            name: what.into(),
+            msg: format!(
+                "expected a GEMM form from 0 to 7 (1: 128 columns per tile, 2: f16 arithmetic, \
+                 4: 128 rows per tile), found '{v}'"
+            ),
+        })
 }
 
 /// `MINIGPT4_FUSE_NORM`, when set (natively): `1` fuses RMSNorm into the GEMV after it, `0`
@@ -313,6 +415,32 @@ impl TuneCache {
         let _ = on;
     }
 
+    /// The GEMM form, as stored.
+    fn get_gemm_form(&self) -> Option<u32> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            self.all[&self.key]["gemm_form"]
+                .as_u64()
+                .and_then(|f| parse_gemm_form("tune.json", &f.to_string()).ok())
+        }
+        #[cfg(target_arch = "wasm32")]
+        None
+    }
+
+    fn set_gemm_form(&mut self, form: u32) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use serde_json::json;
+            let entry = &mut self.all[&self.key];
+            if !entry.is_object() {
+                *entry = json!({});
+            }
+            entry["gemm_form"] = json!(form);
+        }
+        #[cfg(target_arch = "wasm32")]
+        let _ = form;
+    }
+
     /// Best effort: a read-only cache directory only costs a re-measurement next time.
     fn save(&self) {
         #[cfg(not(target_arch = "wasm32"))]
@@ -322,10 +450,13 @@ impl TuneCache {
     }
 }
 
-/// Chooses the block GEMV's lanes for this adapter and sets them on `gpu`: from
-/// `MINIGPT4_GEMV_LANES`, else from the cache file (native), else by measuring (and caching).
-/// Returns the choice and where it came from.
+/// Chooses the block GEMV's lanes, the norm fusion and the GEMM form for this adapter and sets
+/// them on `gpu`: each from its environment override (`MINIGPT4_GEMV_LANES`,
+/// `MINIGPT4_FUSE_NORM`, `MINIGPT4_GEMM`), else from the cache file (native), else by
+/// measuring (and caching). Returns the lanes and where they came from.
 pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
+    tune_gemm(gpu).await?;
+    let mut cache = TuneCache::open(gpu);
     let fuse_override = override_fuse_norm()?;
     if let Some(fuse) = fuse_override {
         gpu.set_fuse_norm(fuse);
@@ -334,7 +465,6 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
         gpu.set_gemv_lanes(lanes);
         return Ok((lanes, "MINIGPT4_GEMV_LANES"));
     }
-    let mut cache = TuneCache::open(gpu);
     if let (Some(lanes), Some(fuse)) = (cache.get(None), cache.get_fuse_norm()) {
         gpu.set_gemv_lanes(lanes);
         gpu.set_fuse_norm(fuse_override.unwrap_or(fuse));
@@ -350,6 +480,29 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
     cache.set_fuse_norm(fused <= separate);
     cache.save();
     Ok((lanes, "measurement"))
+}
+
+/// Chooses the GEMM form for this adapter and sets it on `gpu`: from `MINIGPT4_GEMM`, else
+/// from the cache file (native), else by measuring at [`GEMM_TUNE_SHAPE`] (and caching).
+pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
+    let form = match override_gemm()? {
+        Some(f) => f,
+        None => {
+            let mut cache = TuneCache::open(gpu);
+            match cache.get_gemm_form() {
+                Some(f) => f,
+                None => {
+                    let trials = measure_gemm(gpu, GEMM_TUNE_SHAPE, DType::F16, 2).await?;
+                    let f = fastest_gemm(&trials).unwrap_or(0);
+                    cache.set_gemm_form(f);
+                    cache.save();
+                    f
+                }
+            }
+        }
+    };
+    gpu.set_gemm_form(form);
+    Ok(form)
 }
 
 /// Fastest-run seconds of an RMSNorm followed by a one-row q4 `[k, k]` GEMV, fused into the
@@ -472,5 +625,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("MINIGPT4_GEMV_LANES") && e.contains("12"), "{e}");
+    }
+
+    #[test]
+    fn the_gemm_form_takes_f16_arithmetic_only_for_a_clear_win() {
+        use crate::gpu::ops::{gemm_form_for, GEMM_TALL, GEMM_WIDE};
+        let t = |form, min_seconds| GemmTrial {
+            form,
+            seconds: min_seconds,
+            min_seconds,
+            gflop_per_s: 0.0,
+        };
+        let f32s = [t(0, 2.0), t(GEMM_WIDE, 1.0), t(GEMM_TALL, 1.5)];
+        assert_eq!(fastest_gemm(&f32s), Some(GEMM_WIDE));
+        // 10 % faster in f16: inside the margin, the f32 form stays
+        let mut v = f32s.to_vec();
+        v.push(t(GEMM_HALF | GEMM_TALL, 0.9));
+        assert_eq!(fastest_gemm(&v), Some(GEMM_WIDE));
+        // 30 % faster: taken
+        v.push(t(GEMM_HALF | GEMM_WIDE, 0.7));
+        assert_eq!(fastest_gemm(&v), Some(GEMM_HALF | GEMM_WIDE));
+        assert_eq!(fastest_gemm(&[t(GEMM_HALF, 1.0)]), Some(GEMM_HALF));
+        assert_eq!(fastest_gemm(&[]), None);
+
+        // the tuned form per shape: no second block wholly outside the output, no f16
+        // arithmetic on f32 weights
+        let all = GEMM_WIDE | GEMM_TALL | GEMM_HALF;
+        assert_eq!(gemm_form_for(all, 257, 4224, DType::F16), all);
+        assert_eq!(
+            gemm_form_for(all, 64, 4224, DType::Q4),
+            GEMM_WIDE | GEMM_HALF
+        );
+        assert_eq!(gemm_form_for(all, 65, 64, DType::Q8), GEMM_TALL | GEMM_HALF);
+        assert_eq!(
+            gemm_form_for(all, 300, 300, DType::F32),
+            GEMM_WIDE | GEMM_TALL
+        );
+
+        assert_eq!(parse_gemm_form("X", " 5 ").unwrap(), GEMM_WIDE | GEMM_TALL);
+        let e = parse_gemm_form("MINIGPT4_GEMM", "8")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MINIGPT4_GEMM") && e.contains('8'), "{e}");
+        assert!(parse_gemm_form("X", "wide").is_err());
     }
 }
