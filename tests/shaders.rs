@@ -112,3 +112,55 @@ fn every_shader_variant_translates_to_spirv_msl_hlsl_and_glsl() {
         FAMILIES.iter().map(|(_, f)| f.len()).sum::<usize>() * 4
     );
 }
+
+/// Workgroup memory each entry point uses (the workgroup variables it touches), in every flag
+/// set and variant, against the floor the adapter check asks for (WebGPU's default, 16 KiB):
+/// a kernel over it would fail to compile on a device that only offers the floor.
+#[test]
+fn no_kernel_uses_more_workgroup_memory_than_the_floor_asks_for() {
+    let floor = minigpt4::gpu::Requirements::kernels().max_compute_workgroup_storage_size as u64;
+    let mut most = (0, String::new());
+    for (file, flag_sets) in FAMILIES {
+        for flags in flag_sets.iter() {
+            for v in variants() {
+                let src = preprocess(file, v, flags, false).unwrap();
+                let module = naga::front::wgsl::parse_str(&src).unwrap();
+                let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+                if v.f16 {
+                    caps |= Capabilities::SHADER_FLOAT16;
+                }
+                if v.subgroups {
+                    caps |= Capabilities::SUBGROUP;
+                }
+                let info = Validator::new(ValidationFlags::all(), caps)
+                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+                    .validate(&module)
+                    .unwrap();
+                for (i, ep) in module.entry_points.iter().enumerate() {
+                    let uses = info.get_entry_point(i);
+                    let bytes: u64 = module
+                        .global_variables
+                        .iter()
+                        .filter(|(h, g)| {
+                            g.space == naga::AddressSpace::WorkGroup && !uses[*h].is_empty()
+                        })
+                        .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()) as u64)
+                        .sum();
+                    let what = format!("{file}.wgsl {} {flags:?} {}", ep.name, v.name());
+                    assert!(bytes <= floor, "{what}: {bytes} bytes of workgroup memory");
+                    if bytes > most.0 {
+                        most = (bytes, what);
+                    }
+                }
+            }
+        }
+    }
+    // the 128×128 f32 GEMM fills it exactly (two 16-deep tiles of 128 vec4s of f32)
+    assert_eq!(most.0, floor, "{}", most.1);
+    assert!(
+        most.1.contains("gemm") && most.1.contains("GEMM_TALL"),
+        "{}",
+        most.1
+    );
+}
