@@ -94,32 +94,28 @@ alias TS = f32;
 var<workgroup> xs4: array<T4, TK * XV>;
 var<workgroup> ws4: array<T4, TK * WV>;
 
-// A 4x4 block of f32 accumulators (rows of x .. x + 3, each a vec4 over 4 columns).
+// A 4x4 block of sums in the tiles' type (rows of x .. x + 3, each a vec4 over 4 columns).
+struct Blk {
+    r0: T4,
+    r1: T4,
+    r2: T4,
+    r3: T4,
+}
+
+fn blk_fma(c: ptr<function, Blk>, a: T4, b: T4) {
+    (*c).r0 += a.x * b;
+    (*c).r1 += a.y * b;
+    (*c).r2 += a.z * b;
+    (*c).r3 += a.w * b;
+}
+
+#if GEMM_HALF
+// The f32 accumulators of a block, to which each 16-deep step's f16 sums are added.
 struct Acc {
     r0: vec4<f32>,
     r1: vec4<f32>,
     r2: vec4<f32>,
     r3: vec4<f32>,
-}
-
-fn acc_zero() -> Acc {
-    return Acc(vec4<f32>(), vec4<f32>(), vec4<f32>(), vec4<f32>());
-}
-
-#if GEMM_HALF
-// One 16-deep step's 4x4 partial sums in f16.
-struct Blk {
-    r0: vec4<f16>,
-    r1: vec4<f16>,
-    r2: vec4<f16>,
-    r3: vec4<f16>,
-}
-
-fn blk_fma(c: ptr<function, Blk>, a: vec4<f16>, b: vec4<f16>) {
-    (*c).r0 += a.x * b;
-    (*c).r1 += a.y * b;
-    (*c).r2 += a.z * b;
-    (*c).r3 += a.w * b;
 }
 
 fn acc_add(c: ptr<function, Acc>, s: Blk) {
@@ -129,12 +125,8 @@ fn acc_add(c: ptr<function, Acc>, s: Blk) {
     (*c).r3 += vec4<f32>(s.r3);
 }
 #else
-fn acc_fma(c: ptr<function, Acc>, a: vec4<f32>, b: vec4<f32>) {
-    (*c).r0 += a.x * b;
-    (*c).r1 += a.y * b;
-    (*c).r2 += a.z * b;
-    (*c).r3 += a.w * b;
-}
+// f32 tiles: the sums are the accumulators.
+alias Acc = Blk;
 #endif
 
 // Workgroup (x, y) computes output columns x*TN.. and rows y*TM..; each invocation the 4x4
@@ -147,10 +139,10 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
     let n0 = wg.x * TN;
     let m0 = wg.y * TM;
     // blocks: a (rows +0, cols +0), b (cols +64), c (rows +64), d (both)
-    var acc_a = acc_zero();
-    var acc_b = acc_zero();
-    var acc_c = acc_zero();
-    var acc_d = acc_zero();
+    var acc_a = Acc();
+    var acc_b = Acc();
+    var acc_c = Acc();
+    var acc_d = Acc();
     // This invocation loads 4 consecutive k (k0 + 4 kq ..) of tile row r, for x and for W
     // (and rows r + 64 where the tile has them).
     let r = li / 4u;
@@ -192,54 +184,48 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
             }
         }
         workgroupBarrier();
+        // where this step's products go: f16 sums of the step (added to the f32 accumulators
+        // after it), or the f32 accumulators themselves
 #if GEMM_HALF
-        // this step's sums in f16, then added to the f32 accumulators
-        var s_a = Blk();
-        var s_b = Blk();
-        var s_c = Blk();
-        var s_d = Blk();
+        var t_a = Blk();
+        var t_b = Blk();
+        var t_c = Blk();
+        var t_d = Blk();
+        let s_a = &t_a;
+        let s_b = &t_b;
+        let s_c = &t_c;
+        let s_d = &t_d;
+#else
+        let s_a = &acc_a;
+        let s_b = &acc_b;
+        let s_c = &acc_c;
+        let s_d = &acc_d;
 #endif
         for (var kk = 0u; kk < TK; kk++) {
             let a = xs4[kk * XV + l.y];
             let b = ws4[kk * WV + l.x];
-#if GEMM_HALF
-            blk_fma(&s_a, a, b);
-#else
-            acc_fma(&acc_a, a, b);
-#endif
+            blk_fma(s_a, a, b);
 #if GEMM_WIDE
             let b2 = ws4[kk * WV + 16u + l.x];
-#if GEMM_HALF
-            blk_fma(&s_b, a, b2);
-#else
-            acc_fma(&acc_b, a, b2);
-#endif
+            blk_fma(s_b, a, b2);
 #endif
 #if GEMM_TALL
             let a2 = xs4[kk * XV + 16u + l.y];
-#if GEMM_HALF
-            blk_fma(&s_c, a2, b);
-#else
-            acc_fma(&acc_c, a2, b);
-#endif
+            blk_fma(s_c, a2, b);
 #if GEMM_WIDE
-#if GEMM_HALF
-            blk_fma(&s_d, a2, b2);
-#else
-            acc_fma(&acc_d, a2, b2);
-#endif
+            blk_fma(s_d, a2, b2);
 #endif
 #endif
         }
 #if GEMM_HALF
-        acc_add(&acc_a, s_a);
+        acc_add(&acc_a, t_a);
 #if GEMM_WIDE
-        acc_add(&acc_b, s_b);
+        acc_add(&acc_b, t_b);
 #endif
 #if GEMM_TALL
-        acc_add(&acc_c, s_c);
+        acc_add(&acc_c, t_c);
 #if GEMM_WIDE
-        acc_add(&acc_d, s_d);
+        acc_add(&acc_d, t_d);
 #endif
 #endif
 #endif
