@@ -26,6 +26,34 @@ fn variants() -> [Variant; 4] {
     ]
 }
 
+/// `file.wgsl` preprocessed for `flags` and `v`, parsed and validated by naga with the
+/// capabilities the variant needs (panics naming the shader and the error).
+fn parse_and_validate(
+    file: &str,
+    v: Variant,
+    flags: &[&str],
+) -> (naga::Module, naga::valid::ModuleInfo) {
+    let what = format!("{file}.wgsl {flags:?} {}", v.name());
+    let src = preprocess(file, v, flags, false).unwrap();
+    let module = naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+    // unpack2x16float: wgpu grants this wherever the downlevel flag SHADER_F16_IN_F32 holds (all
+    // Vulkan, Metal, DX12, GLES 3.1 and WebGPU adapters)
+    let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    if v.f16 {
+        caps |= Capabilities::SHADER_FLOAT16;
+    }
+    if v.subgroups {
+        caps |= Capabilities::SUBGROUP;
+    }
+    let info = Validator::new(ValidationFlags::all(), caps)
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+    (module, info)
+}
+
 #[test]
 fn every_shader_variant_translates_to_spirv_msl_hlsl_and_glsl() {
     let mut count = 0;
@@ -33,23 +61,7 @@ fn every_shader_variant_translates_to_spirv_msl_hlsl_and_glsl() {
         for flags in flag_sets.iter() {
             for v in variants() {
                 let what = format!("{file}.wgsl {flags:?} {}", v.name());
-                let src = preprocess(file, v, flags, false).unwrap();
-                let module = naga::front::wgsl::parse_str(&src)
-                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
-                // unpack2x16float: wgpu grants this wherever the downlevel flag SHADER_F16_IN_F32 holds (all
-                // Vulkan, Metal, DX12, GLES 3.1 and WebGPU adapters)
-                let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-                if v.f16 {
-                    caps |= Capabilities::SHADER_FLOAT16;
-                }
-                if v.subgroups {
-                    caps |= Capabilities::SUBGROUP;
-                }
-                let info = Validator::new(ValidationFlags::all(), caps)
-                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
-                    .validate(&module)
-                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                let (module, info) = parse_and_validate(file, v, flags);
 
                 let spv_opts = spv::Options {
                     lang_version: (1, 3),
@@ -123,20 +135,7 @@ fn no_kernel_uses_more_workgroup_memory_than_the_floor_asks_for() {
     for (file, flag_sets) in FAMILIES {
         for flags in flag_sets.iter() {
             for v in variants() {
-                let src = preprocess(file, v, flags, false).unwrap();
-                let module = naga::front::wgsl::parse_str(&src).unwrap();
-                let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-                if v.f16 {
-                    caps |= Capabilities::SHADER_FLOAT16;
-                }
-                if v.subgroups {
-                    caps |= Capabilities::SUBGROUP;
-                }
-                let info = Validator::new(ValidationFlags::all(), caps)
-                    .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-                    .subgroup_operations(naga::valid::SubgroupOperationSet::all())
-                    .validate(&module)
-                    .unwrap();
+                let (module, info) = parse_and_validate(file, v, flags);
                 for (i, ep) in module.entry_points.iter().enumerate() {
                     let uses = info.get_entry_point(i);
                     let bytes: u64 = module

@@ -103,16 +103,22 @@ pub async fn measure_gemv_of(
                 times.push(t / reps.max(1) as f64);
             }
         }
-        times.sort_by(|a, b| a.total_cmp(b));
-        let seconds = times[times.len() / 2].max(1e-9);
+        let (seconds, min_seconds) = median_and_min(&mut times);
         out.push(Trial {
             lanes,
             seconds,
-            min_seconds: times[0].max(1e-9),
+            min_seconds,
             gb_per_s: bytes / seconds / 1e9,
         });
     }
     Ok(out)
+}
+
+/// The median and the fastest of `times` (sorted in place; never below a nanosecond, so rates
+/// stay finite).
+fn median_and_min(times: &mut [f64]) -> (f64, f64) {
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2].max(1e-9), times[0].max(1e-9))
 }
 
 /// One GEMM form's measurement.
@@ -158,12 +164,11 @@ pub async fn measure_gemm(
                 times.push(t);
             }
         }
-        times.sort_by(|a, b| a.total_cmp(b));
-        let seconds = times[times.len() / 2].max(1e-9);
+        let (seconds, min_seconds) = median_and_min(&mut times);
         out.push(GemmTrial {
             form,
             seconds,
-            min_seconds: times[0].max(1e-9),
+            min_seconds,
             gflop_per_s: flop / seconds / 1e9,
         });
     }
