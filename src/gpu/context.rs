@@ -301,8 +301,8 @@ pub struct Gpu {
     /// Whether an RMSNorm is fused into the one-row GEMV that reads it (tuned; see
     /// [`crate::gpu::tune::autotune`]).
     fuse_norm: AtomicBool,
-    /// The tiled GEMM's form (`GEMM_WIDE` / `GEMM_HALF` bits, see `shaders/matmul.wgsl`;
-    /// tuned like the lanes).
+    /// The tiled GEMM's form (`GEMM_WIDE`, `GEMM_TALL` and `GEMM_HALF` bits, see
+    /// `shaders/matmul.wgsl`; tuned like the lanes).
     gemm_form: AtomicU32,
     /// Per-shape block GEMV lanes: (rows, cols, dtype) → lanes.
     gemv_shapes: Mutex<HashMap<(usize, usize, DType), u32>>,
@@ -461,7 +461,7 @@ impl Gpu {
     }
 
     /// The form [`crate::gpu::MatmulPath::Gemm`] runs in: 64×64 tiles of f32 until tuning
-    /// decides otherwise (see [`crate::gpu::ops::GEMM_WIDE`] and `GEMM_HALF`).
+    /// decides otherwise (see [`crate::gpu::ops::GEMM_WIDE`], `GEMM_TALL` and `GEMM_HALF`).
     pub fn gemm_form(&self) -> u32 {
         self.gemm_form.load(Ordering::Relaxed)
     }
