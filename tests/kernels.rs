@@ -35,30 +35,37 @@ fn run(rec: Recorder) {
     pollster::block_on(rec.submit()).unwrap()
 }
 
-/// Tolerance of a dot product of k f32 terms: a few ulps of the sum of magnitudes.
-fn dot_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+/// A tolerance for each of the m × n dot products of k terms x[i, l] * w[j, l]: `f` of its
+/// terms.
+fn per_dot(
+    x: &[f32],
+    w: &[f32],
+    (m, n, k): (usize, usize, usize),
+    f: impl Fn(&mut dyn Iterator<Item = f32>) -> f32,
+) -> Vec<f32> {
     let mut t = vec![0f32; m * n];
     for i in 0..m {
         for j in 0..n {
-            let s: f32 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).abs()).sum();
-            t[i * n + j] = 4e-7 * s * (k as f32).sqrt() + 1e-6;
+            t[i * n + j] = f(&mut (0..k).map(|l| x[i * k + l] * w[j * k + l]));
         }
     }
     t
+}
+
+/// Tolerance of a dot product of k f32 terms: a few ulps of the sum of magnitudes.
+fn dot_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    per_dot(x, w, (m, n, k), |terms| {
+        4e-7 * terms.map(f32::abs).sum::<f32>() * (k as f32).sqrt() + 1e-6
+    })
 }
 
 /// Tolerance of a dot product computed in f16 steps of 16 terms summed in f32: about 20 f16
 /// roundoffs of the root sum of squares of the terms (the errors are independent, so they
 /// grow like that root, not like the sum of magnitudes).
 fn half_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut t = vec![0f32; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let ss: f32 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).powi(2)).sum();
-            t[i * n + j] = 1e-2 * ss.sqrt() + 1e-5;
-        }
-    }
-    t
+    per_dot(x, w, (m, n, k), |terms| {
+        1e-2 * terms.map(|t| t * t).sum::<f32>().sqrt() + 1e-5
+    })
 }
 
 fn check_matmul(
@@ -187,7 +194,7 @@ fn gemm_every_form_dtype_and_variant() {
             }
         }
     }
-    // the tuned form: whatever the adapter chose, on the same shapes
+    // MatmulPath::Gemm runs the adapter's form (here set by hand), trimmed to the shape
     for form in [GEMM_WIDE | GEMM_TALL, GEMM_HALF | GEMM_TALL] {
         gpu.set_gemm_form(form);
         for (m, n, k) in [(70, 300, 96), (257, 64, 64)] {

@@ -1,10 +1,11 @@
 //! Per-adapter kernel choices: a small auto-tune at load, cached on disk natively.
 //!
 //! Three choices are tuned. The block GEMV's lanes per output column (`shaders/gemv.wgsl`),
-//! the kernel that decides decode speed; whether an RMSNorm is fused into the one-row
-//! GEMV that reads it ([`measure_fuse_norm`]); and the tiled GEMM's form (`shaders/matmul.wgsl`:
-//! tile shape and f16 arithmetic, [`measure_gemm`]), the kernel of prefill and the ViT. Each candidate runs a 4-bit 4096×4096 GEMV (the
-//! size of a 7B attention projection) a few times and the fastest wins. Weights with fewer
+//! the kernel that decides decode speed; whether an RMSNorm is fused into the one-row GEMV
+//! that reads it ([`measure_fuse_norm`]); and the tiled GEMM's form (`shaders/matmul.wgsl`:
+//! tile shape and f16 arithmetic, [`measure_gemm`]), the kernel of prefill and the ViT. Each
+//! GEMV candidate runs a 4-bit 4096×4096 GEMV (the size of a 7B attention projection) a few
+//! times and the fastest wins. Weights with fewer
 //! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
 //! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
 //! no single shape predicts that (SmolLM2's 576-row matrices want 4 lanes on lavapipe where a
@@ -15,11 +16,9 @@
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
-use crate::gpu::ops::{gemm_candidates, gemv_candidates, MatmulPath, GEMM_HALF};
+use crate::gpu::ops::{gemm_candidates, gemv_candidates, is_gemm_form, MatmulPath, GEMM_HALF};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::ops::{
-    is_gemm_form, is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
-};
+use crate::gpu::ops::{is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -399,51 +398,41 @@ impl TuneCache {
         let _ = (shape, lanes);
     }
 
-    /// Whether the norm is fused (see [`measure_fuse_norm`]), as stored.
-    fn get_fuse_norm(&self) -> Option<bool> {
+    /// A choice stored under this adapter's key (`fuse_norm`, `gemm_form`).
+    fn field(&self, name: &str) -> Option<&serde_json::Value> {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            self.all[&self.key]["fuse_norm"].as_bool()
+            self.all[&self.key].get(name)
         }
         #[cfg(target_arch = "wasm32")]
-        None
-    }
-
-    fn set_fuse_norm(&mut self, on: bool) {
-        #[cfg(not(target_arch = "wasm32"))]
         {
-            if self.all[&self.key].is_object() {
-                self.all[&self.key]["fuse_norm"] = serde_json::json!(on);
-            }
+            let _ = name;
+            None
         }
-        #[cfg(target_arch = "wasm32")]
-        let _ = on;
     }
 
-    /// The GEMM form, as stored.
-    fn get_gemm_form(&self) -> Option<u32> {
+    fn set_field(&mut self, name: &str, value: serde_json::Value) {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            self.all[&self.key]["gemm_form"]
-                .as_u64()
-                .and_then(|f| parse_gemm_form("tune.json", &f.to_string()).ok())
-        }
-        #[cfg(target_arch = "wasm32")]
-        None
-    }
-
-    fn set_gemm_form(&mut self, form: u32) {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use serde_json::json;
             let entry = &mut self.all[&self.key];
             if !entry.is_object() {
-                *entry = json!({});
+                *entry = serde_json::json!({});
             }
-            entry["gemm_form"] = json!(form);
+            entry[name] = value;
         }
         #[cfg(target_arch = "wasm32")]
-        let _ = form;
+        let _ = (name, value);
+    }
+
+    /// Whether the norm is fused (see [`measure_fuse_norm`]), as stored.
+    fn get_fuse_norm(&self) -> Option<bool> {
+        self.field("fuse_norm")?.as_bool()
+    }
+
+    /// The GEMM form, as stored (a value that is not one is no choice).
+    fn get_gemm_form(&self) -> Option<u32> {
+        let f = u32::try_from(self.field("gemm_form")?.as_u64()?).ok()?;
+        is_gemm_form(f).then_some(f)
     }
 
     /// Best effort: a read-only cache directory only costs a re-measurement next time.
@@ -460,8 +449,8 @@ impl TuneCache {
 /// `MINIGPT4_FUSE_NORM`, `MINIGPT4_GEMM`), else from the cache file (native), else by
 /// measuring (and caching). Returns the lanes and where they came from.
 pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
-    tune_gemm(gpu).await?;
     let mut cache = TuneCache::open(gpu);
+    tune_gemm_in(gpu, &mut cache).await?;
     let fuse_override = override_fuse_norm()?;
     if let Some(fuse) = fuse_override {
         gpu.set_fuse_norm(fuse);
@@ -482,7 +471,7 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
     let (fused, separate) = measure_fuse_norm(gpu, 4096, 2, 3).await?;
     gpu.set_fuse_norm(fuse_override.unwrap_or(fused <= separate));
     cache.set(None, lanes);
-    cache.set_fuse_norm(fused <= separate);
+    cache.set_field("fuse_norm", (fused <= separate).into());
     cache.save();
     Ok((lanes, "measurement"))
 }
@@ -490,20 +479,19 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
 /// Chooses the GEMM form for this adapter and sets it on `gpu`: from `MINIGPT4_GEMM`, else
 /// from the cache file (native), else by measuring at [`GEMM_TUNE_SHAPE`] (and caching).
 pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
-    let form = match override_gemm()? {
-        Some(f) => f,
-        None => {
-            let mut cache = TuneCache::open(gpu);
-            match cache.get_gemm_form() {
-                Some(f) => f,
-                None => {
-                    let trials = measure_gemm(gpu, GEMM_TUNE_SHAPE, DType::F16, 2).await?;
-                    let f = fastest_gemm(&trials).unwrap_or(0);
-                    cache.set_gemm_form(f);
-                    cache.save();
-                    f
-                }
-            }
+    tune_gemm_in(gpu, &mut TuneCache::open(gpu)).await
+}
+
+/// [`tune_gemm`] with the cache already open (`autotune` reads the file once).
+async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
+    let form = match (override_gemm()?, cache.get_gemm_form()) {
+        (Some(f), _) | (None, Some(f)) => f,
+        (None, None) => {
+            let trials = measure_gemm(gpu, GEMM_TUNE_SHAPE, DType::F16, 2).await?;
+            let f = fastest_gemm(&trials).unwrap_or(0);
+            cache.set_field("gemm_form", f.into());
+            cache.save();
+            f
         }
     };
     gpu.set_gemm_form(form);
