@@ -243,29 +243,46 @@ pub fn cache_key(gpu: &Gpu) -> String {
     )
 }
 
+/// A number naming a tuned choice (from the environment or the cache file), checked by `ok`;
+/// the error names `what`, says what was `expected` and what was found.
 #[cfg(not(target_arch = "wasm32"))]
-fn parse_lanes(what: &str, v: &str) -> Result<u32> {
+fn parse_choice(what: &str, v: &str, ok: fn(u32) -> bool, expected: String) -> Result<u32> {
     v.trim()
         .parse::<u32>()
         .ok()
-        .filter(|&l| is_gemv_lanes(l))
+        .filter(|&c| ok(c))
         .ok_or_else(|| Error::InvalidOption {
             name: what.into(),
-            msg: format!(
-                "expected one of {GEMV_LANES:?}, one of them plus {GEMV_UNIFORM_X} (x as a \
-                 uniform) and, up to 16 lanes, plus {GEMV_WG16} (workgroups of 16), or \
-                 {GEMV_SUBGROUP} (subgroups), found '{v}'"
-            ),
+            msg: format!("expected {expected}, found '{v}'"),
         })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn parse_lanes(what: &str, v: &str) -> Result<u32> {
+    let expected = format!(
+        "one of {GEMV_LANES:?}, one of them plus {GEMV_UNIFORM_X} (x as a uniform) and, up to \
+         16 lanes, plus {GEMV_WG16} (workgroups of 16), or {GEMV_SUBGROUP} (subgroups)"
+    );
+    parse_choice(what, v, is_gemv_lanes, expected)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn parse_gemm_form(what: &str, v: &str) -> Result<u32> {
+    let expected = "a GEMM form from 0 to 7 (1: 128 columns per tile, 2: f16 arithmetic, 4: 128 \
+                    rows per tile)";
+    parse_choice(what, v, is_gemm_form, expected.into())
+}
+
+/// The environment variable `name`, when set and not empty (the page has no environment).
+#[cfg(not(target_arch = "wasm32"))]
+fn env_choice(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// `MINIGPT4_GEMV_LANES`, when set (natively): lanes for every weight, no tuning.
 fn override_lanes() -> Result<Option<u32>> {
     #[cfg(not(target_arch = "wasm32"))]
-    if let Some(v) = std::env::var("MINIGPT4_GEMV_LANES")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
+    if let Some(v) = env_choice("MINIGPT4_GEMV_LANES") {
         return parse_lanes("MINIGPT4_GEMV_LANES", &v).map(Some);
     }
     Ok(None)
@@ -275,38 +292,17 @@ fn override_lanes() -> Result<Option<u32>> {
 /// [`crate::gpu::GEMM_WIDE`] 1, [`crate::gpu::GEMM_HALF`] 2, [`crate::gpu::GEMM_TALL`] 4).
 pub fn override_gemm() -> Result<Option<u32>> {
     #[cfg(not(target_arch = "wasm32"))]
-    if let Some(v) = std::env::var("MINIGPT4_GEMM")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
+    if let Some(v) = env_choice("MINIGPT4_GEMM") {
         return parse_gemm_form("MINIGPT4_GEMM", &v).map(Some);
     }
     Ok(None)
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn parse_gemm_form(what: &str, v: &str) -> Result<u32> {
-    v.trim()
-        .parse::<u32>()
-        .ok()
-        .filter(|&f| is_gemm_form(f))
-        .ok_or_else(|| Error::InvalidOption {
-            name: what.into(),
-            msg: format!(
-                "expected a GEMM form from 0 to 7 (1: 128 columns per tile, 2: f16 arithmetic, \
-                 4: 128 rows per tile), found '{v}'"
-            ),
-        })
 }
 
 /// `MINIGPT4_FUSE_NORM`, when set (natively): `1` fuses RMSNorm into the GEMV after it, `0`
 /// keeps it a dispatch of its own, without measuring.
 pub fn override_fuse_norm() -> Result<Option<bool>> {
     #[cfg(not(target_arch = "wasm32"))]
-    if let Some(v) = std::env::var("MINIGPT4_FUSE_NORM")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
+    if let Some(v) = env_choice("MINIGPT4_FUSE_NORM") {
         return match v.trim() {
             "1" => Ok(Some(true)),
             "0" => Ok(Some(false)),
