@@ -17,6 +17,8 @@ use crate::model::minigpt4::MiniGpt4;
 use crate::package::PackageLoader;
 
 struct Inner {
+    /// Where the kernel choices came from: "measurement" or "the tuning cache".
+    tuned_from: &'static str,
     gpu: Rc<Gpu>,
     loader: Option<PackageLoader>,
     model: Option<MiniGpt4>,
@@ -50,13 +52,19 @@ struct AskOptions {
 
 #[wasm_bindgen]
 impl Engine {
-    /// Opens the browser's WebGPU adapter (f16 and subgroups used only where offered).
-    pub async fn create() -> Result<Engine, JsError> {
+    /// Opens the browser's WebGPU adapter (f16 and subgroups used only where offered) and
+    /// tunes the kernels for it. `tuning` is what [`Engine::tuning`] returned on an earlier
+    /// page load (the worker keeps it in the Cache API): the choices stored there for this
+    /// adapter, driver and kernel build are taken without measuring; anything else is ignored.
+    pub async fn create(tuning: Option<String>) -> Result<Engine, JsError> {
+        if let Some(t) = tuning {
+            crate::gpu::tune::set_page_tuning(&t);
+        }
         let gpu = Gpu::new(&GpuOptions::default()).await.map_err(js_err)?;
-        // the block GEMV's lanes for this adapter (a fraction of a second; not cached)
-        crate::gpu::tune::autotune(&gpu).await.map_err(js_err)?;
+        let (_, tuned_from) = crate::gpu::tune::autotune(&gpu).await.map_err(js_err)?;
         Ok(Engine {
             inner: Rc::new(RefCell::new(Inner {
+                tuned_from,
                 gpu: Rc::new(gpu),
                 loader: None,
                 model: None,
@@ -78,6 +86,7 @@ impl Engine {
             "subgroups": g.best_variant.subgroups,
             "gemvLanes": g.gemv_lanes(),
             "gemmForm": g.gemm_form(),
+            "tuning": i.tuned_from,
             "maxStorageBindingSize": g.limits.max_storage_buffer_binding_size,
             "maxBufferSize": g.limits.max_buffer_size,
             "maxComputeInvocationsPerWorkgroup": g.limits.max_compute_invocations_per_workgroup,
@@ -85,6 +94,12 @@ impl Engine {
             "needs": format!("{:?}", Requirements::kernels()),
         })
         .to_string())
+    }
+
+    /// The tuning results as JSON, for the worker to store and pass to [`Engine::create`] on
+    /// the next page load; model loading adds the small shapes it tunes.
+    pub fn tuning(&self) -> String {
+        crate::gpu::tune::page_tuning()
     }
 
     /// Compiles every kernel family in every flag set for this device's kernel variant and the

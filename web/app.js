@@ -78,7 +78,8 @@ async function load() {
     bar.value = 1;
     $('load-status').textContent = `Loaded ${i.variant} (${i.shards} shard${i.shards === 1 ? '' : 's'}, `
       + (i.downloaded > 0 ? `${fmtBytes(i.downloaded)} downloaded` : 'all from cache') + `) on ${i.adapter.name || 'the WebGPU adapter'}`
-      + ` (${i.adapter.f16 ? 'f16' : 'f32'} kernels).`;
+      + ` (${i.adapter.f16 ? 'f16' : 'f32'} kernels, `
+      + `${i.adapter.tuning === 'the tuning cache' ? 'tuning from cache' : 'tuned now'}).`;
     image = null;
     $('log').textContent = '';
     setState('ready');
@@ -156,7 +157,7 @@ $('new-chat').onclick = async () => {
 };
 $('clear-cache').onclick = async () => {
   const ok = await MiniGPT4.clearCache();
-  $('load-status').textContent = ok ? 'Cached weights deleted.' : 'Nothing was cached.';
+  $('load-status').textContent = ok ? 'Cached weights and kernel tuning deleted.' : 'Nothing was cached.';
 };
 $('image-input').onchange = (e) => setImage(e.target.files[0]);
 const drop = $('drop');

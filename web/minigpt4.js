@@ -97,9 +97,10 @@ export class MiniGPT4 {
     this.pending.clear();
   }
 
-  /** Deletes every cached weight shard. */
+  /** Deletes every cached weight shard and the cached kernel tuning. */
   static async clearCache() {
     if (!globalThis.caches) return false;
+    await globalThis.caches.delete('minigpt4-tuning-v1');
     return globalThis.caches.delete('minigpt4-weights-v1');
   }
 

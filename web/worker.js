@@ -4,6 +4,11 @@
 import init, { Engine } from './pkg/minigpt4.js';
 
 const CACHE = 'minigpt4-weights-v1';
+// The kernel tuning (GEMV lanes, GEMM form, norm fusion; a few seconds of measuring on a slow
+// adapter), keyed inside by adapter, driver and kernel build, kept from one page load to the next.
+const TUNING_CACHE = 'minigpt4-tuning-v1';
+const TUNING_URL = new URL('minigpt4-tuning.json', self.location.href).href;
+let tuningStored = '';
 let engine = null;
 let stopRequested = false;
 
@@ -17,8 +22,34 @@ async function getEngine() {
     throw new Error('This browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or Safari, or enable WebGPU in the browser settings.');
   }
   await init();
-  engine = await Engine.create();
+  tuningStored = await readTuning();
+  engine = await Engine.create(tuningStored || undefined);
+  await saveTuning();
   return engine;
+}
+
+async function readTuning() {
+  try {
+    const c = self.caches ? await self.caches.open(TUNING_CACHE) : null;
+    const r = c ? await c.match(TUNING_URL) : undefined;
+    return r ? await r.text() : '';
+  } catch {
+    return ''; // no storage: tune at every load
+  }
+}
+
+// Stores the engine's tuning when it changed (the first load, or a model with new shapes).
+async function saveTuning() {
+  const now = engine.tuning();
+  if (!now || now === tuningStored) return;
+  try {
+    if (!self.caches) return;
+    const c = await self.caches.open(TUNING_CACHE);
+    await c.put(TUNING_URL, new Response(now, { headers: { 'content-type': 'application/json' } }));
+    tuningStored = now;
+  } catch {
+    // best effort: the next load measures again
+  }
 }
 
 async function fetchOk(url, init) {
@@ -115,6 +146,7 @@ async function ask(id, question, options) {
     post({ id, type: 'token', tokenId, text });
     return !stopRequested;
   });
+  await saveTuning(); // the first answer tunes a small model's shapes
   return JSON.parse(json);
 }
 
@@ -134,7 +166,10 @@ self.onmessage = async (ev) => {
       case 'benchDecode': result = JSON.parse(await (await getEngine()).benchDecode(JSON.stringify(m.options || {}))); break;
       case 'reset': (await getEngine()).reset(); break;
       case 'unload': if (engine) engine.unload(); break;
-      case 'clearCache': result = self.caches ? await self.caches.delete(CACHE) : false; break;
+      case 'clearCache':
+        result = self.caches ? await self.caches.delete(CACHE) : false;
+        if (self.caches) await self.caches.delete(TUNING_CACHE);
+        break;
       default: throw new Error(`unknown request ${m.type}`);
     }
     post({ id: m.id, type: 'done', result });

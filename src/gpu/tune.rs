@@ -1,4 +1,5 @@
-//! Per-adapter kernel choices: a small auto-tune at load, cached on disk natively.
+//! Per-adapter kernel choices: a small auto-tune at load, cached (on disk natively, in the
+//! browser's Cache API in the page).
 //!
 //! Three choices are tuned. The block GEMV's lanes per output column (`shaders/gemv.wgsl`),
 //! the kernel that decides decode speed; whether an RMSNorm is fused into the one-row GEMV
@@ -9,16 +10,18 @@
 //! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
 //! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
 //! no single shape predicts that (SmolLM2's 576-row matrices want 4 lanes on lavapipe where a
-//! 1024-row one wants 1). Natively the choice is
-//! stored in `<cache dir>/tune.json` under a key naming the adapter, driver, backend and kernel
-//! variant, so later runs skip the measurement; `MINIGPT4_GEMV_LANES` overrides it.
+//! 1024-row one wants 1). The choices are stored under a key naming the adapter, driver,
+//! backend, kernel variant and kernel sources, so later runs skip the measurement: natively in
+//! `<cache dir>/tune.json`, in the page by the worker (`web/worker.js`, the Cache API).
+//! `MINIGPT4_GEMV_LANES`, `MINIGPT4_FUSE_NORM` and `MINIGPT4_GEMM` override them natively.
 
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
+use crate::gpu::ops::is_gemv_lanes;
 use crate::gpu::ops::{gemm_candidates, gemv_candidates, is_gemm_form, MatmulPath, GEMM_HALF};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::ops::{is_gemv_lanes, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
+use crate::gpu::ops::{GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -315,14 +318,39 @@ pub fn override_fuse_norm() -> Result<Option<bool>> {
     Ok(None)
 }
 
-/// The tuning results of this adapter in `<cache dir>/tune.json` (natively; in the page the
-/// cache is always empty and saving does nothing).
+/// The most bytes of stored tuning results read (a few hundred per adapter; anything larger is
+/// not ours and is ignored).
+const TUNE_CACHE_MAX: usize = 1 << 20;
+
+#[cfg(target_arch = "wasm32")]
+thread_local! {
+    /// The page's tuning results: seeded by the worker from the browser's Cache API
+    /// ([`set_page_tuning`]) and read back after tuning ([`page_tuning`]) to be stored there.
+    static PAGE_TUNING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Seeds the page's tuning cache with what an earlier page load stored (the JSON that
+/// [`page_tuning`] returned). Anything that is not such JSON is ignored: the kernels are then
+/// tuned again.
+#[cfg(target_arch = "wasm32")]
+pub fn set_page_tuning(json: &str) {
+    PAGE_TUNING.with(|t| *t.borrow_mut() = json.as_bytes().to_vec());
+}
+
+/// The page's tuning results as JSON, for the worker to store (the browser's Cache API).
+#[cfg(target_arch = "wasm32")]
+pub fn page_tuning() -> String {
+    PAGE_TUNING.with(|t| String::from_utf8_lossy(&t.borrow()).into_owned())
+}
+
+/// The tuning results of every adapter, as stored: natively in `<cache dir>/tune.json`, in the
+/// page in the worker's Cache API (through [`set_page_tuning`] and [`page_tuning`]). The
+/// stored bytes are untrusted: JSON that does not parse is an empty cache, and each value is
+/// checked as it is read (a value that is not a valid choice is no choice).
 struct TuneCache {
     #[cfg(not(target_arch = "wasm32"))]
     path: Option<std::path::PathBuf>,
-    #[cfg(not(target_arch = "wasm32"))]
     key: String,
-    #[cfg(not(target_arch = "wasm32"))]
     all: serde_json::Value,
 }
 
@@ -330,94 +358,77 @@ impl TuneCache {
     fn open(gpu: &Gpu) -> TuneCache {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            use serde_json::{json, Value};
             let path = crate::download::default_dir()
                 .ok()
                 .map(|d| d.join("tune.json"));
-            let all = path
-                .as_ref()
-                .and_then(|p| std::fs::read(p).ok())
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .filter(Value::is_object)
-                .unwrap_or_else(|| json!({}));
+            let bytes = path.as_ref().and_then(|p| std::fs::read(p).ok());
             TuneCache {
                 path,
-                key: cache_key(gpu),
-                all,
+                ..TuneCache::parse(cache_key(gpu), bytes.as_deref())
             }
         }
         #[cfg(target_arch = "wasm32")]
         {
-            let _ = gpu;
-            TuneCache {}
+            let bytes = PAGE_TUNING.with(|t| t.borrow().clone());
+            TuneCache::parse(cache_key(gpu), Some(&bytes))
         }
     }
 
-    /// The lanes stored under `field` (`gemv_lanes`, or a shape's name under `shapes`).
+    /// The cache read from `bytes` (none: empty), for the adapter named by `key`.
+    fn parse(key: String, bytes: Option<&[u8]>) -> TuneCache {
+        let all = bytes
+            .filter(|b| b.len() <= TUNE_CACHE_MAX)
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({}));
+        TuneCache {
+            #[cfg(not(target_arch = "wasm32"))]
+            path: None,
+            key,
+            all,
+        }
+    }
+
+    /// The lanes stored under `gemv_lanes`, or under a shape's name in `shapes`.
     fn get(&self, shape: Option<&str>) -> Option<u32> {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            let v = &self.all[&self.key];
-            let v = match shape {
-                Some(s) => &v["shapes"][s],
-                None => &v["gemv_lanes"],
-            };
-            v.as_u64()
-                .and_then(|l| parse_lanes("tune.json", &l.to_string()).ok())
-        }
-        #[cfg(target_arch = "wasm32")]
-        {
-            let _ = shape;
-            None
-        }
+        let v = &self.all[&self.key];
+        let v = match shape {
+            Some(s) => &v["shapes"][s],
+            None => &v["gemv_lanes"],
+        };
+        let l = u32::try_from(v.as_u64()?).ok()?;
+        is_gemv_lanes(l).then_some(l)
     }
 
     fn set(&mut self, shape: Option<&str>, lanes: u32) {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use serde_json::json;
-            let entry = &mut self.all[&self.key];
-            if !entry.is_object() {
-                *entry = json!({});
-            }
-            match shape {
-                Some(s) => {
-                    if !entry["shapes"].is_object() {
-                        entry["shapes"] = json!({});
-                    }
-                    entry["shapes"][s] = json!(lanes);
+        match shape {
+            Some(s) => {
+                let entry = self.entry();
+                if !entry["shapes"].is_object() {
+                    entry["shapes"] = serde_json::json!({});
                 }
-                None => entry["gemv_lanes"] = json!(lanes),
+                entry["shapes"][s] = lanes.into();
             }
+            None => self.set_field("gemv_lanes", lanes.into()),
         }
-        #[cfg(target_arch = "wasm32")]
-        let _ = (shape, lanes);
+    }
+
+    /// This adapter's entry, made an object if it was not one.
+    fn entry(&mut self) -> &mut serde_json::Value {
+        let entry = &mut self.all[&self.key];
+        if !entry.is_object() {
+            *entry = serde_json::json!({});
+        }
+        entry
     }
 
     /// A choice stored under this adapter's key (`fuse_norm`, `gemm_form`).
     fn field(&self, name: &str) -> Option<&serde_json::Value> {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            self.all[&self.key].get(name)
-        }
-        #[cfg(target_arch = "wasm32")]
-        {
-            let _ = name;
-            None
-        }
+        self.all[&self.key].get(name)
     }
 
     fn set_field(&mut self, name: &str, value: serde_json::Value) {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            let entry = &mut self.all[&self.key];
-            if !entry.is_object() {
-                *entry = serde_json::json!({});
-            }
-            entry[name] = value;
-        }
-        #[cfg(target_arch = "wasm32")]
-        let _ = (name, value);
+        self.entry()[name] = value;
     }
 
     /// Whether the norm is fused (see [`measure_fuse_norm`]), as stored.
@@ -431,18 +442,22 @@ impl TuneCache {
         is_gemm_form(f).then_some(f)
     }
 
-    /// Best effort: a read-only cache directory only costs a re-measurement next time.
+    /// Best effort: a read-only cache directory (or full browser storage) only costs a
+    /// re-measurement next time.
     fn save(&self) {
+        let bytes = serde_json::to_vec_pretty(&self.all).unwrap_or_default();
         #[cfg(not(target_arch = "wasm32"))]
         if let Some(p) = &self.path {
-            let _ = write_atomically(p, &serde_json::to_vec_pretty(&self.all).unwrap_or_default());
+            let _ = write_atomically(p, &bytes);
         }
+        #[cfg(target_arch = "wasm32")]
+        PAGE_TUNING.with(|t| *t.borrow_mut() = bytes);
     }
 }
 
 /// Chooses the block GEMV's lanes, the norm fusion and the GEMM form for this adapter and sets
 /// them on `gpu`: each from its environment override (`MINIGPT4_GEMV_LANES`,
-/// `MINIGPT4_FUSE_NORM`, `MINIGPT4_GEMM`), else from the cache file (native), else by
+/// `MINIGPT4_FUSE_NORM`, `MINIGPT4_GEMM`), else from the tuning cache, else by
 /// measuring (and caching). Returns the lanes and where they came from.
 pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
     let mut cache = TuneCache::open(gpu);
@@ -473,7 +488,7 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
 }
 
 /// Chooses the GEMM form for this adapter and sets it on `gpu`: from `MINIGPT4_GEMM`, else
-/// from the cache file (native), else by measuring at [`GEMM_TUNE_SHAPE`] (and caching).
+/// from the tuning cache, else by measuring at [`GEMM_TUNE_SHAPE`] (and caching).
 pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
     tune_gemm_in(gpu, &mut TuneCache::open(gpu)).await
 }
@@ -536,7 +551,7 @@ pub async fn measure_fuse_norm(
 
 /// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` with
 /// fewer than [`SMALL_ROWS`] rows (and `k` a multiple of 32) that has none yet: from the
-/// native cache file when it holds the shape, else by measuring every lane count (a few
+/// tuning cache when it holds the shape, else by measuring every lane count (a few
 /// milliseconds per shape) and caching the result. `MINIGPT4_GEMV_LANES` turns it off.
 pub async fn tune_shapes(gpu: &Gpu, shapes: &[(usize, usize, DType)]) -> Result<()> {
     let mut todo: Vec<(usize, usize, DType)> = shapes
@@ -614,6 +629,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("MINIGPT4_GEMV_LANES") && e.contains("12"), "{e}");
+    }
+
+    #[test]
+    fn the_tuning_cache_reads_only_valid_choices_of_its_own_adapter() {
+        let key = || "adapter A".to_string();
+        let mut c = TuneCache::parse(key(), None);
+        assert_eq!(
+            (c.get(None), c.get_fuse_norm(), c.get_gemm_form()),
+            (None, None, None)
+        );
+        c.set(None, 1 | GEMV_UNIFORM_X);
+        c.set(Some("576x576 q4m"), 4);
+        c.set_field("fuse_norm", true.into());
+        c.set_field("gemm_form", 5.into());
+        let bytes = serde_json::to_vec(&c.all).unwrap();
+        // read back: every choice, and nothing for another adapter
+        let c = TuneCache::parse(key(), Some(&bytes));
+        assert_eq!(c.get(None), Some(1 | GEMV_UNIFORM_X));
+        assert_eq!(c.get(Some("576x576 q4m")), Some(4));
+        assert_eq!(c.get(Some("960x576 q4m")), None);
+        assert_eq!(
+            (c.get_fuse_norm(), c.get_gemm_form()),
+            (Some(true), Some(5))
+        );
+        let other = TuneCache::parse("adapter B".into(), Some(&bytes));
+        assert_eq!((other.get(None), other.get_gemm_form()), (None, None));
+        // stored bytes are untrusted: values that are no valid choice are no choice, and bytes
+        // that are not a JSON object (or are far too large) are an empty cache
+        let bad = br#"{"adapter A": {"gemv_lanes": 12, "gemm_form": 8, "fuse_norm": 1,
+                        "shapes": {"576x576 q4m": -4, "960x576 q4m": 4294967297}}}"#;
+        let c = TuneCache::parse(key(), Some(bad));
+        assert_eq!(
+            (c.get(None), c.get_fuse_norm(), c.get_gemm_form()),
+            (None, None, None)
+        );
+        assert_eq!(c.get(Some("576x576 q4m")), None);
+        assert_eq!(c.get(Some("960x576 q4m")), None);
+        for junk in [
+            &b"not json"[..],
+            b"[1, 2]",
+            b"{\"adapter A\": 3}",
+            b"\xff\xfe",
+        ] {
+            let mut c = TuneCache::parse(key(), Some(junk));
+            assert_eq!(c.get(None), None);
+            c.set(Some("576x576 q4m"), 4); // an entry that was not an object is replaced
+            assert_eq!(c.get(Some("576x576 q4m")), Some(4));
+        }
+        let mut big = bytes.clone();
+        big.resize(TUNE_CACHE_MAX + 1, b' ');
+        assert_eq!(TuneCache::parse(key(), Some(&big)).get(None), None);
     }
 
     #[test]

@@ -992,7 +992,7 @@ impl Llama {
         pick: Pick<'_>,
     ) -> Result<Output> {
         if !self.tuned {
-            // lanes per shape for small models' matrices (once; cached on disk natively)
+            // lanes per shape for small models' matrices (once; cached)
             let shapes: Vec<_> = self
                 .decode_matrices()
                 .iter()

@@ -9,6 +9,8 @@
 //    the native ones; a screenshot goes to --out;
 // 4. after a reload the package loads again with no shard fetched from the network (cache).
 // 5. a truncated cached shard is detected (size, SHA-256), dropped and downloaded again.
+// The kernel tuning is measured once, stored in the Cache API and taken from there by later
+// loads; a damaged stored tuning is measured again.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -112,6 +114,11 @@ try {
 
   // every kernel compiles in the browser's shader compiler (Tint is stricter than naga)
   await page.goto(`${base}/index.html`);
+  const storedTuning = () => page.evaluate(async () => {
+    const r = await (await caches.open('minigpt4-tuning-v1')).match(new URL('minigpt4-tuning.json', location.href).href);
+    return r ? r.text() : null;
+  });
+  if (await storedTuning() !== null) throw new Error('a fresh browser profile already holds a tuning');
   const kernelErrors = await page.evaluate(async () => {
     const { MiniGPT4 } = await import('./minigpt4.js');
     return MiniGPT4.checkKernels();
@@ -120,7 +127,15 @@ try {
     throw new Error(`kernels that do not compile in the browser:\n${kernelErrors.map((e) => `${e.file} ${JSON.stringify(e.flags)} ${e.variant} line ${e.line}: ${e.message}`).join('\n')}`);
   }
   console.log('browser: every kernel compiles');
+  // that engine measured the tuning and the worker stored it
+  const tuned = JSON.parse(await storedTuning() || 'null');
+  const entries = tuned ? Object.values(tuned) : [];
+  if (entries.length !== 1 || !['gemv_lanes', 'gemm_form', 'fuse_norm'].every((k) => k in entries[0])) {
+    throw new Error(`the tuning was not stored after the first engine: ${JSON.stringify(tuned)}`);
+  }
   await loadModel();
+  const tuningText = async () => (await page.locator('#load-status').textContent()).includes('tuning from cache');
+  if (!await tuningText()) throw new Error('the second engine measured the tuning again instead of taking it from the cache');
   const shardsFirst = shardRequests.length;
   if (shardsFirst === 0) throw new Error('no shard was fetched on the first load');
   const got = await askGreedy();
@@ -133,6 +148,10 @@ try {
   }
   const streamed = await page.locator('.msg.bot').last().textContent();
   if (!streamed.includes(got.text.trim().slice(0, 8))) throw new Error(`answer not shown: "${streamed}"`);
+  // the first answer tuned the small model's shapes, stored with the rest
+  if (!('shapes' in Object.values(JSON.parse(await storedTuning()))[0])) {
+    throw new Error(`the shapes' tuning was not stored: ${await storedTuning()}`);
+  }
 
   // ---- 4. reload: the weights come from the cache
   await loadModel();
@@ -153,7 +172,13 @@ try {
     await c.put(u, new Response(full.slice(0, full.length - 64)));
   }, shardUrl);
   const before5 = shardRequests.length;
+  // and a damaged stored tuning: measured again, stored again, the same answer
+  await page.evaluate(async (u) => {
+    await (await caches.open('minigpt4-tuning-v1')).put(u, new Response('{"truncated'));
+  }, new URL('minigpt4-tuning.json', `${base}/`).href);
   await loadModel();
+  if (await tuningText()) throw new Error('a damaged stored tuning was used');
+  JSON.parse(await storedTuning());
   if (shardRequests.length !== before5 + 1) {
     throw new Error(`a damaged cached shard: expected one new download, got ${shardRequests.length - before5}`);
   }
