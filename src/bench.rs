@@ -422,6 +422,19 @@ fn decode_at(gpu: &Gpu, a: &BenchArgs, llm: &mut Llama, context: usize) -> Resul
     ))
 }
 
+/// `MINIGPT4_PROFILE=1`: where the timed decode steps of the last run went (`tokens` of them),
+/// the 16 costliest kernels and shapes. Prints nothing when profiling is off.
+fn print_profile(tokens: usize) {
+    let tokens = tokens.max(1) as f64;
+    for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
+        eprintln!(
+            "profile: {:>7.3} ms/token {:>5.1} dispatches/token  {kernel}",
+            secs * 1e3 / tokens,
+            *n as f64 / tokens
+        );
+    }
+}
+
 /// Decode on a real LLaMA model, next to what this run's GEMV rates predict for the weight
 /// bytes one token reads (every matrix as loaded but the embedding table, at its dtype's
 /// median rate).
@@ -455,16 +468,7 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     }
     let ctx_short = if a.tiny { 16 } else { 128 };
     let short = decode_at(gpu, a, &mut llm, ctx_short)?;
-    // MINIGPT4_PROFILE=1: where the timed decode steps of the last run went (each dispatch
-    // submitted and waited for alone, so small kernels carry the submit cost)
-    let tokens = decode_steps(a) as f64;
-    for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
-        eprintln!(
-            "profile: {:>7.3} ms/token {:>5.1} dispatches/token  {kernel}",
-            secs * 1e3 / tokens,
-            *n as f64 / tokens
-        );
-    }
+    print_profile(decode_steps(a));
     let long = decode_at(gpu, a, &mut llm, ctx_long)?;
     let predicted = if predicted_s > 0.0 {
         1.0 / predicted_s
@@ -547,6 +551,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             pollster::block_on(tune::autotune(gpu))?;
             eprintln!("bench: decode alone, synthetic {s}");
             report["decode"] = pollster::block_on(synthetic::decode(gpu, &b))?;
+            print_profile(b.steps);
         }
     }
     if let Some(p) = &a.llm {

@@ -74,6 +74,9 @@ cargo build -q --bin minigpt4
 VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan node tests/web/e2e.mjs --bin target/debug/minigpt4 --out target/web-e2e
 echo "== browser decode against native decode on SwiftShader, tiny (proves tests/web/bench.mjs runs)"
 node tests/web/bench.mjs --bin target/debug/minigpt4 --tiny
+echo "== the hardware-GPU check's scripts, from debug builds on lavapipe, tiny (proves they run)"
+bash tests/gpu-kit.sh debug
+VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan bash tests/gpu-run.sh target/gpu-run --tiny
 df -h . | tail -1 | awk '{ print "== disk: " $4 " free of " $2 }'
 du -sh target fuzz/target 2>/dev/null || true
 echo "== all checks passed"
