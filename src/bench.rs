@@ -200,21 +200,22 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         ]);
         v
     };
-    // the forms as the tuning measures them, then at a prefill and a ViT shape (the ratios
-    // show whether the tuning's small shape chooses right); the chosen form runs the cases
-    let tune_shape = if a.tiny {
-        (32, 128, 64)
+    // the forms as the tuning measures them (its small shape, and its large one on a fast
+    // device), then at a prefill and a ViT shape (the ratios show whether the tuning's shapes
+    // choose right); the chosen form runs the cases
+    let (small, large) = if a.tiny {
+        ((32, 128, 64), (64, 256, 128))
     } else {
-        tune::GEMM_TUNE_SHAPE
+        (tune::GEMM_TUNE_SHAPE, tune::GEMM_TUNE_SHAPE_LARGE)
     };
-    eprintln!(
-        "bench: GEMM forms, f16 {}×{}×{}",
-        tune_shape.0, tune_shape.1, tune_shape.2
-    );
-    let trials = pollster::block_on(tune::measure_gemm(gpu, tune_shape, DType::F16, a.runs))?;
+    eprintln!("bench: GEMM forms, f16 {}×{}×{}", small.0, small.1, small.2);
+    let tuning = pollster::block_on(tune::measure_gemm_tuning(gpu, small, large, a.runs))?;
     let chosen = match tune::override_gemm()? {
         Some(f) => f,
-        None => tune::fastest_gemm(&trials).unwrap_or(0),
+        None => tuning
+            .last()
+            .and_then(|(_, t)| tune::fastest_gemm(t))
+            .unwrap_or(0),
     };
     gpu.set_gemm_form(chosen);
     let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {
@@ -234,9 +235,15 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             "trials": gemm_trials(&t),
         }));
     }
+    let shape_trials = |i: usize| {
+        tuning.get(i).map(|((m, n, k), t)| {
+            json!({"m": m, "n": n, "k": k, "dtype": "f16", "trials": gemm_trials(t)})
+        })
+    };
     let forms = json!({
-        "tune_shape": {"m": tune_shape.0, "n": tune_shape.1, "k": tune_shape.2, "dtype": "f16",
-                       "trials": gemm_trials(&trials)},
+        "tune_shape": shape_trials(0),
+        // measured only where the small shape ran fast (a GPU); the choice is made on it then
+        "tune_shape_large": shape_trials(1),
         "chosen": chosen,
         "at_shapes": at_shapes,
     });
@@ -647,16 +654,22 @@ pub fn human(r: &Value) -> String {
             }
             s
         };
-        let ts = &f["tune_shape"];
-        s += &format!(
-            "  forms at the tuning's {}×{}×{} {}:{} chosen {}\n",
-            ts["m"],
-            ts["n"],
-            ts["k"],
-            ts["dtype"].as_str().unwrap_or(""),
-            trials(ts),
-            gemm_form_name(&f["chosen"])
-        );
+        for (what, ts) in [
+            ("small", &f["tune_shape"]),
+            ("large", &f["tune_shape_large"]),
+        ] {
+            if ts.is_object() {
+                s += &format!(
+                    "  forms at the tuning's {what} {}×{}×{} {}:{}\n",
+                    ts["m"],
+                    ts["n"],
+                    ts["k"],
+                    ts["dtype"].as_str().unwrap_or(""),
+                    trials(ts),
+                );
+            }
+        }
+        s += &format!("  chosen: {}\n", gemm_form_name(&f["chosen"]));
         for c in f["at_shapes"].as_array().into_iter().flatten() {
             s += &format!(
                 "  forms at {} {}×{}×{} {}:{}\n",

@@ -113,7 +113,7 @@ print("GEMV lanes:", ", ".join(f"{t['lanes']}: {t['gb_per_s']:.1f} GB/s" for t i
 for t in r.get("gemv", []):
     print(f"GEMV {t['dtype']:>4} {t['n']}x{t['k']}: {t['gb_per_s']:.1f} GB/s = {t['percent_of_copy']:.0f} % of copy")
 f = r.get("gemm", {}).get("forms", {})
-for name, shape in [("tuning shape", f.get("tune_shape"))] + [(s["case"], s) for s in f.get("at_shapes", [])]:
+for name, shape in [("tuning shape", f.get("tune_shape")), ("tuning large shape", f.get("tune_shape_large"))] + [(s["case"], s) for s in f.get("at_shapes", [])]:
     if shape:
         print(f"GEMM forms at {name} {shape['m']}x{shape['n']}x{shape['k']} {shape['dtype']}:",
               ", ".join(f"{t['form']}: {t['gflop_per_s']:.1f}" for t in shape["trials"]), "GFLOP/s")

@@ -164,6 +164,27 @@ fn matmul_all_dtypes_paths_variants_and_odd_sizes() {
 }
 
 #[test]
+fn gemm_tuning_measures_every_form_and_the_large_shape_only_on_a_fast_device() {
+    use minigpt4::gpu::tune::{fastest_gemm, is_fast_gemm, measure_gemm_tuning};
+    let gpu = gpu();
+    let (small, large) = ((32, 128, 64), (64, 256, 128));
+    let shapes = pollster::block_on(measure_gemm_tuning(&gpu, small, large, 1)).unwrap();
+    let forms = minigpt4::gpu::gemm_candidates(&gpu);
+    assert_eq!(shapes[0].0, small);
+    // a CPU driver stops at the small shape; a GPU (tests/gpu-run.sh) measures the large one
+    let fast = is_fast_gemm(small, &shapes[0].1);
+    assert_eq!(shapes.len(), 1 + usize::from(fast), "{shapes:?}");
+    for (shape, trials) in &shapes {
+        let measured: Vec<u32> = trials.iter().map(|t| t.form).collect();
+        assert_eq!(measured, forms, "{shape:?}");
+        assert!(trials
+            .iter()
+            .all(|t| t.min_seconds > 0.0 && t.min_seconds <= t.seconds));
+    }
+    assert!(forms.contains(&fastest_gemm(&shapes.last().unwrap().1).unwrap()));
+}
+
+#[test]
 fn gemm_every_form_dtype_and_variant() {
     let gpu = gpu();
     let mut seed = 900;

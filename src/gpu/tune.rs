@@ -67,8 +67,8 @@ pub struct Trial {
 }
 
 /// Times the block GEMV in each of its forms ([`gemv_candidates`]) on a `[n, k]` q4 weight:
-/// `runs` timed submits of `reps` GEMVs each (after one warm-up), median and fastest run per
-/// candidate.
+/// `runs` timed submits of at least `reps` GEMVs each ([`measure_candidates`]), median and
+/// fastest run per candidate.
 pub async fn measure_gemv(
     gpu: &Gpu,
     n: usize,
@@ -92,26 +92,80 @@ pub async fn measure_gemv_of(
     let x = Tensor::zeros(gpu, "tune.x", &[1, k])?;
     let y = Tensor::zeros(gpu, "tune.y", &[1, n])?;
     let bytes = dtype.bytes(n * k) as f64;
-    let mut out = Vec::new();
-    for lanes in gemv_candidates(gpu) {
-        let mut times = Vec::new();
-        for run in 0..=runs.max(1) {
-            let mut rec = Recorder::new(gpu);
-            for _ in 0..reps.max(1) {
-                rec.matmul_with(MatmulPath::GemvBlocks(lanes), &x, &w, None, &y, false)?;
-            }
-            let t = timed_submit(gpu, rec, &y).await?;
-            if run > 0 {
-                times.push(t / reps.max(1) as f64);
-            }
-        }
-        let (seconds, min_seconds) = median_and_min(&mut times);
-        out.push(Trial {
+    let record = |rec: &mut Recorder, lanes: u32| {
+        rec.matmul_with(MatmulPath::GemvBlocks(lanes), &x, &w, None, &y, false)
+    };
+    let timed = measure_candidates(gpu, &gemv_candidates(gpu), record, &y, reps, runs).await?;
+    Ok(timed
+        .into_iter()
+        .map(|(lanes, seconds, min_seconds)| Trial {
             lanes,
             seconds,
             min_seconds,
             gb_per_s: bytes / seconds / 1e9,
-        });
+        })
+        .collect())
+}
+
+/// GPU seconds a timed run should hold at least: shorter runs measure launch latency and clock
+/// changes more than the kernel (a 4096×4096 q4 GEMV takes a few microseconds on a big GPU).
+pub const TUNE_RUN_S: f64 = 1e-3;
+
+/// How long the first candidate runs before anything is timed, so that a GPU has left its
+/// idle clocks (a big one idles at a fifth of its clock).
+const TUNE_WARM_S: f64 = 0.02;
+
+/// Repetitions per timed run: enough that a run holds [`TUNE_RUN_S`] when one repetition takes
+/// `one` seconds, at least `min` (the caller's), at most 256.
+pub fn reps_for(one: f64, min: usize) -> usize {
+    let want = if one > 0.0 {
+        (TUNE_RUN_S / one).ceil().min(256.0) as usize
+    } else {
+        256
+    };
+    want.max(min.max(1))
+}
+
+/// Times `record`ed work for each of `candidates`: first the first candidate runs for
+/// [`TUNE_WARM_S`] (pipelines compiled, buffers resident, clocks up), which also sets the
+/// repetitions per run ([`reps_for`], the same for every candidate); then each candidate runs
+/// once untimed and `runs` times timed. Returns (candidate, median, fastest) seconds of one
+/// repetition. `out` is what the work writes (read back to wait for it without timestamps).
+async fn measure_candidates<C: Copy>(
+    gpu: &Gpu,
+    candidates: &[C],
+    record: impl Fn(&mut Recorder, C) -> Result<()>,
+    out: &Tensor,
+    min_reps: usize,
+    runs: usize,
+) -> Result<Vec<(C, f64, f64)>> {
+    let Some(&first) = candidates.first() else {
+        return Ok(Vec::new());
+    };
+    let run = |c: C, reps: usize| {
+        let mut rec = Recorder::new(gpu);
+        let recorded = (0..reps).try_for_each(|_| record(&mut rec, c));
+        async move {
+            recorded?;
+            timed_submit(gpu, rec, out).await
+        }
+    };
+    let min_reps = min_reps.max(1);
+    let (t0, mut one, mut n) = (now_s(), f64::MAX, 0);
+    while n < 2 || now_s() - t0 < TUNE_WARM_S {
+        one = run(first, min_reps).await? / min_reps as f64;
+        n += 1;
+    }
+    let reps = reps_for(one, min_reps);
+    let mut out = Vec::with_capacity(candidates.len());
+    for &c in candidates {
+        let mut times = Vec::with_capacity(runs.max(1));
+        run(c, reps).await?;
+        for _ in 0..runs.max(1) {
+            times.push(run(c, reps).await? / reps as f64);
+        }
+        let (median, min) = median_and_min(&mut times);
+        out.push((c, median, min));
     }
     Ok(out)
 }
@@ -134,16 +188,26 @@ pub struct GemmTrial {
     pub gflop_per_s: f64,
 }
 
-/// The GEMM shape the forms are tuned at (m, n, k, f16 weights): the ViT's and prefill's
-/// kind of work at a size that costs well under a second on a CPU driver (0.13 GFLOP).
+/// The GEMM shape the forms are tuned at first (m, n, k, f16 weights): the ViT's and
+/// prefill's kind of work at a size that costs well under a second on a CPU driver
+/// (0.13 GFLOP).
 pub const GEMM_TUNE_SHAPE: (usize, usize, usize) = (128, 1024, 512);
+
+/// The shape a fast device's forms are tuned at next, and chosen by: the ViT's fc1 (257 rows
+/// rounded to 256; 2.2 GFLOP). At the small shape a 128×128 tile makes 8 workgroups, far too few
+/// to fill a big GPU, so that shape alone would favour small tiles wherever it is measured.
+pub const GEMM_TUNE_SHAPE_LARGE: (usize, usize, usize) = (256, 6144, 1408);
+
+/// GFLOP/s of the best form at the small shape from which the large shape is measured too (a
+/// CPU driver runs at a few to tens of GFLOP/s; there the large shape would cost seconds).
+pub const GEMM_LARGE_FROM_GFLOPS: f64 = 100.0;
 
 /// How much faster (fastest runs) an f16-arithmetic GEMM form must be than its f32 twin to be
 /// chosen: f16 costs precision, so a win inside the noise does not take it.
 pub const GEMM_HALF_MARGIN: f64 = 0.85;
 
 /// Times the tiled GEMM in each of its forms ([`gemm_candidates`]) on an `[m, k]` x and an
-/// `[n, k]` weight of `dtype`: `runs` timed submits of one GEMM each (after one warm-up).
+/// `[n, k]` weight of `dtype`: `runs` timed submits ([`measure_candidates`]).
 pub async fn measure_gemm(
     gpu: &Gpu,
     (m, n, k): (usize, usize, usize),
@@ -154,25 +218,43 @@ pub async fn measure_gemm(
     let x = Tensor::zeros(gpu, "tune.gemm.x", &[m, k])?;
     let y = Tensor::zeros(gpu, "tune.gemm.y", &[m, n])?;
     let flop = 2.0 * (m * n * k) as f64;
-    let mut out = Vec::new();
-    for (i, form) in gemm_candidates(gpu).into_iter().enumerate() {
-        let mut times = Vec::new();
-        // the first candidate also warms the buffers up
-        for run in 0..runs.max(1) + usize::from(i == 0) {
-            let mut rec = Recorder::new(gpu);
-            rec.matmul_with(MatmulPath::GemmForm(form), &x, &w, None, &y, false)?;
-            let t = timed_submit(gpu, rec, &y).await?;
-            if i != 0 || run > 0 {
-                times.push(t);
-            }
-        }
-        let (seconds, min_seconds) = median_and_min(&mut times);
-        out.push(GemmTrial {
+    let record = |rec: &mut Recorder, form: u32| {
+        rec.matmul_with(MatmulPath::GemmForm(form), &x, &w, None, &y, false)
+    };
+    let timed = measure_candidates(gpu, &gemm_candidates(gpu), record, &y, 1, runs).await?;
+    Ok(timed
+        .into_iter()
+        .map(|(form, seconds, min_seconds)| GemmTrial {
             form,
             seconds,
             min_seconds,
             gflop_per_s: flop / seconds / 1e9,
-        });
+        })
+        .collect())
+}
+
+/// Whether the fastest run of the best form at `shape` reached [`GEMM_LARGE_FROM_GFLOPS`].
+pub fn is_fast_gemm((m, n, k): (usize, usize, usize), trials: &[GemmTrial]) -> bool {
+    let flop = 2.0 * (m * n * k) as f64;
+    trials
+        .iter()
+        .any(|t| flop / t.min_seconds.max(1e-9) / 1e9 >= GEMM_LARGE_FROM_GFLOPS)
+}
+
+/// The GEMM forms' tuning measurements: every form at `small`, then, where the best of them ran
+/// at [`GEMM_LARGE_FROM_GFLOPS`] or more (a GPU), every form again at `large`. The choice is
+/// made on the last shape measured ([`fastest_gemm`]). Returns each shape with its trials.
+pub async fn measure_gemm_tuning(
+    gpu: &Gpu,
+    small: (usize, usize, usize),
+    large: (usize, usize, usize),
+    runs: usize,
+) -> Result<Vec<((usize, usize, usize), Vec<GemmTrial>)>> {
+    let trials = measure_gemm(gpu, small, DType::F16, runs).await?;
+    let fast = is_fast_gemm(small, &trials);
+    let mut out = vec![(small, trials)];
+    if fast {
+        out.push((large, measure_gemm(gpu, large, DType::F16, runs).await?));
     }
     Ok(out)
 }
@@ -488,7 +570,7 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
 }
 
 /// Chooses the GEMM form for this adapter and sets it on `gpu`: from `MINIGPT4_GEMM`, else
-/// from the tuning cache, else by measuring at [`GEMM_TUNE_SHAPE`] (and caching).
+/// from the tuning cache, else by measuring ([`measure_gemm_tuning`]; and caching).
 pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
     tune_gemm_in(gpu, &mut TuneCache::open(gpu)).await
 }
@@ -498,8 +580,12 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
     let form = match (override_gemm()?, cache.get_gemm_form()) {
         (Some(f), _) | (None, Some(f)) => f,
         (None, None) => {
-            let trials = measure_gemm(gpu, GEMM_TUNE_SHAPE, DType::F16, 2).await?;
-            let f = fastest_gemm(&trials).unwrap_or(0);
+            let shapes =
+                measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
+            let f = shapes
+                .last()
+                .and_then(|(_, trials)| fastest_gemm(trials))
+                .unwrap_or(0);
             cache.set_field("gemm_form", f.into());
             cache.save();
             f
@@ -510,9 +596,10 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
 }
 
 /// Fastest-run seconds of an RMSNorm followed by a one-row q4 `[k, k]` GEMV, fused into the
-/// GEMV and as two dispatches, at the adapter's lanes: `runs` timed submits of `reps` each.
-/// The fused form saves a dispatch and repeats the norm's arithmetic in every invocation;
-/// which costs more depends on the device. Leaves [`Gpu::fuse_norm`] as it found it.
+/// GEMV and as two dispatches, at the adapter's lanes: `runs` timed submits of at least `reps`
+/// each ([`measure_candidates`]). The fused form saves a dispatch and repeats the norm's
+/// arithmetic in every invocation; which costs more depends on the device. Leaves
+/// [`Gpu::fuse_norm`] as it found it.
 pub async fn measure_fuse_norm(
     gpu: &Gpu,
     k: usize,
@@ -525,28 +612,18 @@ pub async fn measure_fuse_norm(
     let h = Tensor::zeros(gpu, "tune.h", &[1, k])?;
     let y = Tensor::zeros(gpu, "tune.y", &[1, k])?;
     let was = gpu.fuse_norm();
-    let mut best = [f64::MAX; 2];
-    for (i, fuse) in [true, false].into_iter().enumerate() {
+    // the recording reads the choice as it records
+    let record = |rec: &mut Recorder, fuse: bool| {
         gpu.set_fuse_norm(fuse);
-        for run in 0..=runs.max(1) {
-            let mut rec = Recorder::new(gpu);
-            for _ in 0..reps.max(1) {
-                rec.rms_norm_matmul(MatmulPath::Auto, &x, &norm, 1e-6, &h, &w, &y)?;
-            }
-            let t = match timed_submit(gpu, rec, &y).await {
-                Ok(t) => t,
-                Err(e) => {
-                    gpu.set_fuse_norm(was);
-                    return Err(e);
-                }
-            };
-            if run > 0 {
-                best[i] = best[i].min(t / reps.max(1) as f64);
-            }
-        }
-    }
+        rec.rms_norm_matmul(MatmulPath::Auto, &x, &norm, 1e-6, &h, &w, &y)
+    };
+    let timed = measure_candidates(gpu, &[true, false], record, &y, reps, runs).await;
     gpu.set_fuse_norm(was);
-    Ok((best[0], best[1]))
+    let mut fastest = timed?.into_iter().map(|(_, _, min)| min);
+    Ok((
+        fastest.next().unwrap_or(f64::MAX),
+        fastest.next().unwrap_or(f64::MAX),
+    ))
 }
 
 /// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` with
@@ -716,6 +793,21 @@ mod tests {
             gemm_form_for(all, 300, 300, DType::F32),
             GEMM_WIDE | GEMM_TALL
         );
+
+        // a device that runs the small shape at 100 GFLOP/s or more is tuned at the large one
+        let shape = GEMM_TUNE_SHAPE;
+        let flop = 2.0 * (shape.0 * shape.1 * shape.2) as f64;
+        let at = |gflops: f64| t(0, flop / (gflops * 1e9));
+        assert!(!is_fast_gemm(shape, &[at(9.0), at(60.0)]));
+        assert!(is_fast_gemm(shape, &[at(9.0), at(150.0)]));
+        assert!(!is_fast_gemm(shape, &[]));
+
+        // repetitions per timed run: a millisecond of work, within the caller's minimum and 256
+        assert_eq!(reps_for(2e-3, 2), 2);
+        assert_eq!(reps_for(1e-4, 2), 10);
+        assert_eq!(reps_for(1e-4, 12), 12);
+        assert_eq!(reps_for(3e-6, 2), 256);
+        assert_eq!(reps_for(0.0, 1), 256);
 
         assert_eq!(parse_gemm_form("X", " 5 ").unwrap(), GEMM_WIDE | GEMM_TALL);
         let e = parse_gemm_form("MINIGPT4_GEMM", "8")
