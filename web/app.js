@@ -69,6 +69,8 @@ async function load() {
           const rate = p.seconds > 0 ? p.downloaded / p.seconds : 0;
           $('load-status').textContent = `Weights ${fmtBytes(p.written)} / ${fmtBytes(p.total)} · shard ${Math.min(p.shard + 1, p.shards)} of ${p.shards}`
             + (p.downloaded > 0 ? ` · downloaded ${fmtBytes(p.downloaded)} at ${fmtBytes(rate)}/s` : ' · from cache');
+        } else if (p.stage === 'tuning') {
+          $('load-status').textContent = 'Tuning the kernels for this GPU (first load only)…';
         } else if (p.stage === 'warning') {
           $('load-status').textContent = p.message;
         }

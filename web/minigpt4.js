@@ -27,7 +27,12 @@ export class MiniGPT4 {
     return new Worker(workerUrl || new URL('./worker.js', import.meta.url), { type: 'module' });
   }
 
-  /** Loads the model package at `baseUrl` (a directory URL). */
+  /**
+   * Loads the model package at `baseUrl` (a directory URL). `onProgress` gets
+   * {stage: 'tuning'} when the kernels are being tuned (the first load on this adapter),
+   * {stage: 'adapter', adapter}, {stage: 'weights', written, total, shard, shards, downloaded,
+   * seconds, cached} and {stage: 'warning', message}.
+   */
   static async load(baseUrl, { onProgress, ctx = 2048, workerUrl } = {}) {
     const chat = new MiniGPT4(MiniGPT4.worker(workerUrl));
     const base = new URL(baseUrl, globalThis.location ? globalThis.location.href : undefined).href;

@@ -8,7 +8,7 @@ const CACHE = 'minigpt4-weights-v1';
 // adapter), keyed inside by adapter, driver and kernel build, kept from one page load to the next.
 const TUNING_CACHE = 'minigpt4-tuning-v1';
 const TUNING_URL = new URL('minigpt4-tuning.json', self.location.href).href;
-let tuningStored = '';
+let tuningStored = null; // the stored tuning's text once read ('' when none)
 let engine = null;
 let stopRequested = false;
 
@@ -22,7 +22,7 @@ async function getEngine() {
     throw new Error('This browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or Safari, or enable WebGPU in the browser settings.');
   }
   await init();
-  tuningStored = await readTuning();
+  if (tuningStored === null) tuningStored = await readTuning();
   engine = await Engine.create(tuningStored || undefined);
   await saveTuning();
   return engine;
@@ -72,6 +72,10 @@ async function openCache() {
 }
 
 async function load(id, base, ctx, retried = false) {
+  if (!engine) {
+    tuningStored = await readTuning();
+    if (!tuningStored) post({ id, type: 'progress', stage: 'tuning' });
+  }
   const e = await getEngine();
   const adapter = JSON.parse(e.adapterInfo());
   post({ id, type: 'progress', stage: 'adapter', adapter });
