@@ -111,15 +111,20 @@ pub async fn measure_gemv_of(
 /// changes more than the kernel (a 4096×4096 q4 GEMV takes a few microseconds on a big GPU).
 pub const TUNE_RUN_S: f64 = 1e-3;
 
+/// The same where runs are timed by the wall clock (no timestamp queries; the page, whose
+/// clock counts milliseconds), which also counts the submit and the wait.
+pub const TUNE_RUN_WALL_S: f64 = 1e-2;
+
 /// How long the first candidate runs before anything is timed, so that a GPU has left its
 /// idle clocks (a big one idles at a fifth of its clock).
 const TUNE_WARM_S: f64 = 0.02;
 
-/// Repetitions per timed run: enough that a run holds [`TUNE_RUN_S`] when one repetition takes
-/// `one` seconds, at least `min` (the caller's), at most 256.
-pub fn reps_for(one: f64, min: usize) -> usize {
+/// Repetitions per timed run: enough that a run holds `run_s` ([`TUNE_RUN_S`] or
+/// [`TUNE_RUN_WALL_S`]) when one repetition takes `one` seconds, at least `min` (the
+/// caller's), at most 256.
+pub fn reps_for(one: f64, min: usize, run_s: f64) -> usize {
     let want = if one > 0.0 {
-        (TUNE_RUN_S / one).ceil().min(256.0) as usize
+        (run_s / one).ceil().min(256.0) as usize
     } else {
         256
     };
@@ -128,9 +133,11 @@ pub fn reps_for(one: f64, min: usize) -> usize {
 
 /// Times `record`ed work for each of `candidates`: first the first candidate runs for
 /// [`TUNE_WARM_S`] (pipelines compiled, buffers resident, clocks up), which also sets the
-/// repetitions per run ([`reps_for`], the same for every candidate); then each candidate runs
-/// once untimed and `runs` times timed. Returns (candidate, median, fastest) seconds of one
-/// repetition. `out` is what the work writes (read back to wait for it without timestamps).
+/// repetitions per run ([`reps_for`], the same for every candidate, for runs of
+/// [`TUNE_RUN_S`] on the GPU's clock or [`TUNE_RUN_WALL_S`] on the wall's); then each
+/// candidate runs once untimed and `runs` times timed. Returns (candidate, median, fastest)
+/// seconds of one repetition. `out` is what the work writes (read back to wait for it without
+/// timestamps).
 async fn measure_candidates<C: Copy>(
     gpu: &Gpu,
     candidates: &[C],
@@ -151,18 +158,20 @@ async fn measure_candidates<C: Copy>(
         }
     };
     let min_reps = min_reps.max(1);
-    let (t0, mut one, mut n) = (now_s(), f64::MAX, 0);
+    let (t0, mut one, mut n) = (now_s(), (f64::MAX, false), 0);
     while n < 2 || now_s() - t0 < TUNE_WARM_S {
-        one = run(first, min_reps).await? / min_reps as f64;
+        let (t, on_gpu) = run(first, min_reps).await?;
+        one = (t / min_reps as f64, on_gpu);
         n += 1;
     }
-    let reps = reps_for(one, min_reps);
+    let run_s = if one.1 { TUNE_RUN_S } else { TUNE_RUN_WALL_S };
+    let reps = reps_for(one.0, min_reps, run_s);
     let mut out = Vec::with_capacity(candidates.len());
     for &c in candidates {
         let mut times = Vec::with_capacity(runs.max(1));
         run(c, reps).await?;
         for _ in 0..runs.max(1) {
-            times.push(run(c, reps).await? / reps as f64);
+            times.push(run(c, reps).await?.0 / reps as f64);
         }
         let (median, min) = median_and_min(&mut times);
         out.push((c, median, min));
@@ -296,12 +305,12 @@ pub async fn gpu_or_wall(
 
 /// Seconds the recording takes to run ([`gpu_or_wall`]; the wall clock runs until a 4-byte
 /// readback of `out`, which waits for the work on every platform).
-async fn timed_submit(gpu: &Gpu, rec: Recorder<'_>, out: &Tensor) -> Result<f64> {
+async fn timed_submit(gpu: &Gpu, rec: Recorder<'_>, out: &Tensor) -> Result<(f64, bool)> {
     let work = async {
         rec.submit().await?;
         read_words(gpu, out.buffer(), 0, 1).await.map(drop)
     };
-    Ok(gpu_or_wall(gpu, work).await?.0)
+    gpu_or_wall(gpu, work).await
 }
 
 /// The fastest candidate by its fastest run (ties to the earlier, narrower one).
@@ -803,11 +812,13 @@ mod tests {
         assert!(!is_fast_gemm(shape, &[]));
 
         // repetitions per timed run: a millisecond of work, within the caller's minimum and 256
-        assert_eq!(reps_for(2e-3, 2), 2);
-        assert_eq!(reps_for(1e-4, 2), 10);
-        assert_eq!(reps_for(1e-4, 12), 12);
-        assert_eq!(reps_for(3e-6, 2), 256);
-        assert_eq!(reps_for(0.0, 1), 256);
+        assert_eq!(reps_for(2e-3, 2, TUNE_RUN_S), 2);
+        assert_eq!(reps_for(1e-4, 2, TUNE_RUN_S), 10);
+        assert_eq!(reps_for(1e-4, 12, TUNE_RUN_S), 12);
+        assert_eq!(reps_for(3e-6, 2, TUNE_RUN_S), 256);
+        assert_eq!(reps_for(0.0, 1, TUNE_RUN_S), 256);
+        // on the wall clock, ten times as long
+        assert_eq!(reps_for(1e-4, 2, TUNE_RUN_WALL_S), 100);
 
         assert_eq!(parse_gemm_form("X", " 5 ").unwrap(), GEMM_WIDE | GEMM_TALL);
         let e = parse_gemm_form("MINIGPT4_GEMM", "8")
