@@ -120,12 +120,7 @@ impl Engine {
                     for flags in flag_sets.iter() {
                         let code =
                             crate::gpu::shader::preprocess(file, v, flags, true).map_err(to_js)?;
-                        let module =
-                            gpu.device
-                                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                                    label: Some(file),
-                                    source: wgpu::ShaderSource::Wgsl(code.into()),
-                                });
+                        let module = crate::gpu::shader::kernel_module(&gpu.device, file, code);
                         for m in module.get_compilation_info().await.messages {
                             if m.message_type == wgpu::CompilationMessageType::Error {
                                 errors.push(serde_json::json!({
