@@ -212,10 +212,7 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     let tuning = pollster::block_on(tune::measure_gemm_tuning(gpu, small, large, a.runs))?;
     let chosen = match tune::override_gemm()? {
         Some(f) => f,
-        None => tuning
-            .last()
-            .and_then(|(_, t)| tune::fastest_gemm(t))
-            .unwrap_or(0),
+        None => tune::gemm_choice(&tuning),
     };
     gpu.set_gemm_form(chosen);
     let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {

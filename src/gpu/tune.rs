@@ -250,6 +250,18 @@ pub fn is_fast_gemm((m, n, k): (usize, usize, usize), trials: &[GemmTrial]) -> b
         .any(|t| flop / t.min_seconds.max(1e-9) / 1e9 >= GEMM_LARGE_FROM_GFLOPS)
 }
 
+/// A GEMM shape (m, n, k) with every form's trial at it.
+pub type ShapeTrials = ((usize, usize, usize), Vec<GemmTrial>);
+
+/// The GEMM form the tuning's measurements ([`measure_gemm_tuning`]) choose: the fastest at
+/// the last shape measured ([`fastest_gemm`]), 64×64 f32 when there is none.
+pub fn gemm_choice(shapes: &[ShapeTrials]) -> u32 {
+    shapes
+        .last()
+        .and_then(|(_, trials)| fastest_gemm(trials))
+        .unwrap_or(0)
+}
+
 /// The GEMM forms' tuning measurements: every form at `small`, then, where the best of them ran
 /// at [`GEMM_LARGE_FROM_GFLOPS`] or more (a GPU), every form again at `large`. The choice is
 /// made on the last shape measured ([`fastest_gemm`]). Returns each shape with its trials.
@@ -258,7 +270,7 @@ pub async fn measure_gemm_tuning(
     small: (usize, usize, usize),
     large: (usize, usize, usize),
     runs: usize,
-) -> Result<Vec<((usize, usize, usize), Vec<GemmTrial>)>> {
+) -> Result<Vec<ShapeTrials>> {
     let trials = measure_gemm(gpu, small, DType::F16, runs).await?;
     let fast = is_fast_gemm(small, &trials);
     let mut out = vec![(small, trials)];
@@ -443,6 +455,8 @@ struct TuneCache {
     path: Option<std::path::PathBuf>,
     key: String,
     all: serde_json::Value,
+    /// Whether a choice was set since the cache was read (only then is it written back).
+    dirty: bool,
 }
 
 impl TuneCache {
@@ -477,6 +491,7 @@ impl TuneCache {
             path: None,
             key,
             all,
+            dirty: false,
         }
     }
 
@@ -504,8 +519,9 @@ impl TuneCache {
         }
     }
 
-    /// This adapter's entry, made an object if it was not one.
+    /// This adapter's entry, made an object if it was not one (for a choice to be set in it).
     fn entry(&mut self) -> &mut serde_json::Value {
+        self.dirty = true;
         let entry = &mut self.all[&self.key];
         if !entry.is_object() {
             *entry = serde_json::json!({});
@@ -533,9 +549,12 @@ impl TuneCache {
         is_gemm_form(f).then_some(f)
     }
 
-    /// Best effort: a read-only cache directory (or full browser storage) only costs a
-    /// re-measurement next time.
-    fn save(&self) {
+    /// Writes the cache back if a choice was set. Best effort: a read-only cache directory (or
+    /// full browser storage) only costs a re-measurement next time.
+    fn save(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         let bytes = serde_json::to_vec_pretty(&self.all).unwrap_or_default();
         #[cfg(not(target_arch = "wasm32"))]
         if let Some(p) = &self.path {
@@ -552,7 +571,14 @@ impl TuneCache {
 /// measuring (and caching). Returns the lanes and where they came from.
 pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
     let mut cache = TuneCache::open(gpu);
-    tune_gemm_in(gpu, &mut cache).await?;
+    let chosen = autotune_in(gpu, &mut cache).await;
+    cache.save();
+    chosen
+}
+
+/// [`autotune`] with the cache open; the caller writes it back (once, if anything was set).
+async fn autotune_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<(u32, &'static str)> {
+    tune_gemm_in(gpu, cache).await?;
     let fuse_override = override_fuse_norm()?;
     if let Some(fuse) = fuse_override {
         gpu.set_fuse_norm(fuse);
@@ -574,29 +600,28 @@ pub async fn autotune(gpu: &Gpu) -> Result<(u32, &'static str)> {
     gpu.set_fuse_norm(fuse_override.unwrap_or(fused <= separate));
     cache.set(None, lanes);
     cache.set_field("fuse_norm", (fused <= separate).into());
-    cache.save();
     Ok((lanes, "measurement"))
 }
 
 /// Chooses the GEMM form for this adapter and sets it on `gpu`: from `MINIGPT4_GEMM`, else
 /// from the tuning cache, else by measuring ([`measure_gemm_tuning`]; and caching).
 pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
-    tune_gemm_in(gpu, &mut TuneCache::open(gpu)).await
+    let mut cache = TuneCache::open(gpu);
+    let form = tune_gemm_in(gpu, &mut cache).await;
+    cache.save();
+    form
 }
 
-/// [`tune_gemm`] with the cache already open (`autotune` reads the file once).
+/// [`tune_gemm`] with the cache already open (`autotune` reads and writes the file once); the
+/// caller writes it back.
 async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
     let form = match (override_gemm()?, cache.get_gemm_form()) {
         (Some(f), _) | (None, Some(f)) => f,
         (None, None) => {
             let shapes =
                 measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
-            let f = shapes
-                .last()
-                .and_then(|(_, trials)| fastest_gemm(trials))
-                .unwrap_or(0);
+            let f = gemm_choice(&shapes);
             cache.set_field("gemm_form", f.into());
-            cache.save();
             f
         }
     };
@@ -725,7 +750,10 @@ mod tests {
             (c.get(None), c.get_fuse_norm(), c.get_gemm_form()),
             (None, None, None)
         );
+        // written back only once a choice is set
+        assert!(!c.dirty);
         c.set(None, 1 | GEMV_UNIFORM_X);
+        assert!(c.dirty);
         c.set(Some("576x576 q4m"), 4);
         c.set_field("fuse_norm", true.into());
         c.set_field("gemm_form", 5.into());
