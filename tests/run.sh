@@ -12,7 +12,7 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 df -h . | tail -1 | awk '{ print "== disk: " $4 " free of " $2 }'
 
 need=()
-for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip procps; do
+for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip procps xz-utils binutils; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 command -v node >/dev/null || need+=(nodejs)
