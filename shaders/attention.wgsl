@@ -1,5 +1,7 @@
 // Scaled dot-product attention, one workgroup per (query row, head), online softmax over
 // chunks of up to CH keys, any head_dim up to 256 (88 for the ViT, 64 Q-Former, 128 LLaMA).
+// Decode over a long cache splits the keys (`attention_split`); many query rows take tiles
+// of rows and keys (`attention_tiled`, at the end).
 //
 // q row t, head h at q[q_off + t * q_stride + h * d]; keys/values likewise with the kv head
 // h / (hq / hkv) (grouped-query attention). With causal != 0, query t sees keys 0 ..= t + past
@@ -458,3 +460,180 @@ fn attention_combine(ids: Ids, grp: Grp) {
         out[ob + d] = a / l;
     }
 }
+
+// ---- Tiled attention for many query rows (the ViT, the Q-Former, prefill) ----
+//
+// `attention_tiled`: one workgroup per (tile of TR query rows, head), head_dim up to TD. The
+// row kernel above reloads every key and value for each query row; here a tile of TC keys is
+// staged once in workgroup memory and serves TR rows, and each invocation keeps a 4 x 4 block
+// of scores and a 4 x 8 block of outputs in registers (rows x keys, rows x dims), so every
+// workgroup-memory load feeds several multiply-adds, as in the tiled GEMM. Per key tile:
+//   1. scores S = (q * scale) . K^T over the head in chunks of 16 dims (K staged per chunk);
+//   2. S to t_p with invisible keys at NEG_BIG; one invocation per row updates the row's
+//      running maximum and sum (online softmax) and turns its scores into weights;
+//   3. the outputs are rescaled by exp(old max - new max) and take P . V, V staged 8 keys at
+//      a time.
+// Workgroup memory: 8 + 4 + 4 KiB, the portable 16 KiB.
+// Defined without Q_UNIFORM (the rows are read from storage when staged).
+#if !Q_UNIFORM
+const TR: u32 = 16u; // query rows per workgroup: rows 4 rr .. 4 rr + 3 per invocation
+const TC: u32 = 64u; // keys per tile: keys kk + 16 b (b < 4) per invocation
+const TD: u32 = 128u; // largest head_dim: dims kk + 16 j (j < 8) per invocation
+
+// The query tile times p.scale, [dim][row / 4] (zero past the head and the last row).
+var<workgroup> t_q: array<vec4<f32>, 512>;
+// A K chunk [dim][kk] (keys kk + 16 b as the components), a V chunk [key][dd][2] (dims
+// dd + 16 j as the components of the two vec4s), or one value per row ([row / 4]).
+var<workgroup> t_kv: array<vec4<f32>, 256>;
+// The tile's scores, then softmax weights: [key][row / 4].
+var<workgroup> t_p: array<vec4<f32>, 256>;
+
+// Whether query row ti may see key j.
+fn sees(ti: u32, j: u32) -> bool {
+    return j < p.s && (p.causal == 0u || j <= ti + p.past);
+}
+
+@compute @workgroup_size(64)
+fn attention_tiled(ids: Ids, grp: Grp) {
+    let g = group_index(grp);
+    if (g >= ((p.t + TR - 1u) / TR) * p.hq) {
+        return;
+    }
+    let lid = ids.lid;
+    let h = g % p.hq;
+    let t0 = (g / p.hq) * TR;
+    let kvh = h / (p.hq / p.hkv);
+    let rr = lid / 16u;
+    let kk = lid % 16u;
+    let dpad = (p.d + 15u) / 16u * 16u;
+    for (var e = lid; e < dpad * TR; e += WG) {
+        let r = e / dpad;
+        let dim = e % dpad;
+        var val = 0.0;
+        if (dim < p.d && t0 + r < p.t) {
+            val = q[p.q_off + (t0 + r) * p.q_stride + h * p.d + dim] * p.scale;
+        }
+        t_q[dim * 4u + r / 4u][r % 4u] = val;
+    }
+    // keys up to the last row's last visible one
+    let last = min(t0 + TR, p.t) - 1u;
+    var kv_len = p.s;
+    if (p.causal != 0u) {
+        kv_len = min(p.s, last + p.past + 1u);
+    }
+    // row lid's running maximum and sum (lid < TR)
+    var m_row = NEG_BIG;
+    var l_row = 0.0;
+    // o[j][a]: row 4 rr + a, dim kk + 16 j (zeroed by hand, see v_sum)
+    var o: array<vec4<f32>, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        o[j] = vec4<f32>(0.0);
+    }
+    for (var j0 = 0u; j0 < kv_len; j0 += TC) {
+        // 1. sc[b][a]: row 4 rr + a, key j0 + kk + 16 b
+        var sc: array<vec4<f32>, 4>;
+        for (var b = 0u; b < 4u; b++) {
+            sc[b] = vec4<f32>(0.0);
+        }
+        for (var d0 = 0u; d0 < p.d; d0 += 16u) {
+            workgroupBarrier();
+            for (var e = lid; e < 16u * TC; e += WG) {
+                let key = e / 16u;
+                let dd = e % 16u;
+                var val = 0.0;
+                if (j0 + key < kv_len && d0 + dd < p.d) {
+                    val = k_at(p.k_off + (j0 + key) * p.k_stride + kvh * p.d + d0 + dd);
+                }
+                t_kv[dd * 16u + key % 16u][key / 16u] = val;
+            }
+            workgroupBarrier();
+            for (var dd = 0u; dd < 16u; dd++) {
+                let qa = t_q[(d0 + dd) * 4u + rr];
+                let kb = t_kv[dd * 16u + kk];
+                sc[0] += qa * kb.x;
+                sc[1] += qa * kb.y;
+                sc[2] += qa * kb.z;
+                sc[3] += qa * kb.w;
+            }
+        }
+        // 2. scores to t_p, invisible keys at NEG_BIG
+        for (var b = 0u; b < 4u; b++) {
+            let j = j0 + kk + 16u * b;
+            var s4 = sc[b];
+            for (var a = 0u; a < 4u; a++) {
+                if (!sees(t0 + 4u * rr + a, j)) {
+                    s4[a] = NEG_BIG;
+                }
+            }
+            t_p[(kk + 16u * b) * 4u + rr] = s4;
+        }
+        workgroupBarrier();
+        if (lid < TR) {
+            var mx = m_row;
+            for (var c = 0u; c < TC; c++) {
+                mx = max(mx, t_p[c * 4u + lid / 4u][lid % 4u]);
+            }
+            var sum = 0.0;
+            for (var c = 0u; c < TC; c++) {
+                let w = exp(t_p[c * 4u + lid / 4u][lid % 4u] - mx);
+                t_p[c * 4u + lid / 4u][lid % 4u] = w;
+                sum += w;
+            }
+            let corr = exp(m_row - mx);
+            l_row = l_row * corr + sum;
+            m_row = mx;
+            t_kv[lid / 4u][lid % 4u] = corr;
+        }
+        workgroupBarrier();
+        // 3. rescale, then add P . V
+        let corr = t_kv[rr];
+        for (var j = 0u; j < 8u; j++) {
+            o[j] *= corr;
+        }
+        let cnt = min(TC, kv_len - j0);
+        for (var c0 = 0u; c0 < cnt; c0 += 8u) {
+            workgroupBarrier();
+            for (var e = lid; e < 8u * TD; e += WG) {
+                let key = e / TD;
+                let dim = e % TD;
+                var val = 0.0;
+                if (c0 + key < cnt && dim < p.d) {
+                    val = v_at(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.d + dim);
+                }
+                t_kv[(key * 16u + dim % 16u) * 2u + dim / 64u][(dim / 16u) % 4u] = val;
+            }
+            workgroupBarrier();
+            for (var c = 0u; c < 8u; c++) {
+                let pw = t_p[(c0 + c) * 4u + rr];
+                let va = t_kv[(c * 16u + kk) * 2u];
+                let vb = t_kv[(c * 16u + kk) * 2u + 1u];
+                o[0] += pw * va.x;
+                o[1] += pw * va.y;
+                o[2] += pw * va.z;
+                o[3] += pw * va.w;
+                o[4] += pw * vb.x;
+                o[5] += pw * vb.y;
+                o[6] += pw * vb.z;
+                o[7] += pw * vb.w;
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lid < TR) {
+        t_kv[lid / 4u][lid % 4u] = l_row;
+    }
+    workgroupBarrier();
+    let l = t_kv[rr];
+    for (var a = 0u; a < 4u; a++) {
+        let row = t0 + 4u * rr + a;
+        if (row < p.t) {
+            for (var j = 0u; j < 8u; j++) {
+                let dim = kk + 16u * j;
+                if (dim < p.d) {
+                    out[p.o_off + row * p.o_stride + h * p.d + dim] = o[j][a] / l[a];
+                }
+            }
+        }
+    }
+}
+#endif

@@ -10,8 +10,9 @@ use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
     attention_partials, gemm_form_for, is_gemm_form, AttnShape, Gpu, GpuOptions, HeadView, Ids,
-    MatmulPath, Recorder, RopeMode, RopeTable, Tensor, Variant, GEMM_HALF, GEMM_TALL, GEMM_WIDE,
-    GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
+    MatmulPath, Recorder, RopeMode, RopeTable, Tensor, Variant, ATTN_TILED_FROM, ATTN_TILE_DIM,
+    ATTN_TILE_ROWS, GEMM_HALF, GEMM_TALL, GEMM_WIDE, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
+    GEMV_WG16,
 };
 use minigpt4::quant::{self, DType};
 
@@ -1060,6 +1061,41 @@ fn attention_prefill_decode_cross_and_gqa() {
                     split: false,
                     kv: DType::F32,
                     q_uniform,
+                };
+                check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn tiled_attention_for_many_rows() {
+    // from ATTN_TILED_FROM query rows and up to ATTN_TILE_DIM dims: tiles of ATTN_TILE_ROWS
+    // rows, keys 64 per tile, dims 16 per chunk
+    assert_eq!(
+        (ATTN_TILED_FROM, ATTN_TILE_ROWS, ATTN_TILE_DIM),
+        (8, 16, 128)
+    );
+    let gpu = gpu();
+    let mut seed = 90;
+    for v in gpu.variants() {
+        for kv in [DType::F32, DType::F16] {
+            for (t_, s, hq, hkv, d, causal) in [
+                (8, 8, 2, 2, 64, false),     // the fewest rows: half a row tile
+                (16, 16, 4, 2, 128, true),   // one full row tile, the largest head, GQA
+                (17, 17, 3, 3, 88, false),   // a second row tile of one row; the ViT's head
+                (20, 50, 4, 1, 64, true),    // prefill after 30 cached tokens
+                (40, 150, 2, 2, 100, true),  // three key tiles, the last partial; 100 dims
+                (12, 12, 1, 1, 3, false),    // a head narrower than a chunk
+                (70, 70, 2, 1, 16, true),    // keys of the second tile only for late rows
+                (257, 257, 2, 2, 88, false), // the ViT's rows
+                (9, 9, 2, 2, 136, false),    // past the largest head: the row kernel
+            ] {
+                seed += 1;
+                let path = AttnPath {
+                    split: false,
+                    kv,
+                    q_uniform: seed % 2 == 0,
                 };
                 check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
             }

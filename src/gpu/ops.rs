@@ -291,6 +291,12 @@ pub fn topk_words(n: usize) -> usize {
 /// Keys per split of the split-K decode attention (`CH` in `attention.wgsl`).
 pub const ATTN_SPLIT: usize = 256;
 
+/// Query rows from which attention takes the tiled kernel (`attention_tiled`), and the rows
+/// and largest head_dim of its tiles (`TR`, `TD` in `attention.wgsl`).
+pub const ATTN_TILED_FROM: usize = 8;
+pub const ATTN_TILE_ROWS: usize = 16;
+pub const ATTN_TILE_DIM: usize = 128;
+
 /// f32 elements the split-K decode attention needs for its partial results.
 pub fn attention_partials(t: usize, heads: usize, s: usize, head_dim: usize) -> usize {
     t * heads * s.div_ceil(ATTN_SPLIT).max(1) * (head_dim + 2)
@@ -1056,6 +1062,43 @@ impl Recorder<'_> {
             ));
         }
         let kv_flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
+        let mut params = [
+            u(a.t),
+            u(a.s),
+            u(a.heads),
+            u(a.kv_heads),
+            u(a.head_dim),
+            u(q.offset),
+            u(q.stride),
+            u(k.offset),
+            u(k.stride),
+            u(v.offset),
+            u(v.stride),
+            u(out.offset),
+            u(out.stride),
+            a.causal as u32,
+            u(a.s - a.t.min(a.s)),
+            f(a.scale),
+            1,
+        ];
+        let bufs = [
+            (1, q.t.buffer()),
+            (2, k.t.buffer()),
+            (3, v.t.buffer()),
+            (4, out.t.buffer()),
+        ];
+        // many query rows (the ViT, the Q-Former, prefill): tiles of keys staged once for
+        // ATTN_TILE_ROWS rows
+        if a.t >= ATTN_TILED_FROM && a.head_dim <= ATTN_TILE_DIM {
+            return self.dispatch(
+                "attention",
+                "attention_tiled",
+                kv_flags,
+                &params,
+                &bufs,
+                grid(u(a.t.div_ceil(ATTN_TILE_ROWS) * a.heads)),
+            );
+        }
         let mut flags = kv_flags.to_vec();
         // q through a uniform where it fits one, in whole vec4s (every decode step)
         let q_uniform = (q.offset | q.stride | a.head_dim).is_multiple_of(4)
@@ -1079,25 +1122,7 @@ impl Recorder<'_> {
         if hr > 1 {
             flags.push(["HEADS2", "HEADS3", "HEADS4"][hr - 2]);
         }
-        let params = [
-            u(a.t),
-            u(a.s),
-            u(a.heads),
-            u(a.kv_heads),
-            u(a.head_dim),
-            u(q.offset),
-            u(q.stride),
-            u(k.offset),
-            u(k.stride),
-            u(v.offset),
-            u(v.stride),
-            u(out.offset),
-            u(out.stride),
-            a.causal as u32,
-            u(a.s - a.t.min(a.s)),
-            f(a.scale),
-            u(hr),
-        ];
+        params[16] = u(hr);
         // split-K for decode (a few query rows) when the caller gave room for the partials
         let split = partials.is_some() && a.t <= GEMV_MAX_ROWS;
         if let Some(part) = partials.filter(|_| split) {
@@ -1136,12 +1161,7 @@ impl Recorder<'_> {
             "attention",
             &flags,
             &params,
-            &[
-                (1, q.t.buffer()),
-                (2, k.t.buffer()),
-                (3, v.t.buffer()),
-                (4, out.t.buffer()),
-            ],
+            &bufs,
             grid(u(a.t * a.heads / hr)),
         )
     }
