@@ -469,8 +469,9 @@ fn attention_combine(ids: Ids, grp: Grp) {
 // of scores and a 4 x 8 block of outputs in registers (rows x keys, rows x dims), so every
 // workgroup-memory load feeds several multiply-adds, as in the tiled GEMM. Per key tile:
 //   1. scores S = (q * scale) . K^T over the head in chunks of 16 dims (K staged per chunk);
-//   2. S to t_p with invisible keys at NEG_BIG; one invocation per row updates the row's
-//      running maximum and sum (online softmax) and turns its scores into weights;
+//   2. invisible keys at NEG_BIG; each row's running maximum and sum (online softmax) are
+//      updated from the maxima and sums of the 16 invocations holding its scores, and the
+//      weights go to workgroup memory;
 //   3. the outputs are rescaled by exp(old max - new max) and take P . V, V staged 8 keys at
 //      a time.
 // Workgroup memory: 8 + 4 + 4 KiB, the portable 16 KiB.
@@ -483,9 +484,9 @@ const TD: u32 = 128u; // largest head_dim: dims kk + 16 j (j < 8) per invocation
 // The query tile times p.scale, [dim][row / 4] (zero past the head and the last row).
 var<workgroup> t_q: array<vec4<f32>, 512>;
 // A K chunk [dim][kk] (keys kk + 16 b as the components), a V chunk [key][dd][2] (dims
-// dd + 16 j as the components of the two vec4s), or one value per row ([row / 4]).
+// dd + 16 j as the components of the two vec4s), or the invocations' partial sums.
 var<workgroup> t_kv: array<vec4<f32>, 256>;
-// The tile's scores, then softmax weights: [key][row / 4].
+// The invocations' partial maxima, then the tile's softmax weights: [key][row / 4].
 var<workgroup> t_p: array<vec4<f32>, 256>;
 
 // Whether query row ti may see key j.
@@ -521,9 +522,9 @@ fn attention_tiled(ids: Ids, grp: Grp) {
     if (p.causal != 0u) {
         kv_len = min(p.s, last + p.past + 1u);
     }
-    // row lid's running maximum and sum (lid < TR)
-    var m_row = NEG_BIG;
-    var l_row = 0.0;
+    // the running maxima and sums of rows 4 rr .. 4 rr + 3
+    var m_row = vec4<f32>(NEG_BIG);
+    var l_row = vec4<f32>(0.0);
     // o[j][a]: row 4 rr + a, dim kk + 16 j (zeroed by hand, see v_sum)
     var o: array<vec4<f32>, 8>;
     for (var j = 0u; j < 8u; j++) {
@@ -556,37 +557,43 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                 sc[3] += qa * kb.w;
             }
         }
-        // 2. scores to t_p, invisible keys at NEG_BIG
+        // 2. online softmax: invisible keys at NEG_BIG; each row's maximum and sum over the
+        //    tile gathered from the 16 invocations holding its scores (partials in t_p, then
+        //    t_kv, both free here); the weights to t_p
+        var mx = vec4<f32>(NEG_BIG);
         for (var b = 0u; b < 4u; b++) {
             let j = j0 + kk + 16u * b;
-            var s4 = sc[b];
             for (var a = 0u; a < 4u; a++) {
                 if (!sees(t0 + 4u * rr + a, j)) {
-                    s4[a] = NEG_BIG;
+                    sc[b][a] = NEG_BIG;
                 }
             }
-            t_p[(kk + 16u * b) * 4u + rr] = s4;
+            mx = max(mx, sc[b]);
         }
+        t_p[lid] = mx;
         workgroupBarrier();
-        if (lid < TR) {
-            var mx = m_row;
-            for (var c = 0u; c < TC; c++) {
-                mx = max(mx, t_p[c * 4u + lid / 4u][lid % 4u]);
-            }
-            var sum = 0.0;
-            for (var c = 0u; c < TC; c++) {
-                let w = exp(t_p[c * 4u + lid / 4u][lid % 4u] - mx);
-                t_p[c * 4u + lid / 4u][lid % 4u] = w;
-                sum += w;
-            }
-            let corr = exp(m_row - mx);
-            l_row = l_row * corr + sum;
-            m_row = mx;
-            t_kv[lid / 4u][lid % 4u] = corr;
+        mx = m_row;
+        for (var i = 0u; i < 16u; i++) {
+            mx = max(mx, t_p[rr * 16u + i]);
         }
+        var sum = vec4<f32>(0.0);
+        for (var b = 0u; b < 4u; b++) {
+            sc[b] = exp(sc[b] - mx);
+            sum += sc[b];
+        }
+        t_kv[lid] = sum;
         workgroupBarrier();
-        // 3. rescale, then add P . V
-        let corr = t_kv[rr];
+        sum = vec4<f32>(0.0);
+        for (var i = 0u; i < 16u; i++) {
+            sum += t_kv[rr * 16u + i];
+        }
+        let corr = exp(m_row - mx);
+        l_row = l_row * corr + sum;
+        m_row = mx;
+        for (var b = 0u; b < 4u; b++) {
+            t_p[(kk + 16u * b) * 4u + rr] = sc[b];
+        }
+        // 3. rescale, then add P . V (the first barrier below makes the weights visible)
         for (var j = 0u; j < 8u; j++) {
             o[j] *= corr;
         }
@@ -619,18 +626,13 @@ fn attention_tiled(ids: Ids, grp: Grp) {
         }
         workgroupBarrier();
     }
-    if (lid < TR) {
-        t_kv[lid / 4u][lid % 4u] = l_row;
-    }
-    workgroupBarrier();
-    let l = t_kv[rr];
     for (var a = 0u; a < 4u; a++) {
         let row = t0 + 4u * rr + a;
         if (row < p.t) {
             for (var j = 0u; j < 8u; j++) {
                 let dim = kk + 16u * j;
                 if (dim < p.d) {
-                    out[p.o_off + row * p.o_stride + h * p.d + dim] = o[j][a] / l[a];
+                    out[p.o_off + row * p.o_stride + h * p.d + dim] = o[j][a] / l_row[a];
                 }
             }
         }
