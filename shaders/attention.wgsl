@@ -342,10 +342,7 @@ fn attention(ids: Ids, grp: Grp) {
     let kvh = h / (p.hq / p.hkv);
     let qb = p.q_off + ti * p.q_stride + h * p.d;
     load_query(qb, 1.0, ids.lid);
-    var kv_len = p.s;
-    if (p.causal != 0u) {
-        kv_len = min(p.s, ti + p.past + 1u);
-    }
+    let kv_len = visible(ti);
     var m_run = HV(NEG_BIG);
     var l_run = HV(0.0);
     var acc: array<HV, 4>;
@@ -391,6 +388,7 @@ fn splits() -> u32 {
     return (p.s + CH - 1u) / CH;
 }
 
+// Keys query row ti sees: 0 .. visible(ti).
 fn visible(ti: u32) -> u32 {
     if (p.causal != 0u) {
         return min(p.s, ti + p.past + 1u);
@@ -489,11 +487,6 @@ var<workgroup> t_kv: array<vec4<f32>, 256>;
 // The invocations' partial maxima, then the tile's softmax weights: [key][row / 4].
 var<workgroup> t_p: array<vec4<f32>, 256>;
 
-// Whether query row ti may see key j.
-fn sees(ti: u32, j: u32) -> bool {
-    return j < p.s && (p.causal == 0u || j <= ti + p.past);
-}
-
 @compute @workgroup_size(64)
 fn attention_tiled(ids: Ids, grp: Grp) {
     let g = group_index(grp);
@@ -517,11 +510,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
         t_q[dim * 4u + r / 4u][r % 4u] = val;
     }
     // keys up to the last row's last visible one
-    let last = min(t0 + TR, p.t) - 1u;
-    var kv_len = p.s;
-    if (p.causal != 0u) {
-        kv_len = min(p.s, last + p.past + 1u);
-    }
+    let kv_len = visible(min(t0 + TR, p.t) - 1u);
     // the running maxima and sums of rows 4 rr .. 4 rr + 3
     var m_row = vec4<f32>(NEG_BIG);
     var l_row = vec4<f32>(0.0);
@@ -564,7 +553,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
         for (var b = 0u; b < 4u; b++) {
             let j = j0 + kk + 16u * b;
             for (var a = 0u; a < 4u; a++) {
-                if (!sees(t0 + 4u * rr + a, j)) {
+                if (j >= visible(t0 + 4u * rr + a)) {
                     sc[b][a] = NEG_BIG;
                 }
             }

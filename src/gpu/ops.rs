@@ -1062,25 +1062,28 @@ impl Recorder<'_> {
             ));
         }
         let kv_flags: &[&'static str] = if kv_f16 { &["KV_F16"] } else { &[] };
-        let mut params = [
-            u(a.t),
-            u(a.s),
-            u(a.heads),
-            u(a.kv_heads),
-            u(a.head_dim),
-            u(q.offset),
-            u(q.stride),
-            u(k.offset),
-            u(k.stride),
-            u(v.offset),
-            u(v.stride),
-            u(out.offset),
-            u(out.stride),
-            a.causal as u32,
-            u(a.s - a.t.min(a.s)),
-            f(a.scale),
-            1,
-        ];
+        // hr: query heads per workgroup
+        let params = |hr: usize| {
+            [
+                u(a.t),
+                u(a.s),
+                u(a.heads),
+                u(a.kv_heads),
+                u(a.head_dim),
+                u(q.offset),
+                u(q.stride),
+                u(k.offset),
+                u(k.stride),
+                u(v.offset),
+                u(v.stride),
+                u(out.offset),
+                u(out.stride),
+                a.causal as u32,
+                u(a.s - a.t.min(a.s)),
+                f(a.scale),
+                u(hr),
+            ]
+        };
         let bufs = [
             (1, q.t.buffer()),
             (2, k.t.buffer()),
@@ -1094,7 +1097,7 @@ impl Recorder<'_> {
                 "attention",
                 "attention_tiled",
                 kv_flags,
-                &params,
+                &params(1),
                 &bufs,
                 grid(u(a.t.div_ceil(ATTN_TILE_ROWS) * a.heads)),
             );
@@ -1122,7 +1125,7 @@ impl Recorder<'_> {
         if hr > 1 {
             flags.push(["HEADS2", "HEADS3", "HEADS4"][hr - 2]);
         }
-        params[16] = u(hr);
+        let params = params(hr);
         // split-K for decode (a few query rows) when the caller gave room for the partials
         let split = partials.is_some() && a.t <= GEMV_MAX_ROWS;
         if let Some(part) = partials.filter(|_| split) {
