@@ -83,9 +83,9 @@ const ROWS: u32 = GW / LANES;
 var<private> sumsq: vec4<f32>;
 #endif
 
-// x[m, 32 * b + 4 * j ..][0..4] as a vec4 (x_stride is a multiple of 4).
+// x[row0 + m, 32 * b + 4 * j ..][0..4] as a vec4 (x_stride is a multiple of 4).
 fn xv(m: u32, b: u32, j: u32) -> vec4<f32> {
-    return x[(m * p.x_stride + b * 32u) / 4u + j];
+    return x[((p.row0 + m) * p.x_stride + b * 32u) / 4u + j];
 }
 
 // The pair of x vec4s that meets weights 8j .. 8j + 7, scaled to match `w8`.

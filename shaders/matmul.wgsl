@@ -44,7 +44,7 @@ fn gemv(ids: Ids, grp: Grp) {
     let chunks = (p.k + 7u) / 8u;
     for (var c = ids.lid; c < chunks; c += WG) {
         let k0 = c * 8u;
-        acc += w_dot8(n * p.k + k0, m * p.x_stride + k0, min(8u, p.k - k0));
+        acc += w_dot8(n * p.k + k0, (p.row0 + m) * p.x_stride + k0, min(8u, p.k - k0));
     }
     let total = wg_sum(acc, ids);
     if (ids.lid == 0u) {
@@ -157,7 +157,7 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
             if (xr < p.m) {
                 for (var e = 0u; e < 4u; e++) {
                     if (gk + e < p.k) {
-                        xv[e] = x[xr * p.x_stride + gk + e];
+                        xv[e] = x[(p.row0 + xr) * p.x_stride + gk + e];
                     }
                 }
             }

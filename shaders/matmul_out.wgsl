@@ -13,6 +13,9 @@ struct Params {
     bias_off: u32,
     accumulate: u32,
     eps: f32, // RMSNorm's epsilon (NORM in gemv.wgsl)
+    // The first row of x and of the output this dispatch covers: rows m of the kernels are
+    // rows row0 + m of both (a GEMM's ragged last rows dispatched on their own).
+    row0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,7 +24,7 @@ struct Params {
 #endif
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-// out[m, out_col + n] (+)= acc (+ bias[bias_off + n]); with OUT_SILU the value is silu(value)
+// out[row0 + m, out_col + n] (+)= acc (+ bias[bias_off + n]); with OUT_SILU the value is silu(value)
 // (LLaMA's gate projection), with OUT_MUL it multiplies what out holds (the up projection
 // times silu(gate) written there just before): the MLP's silu(gate) * up costs no pass of its
 // own and no exp per read in the down projection.
@@ -33,7 +36,7 @@ fn store(m: u32, n: u32, acc: f32) {
 #if OUT_SILU
     v = v / (1.0 + exp(-v));
 #endif
-    let o = m * p.out_stride + p.out_col + n;
+    let o = (p.row0 + m) * p.out_stride + p.out_col + n;
     if (p.accumulate != 0u) {
         v += out[o];
     }

@@ -80,7 +80,7 @@ fn check_matmul(
     bias: bool,
     acc: bool,
     seed: u64,
-) {
+) -> usize {
     let mut r = Rng::new(seed);
     let x = r.vec(m * k, 1.0);
     let wv = r.vec(n * k, 0.5);
@@ -100,6 +100,7 @@ fn check_matmul(
     let mut rec = Recorder::with_variant(gpu, v);
     rec.matmul_with(path, &xt, &w, bias.then_some(&bt), &out, acc)
         .unwrap();
+    let dispatches = rec.len();
     run(rec);
     let got = read(gpu, &out);
     // the GEMM's f16 arithmetic: x, the weights, the products and 16-term sums rounded to f16
@@ -124,6 +125,7 @@ fn check_matmul(
             want[i]
         );
     }
+    dispatches
 }
 
 #[test]
@@ -244,6 +246,90 @@ fn gemm_every_form_dtype_and_variant() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("GEMM") && err.contains('9'), "{err}");
+}
+
+#[test]
+fn a_tuned_gemm_leaves_its_last_few_rows_to_the_block_gemv() {
+    let gpu = gpu();
+    let mut seed = 1700;
+    // 64- and 128-row tiles; the ViT's 257 rows and a few more or fewer past whole tiles
+    for form in [0, GEMM_WIDE | GEMM_TALL] {
+        gpu.set_gemm_form(form);
+        let tile = if form & GEMM_TALL != 0 { 128 } else { 64 };
+        for (m, n, k, dt) in [
+            (257, 72, 1408, DType::F16),
+            (tile + 1, 130, 96, DType::Q4),
+            (tile + 2, 65, 64, DType::Q8),
+            (2 * tile + 3, 70, 160, DType::Q4M),
+            (tile + 4, 33, 32, DType::F32),
+        ] {
+            // the tail's GEMV in several lane forms (x as a uniform: read from row `row0`)
+            for (bias, acc, lanes) in [
+                (true, false, 8),
+                (false, true, 1 | GEMV_UNIFORM_X),
+                (true, true, 4 | GEMV_WG16),
+            ] {
+                gpu.set_gemv_lanes(lanes);
+                seed += 1;
+                let d = check_matmul(
+                    &gpu,
+                    gpu.best_variant,
+                    dt,
+                    MatmulPath::Gemm,
+                    m,
+                    n,
+                    k,
+                    bias,
+                    acc,
+                    seed,
+                );
+                assert_eq!(
+                    d, 2,
+                    "GEMM body and GEMV tail: {m}x{n}x{k} {dt} form {form} lanes {lanes:#x}"
+                );
+            }
+        }
+        // one dispatch: no whole tile, more than 4 rows past them, a K the block GEMV cannot
+        // take, whole tiles only, and a form given by the caller
+        for (m, n, k, dt, path) in [
+            (3, 40, 64, DType::F16, MatmulPath::Gemm),
+            (tile + 5, 40, 64, DType::Q4, MatmulPath::Gemm),
+            (tile + 1, 40, 89, DType::F16, MatmulPath::Gemm),
+            (2 * tile, 40, 64, DType::Q8, MatmulPath::Gemm),
+            (tile + 1, 40, 64, DType::F16, MatmulPath::GemmForm(form)),
+        ] {
+            seed += 1;
+            let d = check_matmul(&gpu, gpu.best_variant, dt, path, m, n, k, true, false, seed);
+            assert_eq!(d, 1, "one GEMM: {m}x{n}x{k} {dt} {path:?}");
+        }
+    }
+    // the MLP's silu(gate) * up with many rows: gate's tail stores silu, up's multiplies in
+    gpu.set_gemm_form(GEMM_TALL);
+    let (m, n, k) = (130, 40, 64);
+    let mut r = Rng::new(seed);
+    let (x, g, u) = (r.vec(m * k, 1.0), r.vec(n * k, 0.5), r.vec(n * k, 0.5));
+    let gate = cpu::matmul(&x, m, k, &g, n, None);
+    let up = cpu::matmul(&x, m, k, &u, n, None);
+    let xt = act(&gpu, "x", &[m, k], &x);
+    let gt = Tensor::upload(&gpu, "gate", &[n, k], DType::F32, &g).unwrap();
+    let ut = Tensor::upload(&gpu, "up", &[n, k], DType::F32, &u).unwrap();
+    let out = t(&gpu, "out", &[m, n], &vec![0.0; m * n]);
+    let mut rec = Recorder::new(&gpu);
+    rec.matmul_glu(MatmulPath::Gemm, &xt, &gt, &ut, &out)
+        .unwrap();
+    assert_eq!(rec.len(), 4);
+    run(rec);
+    let got = read(&gpu, &out);
+    let tol = dot_tol(&x, &g, m, n, k);
+    for i in 0..m * n {
+        let want = gate[i] / (1.0 + (-gate[i]).exp()) * up[i];
+        assert!(
+            (got[i] - want).abs() <= 4.0 * tol[i] * (1.0 + up[i].abs()) + 1e-5,
+            "glu [{i}] got {} want {want}",
+            got[i]
+        );
+    }
+    gpu.set_gemm_form(0);
 }
 
 #[test]

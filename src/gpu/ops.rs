@@ -57,10 +57,10 @@ impl<'a> Norm<'a> {
     }
 }
 
-/// Whether `x` (`m` rows) can be bound as the block GEMV's uniform input: one row, in a
-/// buffer of [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit.
-fn uniform_x(gpu: &Gpu, x: &Tensor, m: usize) -> bool {
-    m == 1 && uniform_span(gpu, x, x.cols())
+/// Whether `x` (`m` rows from row `row0`) can be bound as the block GEMV's uniform input: one
+/// row, in a buffer of [`UNIFORM_X_BYTES`] up to the adapter's uniform binding limit.
+fn uniform_x(gpu: &Gpu, x: &Tensor, row0: usize, m: usize) -> bool {
+    m == 1 && uniform_span(gpu, x, (row0 + 1) * x.cols())
 }
 
 /// Whether `t`'s first `floats` values can be read through a uniform binding of its whole
@@ -167,6 +167,20 @@ pub fn gemm_form_for(form: u32, m: usize, n: usize, dtype: DType) -> u32 {
         f &= !GEMM_WIDE;
     }
     f
+}
+
+/// Rows of an `m`-row tuned GEMM with `tile_rows`-row tiles (and `k` a multiple of 32) that go
+/// to the block GEMV instead: at most [`GEMV_MAX_ROWS`] rows past whole tiles. The ViT's 257
+/// rows (1025 at 448 px) would otherwise take a third tile row of 128 (or a fifth of 64) for
+/// one row, a third (a fifth) of the GEMM's arithmetic for nothing; the GEMV reads the weights
+/// once for it. 0 where there is no such tail, or no whole tile before it.
+pub fn gemm_tail(m: usize, tile_rows: usize, k: usize) -> usize {
+    let tail = m % tile_rows;
+    if m > tile_rows && tail <= GEMV_MAX_ROWS && k.is_multiple_of(32) {
+        tail
+    } else {
+        0
+    }
 }
 
 /// The GEMM's candidates on `gpu`: the four tile shapes, each also in f16 where the adapter
@@ -549,7 +563,7 @@ impl Recorder<'_> {
         need_f32(out)?;
         let (n, k) = (gate.rows(), x.cols());
         out.expect(None, &[1, n])?;
-        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 1, norm)?;
+        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 0, 1, norm)?;
         let mut flags = vec![wflag(gate.dtype), "GLU"];
         flags.extend(form);
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
@@ -557,7 +571,7 @@ impl Recorder<'_> {
                 return Err(Error::tensor(&gate.name, "block scales", "none"));
             };
             let eps = f(norm.map_or(0.0, |n| n.eps));
-            let params = [1, u(g.rows), u(k), u(k), u(n), u(g.row_start), 0, 0, eps];
+            let params = [1, u(g.rows), u(k), u(k), u(n), u(g.row_start), 0, 0, eps, 0];
             let mut bufs = vec![
                 (1, x.buffer()),
                 (2, &g.data),
@@ -583,6 +597,7 @@ impl Recorder<'_> {
         &self,
         lanes: u32,
         x: &Tensor,
+        row0: usize,
         m: usize,
         norm: Option<Norm>,
     ) -> Result<(Vec<&'static str>, &'static str, usize)> {
@@ -597,8 +612,8 @@ impl Recorder<'_> {
                 let mut flags = vec![lanes_flag(lanes)?];
                 // a fused norm's weights are bound the way x is
                 if l & GEMV_UNIFORM_X != 0
-                    && uniform_x(self.gpu, x, m)
-                    && norm.is_none_or(|n| uniform_x(self.gpu, n.weight, 1))
+                    && uniform_x(self.gpu, x, row0, m)
+                    && norm.is_none_or(|n| uniform_x(self.gpu, n.weight, 0, 1))
                 {
                     flags.push("X_UNIFORM");
                 }
@@ -670,7 +685,7 @@ impl Recorder<'_> {
                     format!("{:?}", x.shape),
                 ));
             }
-            let (form, entry, rows_per_group) = self.gemv_form(lanes, x, m, norm)?;
+            let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 0, m, norm)?;
             flags.extend(form);
             block_gemv = (entry, rows_per_group);
         }
@@ -688,17 +703,21 @@ impl Recorder<'_> {
             Epilogue::MulInto => flags.push("OUT_MUL"),
         }
         for part in &w.parts {
-            let params = [
-                u(m),
-                u(part.rows),
-                u(k),
-                u(k),
-                u(n),
-                u(part.row_start),
-                u(part.row_start),
-                accumulate as u32,
-                f(norm.map_or(0.0, |n| n.eps)),
-            ];
+            // rows row0 .. row0 + rows of x and out
+            let params = |row0: usize, rows: usize| {
+                [
+                    u(rows),
+                    u(part.rows),
+                    u(k),
+                    u(k),
+                    u(n),
+                    u(part.row_start),
+                    u(part.row_start),
+                    accumulate as u32,
+                    f(norm.map_or(0.0, |n| n.eps)),
+                    u(row0),
+                ]
+            };
             let mut bufs: Vec<(u32, &wgpu::Buffer)> =
                 vec![(1, x.buffer()), (2, &part.data), (5, out.buffer())];
             if let Some(n) = norm {
@@ -713,11 +732,12 @@ impl Recorder<'_> {
             match path {
                 MatmulPath::GemvBlocks(_) => {
                     let groups = grid(u(part.rows.div_ceil(block_gemv.1)));
-                    self.dispatch("gemv", block_gemv.0, &flags, &params, &bufs, groups)?;
+                    let p = params(0, m);
+                    self.dispatch("gemv", block_gemv.0, &flags, &p, &bufs, groups)?;
                 }
                 MatmulPath::Gemv | MatmulPath::Auto => {
                     let groups = grid(u(m * part.rows));
-                    self.dispatch("matmul", "gemv", &flags, &params, &bufs, groups)?;
+                    self.dispatch("matmul", "gemv", &flags, &params(0, m), &bufs, groups)?;
                 }
                 MatmulPath::Gemm | MatmulPath::GemmForm(_) => {
                     let form = match path {
@@ -729,22 +749,55 @@ impl Recorder<'_> {
                             "GEMM: expected a form of 0 to 7, found {form}"
                         )));
                     }
-                    let mut flags = flags.clone();
+                    let mut gemm_flags = flags.clone();
                     let mut tile = [64, 64]; // columns, rows
                     if form & GEMM_WIDE != 0 {
-                        flags.push("GEMM_WIDE");
+                        gemm_flags.push("GEMM_WIDE");
                         tile[0] = 128;
                     }
                     if form & GEMM_TALL != 0 {
-                        flags.push("GEMM_TALL");
+                        gemm_flags.push("GEMM_TALL");
                         tile[1] = 128;
                     }
                     if form & GEMM_HALF != 0 {
                         // (the f32 form where the recorder's variant has no f16)
-                        flags.push("GEMM_HALF");
+                        gemm_flags.push("GEMM_HALF");
                     }
-                    let groups = [u(part.rows.div_ceil(tile[0])), u(m.div_ceil(tile[1])), 1];
-                    self.dispatch("matmul", "gemm", &flags, &params, &bufs, groups)?;
+                    // a tuned GEMM leaves a few rows past its whole tiles (the ViT's 257 =
+                    // 2 · 128 + 1) to the block GEMV, instead of a tile row mostly empty
+                    let tail = match path {
+                        MatmulPath::Gemm => gemm_tail(m, tile[1], k),
+                        _ => 0,
+                    };
+                    let body = m - tail;
+                    let groups = [u(part.rows.div_ceil(tile[0])), u(body.div_ceil(tile[1])), 1];
+                    let p = params(0, body);
+                    self.dispatch("matmul", "gemm", &gemm_flags, &p, &bufs, groups)?;
+                    if tail > 0 {
+                        let lanes = match resolve(
+                            self.gpu,
+                            self.variant,
+                            MatmulPath::Auto,
+                            tail,
+                            n,
+                            k,
+                            w.dtype,
+                        ) {
+                            MatmulPath::GemvBlocks(l) => l,
+                            other => {
+                                return Err(Error::Gpu(format!(
+                                    "GEMM tail of {tail} rows: expected the block GEMV, found {other:?}"
+                                )))
+                            }
+                        };
+                        let (form, entry, per_group) =
+                            self.gemv_form(lanes, x, body, tail, None)?;
+                        let mut tail_flags = flags.clone();
+                        tail_flags.extend(form);
+                        let groups = grid(u(part.rows.div_ceil(per_group)));
+                        let p = params(body, tail);
+                        self.dispatch("gemv", entry, &tail_flags, &p, &bufs, groups)?;
+                    }
                 }
             }
         }
