@@ -344,6 +344,8 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
     let s = vit_cfg.image_size;
     let px = Tensor::zeros(gpu, "pixels", &[3, s, s])?;
     let encode = time(a.runs, || {
+        // the profile keeps the last run (not the warm-up, which compiles the pipelines)
+        let _ = crate::gpu::recorder::profile::take();
         let mut rec = Recorder::new(gpu);
         let image = vit.record(gpu, &mut rec, &px, None)?;
         qf.record(gpu, &mut rec, &image, None)?;
@@ -351,6 +353,7 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         gpu.wait();
         Ok(())
     })?;
+    print_profile_per(1, "image");
 
     // prefill of a MiniGPT-4-sized prompt (text + 32 image rows), then decode
     let prompt: Vec<u32> = (0..if a.tiny { 12 } else { 98 })
@@ -429,12 +432,17 @@ fn decode_at(gpu: &Gpu, a: &BenchArgs, llm: &mut Llama, context: usize) -> Resul
 /// `MINIGPT4_PROFILE=1`: where the timed decode steps of the last run went (`tokens` of them),
 /// the 16 costliest kernels and shapes. Prints nothing when profiling is off.
 fn print_profile(tokens: usize) {
-    let tokens = tokens.max(1) as f64;
+    print_profile_per(tokens, "token");
+}
+
+/// The same for `count` repetitions of anything (`per`: "token", "image").
+fn print_profile_per(count: usize, per: &str) {
+    let count = count.max(1) as f64;
     for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
         eprintln!(
-            "profile: {:>7.3} ms/token {:>5.1} dispatches/token  {kernel}",
-            secs * 1e3 / tokens,
-            *n as f64 / tokens
+            "profile: {:>9.3} ms/{per} {:>6.1} dispatches/{per}  {kernel}",
+            secs * 1e3 / count,
+            *n as f64 / count
         );
     }
 }

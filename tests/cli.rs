@@ -626,6 +626,34 @@ fn bench_profile_names_every_decode_kernel() {
     assert!(dispatches >= 2.0 + 6.0, "{err}");
 }
 
+/// With `MINIGPT4_PROFILE=1` the end-to-end part also tells where the image encode went, per
+/// image: the ViT's and Q-Former's GEMMs and tiled attention among its kernels.
+#[test]
+fn bench_profile_names_the_image_encode_kernels() {
+    let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
+        .args(["bench", "--tiny", "--runs", "1", "--layers", "1"])
+        .args(["--synthetic", "vicuna0-7b", "--parts", "e2e"])
+        .env("MINIGPT4_PROFILE", "1")
+        .env_remove("MINIGPT4_ADAPTER")
+        .output()
+        .expect("run minigpt4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let image: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("profile:") && l.contains(" ms/image "))
+        .collect();
+    for kernel in ["matmul::gemm", "attention::attention_tiled"] {
+        assert!(image.iter().any(|l| l.contains(kernel)), "{kernel}: {err}");
+    }
+    for l in &image {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let ms: f64 = words[1].parse().expect(l);
+        let per_image: f64 = words[3].parse().expect(l);
+        assert!(ms >= 0.0 && ms.is_finite() && per_image > 0.0, "{l}");
+    }
+}
+
 /// `bench --parts decode` (the code the page's `benchDecode` runs) reports a rate and only
 /// the parts asked for; an unknown part is named.
 #[test]
