@@ -11,7 +11,7 @@
 # 3. the tiny package's greedy answer in the portable kernels against the software driver's
 #    (tokens must be equal) and in the kernels this GPU chooses (reported);
 # 4. `minigpt4 bench --json` on synthetic Vicuna 7B at its real dimensions, all layers
-#    (`--quick`: 4 layers, 3 runs), and the kernel profile of its decode.
+#    (`--quick`: 4 layers, 3 runs), and the kernel profile of its image encode and decode.
 # Its steps' limits add up to 510 s (on a fast GPU it should take well under that). Five files come
 # back: summary.txt, log.txt (every step's output), bench.json and the two tiny answers.
 set -uo pipefail
@@ -128,8 +128,10 @@ if e:
           f"{e['time_to_first_token_s']:.3f} s, GPU memory {e['gpu_memory_bytes']['total'] / 1e9:.2f} GB")
 EOF
 [ "$mode" = --tiny ] || layers=(--layers 4)
-MINIGPT4_PROFILE=1 step profile 60 "$bin/minigpt4" bench --runs 1 --synthetic vicuna0-7b "${layers[@]}" --parts decode
-grep -E "^profile:|^decode alone" "$tmp/profile.log" | head -17 | tee -a "$summary"
+MINIGPT4_PROFILE=1 step profile 60 "$bin/minigpt4" bench --runs 1 --synthetic vicuna0-7b "${layers[@]}" --parts e2e,decode
+# the image encode's kernels (ms/image), then the decode's (ms/token)
+grep -E "ms/image" "$tmp/profile.log" | head -16 | tee -a "$summary"
+grep -E "ms/token|^decode alone" "$tmp/profile.log" | tail -17 | tee -a "$summary"
 note "done in $SECONDS s"
 # a failed step or different tokens make the run fail (after everything has run)
 ! grep -qE "FAILED|DIFFER" "$summary"
