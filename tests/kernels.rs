@@ -340,6 +340,31 @@ fn a_tuned_gemm_leaves_its_last_few_rows_to_the_block_gemv() {
             got[i]
         );
     }
+    // a weight split into parts (a 28 KiB binding limit): each part's GEMM and tail
+    let small = gpu_with(GpuOptions {
+        max_binding: Some(28 << 10),
+        ..Default::default()
+    });
+    small.set_gemm_form(0);
+    let (m, n, k) = (65, 100, 96);
+    let x = r.vec(m * k, 1.0);
+    let wv = r.vec(n * k, 0.5);
+    let w = Tensor::upload(&small, "w", &[n, k], DType::F32, &wv).unwrap();
+    assert!(w.parts.len() > 1);
+    let xt = act(&small, "x", &[m, k], &x);
+    let out = Tensor::zeros(&small, "out", &[m, n]).unwrap();
+    let mut rec = Recorder::new(&small);
+    rec.matmul(&xt, &w, None, &out, false).unwrap();
+    assert_eq!(rec.len(), 2 * w.parts.len());
+    run(rec);
+    let want = cpu::matmul(&x, m, k, &wv, n, None);
+    assert_close(
+        "split weight, GEMM and tail",
+        &read(&small, &out),
+        &want,
+        2e-5,
+        1e-5,
+    );
     gpu.set_gemm_form(0);
 }
 
