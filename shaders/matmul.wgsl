@@ -61,6 +61,9 @@ const TK: u32 = 16u;
 //   WIDE and TALL together make 128x128 tiles of 8x8 blocks (the workgroup memory then fills
 //   the portable 16 KiB). Larger blocks mean fewer workgroup-memory loads per multiply-add and
 //   more accumulator registers;
+// - GEMM_SHORT: 32 rows per tile in workgroups of 16x8 invocations, for at most 32 rows of x
+//   (the Q-Former's 32 queries, a short prompt), which would leave half of a 64-row tile
+//   multiplying zeros;
 // - GEMM_HALF (with F16): the tiles held as f16 and each 16-deep step of the tile multiplied
 //   and summed in f16, added to f32 accumulators once per step: half the workgroup memory
 //   traffic and packed f16 arithmetic where GPUs have it, at f16 precision for x and the
@@ -68,8 +71,19 @@ const TK: u32 = 16u;
 #if GEMM_TALL
 const TM: u32 = 128u;
 #else
+#if GEMM_SHORT
+const TM: u32 = 32u;
+#else
 const TM: u32 = 64u;
 #endif
+#endif
+// invocations: 16 x WGY, each loading 4 consecutive k of a tile row, so RP tile rows per pass
+#if GEMM_SHORT
+const WGY: u32 = 8u;
+#else
+const WGY: u32 = 16u;
+#endif
+const RP: u32 = 4u * WGY;
 #if GEMM_WIDE
 const TN: u32 = 128u;
 #else
@@ -132,7 +146,7 @@ alias Acc = Blk;
 // Workgroup (x, y) computes output columns x*TN.. and rows y*TM..; each invocation the 4x4
 // block at rows m0 + 4 l.y .., columns n0 + 4 l.x .., and with GEMM_WIDE / GEMM_TALL the
 // blocks 64 columns / 64 rows further, held in registers.
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(16, WGY)
 fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
         @builtin(local_invocation_index) li: u32,
         @builtin(workgroup_id) wg: vec3<u32>) {
@@ -144,15 +158,15 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
     var acc_c = Acc();
     var acc_d = Acc();
     // This invocation loads 4 consecutive k (k0 + 4 kq ..) of tile row r, for x and for W
-    // (and rows r + 64 where the tile has them).
+    // (and rows r + RP, ... where the tile has them).
     let r = li / 4u;
     let kq = li % 4u;
     let c = r % 4u;
     let whole = p.k % 4u == 0u; // W rows start on a multiple of 4: one w4_at per 4 weights
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
         let gk = k0 + 4u * kq;
-        for (var h = 0u; h < TM / 64u; h++) {
-            let xr = m0 + r + 64u * h;
+        for (var h = 0u; h < TM / RP; h++) {
+            let xr = m0 + r + RP * h;
             var xv = vec4<f32>(0.0);
             if (xr < p.m) {
                 for (var e = 0u; e < 4u; e++) {
@@ -162,11 +176,11 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
                 }
             }
             for (var e = 0u; e < 4u; e++) {
-                xs4[(4u * kq + e) * XV + 16u * h + r / 4u][c] = TS(xv[e]);
+                xs4[(4u * kq + e) * XV + (RP / 4u) * h + r / 4u][c] = TS(xv[e]);
             }
         }
-        for (var h = 0u; h < TN / 64u; h++) {
-            let wr = n0 + r + 64u * h;
+        for (var h = 0u; h < TN / RP; h++) {
+            let wr = n0 + r + RP * h;
             var wv = vec4<f32>(0.0);
             if (wr < p.n && gk < p.k) {
                 if (whole) {
@@ -180,7 +194,7 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
                 }
             }
             for (var e = 0u; e < 4u; e++) {
-                ws4[(4u * kq + e) * WV + 16u * h + r / 4u][c] = TS(wv[e]);
+                ws4[(4u * kq + e) * WV + (RP / 4u) * h + r / 4u][c] = TS(wv[e]);
             }
         }
         workgroupBarrier();

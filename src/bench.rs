@@ -279,11 +279,15 @@ fn gemm_trials(trials: &[tune::GemmTrial]) -> Value {
 
 /// A GEMM form as printed: its tile (rows × columns of output) and arithmetic.
 fn gemm_form_name(v: &Value) -> String {
-    use crate::gpu::{GEMM_HALF, GEMM_TALL, GEMM_WIDE};
+    use crate::gpu::{GEMM_HALF, GEMM_SHORT, GEMM_TALL, GEMM_WIDE};
     match v.as_u64().and_then(|f| u32::try_from(f).ok()) {
         Some(f) => format!(
             "{}×{} {}",
-            if f & GEMM_TALL != 0 { 128 } else { 64 },
+            match (f & GEMM_TALL != 0, f & GEMM_SHORT != 0) {
+                (true, _) => 128,
+                (_, true) => 32,
+                _ => 64,
+            },
             if f & GEMM_WIDE != 0 { 128 } else { 64 },
             if f & GEMM_HALF != 0 { "f16" } else { "f32" }
         ),

@@ -193,7 +193,7 @@ fn gemm_every_form_dtype_and_variant() {
     let mut seed = 900;
     // (the GEMM has no subgroup code: the variants that differ for it)
     for v in gpu.variants().into_iter().filter(|v| !v.subgroups) {
-        for form in 0..8u32 {
+        for form in 0..12u32 {
             assert!(is_gemm_form(form));
             // Each form with a quantised and an unquantised dtype, in turn: the weight decoding
             // is the same code in every form (every dtype is tested on the default form
@@ -221,7 +221,8 @@ fn gemm_every_form_dtype_and_variant() {
     // MatmulPath::Gemm runs the adapter's form (here set by hand), trimmed to the shape
     for form in [GEMM_WIDE | GEMM_TALL, GEMM_HALF | GEMM_TALL] {
         gpu.set_gemm_form(form);
-        for (m, n, k) in [(70, 300, 96), (257, 64, 64)] {
+        // (32 rows: 32-row tiles)
+        for (m, n, k) in [(70, 300, 96), (257, 64, 64), (32, 130, 64), (7, 40, 32)] {
             check_matmul(
                 &gpu,
                 gpu.best_variant,
@@ -237,15 +238,15 @@ fn gemm_every_form_dtype_and_variant() {
         }
     }
     gpu.set_gemm_form(0);
-    assert!(!is_gemm_form(8));
+    assert!(!is_gemm_form(12) && !is_gemm_form(16));
     let x = Tensor::zeros(&gpu, "x", &[70, 64]).unwrap();
     let w = Tensor::zeros(&gpu, "w", &[8, 64]).unwrap();
     let out = Tensor::zeros(&gpu, "out", &[70, 8]).unwrap();
     let err = Recorder::new(&gpu)
-        .matmul_with(MatmulPath::GemmForm(9), &x, &w, None, &out, false)
+        .matmul_with(MatmulPath::GemmForm(12), &x, &w, None, &out, false)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("GEMM") && err.contains('9'), "{err}");
+    assert!(err.contains("GEMM") && err.contains("12"), "{err}");
 }
 
 #[test]

@@ -145,16 +145,23 @@ pub const GEMM_TALL: u32 = 4;
 /// form of the same tile without it).
 pub const GEMM_HALF: u32 = 2;
 
+/// Bit of a GEMM form: 32 rows of x per tile in workgroups of 16×8 invocations (`GEMM_SHORT`;
+/// not with [`GEMM_TALL`]). Not a tuned choice: a tuned GEMM of at most 32 rows takes it (see
+/// [`gemm_form_for`]).
+pub const GEMM_SHORT: u32 = 8;
+
 /// Whether `form` is a GEMM form value.
 pub fn is_gemm_form(form: u32) -> bool {
-    form & !(GEMM_WIDE | GEMM_TALL | GEMM_HALF) == 0
+    form & !(GEMM_WIDE | GEMM_TALL | GEMM_HALF | GEMM_SHORT) == 0
+        && form & (GEMM_TALL | GEMM_SHORT) != GEMM_TALL | GEMM_SHORT
 }
 
 /// The form a tuned GEMM (`MatmulPath::Gemm`) runs in for `m` rows of x and `n` output
 /// columns of `dtype` weights: `form` without the bits whose second block would lie wholly
 /// outside the output (128-row tiles for at most 64 rows, 128-column tiles for at most 64
-/// columns), which would only double the work, and without f16 arithmetic for f32 weights (a
-/// model loaded in f32 computes in f32).
+/// columns), which would only double the work, with 32-row tiles for at most 32 rows (half a
+/// 64-row tile would multiply zeros), and without f16 arithmetic for f32 weights (a model
+/// loaded in f32 computes in f32).
 pub fn gemm_form_for(form: u32, m: usize, n: usize, dtype: DType) -> u32 {
     let mut f = form;
     if dtype == DType::F32 {
@@ -162,6 +169,9 @@ pub fn gemm_form_for(form: u32, m: usize, n: usize, dtype: DType) -> u32 {
     }
     if m <= 64 {
         f &= !GEMM_TALL;
+    }
+    if m <= 32 {
+        f |= GEMM_SHORT;
     }
     if n <= 64 {
         f &= !GEMM_WIDE;
@@ -746,7 +756,7 @@ impl Recorder<'_> {
                     };
                     if !is_gemm_form(form) {
                         return Err(Error::Gpu(format!(
-                            "GEMM: expected a form of 0 to 7, found {form}"
+                            "GEMM: expected a form of 0 to 11 without both 4 and 8, found {form}"
                         )));
                     }
                     let mut gemm_flags = flags.clone();
@@ -758,6 +768,10 @@ impl Recorder<'_> {
                     if form & GEMM_TALL != 0 {
                         gemm_flags.push("GEMM_TALL");
                         tile[1] = 128;
+                    }
+                    if form & GEMM_SHORT != 0 {
+                        gemm_flags.push("GEMM_SHORT");
+                        tile[1] = 32;
                     }
                     if form & GEMM_HALF != 0 {
                         // (the f32 form where the recorder's variant has no f16)

@@ -86,6 +86,8 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
             &["W_F16", "GEMM_WIDE", "GEMM_HALF", "OUT_SILU"],
             &["W_Q4", "GEMM_TALL", "GEMM_HALF", "BIAS"],
             &["W_F32", "GEMM_WIDE", "GEMM_TALL", "GEMM_HALF"],
+            &["W_F16", "GEMM_SHORT", "BIAS"],
+            &["W_Q4", "GEMM_SHORT", "GEMM_WIDE", "GEMM_HALF", "OUT_MUL"],
         ],
     ),
     (

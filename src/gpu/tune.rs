@@ -374,8 +374,8 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
 
 #[cfg(not(target_arch = "wasm32"))]
 fn parse_gemm_form(what: &str, v: &str) -> Result<u32> {
-    let expected = "a GEMM form from 0 to 7 (1: 128 columns per tile, 2: f16 arithmetic, 4: 128 \
-                    rows per tile)";
+    let expected = "a GEMM form from 0 to 11 (1: 128 columns per tile, 2: f16 arithmetic, 4: 128 \
+                    rows per tile, 8: 32 rows per tile, not with 4)";
     parse_choice(what, v, is_gemm_form, expected.into())
 }
 
@@ -394,8 +394,9 @@ fn override_lanes() -> Result<Option<u32>> {
     Ok(None)
 }
 
-/// `MINIGPT4_GEMM`, when set (natively): the GEMM form for every GEMM, no tuning (0 to 7:
-/// [`crate::gpu::GEMM_WIDE`] 1, [`crate::gpu::GEMM_HALF`] 2, [`crate::gpu::GEMM_TALL`] 4).
+/// `MINIGPT4_GEMM`, when set (natively): the GEMM form for every GEMM, no tuning (0 to 11:
+/// [`crate::gpu::GEMM_WIDE`] 1, [`crate::gpu::GEMM_HALF`] 2, [`crate::gpu::GEMM_TALL`] 4,
+/// [`crate::gpu::GEMM_SHORT`] 8, not with 4).
 pub fn override_gemm() -> Result<Option<u32>> {
     #[cfg(not(target_arch = "wasm32"))]
     if let Some(v) = env_choice("MINIGPT4_GEMM") {
@@ -771,7 +772,7 @@ mod tests {
         assert_eq!((other.get(None), other.get_gemm_form()), (None, None));
         // stored bytes are untrusted: values that are no valid choice are no choice, and bytes
         // that are not a JSON object (or are far too large) are an empty cache
-        let bad = br#"{"adapter A": {"gemv_lanes": 12, "gemm_form": 8, "fuse_norm": 1,
+        let bad = br#"{"adapter A": {"gemv_lanes": 12, "gemm_form": 12, "fuse_norm": 1,
                         "shapes": {"576x576 q4m": -4, "960x576 q4m": 4294967297}}}"#;
         let c = TuneCache::parse(key(), Some(bad));
         assert_eq!(
@@ -798,7 +799,7 @@ mod tests {
 
     #[test]
     fn the_gemm_form_takes_f16_arithmetic_only_for_a_clear_win() {
-        use crate::gpu::ops::{gemm_form_for, GEMM_TALL, GEMM_WIDE};
+        use crate::gpu::ops::{gemm_form_for, GEMM_SHORT, GEMM_TALL, GEMM_WIDE};
         let t = |form, min_seconds| GemmTrial {
             form,
             seconds: min_seconds,
@@ -817,10 +818,19 @@ mod tests {
         assert_eq!(fastest_gemm(&[t(GEMM_HALF, 1.0)]), Some(GEMM_HALF));
         assert_eq!(fastest_gemm(&[]), None);
 
-        // the tuned form per shape: no second block wholly outside the output, no f16
-        // arithmetic on f32 weights
+        // the tuned form per shape: no second block wholly outside the output, 32-row tiles
+        // for at most 32 rows, no f16 arithmetic on f32 weights
         let all = GEMM_WIDE | GEMM_TALL | GEMM_HALF;
         assert_eq!(gemm_form_for(all, 257, 4224, DType::F16), all);
+        assert_eq!(
+            gemm_form_for(all, 32, 768, DType::F16),
+            GEMM_WIDE | GEMM_HALF | GEMM_SHORT
+        );
+        assert_eq!(gemm_form_for(GEMM_TALL, 5, 64, DType::F32), GEMM_SHORT);
+        assert_eq!(gemm_form_for(0, 33, 64, DType::Q4), 0);
+        assert!(is_gemm_form(GEMM_SHORT | GEMM_WIDE | GEMM_HALF));
+        assert!(!is_gemm_form(GEMM_SHORT | GEMM_TALL));
+        assert!(!is_gemm_form(16));
         assert_eq!(
             gemm_form_for(all, 64, 4224, DType::Q4),
             GEMM_WIDE | GEMM_HALF
@@ -849,10 +859,11 @@ mod tests {
         assert_eq!(reps_for(1e-4, 2, TUNE_RUN_WALL_S), 100);
 
         assert_eq!(parse_gemm_form("X", " 5 ").unwrap(), GEMM_WIDE | GEMM_TALL);
-        let e = parse_gemm_form("MINIGPT4_GEMM", "8")
+        assert_eq!(parse_gemm_form("X", "9").unwrap(), GEMM_SHORT | GEMM_WIDE);
+        let e = parse_gemm_form("MINIGPT4_GEMM", "12")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("MINIGPT4_GEMM") && e.contains('8'), "{e}");
+        assert!(e.contains("MINIGPT4_GEMM") && e.contains("12"), "{e}");
         assert!(parse_gemm_form("X", "wide").is_err());
     }
 }
