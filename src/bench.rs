@@ -197,12 +197,14 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             ("vit qkv", 257, 4224, 1408, DType::F16),
             ("vit fc1", 257, 6144, 1408, DType::F16),
             ("vit fc2", 257, 1408, 6144, DType::F16),
+            ("qformer ffn", 32, 3072, 768, DType::F16),
         ]);
         v
     };
     // the forms as the tuning measures them (its small shape, and its large one on a fast
-    // device), then at a prefill and a ViT shape (the ratios show whether the tuning's shapes
-    // choose right); the chosen form runs the cases
+    // device), then at a prefill, a ViT and a Q-Former shape (the ratios show whether the
+    // tuning's shapes choose right, and what the cases' own tiles gain: the ViT's last row on
+    // the GEMV, 32-row tiles for the Q-Former); the chosen form runs the cases
     let (small, large) = if a.tiny {
         ((32, 128, 64), (64, 256, 128))
     } else {
@@ -221,6 +223,7 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         vec![
             ("prefill", 256, 4096, 4096, DType::Q4),
             ("vit fc1", 257, 6144, 1408, DType::F16),
+            ("qformer ffn", 32, 3072, 768, DType::F16),
         ]
     };
     let mut at_shapes = Vec::new();
@@ -692,7 +695,7 @@ pub fn human(r: &Value) -> String {
         }
         for g in g["cases"].as_array().into_iter().flatten() {
             s += &format!(
-                "  {:<8} {:>4}×{:>5}×{:<5} {:>4} {:>9.2}  ({})\n",
+                "  {:<11} {:>4}×{:>5}×{:<5} {:>4} {:>9.2}  ({})\n",
                 g["case"].as_str().unwrap_or(""),
                 g["m"],
                 g["n"],
