@@ -598,20 +598,47 @@ fn bench_tiny_reports_every_part() {
     assert!(!ok && err.contains("vicuna0-70b"), "{err}");
 }
 
-/// `MINIGPT4_PROFILE=1` tells where a LLaMA's timed decode steps went: every kernel a step
-/// runs, with its time and dispatches per token and its workgroup count.
-#[test]
-fn bench_profile_names_every_decode_kernel() {
+/// `minigpt4 bench ARGS` with `MINIGPT4_PROFILE=1`, which must succeed: its stderr.
+fn bench_profiled(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
-        .args(["bench", "--tiny", "--runs", "1", "--parts", "e2e", "--llm"])
-        .arg(fixture_path("tests/fixtures/llama/mha_untied_hd64"))
+        .arg("bench")
+        .args(args)
         .env("MINIGPT4_PROFILE", "1")
         .env_remove("MINIGPT4_ADAPTER")
         .output()
         .expect("run minigpt4");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("profile:")).collect();
+    err
+}
+
+/// The profile lines per `per` ("token", "image") of `err`, each with its milliseconds and
+/// dispatches per `per`, both checked to be sane, and its workgroup count at the end.
+fn profile_rows<'a>(err: &'a str, per: &str) -> Vec<(&'a str, f64, f64)> {
+    let unit = format!(" ms/{per} ");
+    let rows: Vec<(&str, f64, f64)> = err
+        .lines()
+        .filter(|l| l.starts_with("profile:") && l.contains(&unit))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let ms: f64 = words[1].parse().expect(l);
+            let count: f64 = words[3].parse().expect(l);
+            assert!(ms >= 0.0 && ms.is_finite() && count > 0.0, "{l}");
+            assert!(l.ends_with(" groups)"), "{l}");
+            (l, ms, count)
+        })
+        .collect();
+    assert!(!rows.is_empty(), "no profile per {per}: {err}");
+    rows
+}
+
+/// `MINIGPT4_PROFILE=1` tells where a LLaMA's timed decode steps went: every kernel a step
+/// runs, with its time and dispatches per token and its workgroup count.
+#[test]
+fn bench_profile_names_every_decode_kernel() {
+    let model = fixture_path("tests/fixtures/llama/mha_untied_hd64");
+    let err = bench_profiled(&["--tiny", "--runs", "1", "--parts", "e2e", "--llm", &model]);
+    let rows = profile_rows(&err, "token");
     for kernel in [
         "embedding::embedding",
         "gemv::gemv",
@@ -619,17 +646,9 @@ fn bench_profile_names_every_decode_kernel() {
         "attention::attention",
         "argmax::argmax",
     ] {
-        assert!(lines.iter().any(|l| l.contains(kernel)), "{kernel}: {err}");
+        assert!(rows.iter().any(|r| r.0.contains(kernel)), "{kernel}: {err}");
     }
-    let mut dispatches = 0.0;
-    for l in &lines {
-        let words: Vec<&str> = l.split_whitespace().collect();
-        let ms: f64 = words[1].parse().expect(l);
-        let per_token: f64 = words[3].parse().expect(l);
-        assert!(ms >= 0.0 && ms.is_finite() && per_token > 0.0, "{l}");
-        assert!(l.ends_with(" groups)"), "{l}");
-        dispatches += per_token;
-    }
+    let dispatches: f64 = rows.iter().map(|r| r.2).sum();
     // one embedding, one argmax, and per layer at least the rope, attention and four GEMVs
     assert!(dispatches >= 2.0 + 6.0, "{err}");
 }
@@ -638,27 +657,20 @@ fn bench_profile_names_every_decode_kernel() {
 /// image: the ViT's and Q-Former's GEMMs and tiled attention among its kernels.
 #[test]
 fn bench_profile_names_the_image_encode_kernels() {
-    let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
-        .args(["bench", "--tiny", "--runs", "1", "--layers", "1"])
-        .args(["--synthetic", "vicuna0-7b", "--parts", "e2e"])
-        .env("MINIGPT4_PROFILE", "1")
-        .env_remove("MINIGPT4_ADAPTER")
-        .output()
-        .expect("run minigpt4");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let image: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("profile:") && l.contains(" ms/image "))
-        .collect();
+    let err = bench_profiled(&[
+        "--tiny",
+        "--runs",
+        "1",
+        "--layers",
+        "1",
+        "--synthetic",
+        "vicuna0-7b",
+        "--parts",
+        "e2e",
+    ]);
+    let rows = profile_rows(&err, "image");
     for kernel in ["matmul::gemm", "attention::attention_tiled"] {
-        assert!(image.iter().any(|l| l.contains(kernel)), "{kernel}: {err}");
-    }
-    for l in &image {
-        let words: Vec<&str> = l.split_whitespace().collect();
-        let ms: f64 = words[1].parse().expect(l);
-        let per_image: f64 = words[3].parse().expect(l);
-        assert!(ms >= 0.0 && ms.is_finite() && per_image > 0.0, "{l}");
+        assert!(rows.iter().any(|r| r.0.contains(kernel)), "{kernel}: {err}");
     }
 }
 
