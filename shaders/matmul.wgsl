@@ -68,20 +68,18 @@ const TK: u32 = 16u;
 //   and summed in f16, added to f32 accumulators once per step: half the workgroup memory
 //   traffic and packed f16 arithmetic where GPUs have it, at f16 precision for x and the
 //   products (the precision MiniGPT-4 itself runs its ViT and LLM in).
-#if GEMM_TALL
-const TM: u32 = 128u;
-#else
+// TM rows per tile; invocations: 16 x WGY, each loading 4 consecutive k of a tile row, so RP
+// tile rows per pass
 #if GEMM_SHORT
 const TM: u32 = 32u;
-#else
-const TM: u32 = 64u;
-#endif
-#endif
-// invocations: 16 x WGY, each loading 4 consecutive k of a tile row, so RP tile rows per pass
-#if GEMM_SHORT
 const WGY: u32 = 8u;
 #else
 const WGY: u32 = 16u;
+#if GEMM_TALL
+const TM: u32 = 128u;
+#else
+const TM: u32 = 64u;
+#endif
 #endif
 const RP: u32 = 4u * WGY;
 #if GEMM_WIDE
