@@ -15,6 +15,58 @@ fn minigpt4(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The README's main-job command, as written there (the first `sh` block after "The main
+/// job"), runs as it says: `cargo run --release --` is this test's build of the binary.
+#[test]
+fn the_readme_main_job_command_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let from = readme.find("The main job").expect("a main-job section");
+    let block = readme[from..]
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block after it");
+    let command = block.replace("\\\n", " ");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let prefix = ["cargo", "run", "--release", "--"];
+    assert_eq!(words[..4], prefix, "{command}");
+    // the words as the shell would give them: quotes removed from a quoted argument
+    let mut args: Vec<String> = Vec::new();
+    let mut open: Option<String> = None;
+    for w in &words[4..] {
+        match open.take() {
+            Some(mut a) => {
+                a.push(' ');
+                a.push_str(w.trim_end_matches('"'));
+                if w.ends_with('"') {
+                    args.push(a);
+                } else {
+                    open = Some(a);
+                }
+            }
+            None if w.starts_with('"') && !(w.len() > 1 && w.ends_with('"')) => {
+                open = Some(w.trim_start_matches('"').to_string());
+            }
+            None => args.push(w.trim_matches('"').to_string()),
+        }
+    }
+    assert!(open.is_none(), "an unclosed quote in {command}");
+    assert_eq!(args[0], "chat", "{command}");
+    let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("MINIGPT4_ADAPTER")
+        .output()
+        .expect("run minigpt4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "{args:?}: no answer"
+    );
+}
+
 #[test]
 fn info_lists_adapters_and_marks_the_chosen_one() {
     let (ok, out, err) = minigpt4(&["info"]);

@@ -9,12 +9,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_close, gpu, json_ids, qformer_config, vit_config};
-use minigpt4::chat::{generate_from, Conversation, ModelVariant, Prompt, Sampling, Stop};
+use minigpt4::chat::{generate_from, Conversation, Finish, ModelVariant, Prompt, Sampling, Stop};
 use minigpt4::loader::safetensors::SafetensorsFile;
 use minigpt4::loader::TensorSource;
 use minigpt4::model::llama::Input;
 use minigpt4::model::llama::{LlamaFiles, QuantPolicy};
-use minigpt4::model::minigpt4::{Formats, MiniGpt4, MiniGpt4Config};
+use minigpt4::model::minigpt4::{answer_keep, Formats, MiniGpt4, MiniGpt4Config, MAX_LENGTH};
 use minigpt4::model::vit::VitConfig;
 use minigpt4::quant::DType;
 
@@ -237,6 +237,39 @@ fn context_truncation_keeps_the_last_positions() {
         .unwrap();
         assert_eq!(cut.len(), keep * h, "keep {keep}");
         assert_eq!(&cut[..], &full[(66 - keep) * h..], "keep {keep}");
+    }
+}
+
+/// Where the answer alone would fill the context (the demo's 300 new tokens of a tiny model
+/// with 256 positions), the reference has no rule; the prompt keeps up to half the context and
+/// the answer stops when the context is full. Below that, the reference's rule stands.
+#[test]
+fn an_answer_longer_than_the_context_stops_when_the_context_is_full() {
+    assert_eq!(answer_keep(2000, 300), 1700);
+    assert_eq!(answer_keep(256, 255), 1);
+    assert_eq!(answer_keep(256, 256), 128);
+    assert_eq!(answer_keep(255, 300), 128);
+    let gpu = gpu();
+    let (mut m, golden) = load_vicuna0(&gpu);
+    let budget = MAX_LENGTH.min(m.llm.ctx);
+    assert_eq!(budget, 256);
+    let image = pollster::block_on(m.encode_image(&gpu, &golden.read_f32("pixel_values").unwrap()))
+        .unwrap();
+    let mut conv = Conversation::new(ModelVariant::Vicuna0);
+    conv.add_image();
+    conv.ask("Describe this image in detail.");
+    let a = pollster::block_on(m.answer(&gpu, &conv, &image, &Sampling::greedy(), 300, |_| true))
+        .unwrap();
+    // the 66-position prompt fits in half the context, whole
+    let prompt: usize = a.prompt_token_ids.iter().map(|s| s.len()).sum::<usize>() + a.image_tokens;
+    assert_eq!(prompt, 66);
+    assert!(
+        a.token_ids.len() <= budget - prompt,
+        "{}",
+        a.token_ids.len()
+    );
+    if a.finish == Finish::MaxTokens {
+        assert_eq!(a.token_ids.len(), budget - prompt);
     }
 }
 

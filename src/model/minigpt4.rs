@@ -20,6 +20,21 @@ use crate::weights::{Piece, Recipe, TensorMap, TensorSpec};
 /// The reference demo's context budget (`max_length`, spec §7.5).
 pub const MAX_LENGTH: usize = 2000;
 
+/// How many prompt positions an answer keeps (its last ones, as the reference trims) when
+/// `max_new_tokens` are asked of a context of `budget` positions. Below the budget this is the
+/// reference's rule: `budget - max_new_tokens`. The reference has no rule where the answer
+/// alone would fill the context (its prompt would be cut to nothing): there the prompt keeps up
+/// to half the context, and the answer stops when the context is full (see
+/// [`MiniGpt4::answer`]), as llama.cpp stops its generation. A tiny test model of 256
+/// positions meets this under the demo's default of 300 new tokens.
+pub fn answer_keep(budget: usize, max_new_tokens: usize) -> usize {
+    if max_new_tokens < budget {
+        budget - max_new_tokens
+    } else {
+        budget.div_ceil(2)
+    }
+}
+
 pub struct MiniGpt4 {
     pub variant: ModelVariant,
     /// The variant as the package names it (`vicuna0-7b`, ...).
@@ -441,7 +456,9 @@ impl MiniGpt4 {
     }
 
     /// Answers the conversation's open turn about `image` (embeddings from
-    /// [`MiniGpt4::encode_image`]), as `Chat.answer` does.
+    /// [`MiniGpt4::encode_image`]), as `Chat.answer` does: at most `max_new_tokens`, and no
+    /// more than the context holds after the prompt (see [`answer_keep`]; the answer's finish
+    /// reason is then its length).
     pub async fn answer(
         &mut self,
         gpu: &Gpu,
@@ -456,16 +473,10 @@ impl MiniGpt4 {
         let n_images = segments.len() - 1;
         let images: Vec<&Tensor> = std::iter::repeat_n(image, n_images).collect();
         let budget = MAX_LENGTH.min(self.llm.ctx);
-        if max_new_tokens >= budget {
-            return Err(Error::InvalidOption {
-                name: "max-new-tokens".into(),
-                msg: format!(
-                    "{max_new_tokens} new tokens leave no room for the prompt: this model's context holds {budget} positions in all"
-                ),
-            });
-        }
-        let keep = budget - max_new_tokens;
+        let keep = answer_keep(budget, max_new_tokens);
         let spliced = self.splice(gpu, &segments, &images, keep).await?;
+        // (a no-op below the budget, where the prompt kept leaves room for every new token)
+        let max_new_tokens = max_new_tokens.min(budget - spliced.rows());
         self.llm.reset();
         let stop = Stop {
             max_new_tokens,
