@@ -277,6 +277,16 @@ fn lanes_flag(lanes: u32) -> Result<&'static str> {
 /// Rows of x up to which [`MatmulPath::Auto`] picks the GEMV kernel.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// The block GEMV's lanes for `m` (at most [`GEMV_MAX_ROWS`]) rows of x on an `[n, k]` weight
+/// of `dt`: the shape's or the adapter's tuned value, without subgroups where the variant has
+/// none or x has several rows.
+fn block_lanes(gpu: &Gpu, v: Variant, m: usize, n: usize, k: usize, dt: DType) -> u32 {
+    match gpu.gemv_lanes_for(n, k, dt) {
+        GEMV_SUBGROUP if !v.subgroups || m > 1 => GEMV_SUBGROUP_FALLBACK,
+        lanes => lanes,
+    }
+}
+
 /// The kernel [`MatmulPath::Auto`] stands for with `m` rows of x and `[n, k]` weights, for a
 /// recorder of kernel variant `v`.
 fn resolve(
@@ -290,12 +300,7 @@ fn resolve(
 ) -> MatmulPath {
     match path {
         MatmulPath::Auto if m <= GEMV_MAX_ROWS && k.is_multiple_of(32) => {
-            match gpu.gemv_lanes_for(n, k, dt) {
-                GEMV_SUBGROUP if !v.subgroups || m > 1 => {
-                    MatmulPath::GemvBlocks(GEMV_SUBGROUP_FALLBACK)
-                }
-                lanes => MatmulPath::GemvBlocks(lanes),
-            }
+            MatmulPath::GemvBlocks(block_lanes(gpu, v, m, n, k, dt))
         }
         MatmulPath::Auto if m <= GEMV_MAX_ROWS => MatmulPath::Gemv,
         MatmulPath::Auto => MatmulPath::Gemm,
@@ -788,22 +793,7 @@ impl Recorder<'_> {
                     let p = params(0, body);
                     self.dispatch("matmul", "gemm", &gemm_flags, &p, &bufs, groups)?;
                     if tail > 0 {
-                        let lanes = match resolve(
-                            self.gpu,
-                            self.variant,
-                            MatmulPath::Auto,
-                            tail,
-                            n,
-                            k,
-                            w.dtype,
-                        ) {
-                            MatmulPath::GemvBlocks(l) => l,
-                            other => {
-                                return Err(Error::Gpu(format!(
-                                    "GEMM tail of {tail} rows: expected the block GEMV, found {other:?}"
-                                )))
-                            }
-                        };
+                        let lanes = block_lanes(self.gpu, self.variant, tail, n, k, w.dtype);
                         let (form, entry, per_group) =
                             self.gemv_form(lanes, x, body, tail, None)?;
                         let mut tail_flags = flags.clone();
