@@ -209,6 +209,21 @@ fn load_vicuna0(gpu: &minigpt4::gpu::Gpu) -> (MiniGpt4, SafetensorsFile) {
     (m, golden)
 }
 
+/// The golden image encoded, and a Vicuna-v0 conversation about it with its first question
+/// asked.
+fn first_question(
+    gpu: &minigpt4::gpu::Gpu,
+    m: &MiniGpt4,
+    golden: &SafetensorsFile,
+) -> (minigpt4::gpu::Tensor, Conversation) {
+    let pixels = golden.read_f32("pixel_values").unwrap();
+    let image = pollster::block_on(m.encode_image(gpu, &pixels)).unwrap();
+    let mut conv = Conversation::new(ModelVariant::Vicuna0);
+    conv.add_image();
+    conv.ask("Describe this image in detail.");
+    (image, conv)
+}
+
 /// The reference keeps only the last `max_length − max_new_tokens` prompt positions
 /// (`answer_prepare`): the truncated splice is exactly the tail of the full one.
 #[test]
@@ -253,11 +268,7 @@ fn an_answer_longer_than_the_context_stops_when_the_context_is_full() {
     let (mut m, golden) = load_vicuna0(&gpu);
     let budget = MAX_LENGTH.min(m.llm.ctx);
     assert_eq!(budget, 256);
-    let image = pollster::block_on(m.encode_image(&gpu, &golden.read_f32("pixel_values").unwrap()))
-        .unwrap();
-    let mut conv = Conversation::new(ModelVariant::Vicuna0);
-    conv.add_image();
-    conv.ask("Describe this image in detail.");
+    let (image, conv) = first_question(&gpu, &m, &golden);
     let a = pollster::block_on(m.answer(&gpu, &conv, &image, &Sampling::greedy(), 300, |_| true))
         .unwrap();
     // the 66-position prompt fits in half the context, whole
@@ -278,11 +289,7 @@ fn an_answer_longer_than_the_context_stops_when_the_context_is_full() {
 fn multi_turn_conversation_reuses_the_image() {
     let gpu = gpu();
     let (mut m, golden) = load_vicuna0(&gpu);
-    let image = pollster::block_on(m.encode_image(&gpu, &golden.read_f32("pixel_values").unwrap()))
-        .unwrap();
-    let mut conv = Conversation::new(ModelVariant::Vicuna0);
-    conv.add_image();
-    conv.ask("Describe this image in detail.");
+    let (image, mut conv) = first_question(&gpu, &m, &golden);
     let a1 = pollster::block_on(m.answer(&gpu, &conv, &image, &Sampling::greedy(), 6, |_| true))
         .unwrap();
     assert!(a1.token_ids.len() <= 6 && a1.image_tokens == 8);
