@@ -212,11 +212,14 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     };
     eprintln!("bench: GEMM forms, f16 {}×{}×{}", small.0, small.1, small.2);
     let tuning = pollster::block_on(tune::measure_gemm_tuning(gpu, small, large, a.runs))?;
-    let chosen = match tune::override_gemm()? {
-        Some(f) => f,
-        None => tune::gemm_choice(&tuning),
+    let (chosen, by_shape) = match tune::override_gemm()? {
+        Some(f) => (f, false),
+        None => (tune::gemm_choice(&tuning), tuning.len() > 1),
     };
     gpu.set_gemm_form(chosen);
+    // as the tuning decides it: per shape too on a fast device (measured at the large shape)
+    let by_shape = tune::override_gemm_shapes()?.unwrap_or(by_shape);
+    gpu.set_gemm_by_shape(by_shape);
     let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {
         vec![("prefill", 40, 192, 64, DType::Q4)]
     } else {
@@ -245,11 +248,15 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         // measured only where the small shape ran fast (a GPU); the choice is made on it then
         "tune_shape_large": shape_trials(1),
         "chosen": chosen,
+        "by_shape": by_shape,
         "at_shapes": at_shapes,
     });
     let mut out = Vec::new();
     for (what, m, n, k, dtype) in cases {
         eprintln!("bench: gemm {what} {m}×{n}×{k} {dtype}");
+        // each case in its own form where GEMMs are tuned per shape (from the cache, or
+        // measured now)
+        pollster::block_on(tune::tune_gemm_shapes(gpu, &[(m, n, k, dtype)]))?;
         let w = random_weight(gpu, "gemm.w", &[n, k], dtype, (m * n) as u64)?;
         let x = Tensor::zeros(gpu, "gemm.x", &[m, k])?;
         let y = Tensor::zeros(gpu, "gemm.y", &[m, n])?;
@@ -263,7 +270,7 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         let flop = 2.0 * (m * n * k) as f64;
         out.push(json!({
             "case": what, "m": m, "n": n, "k": k, "dtype": dtype.name(),
-            "form": gemm_form_for(chosen, m, n, dtype),
+            "form": gemm_form_for(gpu.gemm_form_at(m, n, k, dtype), m, n, dtype),
             "gflop_per_s": flop / t.0 / 1e9, "time": stats(t),
         }));
     }
@@ -350,6 +357,10 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
     // image encode: ViT + Q-Former
     let s = vit_cfg.image_size;
     let px = Tensor::zeros(gpu, "pixels", &[3, s, s])?;
+    pollster::block_on(tune::tune_gemm_shapes_of(gpu, |rec| {
+        let image = vit.record(gpu, rec, &px, None)?;
+        qf.record(gpu, rec, &image, None).map(drop)
+    }))?;
     let encode = time(a.runs, || {
         // the profile keeps the last run (not the warm-up, which compiles the pipelines)
         let _ = crate::gpu::recorder::profile::take();
@@ -681,7 +692,15 @@ pub fn human(r: &Value) -> String {
                 );
             }
         }
-        s += &format!("  chosen: {}\n", gemm_form_name(&f["chosen"]));
+        s += &format!(
+            "  chosen: {}{}\n",
+            gemm_form_name(&f["chosen"]),
+            if f["by_shape"] == true {
+                ", and a form per shape (the cases below)"
+            } else {
+                ""
+            }
+        );
         for c in f["at_shapes"].as_array().into_iter().flatten() {
             s += &format!(
                 "  forms at {} {}×{}×{} {}:{}\n",

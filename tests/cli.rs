@@ -635,6 +635,12 @@ fn bench_tiny_reports_every_part() {
         .unwrap()
         .iter()
         .any(|t| t["form"] == forms["chosen"]));
+    // forms per shape where the tuning measured the large shape too (a fast device)
+    assert_eq!(
+        forms["by_shape"].as_bool(),
+        Some(forms["tune_shape_large"].is_object()),
+        "{forms}"
+    );
     let e = &r["end_to_end"];
     for k in [
         "image_encode_ms",
@@ -648,6 +654,58 @@ fn bench_tiny_reports_every_part() {
     assert!(pos(&e["gpu_memory_bytes"]["total"]));
     let (ok, _, err) = minigpt4(&["bench", "--tiny", "--synthetic", "vicuna0-70b"]);
     assert!(!ok && err.contains("vicuna0-70b"), "{err}");
+}
+
+/// `MINIGPT4_GEMM_SHAPES=1` tunes the GEMM per shape on any device: bench says so and runs
+/// each case in its own form (from a measurement there, cached for the next run, which must
+/// agree); a value other than 0 or 1 is refused by name.
+#[test]
+fn bench_gemm_forms_per_shape_on_request() {
+    let home = std::env::temp_dir().join(format!("minigpt4-gemm-shapes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let bench = |shapes: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
+            .args([
+                "bench", "--tiny", "--runs", "1", "--parts", "gemm", "--json",
+            ])
+            .env("MINIGPT4_GEMM_SHAPES", shapes)
+            .env("MINIGPT4_HOME", &home)
+            .env_remove("MINIGPT4_ADAPTER")
+            .env_remove("MINIGPT4_GEMM")
+            .output()
+            .expect("run minigpt4");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let forms_of = |out: &str| -> Vec<u64> {
+        let r: serde_json::Value = serde_json::from_str(out).expect("JSON");
+        assert_eq!(r["gemm"]["forms"]["by_shape"], true, "{r}");
+        r["gemm"]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["form"].as_u64().unwrap())
+            .collect()
+    };
+    let (ok, out, err) = bench("1");
+    assert!(ok, "{err}");
+    let first = forms_of(&out);
+    assert!(!first.is_empty());
+    assert!(first.iter().all(|&f| minigpt4::gpu::is_gemm_form(f as u32)));
+    let stored = std::fs::read_to_string(home.join("tune.json")).unwrap();
+    assert!(stored.contains("gemm_shapes"), "{stored}");
+    let (ok, out, err) = bench("1");
+    assert!(ok, "{err}");
+    assert_eq!(forms_of(&out), first, "the cached forms");
+    let (ok, _, err) = bench("yes");
+    assert!(
+        !ok && err.contains("MINIGPT4_GEMM_SHAPES") && err.contains("expected 0 or 1"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&home);
 }
 
 /// `minigpt4 bench ARGS` with `MINIGPT4_PROFILE=1`, which must succeed: its stderr.

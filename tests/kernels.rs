@@ -107,7 +107,7 @@ fn check_matmul(
     // (a unit roundoff of 2^-11), f32 across the sums
     let form = match path {
         MatmulPath::GemmForm(f) => Some(f),
-        MatmulPath::Gemm => Some(gemm_form_for(gpu.gemm_form(), m, n, dt)),
+        MatmulPath::Gemm => Some(gemm_form_for(gpu.gemm_form_at(m, n, k, dt), m, n, dt)),
         _ => None,
     };
     let half = v.f16 && form.is_some_and(|f| f & GEMM_HALF != 0);
@@ -185,6 +185,95 @@ fn gemm_tuning_measures_every_form_and_the_large_shape_only_on_a_fast_device() {
             .all(|t| t.min_seconds > 0.0 && t.min_seconds <= t.seconds));
     }
     assert!(forms.contains(&fastest_gemm(&shapes.last().unwrap().1).unwrap()));
+}
+
+/// GEMM forms per shape (a fast device's tuning, forced here): each model shape with more rows
+/// than the GEMV takes is measured in the forms the candidates become at that shape, the
+/// fastest is kept, and a tuned GEMM runs in the form of its weight shape's nearest tuned row
+/// count, correctly; where the device does not tune per shape nothing is measured.
+#[test]
+fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
+    use minigpt4::gpu::tune::{measure_gemm_shape, tune_gemm_shapes};
+    // a device of its own: the per-shape choices belong to one `Gpu`
+    let gpu = gpu_with(GpuOptions::default());
+    gpu.set_gemm_form(0);
+    let (a, b, few) = (
+        (40, 192, 64, DType::F16),
+        (130, 200, 96, DType::Q4),
+        (3, 64, 64, DType::F16),
+    );
+    pollster::block_on(tune_gemm_shapes(&gpu, &[a, b])).unwrap();
+    assert!(!gpu.has_gemm_form_at(a.0, a.1, a.2, a.3), "tuned while off");
+    gpu.set_gemm_by_shape(true);
+    pollster::block_on(tune_gemm_shapes(&gpu, &[a, b, few])).unwrap();
+    let trimmed = |(m, n, _, dt): (usize, usize, usize, DType)| -> Vec<u32> {
+        let mut v = Vec::new();
+        for f in minigpt4::gpu::gemm_candidates(&gpu) {
+            let f = gemm_form_for(f, m, n, dt);
+            if !v.contains(&f) {
+                v.push(f);
+            }
+        }
+        v
+    };
+    for s in [a, b] {
+        assert!(gpu.has_gemm_form_at(s.0, s.1, s.2, s.3), "{s:?}");
+        let f = gpu.gemm_form_at(s.0, s.1, s.2, s.3);
+        assert!(trimmed(s).contains(&f), "{s:?}: {f}");
+    }
+    // at most GEMV_MAX_ROWS rows run on the GEMV: nothing to tune
+    assert!(!gpu.has_gemm_form_at(few.0, few.1, few.2, few.3));
+
+    // the measurement: every form the candidates become at the shape, as a tuned GEMM runs
+    // it; the shape keeps no form of its own afterwards
+    let c = (100, 192, 64, DType::F16);
+    let trials = pollster::block_on(measure_gemm_shape(&gpu, (c.0, c.1, c.2), c.3, 1)).unwrap();
+    let measured: Vec<u32> = trials.iter().map(|t| t.form).collect();
+    assert_eq!(measured, trimmed(c));
+    assert!(trials
+        .iter()
+        .all(|t| t.min_seconds > 0.0 && t.min_seconds <= t.seconds));
+    assert!(!gpu.has_gemm_form_at(c.0, c.1, c.2, c.3));
+
+    // which form runs: the nearest tuned row count's (by ratio) for the same weight shape,
+    // trimmed to the rows; another weight shape keeps the adapter's form
+    gpu.set_gemm_form(0);
+    let (n, k, dt) = (192, 64, DType::F16);
+    gpu.set_gemm_form_at(40, n, k, dt, GEMM_WIDE);
+    gpu.set_gemm_form_at(200, n, k, dt, GEMM_WIDE | GEMM_TALL | GEMM_HALF);
+    let gemm_flags = |m: usize, n: usize| -> String {
+        let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
+        let w = Tensor::empty(&gpu, "w", &[n, k], dt).unwrap();
+        let y = Tensor::zeros(&gpu, "y", &[m, n]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        rec.matmul_with(MatmulPath::Gemm, &x, &w, None, &y, false)
+            .unwrap();
+        assert_eq!(rec.gemm_shapes(), &[(m, n, k, dt)]);
+        let kernels = rec.kernels();
+        kernels
+            .iter()
+            .find(|s| s.starts_with("matmul::gemm "))
+            .cloned()
+            .unwrap_or_else(|| panic!("no GEMM among {kernels:?}"))
+    };
+    assert_eq!(gemm_flags(40, n), "matmul::gemm W_F16,GEMM_WIDE");
+    assert_eq!(gemm_flags(70, n), "matmul::gemm W_F16,GEMM_WIDE");
+    assert_eq!(gemm_flags(20, n), "matmul::gemm W_F16,GEMM_WIDE,GEMM_SHORT");
+    assert_eq!(
+        gemm_flags(150, n),
+        "matmul::gemm W_F16,GEMM_WIDE,GEMM_TALL,GEMM_HALF"
+    );
+    assert_eq!(gemm_flags(150, 128), "matmul::gemm W_F16");
+    // and computes what the CPU reference does, in f32 and in the f16 form
+    for v in gpu.variants() {
+        for m in [40, 70, 150, 261] {
+            check_matmul(&gpu, v, dt, MatmulPath::Gemm, m, n, k, true, true, m as u64);
+        }
+    }
+    // a form set for every shape (MINIGPT4_GEMM, bench) replaces the per-shape ones
+    gpu.set_gemm_form(GEMM_WIDE | GEMM_TALL);
+    assert_eq!(gemm_flags(40, n), "matmul::gemm W_F16,GEMM_WIDE");
+    assert_eq!(gemm_flags(150, n), "matmul::gemm W_F16,GEMM_WIDE,GEMM_TALL");
 }
 
 #[test]

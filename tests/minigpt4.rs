@@ -318,3 +318,58 @@ fn multi_turn_conversation_reuses_the_image() {
     assert_eq!(a3.token_ids.len(), 2);
     assert_eq!(a3.finish, minigpt4::chat::Finish::Cancelled);
 }
+
+/// Where the device tunes GEMM forms per shape (a fast GPU; forced here), the first image
+/// tunes exactly the image half's GEMM shapes (learned from a recording not submitted) and the
+/// first answer the LLM's prefill shapes; the embeddings and the greedy answer stay those of
+/// the adapter-wide form.
+#[test]
+fn gemm_forms_tuned_per_shape_cover_the_models_own_gemms() {
+    let plain = gpu();
+    let by_shape = common::gpu_with(minigpt4::gpu::GpuOptions::default());
+    by_shape.set_gemm_by_shape(true);
+    let run = |gpu: &minigpt4::gpu::Gpu| {
+        let (mut m, golden) = load_vicuna0(gpu);
+        let (image, conv) = first_question(gpu, &m, &golden);
+        let embeds = pollster::block_on(image.read_f32(gpu)).unwrap();
+        let a = pollster::block_on(m.answer(gpu, &conv, &image, &Sampling::greedy(), 4, |_| true))
+            .unwrap();
+        (m, embeds, a.token_ids)
+    };
+    let (_, want_embeds, want_ids) = run(&plain);
+    let (m, embeds, ids) = run(&by_shape);
+    assert!(!plain.gemm_by_shape());
+    let (v, q) = (&m.vit.cfg, &m.qformer.as_ref().unwrap().cfg);
+    let t = v.tokens();
+    let (g2, pp) = (v.grid() * v.grid(), 3 * v.patch * v.patch);
+    for (rows, n, k) in [
+        (g2, v.width, pp),
+        (t, 3 * v.width, v.width),
+        (t, v.width, v.width),
+        (t, v.mlp, v.width),
+        (t, v.width, v.mlp),
+        (q.queries, q.intermediate, q.hidden),
+        (q.queries, q.hidden, q.intermediate),
+        (t, 2 * q.hidden, q.encoder_width),
+    ] {
+        assert!(
+            by_shape.has_gemm_form_at(rows, n, k, DType::F32),
+            "{rows}x{n}x{k} not tuned"
+        );
+    }
+    for w in m.llm.decode_matrices() {
+        for rows in minigpt4::gpu::tune::GEMM_PREFILL_ROWS {
+            let has = by_shape.has_gemm_form_at(rows, w.rows(), w.cols(), w.dtype);
+            // every layer matrix; not the output head, which prefill runs on its last row
+            assert_eq!(has, w.rows() != m.llm.cfg.vocab, "{rows}x{:?}", w.shape);
+        }
+    }
+    assert_close(
+        "image embeddings, forms per shape",
+        &embeds,
+        &want_embeds,
+        1e-5,
+        1e-4,
+    );
+    assert_eq!(ids, want_ids);
+}

@@ -306,6 +306,11 @@ pub struct Gpu {
     gemm_form: AtomicU32,
     /// Per-shape block GEMV lanes: (rows, cols, dtype) → lanes.
     gemv_shapes: Mutex<HashMap<(usize, usize, DType), u32>>,
+    /// Whether the GEMM form is also tuned per shape (a fast device; see
+    /// [`crate::gpu::tune::tune_gemm_shapes`]).
+    gemm_by_shape: AtomicBool,
+    /// Per-shape GEMM forms: (rows of x, weight rows, weight columns, dtype) → form.
+    gemm_shapes: Mutex<HashMap<(usize, usize, usize, DType), u32>>,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
     errors: Arc<Mutex<Vec<String>>>,
     /// Set when the device is lost (driver reset, `destroy`, the browser reclaiming it).
@@ -384,6 +389,8 @@ impl Gpu {
             gemv_shapes: Mutex::new(HashMap::new()),
             fuse_norm: AtomicBool::new(true),
             gemm_form: AtomicU32::new(0),
+            gemm_by_shape: AtomicBool::new(false),
+            gemm_shapes: Mutex::new(HashMap::new()),
             info,
             errors,
             lost,
@@ -411,9 +418,15 @@ impl Gpu {
         g.set_gemv_lanes(self.gemv_lanes());
         g.set_fuse_norm(self.fuse_norm());
         g.set_gemm_form(self.gemm_form());
+        g.set_gemm_by_shape(self.gemm_by_shape());
         if let Ok(m) = self.gemv_shapes.lock() {
             for (&(n, k, dt), &l) in m.iter() {
                 g.set_gemv_lanes_for(n, k, dt, l);
+            }
+        }
+        if let Ok(m) = self.gemm_shapes.lock() {
+            for (&(rows, n, k, dt), &f) in m.iter() {
+                g.set_gemm_form_at(rows, n, k, dt, f);
             }
         }
         Ok(g)
@@ -466,8 +479,63 @@ impl Gpu {
         self.gemm_form.load(Ordering::Relaxed)
     }
 
+    /// Sets the GEMM form for every shape, forgetting the per-shape choices.
     pub fn set_gemm_form(&self, form: u32) {
         self.gemm_form.store(form, Ordering::Relaxed);
+        if let Ok(mut m) = self.gemm_shapes.lock() {
+            m.clear();
+        }
+    }
+
+    /// Whether GEMM forms are tuned per shape as well ([`crate::gpu::tune::tune_gemm_shapes`]):
+    /// set by the tuning where the device is fast (off until then).
+    pub fn gemm_by_shape(&self) -> bool {
+        self.gemm_by_shape.load(Ordering::Relaxed)
+    }
+
+    pub fn set_gemm_by_shape(&self, on: bool) {
+        self.gemm_by_shape.store(on, Ordering::Relaxed);
+    }
+
+    /// The form of a tuned GEMM of `m` rows of x over `[n, k]` `dtype` weights, before
+    /// [`crate::gpu::gemm_form_for`] trims it to the rows and columns: the form tuned for the
+    /// weight shape at the row count nearest `m` (by ratio), else the adapter's.
+    pub fn gemm_form_at(&self, m: usize, n: usize, k: usize, dtype: DType) -> u32 {
+        let distance = |rows: usize| (m.max(1) as f64 / rows.max(1) as f64).ln().abs();
+        self.gemm_shapes
+            .lock()
+            .ok()
+            .and_then(|map| {
+                map.iter()
+                    .filter(|(&(_, sn, sk, sd), _)| (sn, sk, sd) == (n, k, dtype))
+                    .min_by(|(a, _), (b, _)| {
+                        distance(a.0).total_cmp(&distance(b.0)).then(a.0.cmp(&b.0))
+                    })
+                    .map(|(_, &f)| f)
+            })
+            .unwrap_or_else(|| self.gemm_form())
+    }
+
+    /// Whether a GEMM of exactly `m` rows over `[n, k]` `dtype` weights has its own form.
+    pub fn has_gemm_form_at(&self, m: usize, n: usize, k: usize, dtype: DType) -> bool {
+        self.gemm_shapes
+            .lock()
+            .is_ok_and(|map| map.contains_key(&(m, n, k, dtype)))
+    }
+
+    /// Drops the form of GEMMs of exactly `m` rows over `[n, k]` `dtype` weights.
+    pub fn forget_gemm_form_at(&self, m: usize, n: usize, k: usize, dtype: DType) {
+        if let Ok(mut map) = self.gemm_shapes.lock() {
+            map.remove(&(m, n, k, dtype));
+        }
+    }
+
+    /// Sets the form of GEMMs of `m` rows over `[n, k]` `dtype` weights (and of those whose
+    /// row count is nearer `m` than any other tuned one's).
+    pub fn set_gemm_form_at(&self, m: usize, n: usize, k: usize, dtype: DType, form: u32) {
+        if let Ok(mut map) = self.gemm_shapes.lock() {
+            map.insert((m, n, k, dtype), form);
+        }
     }
 
     /// Sets the block GEMV's lanes (one of [`crate::gpu::ops::GEMV_LANES`]) for every

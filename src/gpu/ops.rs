@@ -684,6 +684,9 @@ impl Recorder<'_> {
             b.expect(None, &[n])?;
         }
         let path = resolve(self.gpu, self.variant, path, m, n, k, w.dtype);
+        if path == MatmulPath::Gemm {
+            self.note_gemm_shape((m, n, k, w.dtype));
+        }
         let mut flags = vec![wflag(w.dtype)];
         if bias.is_some() {
             flags.push("BIAS");
@@ -757,7 +760,10 @@ impl Recorder<'_> {
                 MatmulPath::Gemm | MatmulPath::GemmForm(_) => {
                     let form = match path {
                         MatmulPath::GemmForm(f) => f,
-                        _ => gemm_form_for(self.gpu.gemm_form(), m, part.rows, w.dtype),
+                        _ => {
+                            let f = self.gpu.gemm_form_at(m, n, k, w.dtype);
+                            gemm_form_for(f, m, part.rows, w.dtype)
+                        }
                     };
                     if !is_gemm_form(form) {
                         return Err(Error::Gpu(format!(

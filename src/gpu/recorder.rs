@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::shader::Variant;
+use crate::quant::DType;
 
 /// Bytes of one parameter slot (>= every adapter's uniform offset alignment).
 const SLOT: usize = 256;
@@ -80,6 +81,9 @@ pub struct Recorder<'g> {
     old_chunks: std::vec::IntoIter<wgpu::Buffer>,
     /// Dispatches whose bind group came from the replayed plan.
     pub reused: usize,
+    /// The shapes of the tuned GEMMs recorded (rows of x, weight rows, weight columns, dtype),
+    /// each once ([`Recorder::gemm_shapes`]).
+    gemm_shapes: Vec<(usize, usize, usize, DType)>,
 }
 
 /// A 1-D workgroup count spread over x and y so that neither exceeds [`MAX_GROUPS`]. Kernels
@@ -104,6 +108,7 @@ impl<'g> Recorder<'g> {
             old_cmds: Vec::new().into_iter(),
             old_chunks: Vec::new().into_iter(),
             reused: 0,
+            gemm_shapes: Vec::new(),
         }
     }
 
@@ -222,6 +227,30 @@ impl<'g> Recorder<'g> {
     /// Number of dispatches recorded so far.
     pub fn len(&self) -> usize {
         self.cmds.len()
+    }
+
+    /// Each dispatch recorded so far as `file::entry FLAG,FLAG` (tests check which kernel and
+    /// form an op chose).
+    pub fn kernels(&self) -> Vec<String> {
+        self.cmds
+            .iter()
+            .map(|c| format!("{}::{} {}", c.file, c.entry, c.flags.join(",")))
+            .collect()
+    }
+
+    /// Notes a tuned GEMM's shape (see [`Recorder::gemm_shapes`]).
+    pub(crate) fn note_gemm_shape(&mut self, shape: (usize, usize, usize, DType)) {
+        if !self.gemm_shapes.contains(&shape) {
+            self.gemm_shapes.push(shape);
+        }
+    }
+
+    /// The shapes of the tuned GEMMs (`MatmulPath::Gemm`, as `Auto` resolves for more than a
+    /// few rows) recorded so far, each once: rows of x, weight rows, weight columns, dtype. A
+    /// model records its forward once without submitting it to learn which GEMM shapes to tune
+    /// ([`crate::gpu::tune::tune_gemm_shapes`]).
+    pub fn gemm_shapes(&self) -> &[(usize, usize, usize, DType)] {
+        &self.gemm_shapes
     }
 
     pub fn is_empty(&self) -> bool {

@@ -10,16 +10,21 @@
 //! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
 //! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
 //! no single shape predicts that (SmolLM2's 576-row matrices want 4 lanes on lavapipe where a
-//! 1024-row one wants 1). The choices are stored under a key naming the adapter, driver,
+//! 1024-row one wants 1). On a fast device the GEMM's form is tuned shape by shape too, for
+//! the same reason ([`tune_gemm_shapes`]). The choices are stored under a key naming the adapter, driver,
 //! backend, kernel variant and kernel sources, so later runs skip the measurement: natively in
 //! `<cache dir>/tune.json`, in the page by the worker (`web/worker.js`, the Cache API).
-//! `MINIGPT4_GEMV_LANES`, `MINIGPT4_FUSE_NORM` and `MINIGPT4_GEMM` override them natively.
+//! `MINIGPT4_GEMV_LANES`, `MINIGPT4_FUSE_NORM`, `MINIGPT4_GEMM` and `MINIGPT4_GEMM_SHAPES`
+//! override them natively.
 
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::Error;
 use crate::error::Result;
 use crate::gpu::ops::is_gemv_lanes;
-use crate::gpu::ops::{gemm_candidates, gemv_candidates, is_gemm_form, MatmulPath, GEMM_HALF};
+use crate::gpu::ops::{
+    gemm_candidates, gemm_form_for, gemv_candidates, is_gemm_form, MatmulPath, GEMM_HALF,
+    GEMV_MAX_ROWS,
+};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::ops::{GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
 use crate::gpu::tensor::read_words;
@@ -405,19 +410,35 @@ pub fn override_gemm() -> Result<Option<u32>> {
     Ok(None)
 }
 
+/// `MINIGPT4_GEMM_SHAPES`, when set (natively): `1` tunes the GEMM's form per shape as well
+/// ([`tune_gemm_shapes`]), `0` does not, whatever the tuning found the device to be.
+pub fn override_gemm_shapes() -> Result<Option<bool>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(v) = env_choice("MINIGPT4_GEMM_SHAPES") {
+        return parse_switch("MINIGPT4_GEMM_SHAPES", &v).map(Some);
+    }
+    Ok(None)
+}
+
+/// `0` or `1` of an environment switch named `name`.
+#[cfg(not(target_arch = "wasm32"))]
+fn parse_switch(name: &str, v: &str) -> Result<bool> {
+    match v.trim() {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => Err(Error::InvalidOption {
+            name: name.into(),
+            msg: format!("expected 0 or 1, found '{v}'"),
+        }),
+    }
+}
+
 /// `MINIGPT4_FUSE_NORM`, when set (natively): `1` fuses RMSNorm into the GEMV after it, `0`
 /// keeps it a dispatch of its own, without measuring.
 pub fn override_fuse_norm() -> Result<Option<bool>> {
     #[cfg(not(target_arch = "wasm32"))]
     if let Some(v) = env_choice("MINIGPT4_FUSE_NORM") {
-        return match v.trim() {
-            "1" => Ok(Some(true)),
-            "0" => Ok(Some(false)),
-            _ => Err(Error::InvalidOption {
-                name: "MINIGPT4_FUSE_NORM".into(),
-                msg: format!("expected 0 or 1, found '{v}'"),
-            }),
-        };
+        return parse_switch("MINIGPT4_FUSE_NORM", &v).map(Some);
     }
     Ok(None)
 }
@@ -550,6 +571,26 @@ impl TuneCache {
         is_gemm_form(f).then_some(f)
     }
 
+    /// Whether GEMM forms are tuned per shape too (see [`tune_gemm_shapes`]), as stored.
+    fn get_gemm_by_shape(&self) -> Option<bool> {
+        self.field("gemm_by_shape")?.as_bool()
+    }
+
+    /// A shape's GEMM form (under `gemm_shapes`), as stored (a value that is not one is no
+    /// choice).
+    fn get_gemm_shape(&self, shape: &str) -> Option<u32> {
+        let f = u32::try_from(self.field("gemm_shapes")?.get(shape)?.as_u64()?).ok()?;
+        is_gemm_form(f).then_some(f)
+    }
+
+    fn set_gemm_shape(&mut self, shape: &str, form: u32) {
+        let entry = self.entry();
+        if !entry["gemm_shapes"].is_object() {
+            entry["gemm_shapes"] = serde_json::json!({});
+        }
+        entry["gemm_shapes"][shape] = form.into();
+    }
+
     /// Writes the cache back if a choice was set. Best effort: a read-only cache directory (or
     /// full browser storage) only costs a re-measurement next time.
     fn save(&mut self) {
@@ -616,18 +657,139 @@ pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
 /// [`tune_gemm`] with the cache already open (`autotune` reads and writes the file once); the
 /// caller writes it back.
 async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
-    let form = match (override_gemm()?, cache.get_gemm_form()) {
-        (Some(f), _) | (None, Some(f)) => f,
-        (None, None) => {
+    let stored = (cache.get_gemm_form(), cache.get_gemm_by_shape());
+    let (form, by_shape) = match (override_gemm()?, stored) {
+        // a pinned form is every GEMM's
+        (Some(f), _) => (f, false),
+        (None, (Some(f), Some(by_shape))) => (f, by_shape),
+        // (a form stored without the by-shape answer: measured again)
+        (None, _) => {
             let shapes =
                 measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
             let f = gemm_choice(&shapes);
+            // measured at the large shape too: a fast device, where tiles against the
+            // device's width differ from shape to shape
+            let by_shape = shapes.len() > 1;
             cache.set_field("gemm_form", f.into());
-            f
+            cache.set_field("gemm_by_shape", by_shape.into());
+            (f, by_shape)
         }
     };
     gpu.set_gemm_form(form);
+    gpu.set_gemm_by_shape(override_gemm_shapes()?.unwrap_or(by_shape));
     Ok(form)
+}
+
+/// Rows of x at which a model's prefill GEMMs are tuned per shape ([`tune_gemm_shapes`]): a
+/// follow-up turn's few tokens and a first turn with an image (about 100); other row counts
+/// take the nearer one's form.
+pub const GEMM_PREFILL_ROWS: [usize; 2] = [32, 128];
+
+/// Tunes the tiled GEMM's form for each shape of `shapes` (rows of x, weight rows, weight
+/// columns, dtype) with more than [`GEMV_MAX_ROWS`] rows that has none yet, where the GEMM is
+/// tuned per shape ([`Gpu::gemm_by_shape`]: a fast device, or `MINIGPT4_GEMM_SHAPES=1`): from
+/// the tuning cache when it holds the shape, else by measuring each form as a tuned GEMM runs
+/// it at that shape ([`measure_gemm_shape`]; caching the result). On a big GPU the form tuned
+/// at one large shape fills the device there but leaves it mostly idle at the ViT's fc2 (257
+/// rows, 1408 columns: 22 tiles of 128×128) or a 100-token prefill; a shape's own measurement
+/// sees that. Off on CPU drivers, where the largest tiles win at every shape measured and each
+/// measurement costs seconds.
+pub async fn tune_gemm_shapes(gpu: &Gpu, shapes: &[(usize, usize, usize, DType)]) -> Result<()> {
+    if !gpu.gemm_by_shape() {
+        return Ok(());
+    }
+    let mut todo: Vec<(usize, usize, usize, DType)> = shapes
+        .iter()
+        .copied()
+        .filter(|&(m, n, k, dt)| {
+            m > GEMV_MAX_ROWS && n > 0 && k > 0 && !gpu.has_gemm_form_at(m, n, k, dt)
+        })
+        .collect();
+    todo.sort_by_key(|&(m, n, k, dt)| (m, n, k, dt.name()));
+    todo.dedup();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let mut cache = TuneCache::open(gpu);
+    let tuned = tune_gemm_shapes_in(gpu, &mut cache, &todo).await;
+    cache.save();
+    tuned
+}
+
+async fn tune_gemm_shapes_in(
+    gpu: &Gpu,
+    cache: &mut TuneCache,
+    todo: &[(usize, usize, usize, DType)],
+) -> Result<()> {
+    for &(m, n, k, dt) in todo {
+        let name = format!("{m}x{n}x{k} {}", dt.name());
+        if let Some(f) = cache.get_gemm_shape(&name) {
+            gpu.set_gemm_form_at(m, n, k, dt, f);
+            continue;
+        }
+        let trials = measure_gemm_shape(gpu, (m, n, k), dt, 2).await?;
+        let form = fastest_gemm(&trials).unwrap_or_else(|| gpu.gemm_form());
+        gpu.set_gemm_form_at(m, n, k, dt, form);
+        cache.set_gemm_shape(&name, form);
+    }
+    Ok(())
+}
+
+/// [`tune_gemm_shapes`] for the GEMM shapes that `record` records: where GEMMs are tuned per
+/// shape, the work is recorded once into a recorder that is dropped, not submitted (so the
+/// shapes tuned are exactly the ones the model runs), then the shapes are tuned.
+pub async fn tune_gemm_shapes_of(
+    gpu: &Gpu,
+    record: impl FnOnce(&mut Recorder) -> Result<()>,
+) -> Result<()> {
+    if !gpu.gemm_by_shape() {
+        return Ok(());
+    }
+    let mut rec = Recorder::new(gpu);
+    record(&mut rec)?;
+    let shapes = rec.gemm_shapes().to_vec();
+    drop(rec);
+    tune_gemm_shapes(gpu, &shapes).await
+}
+
+/// Times a tuned GEMM (`MatmulPath::Gemm`: trimmed to the rows and columns, the last few rows
+/// on the GEMV) at one shape in each form the adapter's candidates become there
+/// ([`gemm_candidates`] through [`gemm_form_for`], each once), on an `[m, k]` x and an `[n, k]`
+/// weight of `dtype`. Each trial's `form` is the candidate as set for the shape. Leaves the
+/// shape without a form of its own.
+pub async fn measure_gemm_shape(
+    gpu: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
+    runs: usize,
+) -> Result<Vec<GemmTrial>> {
+    let mut forms: Vec<u32> = Vec::new();
+    for f in gemm_candidates(gpu) {
+        let f = gemm_form_for(f, m, n, dtype);
+        if !forms.contains(&f) {
+            forms.push(f);
+        }
+    }
+    let w = Tensor::empty(gpu, "tune.gemm.w", &[n, k], dtype)?;
+    let x = Tensor::zeros(gpu, "tune.gemm.x", &[m, k])?;
+    let y = Tensor::zeros(gpu, "tune.gemm.y", &[m, n])?;
+    let flop = 2.0 * (m * n * k) as f64;
+    // the recording reads the shape's form as it records
+    let record = |rec: &mut Recorder, form: u32| {
+        gpu.set_gemm_form_at(m, n, k, dtype, form);
+        rec.matmul_with(MatmulPath::Gemm, &x, &w, None, &y, false)
+    };
+    let timed = measure_candidates(gpu, &forms, record, &y, 1, runs).await;
+    gpu.forget_gemm_form_at(m, n, k, dtype);
+    Ok(timed?
+        .into_iter()
+        .map(|(form, seconds, min_seconds)| GemmTrial {
+            form,
+            seconds,
+            min_seconds,
+            gflop_per_s: flop / seconds / 1e9,
+        })
+        .collect())
 }
 
 /// Fastest-run seconds of an RMSNorm followed by a one-row q4 `[k, k]` GEMV, fused into the
@@ -758,6 +920,8 @@ mod tests {
         c.set(Some("576x576 q4m"), 4);
         c.set_field("fuse_norm", true.into());
         c.set_field("gemm_form", 5.into());
+        c.set_field("gemm_by_shape", true.into());
+        c.set_gemm_shape("257x1408x6144 f16", 1);
         let bytes = serde_json::to_vec(&c.all).unwrap();
         // read back: every choice, and nothing for another adapter
         let c = TuneCache::parse(key(), Some(&bytes));
@@ -765,20 +929,28 @@ mod tests {
         assert_eq!(c.get(Some("576x576 q4m")), Some(4));
         assert_eq!(c.get(Some("960x576 q4m")), None);
         assert_eq!(
-            (c.get_fuse_norm(), c.get_gemm_form()),
-            (Some(true), Some(5))
+            (c.get_fuse_norm(), c.get_gemm_form(), c.get_gemm_by_shape()),
+            (Some(true), Some(5), Some(true))
         );
+        assert_eq!(c.get_gemm_shape("257x1408x6144 f16"), Some(1));
+        assert_eq!(c.get_gemm_shape("257x6144x1408 f16"), None);
         let other = TuneCache::parse("adapter B".into(), Some(&bytes));
         assert_eq!((other.get(None), other.get_gemm_form()), (None, None));
+        assert_eq!(other.get_gemm_shape("257x1408x6144 f16"), None);
         // stored bytes are untrusted: values that are no valid choice are no choice, and bytes
         // that are not a JSON object (or are far too large) are an empty cache
         let bad = br#"{"adapter A": {"gemv_lanes": 12, "gemm_form": 12, "fuse_norm": 1,
-                        "shapes": {"576x576 q4m": -4, "960x576 q4m": 4294967297}}}"#;
+                        "shapes": {"576x576 q4m": -4, "960x576 q4m": 4294967297},
+                        "gemm_by_shape": "yes",
+                        "gemm_shapes": {"40x64x64 f16": 12, "41x64x64 f16": "1"}}}"#;
         let c = TuneCache::parse(key(), Some(bad));
         assert_eq!(
             (c.get(None), c.get_fuse_norm(), c.get_gemm_form()),
             (None, None, None)
         );
+        assert_eq!(c.get_gemm_by_shape(), None);
+        assert_eq!(c.get_gemm_shape("40x64x64 f16"), None);
+        assert_eq!(c.get_gemm_shape("41x64x64 f16"), None);
         assert_eq!(c.get(Some("576x576 q4m")), None);
         assert_eq!(c.get(Some("960x576 q4m")), None);
         for junk in [
@@ -791,6 +963,8 @@ mod tests {
             assert_eq!(c.get(None), None);
             c.set(Some("576x576 q4m"), 4); // an entry that was not an object is replaced
             assert_eq!(c.get(Some("576x576 q4m")), Some(4));
+            c.set_gemm_shape("40x64x64 f16", 9);
+            assert_eq!(c.get_gemm_shape("40x64x64 f16"), Some(9));
         }
         let mut big = bytes.clone();
         big.resize(TUNE_CACHE_MAX + 1, b' ');

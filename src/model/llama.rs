@@ -999,6 +999,18 @@ impl Llama {
                 .map(|t| (t.rows(), t.cols(), t.dtype))
                 .collect();
             crate::gpu::tune::tune_shapes(gpu, &shapes).await?;
+            // and the prefill GEMMs' forms, where the device tunes them per shape
+            let layer = self.decode_matrices();
+            let gemms: Vec<_> = crate::gpu::tune::GEMM_PREFILL_ROWS
+                .iter()
+                .filter(|&&m| m <= self.ctx)
+                .flat_map(|&m| {
+                    layer[..layer.len() - 1]
+                        .iter()
+                        .map(move |t| (m, t.rows(), t.cols(), t.dtype))
+                })
+                .collect();
+            crate::gpu::tune::tune_gemm_shapes(gpu, &gemms).await?;
             self.tuned = true;
         }
         let t = match &input {

@@ -2,12 +2,14 @@
 //! embeddings spliced between the prompt's text embeddings → Vicuna / LLaMA → answer.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::chat::{
     generate_from, trim_answer, Conversation, Finish, ModelVariant, Prompt, Sampling, Stop,
     IMAGE_PLACEHOLDER,
 };
 use crate::error::{Error, Result};
+use crate::gpu::tune::tune_gemm_shapes_of;
 use crate::gpu::{Gpu, Ids, Recorder, Tensor};
 use crate::loader::TensorSource;
 use crate::model::llama::{Llama, LlamaConfig, LlamaFiles, QuantPolicy};
@@ -46,6 +48,9 @@ pub struct MiniGpt4 {
     proj_b: Tensor,
     pub llm: Llama,
     pub tok: Tokenizer,
+    /// Whether the image half's GEMM shapes have been tuned (where the device tunes GEMMs per
+    /// shape; see [`crate::gpu::tune::tune_gemm_shapes`]).
+    vision_tuned: AtomicBool,
 }
 
 /// The vision-side weights from the files users have (spec §8.1): the ViT (`eva_vit_g.pth`,
@@ -339,6 +344,7 @@ impl MiniGpt4 {
             proj_b,
             llm,
             tok,
+            vision_tuned: AtomicBool::new(false),
         })
     }
 
@@ -367,11 +373,23 @@ impl MiniGpt4 {
     pub async fn encode_image(&self, gpu: &Gpu, pixels: &[f32]) -> Result<Tensor> {
         let s = self.vit.cfg.image_size;
         let px = Tensor::upload(gpu, "pixels", &[3, s, s], DType::F32, pixels)?;
-        let h = self.llm.cfg.hidden;
+        if !self.vision_tuned.load(Ordering::Relaxed) {
+            tune_gemm_shapes_of(gpu, |rec| self.record_image(gpu, rec, &px).map(drop)).await?;
+            self.vision_tuned.store(true, Ordering::Relaxed);
+        }
         let mut rec = Recorder::new(gpu);
-        let image = self.vit.record(gpu, &mut rec, &px, None)?;
+        let out = self.record_image(gpu, &mut rec, &px)?;
+        rec.submit().await?;
+        Ok(out)
+    }
+
+    /// Records the image half for preprocessed pixels `[3, S, S]` (see
+    /// [`MiniGpt4::encode_image`]).
+    fn record_image(&self, gpu: &Gpu, rec: &mut Recorder, px: &Tensor) -> Result<Tensor> {
+        let h = self.llm.cfg.hidden;
+        let image = self.vit.record(gpu, rec, px, None)?;
         let (features, n) = match &self.qformer {
-            Some(q) => (q.record(gpu, &mut rec, &image, None)?, q.cfg.queries),
+            Some(q) => (q.record(gpu, rec, &image, None)?, q.cfg.queries),
             None => {
                 // drop CLS; 4 consecutive tokens side by side are the same bytes as [n, 4·width]
                 let w = self.vit.cfg.width;
@@ -383,7 +401,6 @@ impl MiniGpt4 {
         };
         let out = Tensor::zeros(gpu, "image_embeds", &[n, h])?;
         rec.matmul(&features, &self.proj_w, Some(&self.proj_b), &out, false)?;
-        rec.submit().await?;
         Ok(out)
     }
 
