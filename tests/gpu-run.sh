@@ -11,8 +11,9 @@
 # 3. the tiny package's greedy answer in the portable kernels against the software driver's
 #    (tokens must be equal) and in the kernels this GPU chooses (reported);
 # 4. `minigpt4 bench --json` on synthetic Vicuna 7B at its real dimensions, all layers
-#    (`--quick`: 4 layers, 3 runs), and the kernel profile of its image encode and decode.
-# Its steps' limits add up to 510 s (on a fast GPU it should take well under that). Five files come
+#    (`--quick`: 4 layers, 3 runs), and the kernel profile of its image encode and decode;
+# 5. image encode and prefill (4 layers) with the GEMM's forms per shape and with one form.
+# Its steps' limits add up to 560 s (on a fast GPU it should take well under that). Five files come
 # back: summary.txt, log.txt (every step's output), bench.json and the two tiny answers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -117,7 +118,7 @@ for name, shape in [("tuning shape", f.get("tune_shape")), ("tuning large shape"
     if shape:
         print(f"GEMM forms at {name} {shape['m']}x{shape['n']}x{shape['k']} {shape['dtype']}:",
               ", ".join(f"{t['form']}: {t['gflop_per_s']:.1f}" for t in shape["trials"]), "GFLOP/s")
-print(f"GEMM form chosen: {f.get('chosen')}")
+print(f"GEMM form chosen: {f.get('chosen')}, forms per shape: {f.get('by_shape')}")
 for c in r.get("gemm", {}).get("cases", []):
     print(f"GEMM {c['case']} {c['m']}x{c['n']}x{c['k']} {c['dtype']} (form {c['form']}): {c['gflop_per_s']:.1f} GFLOP/s")
 e = r.get("end_to_end")
@@ -132,6 +133,21 @@ MINIGPT4_PROFILE=1 step profile 60 "$bin/minigpt4" bench --runs 1 --synthetic vi
 # the image encode's kernels (ms/image), then the decode's (ms/token)
 grep -E "ms/image" "$tmp/profile.log" | head -16 | tee -a "$summary"
 grep -E "ms/token|^decode alone" "$tmp/profile.log" | tail -17 | tee -a "$summary"
+# image encode and prefill (4 layers) with the GEMM's forms per shape (a fast device's
+# default) and with the one tuned form
+for shapes in 1 0; do
+    MINIGPT4_GEMM_SHAPES=$shapes STDOUT="$tmp/shapes$shapes.json" step "gemm-shapes-$shapes" 25 \
+        "$bin/minigpt4" bench --runs 3 --synthetic vicuna0-7b "${layers[@]}" --parts e2e --json
+    python3 - "$tmp/shapes$shapes.json" "$shapes" <<'EOF' | tee -a "$summary"
+import json, sys
+try:
+    e = json.load(open(sys.argv[1]))["end_to_end"]
+    print(f"GEMM forms per shape {sys.argv[2]}: image encode {e['image_encode_ms']:.1f} ms "
+          f"({e['vit_layers']} ViT layers), prefill {e['prefill_tok_per_s']:.0f} tok/s")
+except Exception as err:
+    print(f"GEMM forms per shape {sys.argv[2]}: no report ({err})")
+EOF
+done
 note "done in $SECONDS s"
 # a failed step or different tokens make the run fail (after everything has run)
 ! grep -qE "FAILED|DIFFER" "$summary"
