@@ -3,11 +3,21 @@
 use std::process::Command;
 
 fn minigpt4(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
-        .args(args)
-        .env_remove("MINIGPT4_ADAPTER")
-        .output()
-        .expect("run minigpt4");
+    minigpt4_env(args, &[])
+}
+
+/// [`minigpt4`] with these environment variables set (an empty value removes one).
+fn minigpt4_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_minigpt4"));
+    cmd.args(args).env_remove("MINIGPT4_ADAPTER");
+    for (k, v) in env {
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
+    }
+    let out = cmd.output().expect("run minigpt4");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -664,21 +674,15 @@ fn bench_gemm_forms_per_shape_on_request() {
     let home = std::env::temp_dir().join(format!("minigpt4-gemm-shapes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
     let bench = |shapes: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
-            .args([
-                "bench", "--tiny", "--runs", "1", "--parts", "gemm", "--json",
-            ])
-            .env("MINIGPT4_GEMM_SHAPES", shapes)
-            .env("MINIGPT4_HOME", &home)
-            .env_remove("MINIGPT4_ADAPTER")
-            .env_remove("MINIGPT4_GEMM")
-            .output()
-            .expect("run minigpt4");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let args = [
+            "bench", "--tiny", "--runs", "1", "--parts", "gemm", "--json",
+        ];
+        let env = [
+            ("MINIGPT4_GEMM_SHAPES", shapes.as_ref()),
+            ("MINIGPT4_HOME", home.as_os_str()),
+            ("MINIGPT4_GEMM", "".as_ref()),
+        ];
+        minigpt4_env(&args, &env)
     };
     let forms_of = |out: &str| -> Vec<u64> {
         let r: serde_json::Value = serde_json::from_str(out).expect("JSON");

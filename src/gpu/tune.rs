@@ -224,18 +224,34 @@ pub const GEMM_HALF_MARGIN: f64 = 0.85;
 /// `[n, k]` weight of `dtype`: `runs` timed submits ([`measure_candidates`]).
 pub async fn measure_gemm(
     gpu: &Gpu,
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     dtype: DType,
     runs: usize,
+) -> Result<Vec<GemmTrial>> {
+    let forms = gemm_candidates(gpu);
+    time_gemm_forms(gpu, shape, dtype, &forms, runs, |rec, form, x, w, y| {
+        rec.matmul_with(MatmulPath::GemmForm(form), x, w, None, y, false)
+    })
+    .await
+}
+
+/// Times a GEMM on an `[m, k]` x, an `[n, k]` weight of `dtype` and an `[m, n]` output in each
+/// of `forms`, as `record` records it (form, recorder, x, w, out): `runs` timed submits
+/// ([`measure_candidates`]).
+async fn time_gemm_forms(
+    gpu: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
+    forms: &[u32],
+    runs: usize,
+    record: impl Fn(&mut Recorder, u32, &Tensor, &Tensor, &Tensor) -> Result<()>,
 ) -> Result<Vec<GemmTrial>> {
     let w = Tensor::empty(gpu, "tune.gemm.w", &[n, k], dtype)?;
     let x = Tensor::zeros(gpu, "tune.gemm.x", &[m, k])?;
     let y = Tensor::zeros(gpu, "tune.gemm.y", &[m, n])?;
     let flop = 2.0 * (m * n * k) as f64;
-    let record = |rec: &mut Recorder, form: u32| {
-        rec.matmul_with(MatmulPath::GemmForm(form), &x, &w, None, &y, false)
-    };
-    let timed = measure_candidates(gpu, &gemm_candidates(gpu), record, &y, 1, runs).await?;
+    let record = |rec: &mut Recorder, form: u32| record(rec, form, &x, &w, &y);
+    let timed = measure_candidates(gpu, forms, record, &y, 1, runs).await?;
     Ok(timed
         .into_iter()
         .map(|(form, seconds, min_seconds)| GemmTrial {
@@ -770,26 +786,14 @@ pub async fn measure_gemm_shape(
             forms.push(f);
         }
     }
-    let w = Tensor::empty(gpu, "tune.gemm.w", &[n, k], dtype)?;
-    let x = Tensor::zeros(gpu, "tune.gemm.x", &[m, k])?;
-    let y = Tensor::zeros(gpu, "tune.gemm.y", &[m, n])?;
-    let flop = 2.0 * (m * n * k) as f64;
     // the recording reads the shape's form as it records
-    let record = |rec: &mut Recorder, form: u32| {
+    let timed = time_gemm_forms(gpu, (m, n, k), dtype, &forms, runs, |rec, form, x, w, y| {
         gpu.set_gemm_form_at(m, n, k, dtype, form);
-        rec.matmul_with(MatmulPath::Gemm, &x, &w, None, &y, false)
-    };
-    let timed = measure_candidates(gpu, &forms, record, &y, 1, runs).await;
+        rec.matmul_with(MatmulPath::Gemm, x, w, None, y, false)
+    })
+    .await;
     gpu.forget_gemm_form_at(m, n, k, dtype);
-    Ok(timed?
-        .into_iter()
-        .map(|(form, seconds, min_seconds)| GemmTrial {
-            form,
-            seconds,
-            min_seconds,
-            gflop_per_s: flop / seconds / 1e9,
-        })
-        .collect())
+    timed
 }
 
 /// Fastest-run seconds of an RMSNorm followed by a one-row q4 `[k, k]` GEMV, fused into the
