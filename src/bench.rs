@@ -210,6 +210,7 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     } else {
         (tune::GEMM_TUNE_SHAPE, tune::GEMM_TUNE_SHAPE_LARGE)
     };
+    let by_shape_override = tune::override_gemm_shapes()?;
     eprintln!("bench: GEMM forms, f16 {}×{}×{}", small.0, small.1, small.2);
     let tuning = pollster::block_on(tune::measure_gemm_tuning(gpu, small, large, a.runs))?;
     let (chosen, by_shape) = match tune::override_gemm()? {
@@ -218,7 +219,7 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     };
     gpu.set_gemm_form(chosen);
     // as the tuning decides it: per shape too on a fast device (measured at the large shape)
-    let by_shape = tune::override_gemm_shapes()?.unwrap_or(by_shape);
+    let by_shape = by_shape_override.unwrap_or(by_shape);
     gpu.set_gemm_by_shape(by_shape);
     let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {
         vec![("prefill", 40, 192, 64, DType::Q4)]

@@ -666,9 +666,9 @@ fn bench_tiny_reports_every_part() {
     assert!(!ok && err.contains("vicuna0-70b"), "{err}");
 }
 
-/// `MINIGPT4_GEMM_SHAPES=1` tunes the GEMM per shape on any device: bench says so and runs
-/// each case in its own form (from a measurement there, cached for the next run, which must
-/// agree); a value other than 0 or 1 is refused by name.
+/// `MINIGPT4_GEMM_SHAPES=1` tunes the GEMM per shape on any device: bench says so, runs each
+/// case in its own form (measured there) and stores the forms; a value other than 0 or 1 is
+/// refused by name, before any GEMM is measured.
 #[test]
 fn bench_gemm_forms_per_shape_on_request() {
     let home = std::env::temp_dir().join(format!("minigpt4-gemm-shapes-{}", std::process::id()));
@@ -684,30 +684,48 @@ fn bench_gemm_forms_per_shape_on_request() {
         ];
         minigpt4_env(&args, &env)
     };
-    let forms_of = |out: &str| -> Vec<u64> {
-        let r: serde_json::Value = serde_json::from_str(out).expect("JSON");
-        assert_eq!(r["gemm"]["forms"]["by_shape"], true, "{r}");
-        r["gemm"]["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["form"].as_u64().unwrap())
-            .collect()
-    };
     let (ok, out, err) = bench("1");
     assert!(ok, "{err}");
-    let first = forms_of(&out);
-    assert!(!first.is_empty());
-    assert!(first.iter().all(|&f| minigpt4::gpu::is_gemm_form(f as u32)));
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(r["gemm"]["forms"]["by_shape"], true, "{r}");
+    let cases = r["gemm"]["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
     let stored = std::fs::read_to_string(home.join("tune.json")).unwrap();
-    assert!(stored.contains("gemm_shapes"), "{stored}");
-    let (ok, out, err) = bench("1");
-    assert!(ok, "{err}");
-    assert_eq!(forms_of(&out), first, "the cached forms");
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let (_, entry) = stored.as_object().unwrap().iter().next().unwrap();
+    for c in cases {
+        let f = c["form"].as_u64().unwrap();
+        assert!(minigpt4::gpu::is_gemm_form(f as u32), "{c}");
+        // the case's form is its shape's stored form, trimmed to the shape
+        let name = format!(
+            "{}x{}x{} {}",
+            c["m"],
+            c["n"],
+            c["k"],
+            c["dtype"].as_str().unwrap()
+        );
+        let tuned = entry["gemm_shapes"][&name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {entry}"));
+        let dt = minigpt4::quant::DType::parse(c["dtype"].as_str().unwrap()).unwrap();
+        let (m, n) = (
+            c["m"].as_u64().unwrap() as usize,
+            c["n"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(
+            minigpt4::gpu::gemm_form_for(tuned as u32, m, n, dt) as u64,
+            f,
+            "{name}"
+        );
+    }
     let (ok, _, err) = bench("yes");
     assert!(
         !ok && err.contains("MINIGPT4_GEMM_SHAPES") && err.contains("expected 0 or 1"),
         "{err}"
+    );
+    assert!(
+        !err.contains("GEMM forms"),
+        "measured before refusing: {err}"
     );
     let _ = std::fs::remove_dir_all(&home);
 }

@@ -673,6 +673,8 @@ pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
 /// [`tune_gemm`] with the cache already open (`autotune` reads and writes the file once); the
 /// caller writes it back.
 async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
+    // (a bad value is an error before anything is measured)
+    let by_shape_override = override_gemm_shapes()?;
     let stored = (cache.get_gemm_form(), cache.get_gemm_by_shape());
     let (form, by_shape) = match (override_gemm()?, stored) {
         // a pinned form is every GEMM's
@@ -692,7 +694,7 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
         }
     };
     gpu.set_gemm_form(form);
-    gpu.set_gemm_by_shape(override_gemm_shapes()?.unwrap_or(by_shape));
+    gpu.set_gemm_by_shape(by_shape_override.unwrap_or(by_shape));
     Ok(form)
 }
 
