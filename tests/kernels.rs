@@ -199,7 +199,7 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
     gpu.set_gemm_form(0);
     let (a, b, few) = (
         (40, 192, 64, DType::F16),
-        (130, 200, 96, DType::Q4),
+        (50, 200, 96, DType::Q4),
         (3, 64, 64, DType::F16),
     );
     pollster::block_on(tune_gemm_shapes(&gpu, &[a, b])).unwrap();
@@ -226,7 +226,7 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
 
     // the measurement: every form the candidates become at the shape, as a tuned GEMM runs
     // it; the shape keeps no form of its own afterwards
-    let c = (100, 192, 64, DType::F16);
+    let c = (60, 192, 64, DType::F16);
     let trials = pollster::block_on(measure_gemm_shape(&gpu, (c.0, c.1, c.2), c.3, 1)).unwrap();
     let measured: Vec<u32> = trials.iter().map(|t| t.form).collect();
     assert_eq!(measured, trimmed(c));
@@ -240,7 +240,7 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
     gpu.set_gemm_form(0);
     let (n, k, dt) = (192, 64, DType::F16);
     gpu.set_gemm_form_at(40, n, k, dt, GEMM_WIDE);
-    gpu.set_gemm_form_at(200, n, k, dt, GEMM_WIDE | GEMM_TALL | GEMM_HALF);
+    gpu.set_gemm_form_at(200, n, k, dt, GEMM_TALL | GEMM_HALF);
     let gemm_flags = |m: usize, n: usize| -> String {
         let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
         let w = Tensor::empty(&gpu, "w", &[n, k], dt).unwrap();
@@ -259,21 +259,30 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
     assert_eq!(gemm_flags(40, n), "matmul::gemm W_F16,GEMM_WIDE");
     assert_eq!(gemm_flags(70, n), "matmul::gemm W_F16,GEMM_WIDE");
     assert_eq!(gemm_flags(20, n), "matmul::gemm W_F16,GEMM_WIDE,GEMM_SHORT");
-    assert_eq!(
-        gemm_flags(150, n),
-        "matmul::gemm W_F16,GEMM_WIDE,GEMM_TALL,GEMM_HALF"
-    );
+    assert_eq!(gemm_flags(150, n), "matmul::gemm W_F16,GEMM_TALL,GEMM_HALF");
     assert_eq!(gemm_flags(150, 128), "matmul::gemm W_F16");
-    // and computes what the CPU reference does, in f32 and in the f16 form
+    // and computes what the CPU reference does, in f32 and in the f16 form (the kernels
+    // above: each 128-row form costs seconds to compile on llvmpipe's GL)
     for v in gpu.variants() {
-        for m in [40, 70, 150, 261] {
-            check_matmul(&gpu, v, dt, MatmulPath::Gemm, m, n, k, true, true, m as u64);
+        for m in [40, 70, 150] {
+            check_matmul(
+                &gpu,
+                v,
+                dt,
+                MatmulPath::Gemm,
+                m,
+                n,
+                k,
+                false,
+                true,
+                m as u64,
+            );
         }
     }
     // a form set for every shape (MINIGPT4_GEMM, bench) replaces the per-shape ones
-    gpu.set_gemm_form(GEMM_WIDE | GEMM_TALL);
+    gpu.set_gemm_form(GEMM_WIDE);
     assert_eq!(gemm_flags(40, n), "matmul::gemm W_F16,GEMM_WIDE");
-    assert_eq!(gemm_flags(150, n), "matmul::gemm W_F16,GEMM_WIDE,GEMM_TALL");
+    assert_eq!(gemm_flags(150, n), "matmul::gemm W_F16,GEMM_WIDE");
 }
 
 #[test]
