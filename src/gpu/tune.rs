@@ -11,9 +11,10 @@
 //! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
 //! no single shape predicts that (SmolLM2's 576-row matrices want 4 lanes on lavapipe where a
 //! 1024-row one wants 1). On a fast device the GEMM's form is tuned shape by shape too, for
-//! the same reason ([`tune_gemm_shapes`]). The choices are stored under a key naming the adapter, driver,
-//! backend, kernel variant and kernel sources, so later runs skip the measurement: natively in
-//! `<cache dir>/tune.json`, in the page by the worker (`web/worker.js`, the Cache API).
+//! the same reason ([`tune_gemm_shapes`]). The choices are stored under a key naming the
+//! adapter, driver, backend, kernel variant and kernel sources, so later runs skip the
+//! measurement: natively in `<cache dir>/tune.json`, in the page by the worker
+//! (`web/worker.js`, the Cache API).
 //! `MINIGPT4_GEMV_LANES`, `MINIGPT4_FUSE_NORM`, `MINIGPT4_GEMM` and `MINIGPT4_GEMM_SHAPES`
 //! override them natively.
 
