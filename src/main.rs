@@ -767,7 +767,46 @@ fn run_convert(
     Ok(())
 }
 
+/// The library's log messages on stderr: warnings always, notes (`info`: the one-time kernel
+/// tuning, which takes seconds) unless `MINIGPT4_LOG` says otherwise (`off`, `error`, `warn`,
+/// `info`, `debug`).
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        match r.level() {
+            log::Level::Info => eprintln!("minigpt4: {}", r.args()),
+            level => eprintln!("minigpt4: {}: {}", level.as_str().to_lowercase(), r.args()),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOG: StderrLog = StderrLog;
+
+fn init_log() {
+    let level = match std::env::var("MINIGPT4_LOG").ok().as_deref().map(str::trim) {
+        Some("off") => log::LevelFilter::Off,
+        Some("error") => log::LevelFilter::Error,
+        Some("warn") => log::LevelFilter::Warn,
+        Some("debug") => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Info,
+    };
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_log();
     let cli = Cli::parse();
     let res = match &cli.cmd {
         Cmd::Info { gpu, json } => info(gpu, *json),

@@ -686,6 +686,11 @@ fn bench_gemm_forms_per_shape_on_request() {
     };
     let (ok, out, err) = bench("1");
     assert!(ok, "{err}");
+    // the one-time measurement is announced on stderr
+    assert!(
+        err.contains("minigpt4: measuring the GEMM's forms at "),
+        "{err}"
+    );
     let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(r["gemm"]["forms"]["by_shape"], true, "{r}");
     let cases = r["gemm"]["cases"].as_array().unwrap();

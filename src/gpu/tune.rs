@@ -651,6 +651,10 @@ async fn autotune_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<(u32, &'static 
         gpu.set_fuse_norm(fuse_override.unwrap_or(fuse));
         return Ok((lanes, "the tuning cache"));
     }
+    log::info!(
+        "measuring the GEMV's forms on {} (once: the choice is cached)",
+        gpu.info.name
+    );
     let trials = measure_gemv(gpu, 4096, 4096, 2, 3).await?;
     let lanes = fastest(&trials).unwrap_or_else(|| gpu.gemv_lanes());
     gpu.set_gemv_lanes(lanes);
@@ -683,6 +687,10 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
         (None, (Some(f), Some(by_shape))) => (f, by_shape),
         // (a form stored without the by-shape answer: measured again)
         (None, _) => {
+            log::info!(
+                "measuring the GEMM's forms on {} (once: the choice is cached)",
+                gpu.info.name
+            );
             let shapes =
                 measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
             let f = gemm_choice(&shapes);
@@ -740,11 +748,18 @@ async fn tune_gemm_shapes_in(
     cache: &mut TuneCache,
     todo: &[(usize, usize, usize, DType)],
 ) -> Result<()> {
+    let mut told = false;
     for &(m, n, k, dt) in todo {
         let name = format!("{m}x{n}x{k} {}", dt.name());
         if let Some(f) = cache.get_gemm_shape(&name) {
             gpu.set_gemm_form_at(m, n, k, dt, f);
             continue;
+        }
+        if !std::mem::replace(&mut told, true) {
+            log::info!(
+                "measuring the GEMM's forms at {} shapes (once: cached)",
+                todo.len()
+            );
         }
         let trials = measure_gemm_shape(gpu, (m, n, k), dt, 2).await?;
         let form = fastest_gemm(&trials).unwrap_or_else(|| gpu.gemm_form());
@@ -848,11 +863,18 @@ pub async fn tune_shapes(gpu: &Gpu, shapes: &[(usize, usize, DType)]) -> Result<
         return Ok(());
     }
     let mut cache = TuneCache::open(gpu);
+    let mut told = false;
     for &(n, k, dt) in &todo {
         let name = format!("{n}x{k} {}", dt.name());
         if let Some(l) = cache.get(Some(&name)) {
             gpu.set_gemv_lanes_for(n, k, dt, l);
             continue;
+        }
+        if !std::mem::replace(&mut told, true) {
+            log::info!(
+                "measuring the GEMV's forms at {} shapes (once: cached)",
+                todo.len()
+            );
         }
         // enough GEMVs per timed submit that the submit itself does not decide
         let reps = ((1usize << 22) / (n * k).max(1)).clamp(2, 64);
