@@ -793,12 +793,20 @@ impl log::Log for StderrLog {
 static LOG: StderrLog = StderrLog;
 
 fn init_log() {
-    let level = match std::env::var("MINIGPT4_LOG").ok().as_deref().map(str::trim) {
-        Some("off") => log::LevelFilter::Off,
-        Some("error") => log::LevelFilter::Error,
-        Some("warn") => log::LevelFilter::Warn,
-        Some("debug") => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Info,
+    let var = std::env::var("MINIGPT4_LOG").unwrap_or_default();
+    let level = match var.trim() {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "" | "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        other => {
+            eprintln!(
+                "minigpt4: warning: MINIGPT4_LOG: expected off, error, warn, info or debug, \
+                 found '{other}'; using info"
+            );
+            log::LevelFilter::Info
+        }
     };
     if log::set_logger(&LOG).is_ok() {
         log::set_max_level(level);

@@ -837,3 +837,18 @@ fn bench_decode_part_alone() {
         "{err}"
     );
 }
+
+/// An unknown `MINIGPT4_LOG` level is named in a warning, and the command still runs.
+#[test]
+fn an_unknown_log_level_is_a_warning() {
+    let (ok, out, err) = minigpt4_env(&["info", "--json"], &[("MINIGPT4_LOG", "loud".as_ref())]);
+    assert!(ok, "{err}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&out).is_ok(),
+        "{out}"
+    );
+    assert!(
+        err.contains("MINIGPT4_LOG") && err.contains("found 'loud'"),
+        "{err}"
+    );
+}
