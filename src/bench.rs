@@ -215,10 +215,9 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     let tuning = pollster::block_on(tune::measure_gemm_tuning(gpu, small, large, a.runs))?;
     let (chosen, by_shape) = match tune::override_gemm()? {
         Some(f) => (f, false),
-        None => (tune::gemm_choice(&tuning), tuning.len() > 1),
+        None => tune::gemm_choice(&tuning),
     };
     gpu.set_gemm_form(chosen);
-    // as the tuning decides it: per shape too on a fast device (measured at the large shape)
     let by_shape = by_shape_override.unwrap_or(by_shape);
     gpu.set_gemm_by_shape(by_shape);
     let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {

@@ -275,13 +275,17 @@ pub fn is_fast_gemm((m, n, k): (usize, usize, usize), trials: &[GemmTrial]) -> b
 /// A GEMM shape (m, n, k) with every form's trial at it.
 pub type ShapeTrials = ((usize, usize, usize), Vec<GemmTrial>);
 
-/// The GEMM form the tuning's measurements ([`measure_gemm_tuning`]) choose: the fastest at
-/// the last shape measured ([`fastest_gemm`]), 64×64 f32 when there is none.
-pub fn gemm_choice(shapes: &[ShapeTrials]) -> u32 {
-    shapes
+/// What the tuning's measurements ([`measure_gemm_tuning`]) choose: the GEMM form, the
+/// fastest at the last shape measured ([`fastest_gemm`]; 64×64 f32 when there is none), and
+/// whether forms are tuned per shape too ([`tune_gemm_shapes`]): where the large shape was
+/// measured, a fast device, on which tiles against the device's width differ from shape to
+/// shape.
+pub fn gemm_choice(shapes: &[ShapeTrials]) -> (u32, bool) {
+    let form = shapes
         .last()
         .and_then(|(_, trials)| fastest_gemm(trials))
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (form, shapes.len() > 1)
 }
 
 /// The GEMM forms' tuning measurements: every form at `small`, then, where the best of them ran
@@ -693,10 +697,7 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
             );
             let shapes =
                 measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
-            let f = gemm_choice(&shapes);
-            // measured at the large shape too: a fast device, where tiles against the
-            // device's width differ from shape to shape
-            let by_shape = shapes.len() > 1;
+            let (f, by_shape) = gemm_choice(&shapes);
             cache.set_field("gemm_form", f.into());
             cache.set_field("gemm_by_shape", by_shape.into());
             (f, by_shape)

@@ -992,21 +992,19 @@ impl Llama {
         pick: Pick<'_>,
     ) -> Result<Output> {
         if !self.tuned {
+            let mats = self.decode_matrices();
             // lanes per shape for small models' matrices (once; cached)
-            let shapes: Vec<_> = self
-                .decode_matrices()
-                .iter()
-                .map(|t| (t.rows(), t.cols(), t.dtype))
-                .collect();
+            let shapes: Vec<_> = mats.iter().map(|t| (t.rows(), t.cols(), t.dtype)).collect();
             crate::gpu::tune::tune_shapes(gpu, &shapes).await?;
-            // and the prefill GEMMs' forms, where the device tunes them per shape
-            let layer = self.decode_matrices();
+            // and the prefill GEMMs' forms, where the device tunes them per shape: the layer
+            // matrices (prefill runs the LM head on its last row only)
+            let layers = mats.iter().filter(|t| !std::ptr::eq(**t, &self.lm_head));
             let gemms: Vec<_> = crate::gpu::tune::GEMM_PREFILL_ROWS
                 .iter()
                 .filter(|&&m| m <= self.ctx)
                 .flat_map(|&m| {
-                    layer[..layer.len() - 1]
-                        .iter()
+                    layers
+                        .clone()
                         .map(move |t| (m, t.rows(), t.cols(), t.dtype))
                 })
                 .collect();
