@@ -18,6 +18,12 @@
 // n + ROWS (binding 2) and the same up rows (binding 6), so gate and up share every x load and
 // the MLP costs one dispatch fewer per layer.
 //
+// With ROPE (one row of x), the GEMV is a LLaMA layer's fused QKV projection and also does
+// what `rope_kv` in rope.wgsl does after it: an invocation's four weight rows are the
+// columns of two rotation pairs (see quad_rows), which it rotates before storing; q goes to
+// the output rotated, k and v as computed, and the rotated k with v into the KV cache row of
+// the position. One dispatch per layer fewer in decode.
+//
 // LANES (1, 4, 8, 16, 32 or 64) is chosen per adapter by measurement (src/gpu/tune.rs): wide
 // for GPUs, whose neighbouring invocations should read neighbouring blocks; 1 suits CPU
 // drivers, where no reduction step is needed.
@@ -81,6 +87,83 @@ const ROWS: u32 = GW / LANES;
 #endif
 // This invocation's share of sum(x * x), one term per x element it reads.
 var<private> sumsq: vec4<f32>;
+#endif
+
+#if ROPE
+// The rotation table of rope.wgsl: table[(pos * half + i) * 2 + {0, 1}] = (cos, sin).
+@group(0) @binding(9) var<storage, read> table: array<f32>;
+// The layer's KV cache, rows [k (rope_kv values), v (rope_kv values)]; f16 pairs with KV_F16.
+#if KV_F16
+@group(0) @binding(10) var<storage, read_write> cache: array<u32>;
+#else
+@group(0) @binding(10) var<storage, read_write> cache: array<f32>;
+#endif
+
+// The four output columns of quad u: two rotation pairs whose members lie side by side too,
+// so that each invocation holds whole pairs to rotate and whole f16 pairs to store. HF's
+// rotate-half (rope_mode 0) pairs element i of a head with i + half: the quad is columns
+// c, c + 1, c + half, c + half + 1 of a head (c even, half even); interleaved pairs (mode 1)
+// are 2i, 2i + 1: the quad is four consecutive columns. Rotation pairs are (x, z) and (y, w)
+// in mode 0, (x, y) and (z, w) in mode 1; f16 pairs are (x, y) and (z, w) in both.
+fn quad_rows(u: u32) -> vec4<u32> {
+    if (p.rope_mode == 1u) {
+        return 4u * u + vec4<u32>(0u, 1u, 2u, 3u);
+    }
+    let per_head = p.rope_hd / 4u;
+    let half = p.rope_hd / 2u;
+    let c = (u / per_head) * p.rope_hd + 2u * (u % per_head);
+    return c + vec4<u32>(0u, 1u, half, half + 1u);
+}
+
+// Stores quad u's totals t (of columns quad_rows(u)): q rotated, k and v as they are, and the
+// rotated k with v into the cache row of position rope_pos. Each rotated value is the same f32
+// expression rope_kv computes from the stored values.
+fn store_rope(u: u32, t: vec4<f32>) {
+    if (u >= p.n / 4u) {
+        return;
+    }
+    let r = quad_rows(u);
+    let half = p.rope_hd / 2u;
+    let d = r.x % p.rope_hd;
+    var v = t;
+    if (r.x < p.rope_q + p.rope_kv) {
+        // pair i's (cos, sin) at (pos * half + i) * 2; the quad's second pair is i + 1
+        var i = d;
+        if (p.rope_mode == 1u) {
+            i = d / 2u;
+        }
+        let tb = (p.rope_pos * half + i) * 2u;
+        let c0 = table[tb];
+        let s0 = table[tb + 1u];
+        let c1 = table[tb + 2u];
+        let s1 = table[tb + 3u];
+        if (p.rope_mode == 1u) {
+            v = vec4<f32>(t.x * c0 - t.y * s0, t.y * c0 + t.x * s0,
+                          t.z * c1 - t.w * s1, t.w * c1 + t.z * s1);
+        } else {
+            v = vec4<f32>(t.x * c0 - t.z * s0, t.y * c1 - t.w * s1,
+                          t.z * c0 + t.x * s0, t.w * c1 + t.y * s1);
+        }
+    }
+    let q = r.x < p.rope_q;
+    let o = select(t, v, q);
+    for (var j = 0u; j < 4u; j++) {
+        store(0u, r[j], o[j]);
+    }
+    if (q) {
+        return;
+    }
+    // k rotated or v as it is, at its place in the cache row [k, v]
+    let c = p.rope_pos * 2u * p.rope_kv + (r - vec4<u32>(p.rope_q));
+#if KV_F16
+    cache[c.x / 2u] = pack2x16float(v.xy);
+    cache[c.z / 2u] = pack2x16float(v.zw);
+#else
+    for (var j = 0u; j < 4u; j++) {
+        cache[c[j]] = v[j];
+    }
+#endif
+}
 #endif
 
 // x[row0 + m, 32 * b + 4 * j ..][0..4] as a vec4 (x_stride is a multiple of 4).
@@ -361,19 +444,30 @@ var<workgroup> part: array<vec4<f32>, 256>; // [CPI][GW] partial sums, one vec4 
 fn gemv(ids: Ids, grp: Grp) {
     let col = ids.lid / LANES;
     let lane = ids.lid % LANES;
+#if ROPE
+    // n is a quad of columns (see quad_rows)
+    let n = group_index(grp) * ROWS + col;
+    let live = n < p.n / 4u;
+#else
     let n = group_index(grp) * COLS + col;
+    let live = n < p.n;
+#endif
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let blocks = p.k / 32u;
-    if (n < p.n && p.m == 1u) {
+    if (live && p.m == 1u) {
         // decode: one x load serves four weight rows. Rows past the end (the last workgroup)
         // repeat the last row and are not stored, so the tail takes the same path.
 #if GLU
         let rows = vec4<u32>(n, n + ROWS, n, n + ROWS);
 #else
+#if ROPE
+        let rows = quad_rows(n);
+#else
         let rows = n + vec4<u32>(0u, 1u, 2u, 3u) * ROWS;
+#endif
 #endif
         let base = min(rows, vec4<u32>(p.n - 1u)) * blocks;
         var d = vec4<f32>(0.0);
@@ -396,7 +490,8 @@ fn gemv(ids: Ids, grp: Grp) {
         acc0.y = dot(sumsq, vec4<f32>(1.0));
 #endif
     }
-#if !GLU
+#if GLU || ROPE
+#else
     else {
         for (var b = lane; b < blocks; b += LANES) {
             for (var m = 0u; m < p.m; m++) {
@@ -443,9 +538,13 @@ fn gemv(ids: Ids, grp: Grp) {
 }
 
 // Stores the totals of an invocation's four weight rows (columns n + r ROWS, one vec4 over m
-// each): with GLU, silu(gate) * up of columns n and n + ROWS. With NORM, t0.y is sum(x * x).
+// each): with GLU, silu(gate) * up of columns n and n + ROWS; with ROPE, quad n's columns
+// (store_rope). With NORM, t0.y is sum(x * x).
 fn store_cols(n: u32, t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>) {
     let inv = rms_scale(t0.y);
+#if ROPE
+    store_rope(n, vec4<f32>(t0.x, t1.x, t2.x, t3.x) * inv);
+#else
 #if GLU
     if (n < p.n) {
         out[p.out_col + n] = silu_mul(t0.x * inv, t2.x * inv);
@@ -464,6 +563,7 @@ fn store_cols(n: u32, t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>
             store(m, c, t[r][m] * inv);
         }
     }
+#endif
 #endif
 }
 
@@ -512,7 +612,12 @@ fn gemv_sg(ids: Ids, grp: Grp) {
     let blocks = p.k / 32u;
     for (var g = 0u; g < SG_GROUPS; g++) {
         let owner = g % subgroups == sg;
+#if ROPE
+        // a quad of columns (see quad_rows)
+        let n = group_index(grp) * SG_GROUPS + g;
+#else
         let n = (group_index(grp) * SG_GROUPS + g) * SG_COLS;
+#endif
         var d = vec4<f32>(0.0);
 #if NORM
         sumsq = vec4<f32>(0.0);
@@ -521,7 +626,11 @@ fn gemv_sg(ids: Ids, grp: Grp) {
 #if GLU
             let rows = vec4<u32>(n, n + 1u, n, n + 1u);
 #else
+#if ROPE
+            let rows = quad_rows(n);
+#else
             let rows = n + vec4<u32>(0u, 1u, 2u, 3u);
+#endif
 #endif
             let base = min(rows, vec4<u32>(p.n - 1u)) * blocks;
             if (PAIRED && blocks % 2u == 0u) {
@@ -542,6 +651,9 @@ fn gemv_sg(ids: Ids, grp: Grp) {
         let inv = 1.0;
 #endif
         if (owner && rank == 0u) {
+#if ROPE
+            store_rope(n, total * inv);
+#else
 #if GLU
             for (var r = 0u; r < 2u; r++) {
                 if (n + r < p.n) {
@@ -554,6 +666,7 @@ fn gemv_sg(ids: Ids, grp: Grp) {
                     store(0u, n + r, total[r] * inv);
                 }
             }
+#endif
 #endif
         }
     }

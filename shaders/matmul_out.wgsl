@@ -16,6 +16,15 @@ struct Params {
     // The first row of x and of the output this dispatch covers: rows m of the kernels are
     // rows row0 + m of both (a GEMM's ragged last rows dispatched on their own).
     row0: u32,
+#if ROPE
+    // the rotary step fused into a QKV GEMV (gemv.wgsl): the position, the widths of q and of
+    // k (= of v) in columns, the head dim and the pairing (0 rotate-half, 1 interleaved)
+    rope_pos: u32,
+    rope_q: u32,
+    rope_kv: u32,
+    rope_hd: u32,
+    rope_mode: u32,
+#endif
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -10,9 +10,9 @@ use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
     attention_partials, gemm_form_for, is_gemm_form, AttnShape, Gpu, GpuOptions, HeadView, Ids,
-    MatmulPath, Recorder, RopeMode, RopeTable, Tensor, Variant, ATTN_TILED_FROM, ATTN_TILE_DIM,
-    ATTN_TILE_ROWS, GEMM_HALF, GEMM_TALL, GEMM_WIDE, GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X,
-    GEMV_WG16,
+    MatmulPath, Recorder, RopeKv, RopeMode, RopeTable, Tensor, Variant, ATTN_TILED_FROM,
+    ATTN_TILE_DIM, ATTN_TILE_ROWS, GEMM_HALF, GEMM_TALL, GEMM_WIDE, GEMV_LANES, GEMV_SUBGROUP,
+    GEMV_UNIFORM_X, GEMV_WG16,
 };
 use minigpt4::quant::{self, DType};
 
@@ -1104,6 +1104,205 @@ fn rope_kv_matches_rope_then_cache_copy_bit_for_bit() {
         err.contains("cache") && err.contains("16") && err.contains("[4, 8]"),
         "{err}"
     );
+}
+
+/// The cache's words decoded to f32 (f16 pairs or f32 values).
+fn cache_values(gpu: &Gpu, cache: &Tensor) -> Vec<f32> {
+    let f16 = cache.dtype == DType::F16;
+    let n = cache.rows() * cache.cols();
+    let words = if f16 { n / 2 } else { n };
+    let w = pollster::block_on(minigpt4::gpu::tensor::read_words(
+        gpu,
+        cache.buffer(),
+        0,
+        words,
+    ))
+    .unwrap();
+    if f16 {
+        w.iter()
+            .flat_map(|&w| [w & 0xffff, w >> 16].map(|h| half::f16::from_bits(h as u16).to_f32()))
+            .collect()
+    } else {
+        w.iter().map(|&w| f32::from_bits(w)).collect()
+    }
+}
+
+/// The rotary step fused into the QKV projection's store (`ROPE` in `gemv.wgsl`) leaves the
+/// projection's output and the KV cache as the projection followed by `rope_kv` does, for
+/// every weight dtype, GEMV form, pairing, cache dtype, with the norm fused or not, GQA or
+/// not; in one dispatch (two with the norm apart) where it applies, and the ops one after
+/// another where it does not.
+#[test]
+fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
+    let gpu = gpu();
+    let mut r = Rng::new(83);
+    let eps = 1e-5;
+    let forms = [
+        MatmulPath::GemvBlocks(1),
+        MatmulPath::GemvBlocks(4),
+        MatmulPath::GemvBlocks(64),
+        MatmulPath::GemvBlocks(1 | GEMV_UNIFORM_X),
+        MatmulPath::GemvBlocks(1 | GEMV_WG16 | GEMV_UNIFORM_X),
+        MatmulPath::GemvBlocks(16 | GEMV_WG16),
+    ];
+    // (heads, kv_heads, head_dim, K, position): GQA, MHA, and head dims of 4 and 8
+    let shapes = [(4, 2, 8, 64, 5), (3, 3, 16, 96, 17), (2, 1, 4, 32, 0)];
+    let was = gpu.fuse_norm();
+    for v in gpu.variants() {
+        let mut runs: Vec<(DType, MatmulPath, bool)> = [DType::Q4, DType::Q4M, DType::Q8]
+            .into_iter()
+            .chain([DType::F16, DType::F32])
+            .map(|dt| (dt, MatmulPath::Auto, true))
+            .collect();
+        if v == Variant::PORTABLE {
+            runs.extend(forms.iter().map(|&p| (DType::Q4M, p, true)));
+            runs.push((DType::Q4, MatmulPath::GemvBlocks(4), false));
+            runs.push((DType::Q8, MatmulPath::Auto, false));
+        } else {
+            // the other variants change how f16 weights are read and add the subgroup form
+            runs.retain(|r| matches!(r.0, DType::F16 | DType::Q4M));
+        }
+        if v.subgroups {
+            runs.push((DType::Q4, MatmulPath::GemvBlocks(GEMV_SUBGROUP), true));
+            runs.push((DType::Q4M, MatmulPath::GemvBlocks(GEMV_SUBGROUP), false));
+        }
+        for (i, &(dt, path, fuse)) in runs.iter().enumerate() {
+            gpu.set_fuse_norm(fuse);
+            for (j, &(heads, kv_heads, d, k, pos0)) in shapes.iter().enumerate() {
+                let mode = [RopeMode::Half, RopeMode::Interleaved][(i + j) % 2];
+                let kv_dt = [DType::F16, DType::F32][(i / 2 + j) % 2];
+                let what = format!(
+                    "{dt} {path:?} fuse {fuse} h{heads} kv{kv_heads} d{d} k{k} pos {pos0} \
+                     {mode:?} {kv_dt} {}",
+                    v.name()
+                );
+                let width = (heads + 2 * kv_heads) * d;
+                let ctx = pos0 + 3;
+                let table = RopeTable::new(&gpu, d, ctx, 10000.0).unwrap();
+                let x = r.vec(k, 8.0);
+                let nw = r.vec(k, 1.0);
+                let w =
+                    Tensor::upload(&gpu, "wqkv", &[width, k], dt, &r.vec(width * k, 0.5)).unwrap();
+                let (xs, norm) = (act(&gpu, "x", &[1, k], &x), act(&gpu, "norm", &[k], &nw));
+                let h = Tensor::zeros(&gpu, "h", &[1, k]).unwrap();
+                let mut outs = Vec::new();
+                for fused in [true, false] {
+                    let qkv = Tensor::zeros(&gpu, "qkv", &[1, width]).unwrap();
+                    let cache =
+                        Tensor::empty(&gpu, "cache", &[ctx, 2 * kv_heads * d], kv_dt).unwrap();
+                    let mut rec = Recorder::with_variant(&gpu, v);
+                    if fused {
+                        let rope = RopeKv {
+                            heads,
+                            kv_heads,
+                            table: &table,
+                            pos0,
+                            mode,
+                            cache: &cache,
+                        };
+                        rec.rms_norm_qkv_rope(path, &xs, &norm, eps, &h, &w, &qkv, rope)
+                            .unwrap();
+                        let kernels = rec.kernels();
+                        assert_eq!(kernels.len(), if fuse { 1 } else { 2 }, "{what}");
+                        let last = kernels.last().unwrap();
+                        assert!(
+                            last.starts_with("gemv::gemv") && last.contains("ROPE"),
+                            "{what}"
+                        );
+                    } else {
+                        rec.rms_norm_matmul(path, &xs, &norm, eps, &h, &w, &qkv)
+                            .unwrap();
+                        rec.rope_kv(&qkv, 1, heads, kv_heads, &table, pos0, mode, &cache)
+                            .unwrap();
+                    }
+                    run(rec);
+                    outs.push((read(&gpu, &qkv), cache_values(&gpu, &cache)));
+                }
+                let (a, b) = (&outs[0], &outs[1]);
+                assert_close(&format!("qkv, {what}"), &a.0, &b.0, 1e-5, 1e-5);
+                assert_close(&format!("cache, {what}"), &a.1, &b.1, 1e-5, 1e-5);
+                // the position's row was written, and no other
+                let row = 2 * kv_heads * d;
+                assert!(a.1[pos0 * row..(pos0 + 1) * row].iter().any(|&v| v != 0.0));
+                let rest = a.1.iter().enumerate().filter(|(e, _)| e / row != pos0);
+                assert!(rest.clone().all(|(_, &v)| v == 0.0), "{what}");
+            }
+        }
+    }
+    gpu.set_fuse_norm(was);
+    // where it cannot fuse (two rows, a head dim of 2), the steps run apart and agree
+    let table = RopeTable::new(&gpu, 2, 8, 10000.0).unwrap();
+    for (rows, d) in [(2, 4), (1, 2)] {
+        let (heads, kv_heads, k) = (2, 1, 32);
+        let width = (heads + 2 * kv_heads) * d;
+        let table4 = RopeTable::new(&gpu, d, 8, 10000.0).unwrap();
+        let table = if d == 2 { &table } else { &table4 };
+        let x = r.vec(rows * k, 2.0);
+        let nw = r.vec(k, 1.0);
+        let w =
+            Tensor::upload(&gpu, "wqkv", &[width, k], DType::Q8, &r.vec(width * k, 0.5)).unwrap();
+        let (xs, norm) = (act(&gpu, "x", &[rows, k], &x), act(&gpu, "norm", &[k], &nw));
+        let h = Tensor::zeros(&gpu, "h", &[rows, k]).unwrap();
+        let mut outs = Vec::new();
+        for fused in [true, false] {
+            let qkv = Tensor::zeros(&gpu, "qkv", &[rows, width]).unwrap();
+            let cache = Tensor::empty(&gpu, "cache", &[8, 2 * kv_heads * d], DType::F16).unwrap();
+            let mut rec = Recorder::new(&gpu);
+            let mode = RopeMode::Half;
+            if fused {
+                let rope = RopeKv {
+                    heads,
+                    kv_heads,
+                    table,
+                    pos0: 3,
+                    mode,
+                    cache: &cache,
+                };
+                rec.rms_norm_qkv_rope(MatmulPath::Auto, &xs, &norm, eps, &h, &w, &qkv, rope)
+                    .unwrap();
+                assert!(
+                    rec.kernels().iter().all(|k| !k.contains("ROPE")),
+                    "{rows} {d}"
+                );
+            } else {
+                rec.rms_norm_matmul(MatmulPath::Auto, &xs, &norm, eps, &h, &w, &qkv)
+                    .unwrap();
+                rec.rope_kv(&qkv, rows, heads, kv_heads, table, 3, mode, &cache)
+                    .unwrap();
+            }
+            run(rec);
+            outs.push((read(&gpu, &qkv), cache_values(&gpu, &cache)));
+        }
+        assert_eq!(outs[0], outs[1], "rows {rows} head dim {d}");
+    }
+    // a cache of the wrong width is refused before anything is recorded
+    let table = RopeTable::new(&gpu, 8, 4, 10000.0).unwrap();
+    let (x, norm) = (
+        act(&gpu, "x", &[1, 32], &[1.0; 32]),
+        act(&gpu, "n", &[32], &[1.0; 32]),
+    );
+    let h = Tensor::zeros(&gpu, "h", &[1, 32]).unwrap();
+    let w = Tensor::zeros(&gpu, "wqkv", &[32, 32]).unwrap();
+    let qkv = Tensor::zeros(&gpu, "qkv", &[1, 32]).unwrap();
+    let cache = Tensor::empty(&gpu, "layer0.cache", &[4, 8], DType::F16).unwrap();
+    let rope = RopeKv {
+        heads: 2,
+        kv_heads: 1,
+        table: &table,
+        pos0: 0,
+        mode: RopeMode::Half,
+        cache: &cache,
+    };
+    let mut rec = Recorder::new(&gpu);
+    let err = rec
+        .rms_norm_qkv_rope(MatmulPath::Auto, &x, &norm, eps, &h, &w, &qkv, rope)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer0.cache") && err.contains("16") && err.contains("[4, 8]"),
+        "{err}"
+    );
+    assert!(rec.is_empty());
 }
 
 #[test]

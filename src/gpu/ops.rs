@@ -380,6 +380,62 @@ impl RopeTable {
     }
 }
 
+/// A LLaMA layer's rotary step and KV-cache write, as [`Recorder::rms_norm_qkv_rope`] takes it:
+/// `heads` query and `kv_heads` key/value heads of the table's head dim, rows at positions
+/// `pos0 ..`, the rotated k and v written to `cache` (see [`Recorder::rope_kv`]).
+#[derive(Clone, Copy)]
+pub struct RopeKv<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub table: &'a RopeTable,
+    pub pos0: usize,
+    pub mode: RopeMode,
+    pub cache: &'a Tensor,
+}
+
+/// Checks `rows` rows of `qkv` and `rope` as [`Recorder::rope_kv`] needs them; whether the
+/// cache is f16 (else f32).
+fn check_rope_kv(qkv: &Tensor, rows: usize, rope: &RopeKv) -> Result<bool> {
+    let RopeKv {
+        heads,
+        kv_heads,
+        table,
+        pos0,
+        cache,
+        ..
+    } = *rope;
+    need_f32(qkv)?;
+    let d = table.head_dim;
+    let (width, kv) = ((heads + 2 * kv_heads) * d, 2 * kv_heads * d);
+    qkv.expect(None, &[rows, width])?;
+    let f16 = match cache.dtype {
+        DType::F16 if cache.parts.len() == 1 => true,
+        DType::F32 if cache.parts.len() == 1 => false,
+        other => {
+            return Err(Error::tensor(
+                &cache.name,
+                "a single-part f32 or f16 KV cache",
+                format!("{other} in {} parts", cache.parts.len()),
+            ))
+        }
+    };
+    if cache.cols() != kv || pos0 + rows > cache.rows() {
+        return Err(Error::tensor(
+            &cache.name,
+            format!("a KV cache [>= {}, {kv}]", pos0 + rows),
+            format!("{:?}", cache.shape),
+        ));
+    }
+    if pos0 + rows > table.max_pos {
+        return Err(Error::tensor(
+            "rope_table",
+            format!("positions up to {}", pos0 + rows),
+            format!("a table of {} positions", table.max_pos),
+        ));
+    }
+    Ok(f16)
+}
+
 /// A strided view of rows of heads inside an f32 tensor: element (t, h, i) at
 /// `offset + t * stride + h * head_dim + i`.
 #[derive(Clone, Copy)]
@@ -561,6 +617,107 @@ impl Recorder<'_> {
         }
         self.rms_norm(x, norm_w, eps, h)?;
         self.matmul_glu(path, h, gate, up, out)
+    }
+
+    /// `qkv = rms_norm(x) · wᵀ` (a LLaMA layer's fused QKV projection), then
+    /// [`Recorder::rope_kv`] on its rows. For one row of x on the block GEMV, with `w` in one
+    /// part and a head dim divisible by 4, the rotation and the cache write happen in the
+    /// GEMV's store (`ROPE` in `gemv.wgsl`): one dispatch fewer per layer, and one dispatch in
+    /// all where the norm is fused too (as in [`Recorder::rms_norm_matmul`]). Otherwise the
+    /// same ops one after another; either way `qkv` ends with q rotated and k, v as projected.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_qkv_rope(
+        &mut self,
+        path: MatmulPath,
+        x: &Tensor,
+        norm_w: &Tensor,
+        eps: f32,
+        h: &Tensor,
+        w: &Tensor,
+        qkv: &Tensor,
+        rope: RopeKv,
+    ) -> Result<()> {
+        let norm = Norm::checked(x, norm_w, eps)?;
+        let (m, k) = (x.rows(), x.cols());
+        let f16 = check_rope_kv(qkv, m, &rope)?;
+        let fits = m == 1
+            && k.is_multiple_of(32)
+            && w.parts.len() == 1
+            && w.shape.len() == 2
+            && w.cols() == k
+            && w.rows() == qkv.cols()
+            && rope.table.head_dim.is_multiple_of(4);
+        if fits {
+            let blocks = resolve(self.gpu, self.variant, path, m, w.rows(), k, w.dtype);
+            if let MatmulPath::GemvBlocks(lanes) = blocks {
+                if self.gpu.fuse_norm() {
+                    return self.gemv_rope(lanes, x, w, qkv, Some(norm), &rope, f16);
+                }
+                self.rms_norm(x, norm_w, eps, h)?;
+                return self.gemv_rope(lanes, h, w, qkv, None, &rope, f16);
+            }
+        }
+        self.rms_norm_matmul(path, x, norm_w, eps, h, w, qkv)?;
+        let r = rope;
+        self.rope_kv(
+            qkv, m, r.heads, r.kv_heads, r.table, r.pos0, r.mode, r.cache,
+        )
+    }
+
+    /// The one-dispatch QKV projection, rotation and cache write of
+    /// [`Recorder::rms_norm_qkv_rope`]: `x` one row, `w` one part, checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_rope(
+        &mut self,
+        lanes: u32,
+        x: &Tensor,
+        w: &Tensor,
+        qkv: &Tensor,
+        norm: Option<Norm>,
+        rope: &RopeKv,
+        f16: bool,
+    ) -> Result<()> {
+        let (n, k) = (w.rows(), x.cols());
+        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 0, 1, norm)?;
+        let mut flags = vec![wflag(w.dtype), "ROPE"];
+        flags.extend(form);
+        if f16 {
+            flags.push("KV_F16");
+        }
+        let d = rope.table.head_dim;
+        let params = [
+            1,
+            u(n),
+            u(k),
+            u(k),
+            u(n),
+            0,
+            0,
+            0,
+            f(norm.map_or(0.0, |n| n.eps)),
+            0,
+            u(rope.pos0),
+            u(rope.heads * d),
+            u(rope.kv_heads * d),
+            u(d),
+            (rope.mode == RopeMode::Interleaved) as u32,
+        ];
+        let part = &w.parts[0];
+        let mut bufs = vec![
+            (1, x.buffer()),
+            (2, &part.data),
+            (5, qkv.buffer()),
+            (9, rope.table.buffer.buffer()),
+            (10, rope.cache.buffer()),
+        ];
+        if let Some(s) = &part.scales {
+            bufs.push((3, s));
+        }
+        if let Some(n) = norm {
+            bufs.push((8, n.weight.buffer()));
+        }
+        let groups = grid(u(n.div_ceil(rows_per_group)));
+        self.dispatch("gemv", entry, &flags, &params, &bufs, groups)
     }
 
     /// The one-dispatch silu(gate) * up of [`Recorder::matmul_glu`]: `x` one row, `gate` and
@@ -992,35 +1149,17 @@ impl Recorder<'_> {
         mode: RopeMode,
         cache: &Tensor,
     ) -> Result<()> {
-        need_f32(qkv)?;
-        let d = table.head_dim;
-        let (width, kv) = ((heads + 2 * kv_heads) * d, 2 * kv_heads * d);
-        qkv.expect(None, &[rows, width])?;
-        let f16 = match cache.dtype {
-            DType::F16 if cache.parts.len() == 1 => true,
-            DType::F32 if cache.parts.len() == 1 => false,
-            other => {
-                return Err(Error::tensor(
-                    &cache.name,
-                    "a single-part f32 or f16 KV cache",
-                    format!("{other} in {} parts", cache.parts.len()),
-                ))
-            }
+        let rope = RopeKv {
+            heads,
+            kv_heads,
+            table,
+            pos0,
+            mode,
+            cache,
         };
-        if cache.cols() != kv || pos0 + rows > cache.rows() {
-            return Err(Error::tensor(
-                &cache.name,
-                format!("a KV cache [>= {}, {kv}]", pos0 + rows),
-                format!("{:?}", cache.shape),
-            ));
-        }
-        if pos0 + rows > table.max_pos {
-            return Err(Error::tensor(
-                "rope_table",
-                format!("positions up to {}", pos0 + rows),
-                format!("a table of {} positions", table.max_pos),
-            ));
-        }
+        let f16 = check_rope_kv(qkv, rows, &rope)?;
+        let d = table.head_dim;
+        let width = (heads + 2 * kv_heads) * d;
         if rows == 0 {
             return Ok(());
         }

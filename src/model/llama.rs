@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 use crate::gpu::ops::{topk_words, MatmulPath, GEMV_MAX_ROWS, TOPK_KEEP};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{
-    attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeMode,
-    RopeTable, Tensor, ATTN_SPLIT,
+    attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeKv,
+    RopeMode, RopeTable, Tensor, ATTN_SPLIT,
 };
 use crate::loader::gguf::{self, GgmlType, GgufFile};
 use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
@@ -1068,8 +1068,9 @@ impl Llama {
         }
         let qkv_stride = q + 2 * kv;
         for l in &self.layers {
-            // for one token the norms are fused into the projections that read them
-            rec.rms_norm_matmul(
+            // q rotated in place; k rotated and v copied into this layer's cache rows (for one
+            // token in the projection's own store, the norm fused in where tuning says so)
+            rec.rms_norm_qkv_rope(
                 MatmulPath::Auto,
                 &s.x,
                 &l.attn_norm,
@@ -1077,17 +1078,14 @@ impl Llama {
                 &s.h,
                 &l.wqkv,
                 &s.qkv,
-            )?;
-            // q rotated in place; k rotated and v copied into this layer's cache rows
-            rec.rope_kv(
-                &s.qkv,
-                t,
-                c.heads,
-                c.kv_heads,
-                &self.rope,
-                pos,
-                RopeMode::Half,
-                &l.kv_cache,
+                RopeKv {
+                    heads: c.heads,
+                    kv_heads: c.kv_heads,
+                    table: &self.rope,
+                    pos0: pos,
+                    mode: RopeMode::Half,
+                    cache: &l.kv_cache,
+                },
             )?;
             rec.attention_with(
                 HeadView {
