@@ -891,6 +891,7 @@ fn layer_norm_and_rms_norm() {
             (257, 88, 1e-12),
             (2, 1408, 1e-6),
             (5, 65, 1e-5),
+            (1, 4096, 1e-5),
         ] {
             let x: Vec<f32> = r.vec(rows * cols, 3.0).iter().map(|v| v + 1.5).collect();
             let w = r.vec(cols, 1.0);
@@ -1879,12 +1880,19 @@ fn bad_arguments_are_errors_not_panics() {
 fn argmax_first_maximum() {
     let gpu = gpu();
     let mut r = Rng::new(12);
-    for n in [1usize, 7, 64, 65, 1000, 32001] {
+    // (the kernel's 256 invocations take four loads a step: 1024 logits)
+    for n in [1usize, 7, 64, 65, 1000, 1024, 1026, 4099, 32001] {
         let mut x = r.vec(n, 5.0);
         if n > 10 {
             // a tie: the lower index wins
             x[n / 3] = 9.0;
             x[n / 2] = 9.0;
+        }
+        if n > 2100 {
+            // ties within one invocation's step and across its steps
+            for i in [1300, 1300 + 256, 1300 + 1024, 1300 - 256] {
+                x[i] = 11.0;
+            }
         }
         let xt = t(&gpu, "x", &[n], &x);
         let out = Ids::new(&gpu, &[123456]);
