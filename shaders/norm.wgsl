@@ -24,13 +24,15 @@ struct Params {
 struct Four {
     v: vec4<f32>,
     live: vec4<bool>,
+    // the columns read: the four columns where they are live, else the row's last
     col: vec4<u32>,
 }
 
 fn four(xb: u32, c: u32) -> Four {
-    let col = c + vec4<u32>(0u, 1u, 2u, 3u) * WG;
-    let live = col < vec4<u32>(p.cols);
-    let j = xb + min(col, vec4<u32>(p.cols - 1u));
+    let want = c + vec4<u32>(0u, 1u, 2u, 3u) * WG;
+    let live = want < vec4<u32>(p.cols);
+    let col = min(want, vec4<u32>(p.cols - 1u));
+    let j = xb + col;
     let v = vec4<f32>(x[j.x], x[j.y], x[j.z], x[j.w]);
     return Four(select(vec4<f32>(0.0), v, live), live, col);
 }
@@ -58,7 +60,7 @@ fn layer_norm(ids: Ids, grp: Grp) {
     let inv = 1.0 / sqrt(variance + p.eps);
     for (var c = ids.lid; c < p.cols; c += 4u * WG) {
         let f = four(xb, c);
-        let k = min(f.col, vec4<u32>(p.cols - 1u));
+        let k = f.col; // the clamped columns: in range for the weight loads
         let w = vec4<f32>(weight[k.x], weight[k.y], weight[k.z], weight[k.w]);
         let b = vec4<f32>(bias[k.x], bias[k.y], bias[k.z], bias[k.w]);
         let o = (f.v - mean) * inv * w + b;
@@ -86,7 +88,7 @@ fn rms_norm(ids: Ids, grp: Grp) {
     let inv = 1.0 / sqrt(wg_sum(s, ids) / f32(p.cols) + p.eps);
     for (var c = ids.lid; c < p.cols; c += 4u * WG) {
         let f = four(xb, c);
-        let k = min(f.col, vec4<u32>(p.cols - 1u));
+        let k = f.col; // the clamped columns: in range for the weight loads
         let w = vec4<f32>(weight[k.x], weight[k.y], weight[k.z], weight[k.w]);
         let o = f.v * inv * w;
         for (var r = 0u; r < 4u; r++) {

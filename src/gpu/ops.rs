@@ -658,10 +658,7 @@ impl Recorder<'_> {
             }
         }
         self.rms_norm_matmul(path, x, norm_w, eps, h, w, qkv)?;
-        let r = rope;
-        self.rope_kv(
-            qkv, m, r.heads, r.kv_heads, r.table, r.pos0, r.mode, r.cache,
-        )
+        self.rope_kv_checked(qkv, m, &rope, f16)
     }
 
     /// The one-dispatch QKV projection, rotation and cache write of
@@ -1158,7 +1155,20 @@ impl Recorder<'_> {
             cache,
         };
         let f16 = check_rope_kv(qkv, rows, &rope)?;
-        let d = table.head_dim;
+        self.rope_kv_checked(qkv, rows, &rope, f16)
+    }
+
+    /// The dispatch of [`Recorder::rope_kv`], its arguments checked by [`check_rope_kv`]
+    /// (which said whether the cache is f16).
+    fn rope_kv_checked(
+        &mut self,
+        qkv: &Tensor,
+        rows: usize,
+        rope: &RopeKv,
+        f16: bool,
+    ) -> Result<()> {
+        let (heads, kv_heads) = (rope.heads, rope.kv_heads);
+        let d = rope.table.head_dim;
         let width = (heads + 2 * kv_heads) * d;
         if rows == 0 {
             return Ok(());
@@ -1174,14 +1184,14 @@ impl Recorder<'_> {
                 u(d),
                 0,
                 u(width),
-                u(pos0),
-                (mode == RopeMode::Interleaved) as u32,
+                u(rope.pos0),
+                (rope.mode == RopeMode::Interleaved) as u32,
                 u(kv_heads),
             ],
             &[
                 (1, qkv.buffer()),
-                (2, table.buffer.buffer()),
-                (3, cache.buffer()),
+                (2, rope.table.buffer.buffer()),
+                (3, rope.cache.buffer()),
             ],
             grid(u(items.div_ceil(256))),
         )
