@@ -619,6 +619,13 @@ fn bench_tiny_reports_every_part() {
     assert!(gemv
         .iter()
         .all(|g| pos(&g["gb_per_s"]) && pos(&g["percent_of_copy"])));
+    // each GEMV run walks through copies of its matrix holding at least the tiny mode's 1 MiB
+    // together (so that the weights come from memory, not a cache, at the real sizes)
+    for g in gemv {
+        let copies = g["copies"].as_u64().unwrap_or(0);
+        let bytes = g["weight_bytes"].as_u64().unwrap_or(0);
+        assert!(copies > 1 && copies * bytes >= 1 << 20, "{g}");
+    }
     let g = &r["gemm"];
     // forms per case: the chosen one trimmed to the shape (the tiny ViT's 17 rows in 32-row
     // tiles)
