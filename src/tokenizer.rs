@@ -112,6 +112,7 @@ impl Tokenizer {
             ));
         }
         check_decoder(&shown, doc.get("decoder"))?;
+        check_post_processor(&shown, doc.get("post_processor"))?;
         let inner = tokenizers::Tokenizer::from_str(text).map_err(|e| {
             Error::format(
                 &shown,
@@ -592,6 +593,62 @@ fn check_decoder(shown: &str, decoder: Option<&Json>) -> Result<()> {
                          can be stripped), found \"stop\": {stop}"
                     ),
                 ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Refuses `TemplateProcessing` post-processors (alone or in a `Sequence`) that tokenizers
+/// 0.22 accepts but panics on when encoding: a single-sequence template that uses the second
+/// sequence (`$B`), or a template piece naming a special token the processor does not define.
+fn check_post_processor(shown: &str, pp: Option<&Json>) -> Result<()> {
+    let Some(pp) = pp else { return Ok(()) };
+    match pp.get("type").and_then(Json::as_str) {
+        Some("Sequence") => {
+            for inner in pp
+                .get("processors")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+            {
+                check_post_processor(shown, Some(inner))?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let special = pp.get("special_tokens");
+            for template in ["single", "pair"] {
+                let pieces = pp.get(template).and_then(Json::as_array);
+                for piece in pieces.into_iter().flatten() {
+                    let seq = piece.get("Sequence").and_then(|q| q.get("id"));
+                    if template == "single" && seq.is_some_and(|id| id != "A") {
+                        return Err(Error::format(
+                            shown,
+                            format!(
+                                "post_processor \"TemplateProcessing\": expected a single \
+                                 template of sequence A and special tokens, found sequence {}",
+                                seq.map(Json::to_string).unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    let token = piece
+                        .get("SpecialToken")
+                        .and_then(|t| t.get("id"))
+                        .and_then(Json::as_str);
+                    if let Some(name) = token {
+                        if special.and_then(|m| m.get(name)).is_none() {
+                            return Err(Error::format(
+                                shown,
+                                format!(
+                                    "post_processor \"TemplateProcessing\": the {template} \
+                                     template's special token {name:?} is not in its \
+                                     special_tokens"
+                                ),
+                            ));
+                        }
+                    }
+                }
             }
         }
         _ => {}
@@ -1302,6 +1359,56 @@ mod tests {
         // stop: 0 (what SentencePiece conversions write) still loads and decodes
         let ok = Tokenizer::from_json_bytes("ok.json", with_strip(0).as_bytes(), None).unwrap();
         assert_eq!(ok.decode(&[sp], false).unwrap(), "");
+    }
+
+    #[test]
+    fn templates_the_crate_would_panic_on_are_refused() {
+        // Found by the tokenizer_json fuzz target: tokenizers 0.22 panics encoding with a
+        // TemplateProcessing whose single template uses sequence B (index out of bounds), or
+        // whose template names a special token it does not define (a map lookup).
+        let t = Tokenizer::from_sentencepiece_bytes("tiny.model", &tiny_model(2)).unwrap();
+        let with = |single: Json, nested: bool| {
+            let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
+            let mut pp = doc["post_processor"].clone();
+            assert_eq!(pp["type"], "TemplateProcessing", "{pp}");
+            pp["single"] = single;
+            doc["post_processor"] = if nested {
+                json!({"type": "Sequence", "processors": [pp]})
+            } else {
+                pp
+            };
+            doc.to_string()
+        };
+        let bos = json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
+        let seq = |id: &str| json!({"Sequence": {"id": id, "type_id": 0}});
+        let unknown = json!({"SpecialToken": {"id": "<nope>", "type_id": 0}});
+        for nested in [false, true] {
+            for (single, says) in [
+                (json!([bos.clone(), seq("B")]), "sequence \"B\""),
+                (json!([unknown.clone(), seq("A")]), "\"<nope>\""),
+            ] {
+                let text = with(single, nested);
+                let e = Tokenizer::from_json_bytes("tpl.json", text.as_bytes(), None)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains("tpl.json") && e.contains("TemplateProcessing") && e.contains(says),
+                    "{e}"
+                );
+                // the crate does panic on it: the check is what stands between a file and a
+                // crash
+                let inner = tokenizers::Tokenizer::from_str(&text).unwrap();
+                let panicked = std::panic::catch_unwind(|| inner.encode("hi", true)).is_err();
+                assert!(
+                    panicked,
+                    "tokenizers no longer panics on {text}; drop the check"
+                );
+            }
+        }
+        // the template a conversion writes still loads and encodes with its BOS
+        let ok = with(json!([bos, seq("A")]), true);
+        let ok = Tokenizer::from_json_bytes("ok.json", ok.as_bytes(), None).unwrap();
+        assert_eq!(ok.encode("hi", true).unwrap()[0], ok.bos.unwrap());
     }
 
     #[test]
