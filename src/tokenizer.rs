@@ -603,55 +603,49 @@ fn check_decoder(shown: &str, decoder: Option<&Json>) -> Result<()> {
 /// Refuses `TemplateProcessing` post-processors (alone or in a `Sequence`) that tokenizers
 /// 0.22 accepts but panics on when encoding: a single-sequence template that uses the second
 /// sequence (`$B`), or a template piece naming a special token the processor does not define.
+/// The crate picks a post-processor by its fields, not its `type` (an untagged enum), so every
+/// object with templates is checked whatever its `type` says.
 fn check_post_processor(shown: &str, pp: Option<&Json>) -> Result<()> {
     let Some(pp) = pp else { return Ok(()) };
-    match pp.get("type").and_then(Json::as_str) {
-        Some("Sequence") => {
-            for inner in pp
-                .get("processors")
-                .and_then(Json::as_array)
-                .into_iter()
-                .flatten()
-            {
-                check_post_processor(shown, Some(inner))?;
+    for inner in pp
+        .get("processors")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+    {
+        check_post_processor(shown, Some(inner))?;
+    }
+    let special = pp.get("special_tokens");
+    for template in ["single", "pair"] {
+        let pieces = pp.get(template).and_then(Json::as_array);
+        for piece in pieces.into_iter().flatten() {
+            let seq = piece.get("Sequence").and_then(|q| q.get("id"));
+            if template == "single" && seq.is_some_and(|id| id != "A") {
+                return Err(Error::format(
+                    shown,
+                    format!(
+                        "post_processor \"TemplateProcessing\": expected a single template of \
+                         sequence A and special tokens, found sequence {}",
+                        seq.map(Json::to_string).unwrap_or_default()
+                    ),
+                ));
             }
-        }
-        Some("TemplateProcessing") => {
-            let special = pp.get("special_tokens");
-            for template in ["single", "pair"] {
-                let pieces = pp.get(template).and_then(Json::as_array);
-                for piece in pieces.into_iter().flatten() {
-                    let seq = piece.get("Sequence").and_then(|q| q.get("id"));
-                    if template == "single" && seq.is_some_and(|id| id != "A") {
-                        return Err(Error::format(
-                            shown,
-                            format!(
-                                "post_processor \"TemplateProcessing\": expected a single \
-                                 template of sequence A and special tokens, found sequence {}",
-                                seq.map(Json::to_string).unwrap_or_default()
-                            ),
-                        ));
-                    }
-                    let token = piece
-                        .get("SpecialToken")
-                        .and_then(|t| t.get("id"))
-                        .and_then(Json::as_str);
-                    if let Some(name) = token {
-                        if special.and_then(|m| m.get(name)).is_none() {
-                            return Err(Error::format(
-                                shown,
-                                format!(
-                                    "post_processor \"TemplateProcessing\": the {template} \
-                                     template's special token {name:?} is not in its \
-                                     special_tokens"
-                                ),
-                            ));
-                        }
-                    }
+            let token = piece
+                .get("SpecialToken")
+                .and_then(|t| t.get("id"))
+                .and_then(Json::as_str);
+            if let Some(name) = token {
+                if special.and_then(|m| m.get(name)).is_none() {
+                    return Err(Error::format(
+                        shown,
+                        format!(
+                            "post_processor \"TemplateProcessing\": the {template} template's \
+                             special token {name:?} is not in its special_tokens"
+                        ),
+                    ));
                 }
             }
         }
-        _ => {}
     }
     Ok(())
 }
@@ -1367,12 +1361,19 @@ mod tests {
         // TemplateProcessing whose single template uses sequence B (index out of bounds), or
         // whose template names a special token it does not define (a map lookup).
         let t = Tokenizer::from_sentencepiece_bytes("tiny.model", &tiny_model(2)).unwrap();
-        let with = |single: Json, nested: bool| {
+        // the template alone (0), inside a Sequence (1), or with its `type` misspelt (2: the
+        // crate still takes it for a TemplateProcessing, by its fields)
+        let with = |single: Json, form: u32| {
             let mut doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
             let mut pp = doc["post_processor"].clone();
             assert_eq!(pp["type"], "TemplateProcessing", "{pp}");
             pp["single"] = single;
-            doc["post_processor"] = if nested {
+            if form == 2 {
+                let m = pp.as_object_mut().unwrap();
+                let ty = m.remove("type").unwrap();
+                m.insert("typE".into(), ty);
+            }
+            doc["post_processor"] = if form == 1 {
                 json!({"type": "Sequence", "processors": [pp]})
             } else {
                 pp
@@ -1382,12 +1383,12 @@ mod tests {
         let bos = json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
         let seq = |id: &str| json!({"Sequence": {"id": id, "type_id": 0}});
         let unknown = json!({"SpecialToken": {"id": "<nope>", "type_id": 0}});
-        for nested in [false, true] {
+        for form in [0, 1, 2] {
             for (single, says) in [
                 (json!([bos.clone(), seq("B")]), "sequence \"B\""),
                 (json!([unknown.clone(), seq("A")]), "\"<nope>\""),
             ] {
-                let text = with(single, nested);
+                let text = with(single, form);
                 let e = Tokenizer::from_json_bytes("tpl.json", text.as_bytes(), None)
                     .unwrap_err()
                     .to_string();
@@ -1406,7 +1407,7 @@ mod tests {
             }
         }
         // the template a conversion writes still loads and encodes with its BOS
-        let ok = with(json!([bos, seq("A")]), true);
+        let ok = with(json!([bos, seq("A")]), 1);
         let ok = Tokenizer::from_json_bytes("ok.json", ok.as_bytes(), None).unwrap();
         assert_eq!(ok.encode("hi", true).unwrap()[0], ok.bos.unwrap());
     }
