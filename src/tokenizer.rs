@@ -602,9 +602,11 @@ fn check_decoder(shown: &str, decoder: Option<&Json>) -> Result<()> {
 
 /// Refuses `TemplateProcessing` post-processors (alone or in a `Sequence`) that tokenizers
 /// 0.22 accepts but panics on when encoding: a single-sequence template that uses the second
-/// sequence (`$B`), or a template piece naming a special token the processor does not define.
-/// The crate picks a post-processor by its fields, not its `type` (an untagged enum), so every
-/// object with templates is checked whatever its `type` says.
+/// sequence (`$B`; on every encode, ours included), or a template piece naming a special token
+/// the processor does not define (when special tokens are added, which [`Tokenizer::encode`]
+/// leaves to itself; refused all the same, as the crate's own builder refuses it). The crate
+/// picks a post-processor by its fields, not its `type` (an untagged enum), so every object
+/// with templates is checked whatever its `type` says.
 fn check_post_processor(shown: &str, pp: Option<&Json>) -> Result<()> {
     let Some(pp) = pp else { return Ok(()) };
     for inner in pp
@@ -1358,8 +1360,9 @@ mod tests {
     #[test]
     fn templates_the_crate_would_panic_on_are_refused() {
         // Found by the tokenizer_json fuzz target: tokenizers 0.22 panics encoding with a
-        // TemplateProcessing whose single template uses sequence B (index out of bounds), or
-        // whose template names a special token it does not define (a map lookup).
+        // TemplateProcessing whose single template uses sequence B (index out of bounds, even
+        // without special tokens, as Tokenizer::encode calls it), or whose template names a
+        // special token it does not define (a map lookup, when special tokens are added).
         let t = Tokenizer::from_sentencepiece_bytes("tiny.model", &tiny_model(2)).unwrap();
         // the template alone (0), inside a Sequence (1), or with its `type` misspelt (2: the
         // crate still takes it for a TemplateProcessing, by its fields)
