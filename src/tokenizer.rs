@@ -120,7 +120,7 @@ impl Tokenizer {
             )
         })?;
 
-        let (tpl_add_bos, tpl_bos) = template_bos(doc.get("post_processor"));
+        let (tpl_add_bos, tpl_bos) = template_bos(&inner);
         let mut add_bos = tpl_add_bos;
         let mut bos = tpl_bos;
         let mut eos = None;
@@ -652,44 +652,19 @@ fn check_post_processor(shown: &str, pp: Option<&Json>) -> Result<()> {
     Ok(())
 }
 
-/// From a tokenizer.json `post_processor`: (adds BOS?, BOS id) when it is (or contains) a
-/// `TemplateProcessing` whose single-sequence template starts with a special token.
-fn template_bos(pp: Option<&Json>) -> (bool, Option<u32>) {
-    let Some(pp) = pp else {
+/// (adds BOS?, BOS id) as the tokenizer's own post-processor decides: a one-token sequence
+/// is run through it with special tokens added, and a special token it puts in front is the
+/// BOS. Asking the crate rather than reading the JSON follows what it does whatever the file
+/// says: it picks a post-processor by its fields, so one whose `type` is misspelt still adds
+/// its BOS, and a `Sequence` applies each of its processors in turn.
+fn template_bos(inner: &tokenizers::Tokenizer) -> (bool, Option<u32>) {
+    let one =
+        tokenizers::Encoding::from_tokens(vec![tokenizers::Token::new(0, "a".into(), (0, 1))], 0);
+    let Ok(out) = inner.post_process(one, None, true) else {
         return (false, None);
     };
-    match pp.get("type").and_then(Json::as_str) {
-        Some("Sequence") => {
-            let list = pp.get("processors").and_then(Json::as_array);
-            for p in list.into_iter().flatten() {
-                let r = template_bos(Some(p));
-                if r.0 {
-                    return r;
-                }
-            }
-            (false, None)
-        }
-        Some("TemplateProcessing") => {
-            let first = pp
-                .get("single")
-                .and_then(Json::as_array)
-                .and_then(|a| a.first())
-                .and_then(|p| p.get("SpecialToken"))
-                .and_then(|s| s.get("id"))
-                .and_then(Json::as_str);
-            let Some(name) = first else {
-                return (false, None);
-            };
-            let id = pp
-                .get("special_tokens")
-                .and_then(|s| s.get(name))
-                .and_then(|s| s.get("ids"))
-                .and_then(Json::as_array)
-                .and_then(|a| a.first())
-                .and_then(Json::as_u64)
-                .and_then(|i| u32::try_from(i).ok());
-            (id.is_some(), id)
-        }
+    match (out.get_ids(), out.get_special_tokens_mask()) {
+        ([bos, _, ..], [1, ..]) => (true, Some(*bos)),
         _ => (false, None),
     }
 }
@@ -1562,11 +1537,42 @@ mod tests {
     }
 
     #[test]
-    fn template_bos_is_found() {
-        let t = bos_template("<s>", 1);
-        assert_eq!(template_bos(Some(&t)), (true, Some(1)));
-        let seq = json!({"type": "Sequence", "processors": [{"type": "ByteLevel"}, t]});
-        assert_eq!(template_bos(Some(&seq)), (true, Some(1)));
-        assert_eq!(template_bos(Some(&Json::Null)), (false, None));
+    fn template_bos_is_found_as_the_crate_applies_it() {
+        // a conversion's template, alone, inside a Sequence, and with its `type` misspelt
+        // (the crate takes it for a TemplateProcessing by its fields and adds the BOS; reading
+        // the JSON by its type missed it, and prompts silently lost their BOS)
+        let t = Tokenizer::from_sentencepiece_bytes("tiny.model", &tiny_model(2)).unwrap();
+        let bos = t.bos.unwrap();
+        let doc: Json = serde_json::from_str(&t.to_json().unwrap()).unwrap();
+        let tpl = doc["post_processor"].clone();
+        assert_eq!(tpl["type"], "TemplateProcessing", "{tpl}");
+        let mut misspelt = tpl.clone();
+        let m = misspelt.as_object_mut().unwrap();
+        let ty = m.remove("type").unwrap();
+        m.insert("typE".into(), ty);
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
+                                "trim_offsets": false, "use_regex": false});
+        let seq = json!({"type": "Sequence", "processors": [byte_level, tpl.clone()]});
+        // a template that adds only an end token, and none at all
+        let mut eos_only = tpl.clone();
+        eos_only["single"] = json!([{"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": "<s>", "type_id": 0}}]);
+        for (pp, want) in [
+            (tpl, Some(bos)),
+            (seq, Some(bos)),
+            (misspelt, Some(bos)),
+            (eos_only, None),
+            (Json::Null, None),
+        ] {
+            let mut d = doc.clone();
+            d["post_processor"] = pp.clone();
+            let text = d.to_string();
+            let loaded = Tokenizer::from_json_bytes("t.json", text.as_bytes(), None).unwrap();
+            assert_eq!(loaded.add_bos_default(), want.is_some(), "{pp}");
+            if let Some(b) = want {
+                assert_eq!(loaded.bos(), Some(b), "{pp}");
+                assert_eq!(loaded.encode("hi", true).unwrap()[0], b, "{pp}");
+            }
+        }
     }
 }
