@@ -318,39 +318,63 @@ pub async fn generate_from(
                 .await?;
         }
     }
-    loop {
-        if out.len() >= stop.max_new_tokens {
-            return Ok((out, Finish::MaxTokens));
-        }
-        let id = next;
+    if stop.max_new_tokens == 0 {
+        return Ok((out, Finish::MaxTokens));
+    }
+    // takes a picked token: Some(why) when generation ends with it
+    let mut accept = |out: &mut Vec<u32>, id: u32| {
         out.push(id);
         if !on_token(id) {
-            return Ok((out, Finish::Cancelled));
+            return Some(Finish::Cancelled);
         }
         if stop.eos.contains(&id) {
-            return Ok((out, Finish::Eos));
+            return Some(Finish::Eos);
         }
         if stop
             .sequences
             .iter()
             .any(|s| !s.is_empty() && out.ends_with(s))
         {
-            return Ok((out, Finish::StopSequence));
+            return Some(Finish::StopSequence);
         }
-        if out.len() >= stop.max_new_tokens {
-            return Ok((out, Finish::MaxTokens));
-        }
+        (out.len() >= stop.max_new_tokens).then_some(Finish::MaxTokens)
+    };
+    if let Some(why) = accept(&mut out, next) {
+        return Ok((out, why));
+    }
+    if picker == Picker::Argmax {
+        // greedy: the GPU picks and feeds itself, a token submitted ahead of each readback
+        let mut finish = Finish::MaxTokens;
+        let more = stop.max_new_tokens - out.len();
+        model
+            .decode_greedy(gpu, next, allowed, more, true, |id| {
+                match accept(&mut out, id) {
+                    Some(why) => {
+                        finish = why;
+                        false
+                    }
+                    None => true,
+                }
+            })
+            .await?;
+        return Ok((out, finish));
+    }
+    loop {
+        let last = *out.last().expect("a token was accepted");
         next = picker
             .pick(
                 gpu,
                 model,
-                Input::Ids(&[id]),
+                Input::Ids(&[last]),
                 &out,
                 allowed,
                 sampling,
                 &mut rng,
             )
             .await?;
+        if let Some(why) = accept(&mut out, next) {
+            return Ok((out, why));
+        }
     }
 }
 

@@ -598,6 +598,7 @@ fn bench_tiny_reports_every_part() {
         "weight_bytes_per_token",
         "predicted_tok_per_s",
         "decode_tok_per_s_ctx_short",
+        "decode_tok_per_s_ctx_short_waiting",
         "decode_tok_per_s_ctx_long",
     ] {
         assert!(pos(&l[k]), "{k}: {l}");
@@ -832,12 +833,12 @@ fn bench_decode_part_alone() {
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let d = &r["decode"];
-    assert!(
-        d["decode_tok_per_s"]
-            .as_f64()
-            .is_some_and(|x| x > 0.0 && x.is_finite()),
-        "{d}"
-    );
+    for key in ["decode_tok_per_s", "decode_tok_per_s_waiting"] {
+        assert!(
+            d[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{key}: {d}"
+        );
+    }
     assert_eq!(d["layers"], 1, "{d}");
     assert_eq!(d["quant"], "q4", "{d}");
     assert!(

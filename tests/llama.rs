@@ -228,6 +228,92 @@ fn gpu_top_k_sampling_equals_host_sampling() {
     }
 }
 
+/// Greedy decoding with each token submitted before the previous one is read back (its input
+/// id read on the GPU) picks the tokens one `forward_argmax` after another picks, stops where
+/// it is told with the forward submitted past the end undone, and leaves the model as the
+/// plain loop leaves it: the next forward's logits are the same bits. The same without
+/// submitting ahead.
+#[test]
+fn greedy_decode_ahead_equals_one_token_at_a_time() {
+    let gpu = gpu();
+    let mut m = load(&gpu, "gqa_untied_hd128", DType::Q4);
+    let prompt = [1u32, 17, 200, 45, 3];
+    let vocab = m.cfg.vocab;
+    let argmax = |m: &mut Llama, ids: &[u32]| {
+        pollster::block_on(m.forward_argmax(&gpu, Input::Ids(ids), vocab)).unwrap()
+    };
+    let first = argmax(&mut m, &prompt);
+    let mut want = Vec::new();
+    let mut tok = first;
+    for _ in 0..12 {
+        tok = argmax(&mut m, &[tok]);
+        want.push(tok);
+    }
+    // a sequence that depends on each input (a stale or wrong input id would show)
+    let mut distinct = want.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() >= 4, "{want:?}");
+    for ahead in [true, false] {
+        for stop_after in [1, 2, 7, 12] {
+            // the plain loop to the same place: the next forward's logits
+            m.reset();
+            let mut tok = argmax(&mut m, &prompt);
+            for _ in 0..stop_after {
+                tok = argmax(&mut m, &[tok]);
+            }
+            let (pos, next_tok) = (m.pos, tok);
+            assert_eq!(tok, want[stop_after - 1]);
+            let plain =
+                pollster::block_on(m.forward(&gpu, Input::Ids(&[next_tok]), false)).unwrap();
+            m.reset();
+            assert_eq!(argmax(&mut m, &prompt), first);
+            let mut got = Vec::new();
+            pollster::block_on(m.decode_greedy(&gpu, first, vocab, 12, ahead, |id| {
+                got.push(id);
+                got.len() < stop_after
+            }))
+            .unwrap();
+            assert_eq!(
+                got,
+                want[..stop_after],
+                "ahead {ahead}, {stop_after} tokens"
+            );
+            assert_eq!(m.pos, pos, "ahead {ahead}, {stop_after} tokens");
+            let l = pollster::block_on(m.forward(&gpu, Input::Ids(&[next_tok]), false)).unwrap();
+            assert!(
+                l.iter()
+                    .zip(&plain)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "ahead {ahead}, {stop_after} tokens: max-abs {}",
+                max_abs(&l, &plain)
+            );
+        }
+    }
+    // and a second decode after one that stopped early (its abandoned readback finished first)
+    m.reset();
+    argmax(&mut m, &prompt);
+    let mut got = Vec::new();
+    pollster::block_on(m.decode_greedy(&gpu, first, vocab, 12, true, |id| {
+        got.push(id);
+        got.len() < 3
+    }))
+    .unwrap();
+    let mut more = Vec::new();
+    pollster::block_on(m.decode_greedy(&gpu, got[2], vocab, 9, true, |id| {
+        more.push(id);
+        true
+    }))
+    .unwrap();
+    got.extend(more);
+    assert_eq!(got, want);
+    // the context bound holds before anything is submitted
+    let e = pollster::block_on(m.decode_greedy(&gpu, 5, vocab, 64, true, |_| true))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("context"), "{e}");
+}
+
 /// A device lost in the middle of generation (simulated with `destroy`) ends the request with
 /// a clear error instead of a hang or a panic, and so does every later use.
 #[test]
@@ -241,6 +327,10 @@ fn a_lost_device_is_an_error_not_a_hang() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("lost") && e.contains("reload"), "{e}");
+    let e = pollster::block_on(m.decode_greedy(&gpu, first, 320, 4, true, |_| true))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lost"), "{e}");
     let e = minigpt4::gpu::Tensor::zeros(&gpu, "after", &[4])
         .err()
         .map(|e| e.to_string())

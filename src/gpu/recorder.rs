@@ -84,6 +84,9 @@ pub struct Recorder<'g> {
     /// The shapes of the tuned GEMMs recorded (rows of x, weight rows, weight columns, dtype),
     /// each once ([`Recorder::gemm_shapes`]).
     gemm_shapes: Vec<(usize, usize, usize, DType)>,
+    /// Buffer copies (source, destination, bytes) encoded after the dispatches, in the same
+    /// command buffer (a readback staged with the work that produces it); not part of a plan.
+    after: Vec<(wgpu::Buffer, wgpu::Buffer, u64)>,
 }
 
 /// A 1-D workgroup count spread over x and y so that neither exceeds [`MAX_GROUPS`]. Kernels
@@ -109,6 +112,7 @@ impl<'g> Recorder<'g> {
             old_chunks: Vec::new().into_iter(),
             reused: 0,
             gemm_shapes: Vec::new(),
+            after: Vec::new(),
         }
     }
 
@@ -263,8 +267,26 @@ impl<'g> Recorder<'g> {
         self.submit_keep().await.map(drop)
     }
 
+    /// Copies the first `bytes` of `src` into `dst` after the recorded dispatches, in the same
+    /// command buffer: a readback that needs no submit of its own.
+    pub fn copy_after(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) {
+        self.after.push((src.clone(), dst.clone(), bytes));
+    }
+
+    fn encode_after(&self, enc: &mut wgpu::CommandEncoder) {
+        for (src, dst, bytes) in &self.after {
+            enc.copy_buffer_to_buffer(src, 0, dst, 0, *bytes);
+        }
+    }
+
     /// Like [`Recorder::submit`], and returns the recording as a [`Plan`] to replay.
     pub async fn submit_keep(self) -> Result<Plan> {
+        Ok(self.submit_indexed().await?.0)
+    }
+
+    /// Like [`Recorder::submit_keep`], and also returns the submission's index (to wait for
+    /// this submission alone, natively, while later ones run).
+    pub async fn submit_indexed(self) -> Result<(Plan, wgpu::SubmissionIndex)> {
         let gpu = self.gpu;
         gpu.check_lost()?;
         for (buf, data) in &self.chunks {
@@ -308,13 +330,14 @@ impl<'g> Recorder<'g> {
         if let Some((set, resolved)) = &timing {
             enc.resolve_query_set(set, 0..2, resolved, 0);
         }
-        gpu.queue.submit([enc.finish()]);
+        self.encode_after(&mut enc);
+        let index = gpu.queue.submit([enc.finish()]);
         if let Some(err) = scope.pop().await {
             gpu.check_lost()?;
             return Err(Error::Gpu(err.to_string()));
         }
         gpu.take_error()?;
-        Ok(self.into_plan())
+        Ok((self.into_plan(), index))
     }
 
     fn into_plan(self) -> Plan {
@@ -329,7 +352,7 @@ impl<'g> Recorder<'g> {
     /// with timestamps written at its start and end; each dispatch's GPU time is added to its
     /// kernel's total.
     #[cfg(not(target_arch = "wasm32"))]
-    async fn submit_timestamped(self) -> Result<Plan> {
+    async fn submit_timestamped(self) -> Result<(Plan, wgpu::SubmissionIndex)> {
         let gpu = self.gpu;
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -363,7 +386,8 @@ impl<'g> Recorder<'g> {
             enc.resolve_query_set(&set, 0..queries, &resolved, 0);
             sets.push((resolved, chunk.len()));
         }
-        gpu.queue.submit([enc.finish()]);
+        self.encode_after(&mut enc);
+        let index = gpu.queue.submit([enc.finish()]);
         if let Some(err) = scope.pop().await {
             gpu.check_lost()?;
             return Err(Error::Gpu(err.to_string()));
@@ -378,14 +402,14 @@ impl<'g> Recorder<'g> {
             }
         }
         gpu.take_error()?;
-        Ok(self.into_plan())
+        Ok((self.into_plan(), index))
     }
 
     /// Profiling (`MINIGPT4_PROFILE=1`) without timestamp queries: every dispatch submitted
     /// and waited for on its own, its wall time added to its kernel's total. Slow; for finding
     /// where time goes.
     #[cfg(not(target_arch = "wasm32"))]
-    fn submit_profiled(self) -> Result<Plan> {
+    fn submit_profiled(self) -> Result<(Plan, wgpu::SubmissionIndex)> {
         let gpu = self.gpu;
         gpu.queue.submit([]);
         gpu.wait();
@@ -402,8 +426,11 @@ impl<'g> Recorder<'g> {
             gpu.wait();
             profile::add(cmd.profile_name(), t.elapsed().as_secs_f64());
         }
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode_after(&mut enc);
+        let index = gpu.queue.submit([enc.finish()]);
         gpu.take_error()?;
-        Ok(self.into_plan())
+        Ok((self.into_plan(), index))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The LLaMA / Vicuna decoder on the GPU: configuration, loading (HF directories and GGUF),
 //! KV cache, prefill and decode.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -659,7 +659,27 @@ enum Output {
     Logits(Vec<f32>),
     Argmax(u32),
     Candidates(Vec<Candidate>),
+    Ahead(InFlight),
 }
+
+/// Where a forward's input rows come from.
+enum Src<'a> {
+    Given(Input<'a>),
+    /// One token: the id the previous one-token forward's argmax left on the GPU.
+    Chained,
+}
+
+/// A greedy token whose forward has been submitted and whose id is not read back yet: its
+/// readback slot, the submission to wait for, and the slot's mapping.
+struct InFlight {
+    slot: usize,
+    index: wgpu::SubmissionIndex,
+    mapped: futures_channel::oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+/// Greedy tokens in flight at once in [`Llama::decode_greedy`]: the one being read back and
+/// the next one, already submitted.
+const AHEAD: usize = 2;
 
 /// What the last row's logits should become.
 #[derive(Clone, Copy)]
@@ -667,6 +687,9 @@ enum Pick<'a> {
     Logits,
     /// The greedy token among ids `< allowed`.
     Argmax(usize),
+    /// The same for one token, left where the next one-token forward reads its input
+    /// ([`Src::Chained`]) and copied into readback slot `.1`; returned without waiting.
+    ArgmaxAhead(usize, usize),
     /// The best [`TOPK_KEEP`] ids `< allowed`, ranked after the repetition penalty on `ids`.
     TopK {
         allowed: usize,
@@ -702,6 +725,11 @@ pub struct Llama {
     pub pos: usize,
     /// Whether the block GEMV's lanes have been tuned for this model's small matrices.
     tuned: bool,
+    /// [`AHEAD`] 4-byte readback buffers for greedy tokens in flight, used in turn.
+    readback: Vec<wgpu::Buffer>,
+    next_slot: usize,
+    /// Tokens submitted past the end of a greedy decode, whose slots are still mapping.
+    abandoned: Vec<InFlight>,
 }
 
 impl Llama {
@@ -812,6 +840,18 @@ impl Llama {
             last_rows: 1,
             pos: 0,
             tuned: false,
+            readback: (0..AHEAD)
+                .map(|_| {
+                    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("greedy readback"),
+                        size: 4,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                })
+                .collect(),
+            next_slot: 0,
+            abandoned: Vec::new(),
         })
     }
 
@@ -924,7 +964,10 @@ impl Llama {
         input: Input<'_>,
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        match self.run(gpu, input, all_logits, Pick::Logits).await? {
+        match self
+            .run(gpu, Src::Given(input), all_logits, Pick::Logits)
+            .await?
+        {
             Output::Logits(l) => Ok(l),
             _ => Err(Error::Gpu(
                 "internal: another output for a logits request".into(),
@@ -941,7 +984,7 @@ impl Llama {
         allowed: usize,
     ) -> Result<u32> {
         let pick = Pick::Argmax(allowed.clamp(1, self.cfg.vocab));
-        match self.run(gpu, input, false, pick).await? {
+        match self.run(gpu, Src::Given(input), false, pick).await? {
             Output::Argmax(id) => Ok(id),
             _ => Err(Error::Gpu(
                 "internal: another output for an argmax request".into(),
@@ -967,12 +1010,137 @@ impl Llama {
             penalized,
             penalty,
         };
-        match self.run(gpu, input, false, pick).await? {
+        match self.run(gpu, Src::Given(input), false, pick).await? {
             Output::Candidates(c) => Ok(c),
             _ => Err(Error::Gpu(
                 "internal: another output for a top-k request".into(),
             )),
         }
+    }
+
+    /// Greedy decoding from `first`, a token already chosen and not yet run: runs it, picks the
+    /// next token on the GPU (argmax over ids `< allowed`), runs that, and so on, calling
+    /// `on(id)` with each token picked until it returns false or `max` tokens have been
+    /// picked; each is in the KV cache once `on` has seen the next (the last one is not run).
+    ///
+    /// With `ahead` (what chat does), each token's forward is submitted before the token
+    /// before it is read back: its input is the id the previous argmax left on the GPU, so
+    /// the GPU does not wait out the host's round trip (the readback, and in the browser the
+    /// promises around it) between tokens. A forward submitted past the end is discarded: the
+    /// position goes back one, and the next token overwrites its KV row. Without, each token is
+    /// read back before the next is submitted (the same tokens, the bench's comparison).
+    pub async fn decode_greedy(
+        &mut self,
+        gpu: &Gpu,
+        first: u32,
+        allowed: usize,
+        max: usize,
+        ahead: bool,
+        mut on: impl FnMut(u32) -> bool,
+    ) -> Result<()> {
+        if max == 0 {
+            return Ok(());
+        }
+        if first as usize >= self.cfg.vocab {
+            return Err(Error::tensor(
+                "input ids",
+                format!("ids below the vocabulary size {}", self.cfg.vocab),
+                first,
+            ));
+        }
+        // each token picked but the last is run: max forwards, first's included
+        if self.pos + max > self.ctx {
+            return Err(Error::tensor(
+                "input",
+                format!(
+                    "at most {} tokens in the context ({} already used)",
+                    self.ctx, self.pos
+                ),
+                self.pos + max,
+            ));
+        }
+        self.settle(gpu).await?;
+        let allowed = allowed.clamp(1, self.cfg.vocab);
+        let depth = if ahead { AHEAD } else { 1 };
+        let mut flying: VecDeque<InFlight> = VecDeque::with_capacity(AHEAD);
+        let mut picked = 0;
+        let result = async {
+            loop {
+                while flying.len() < depth && picked + flying.len() < max {
+                    let src = if picked + flying.len() == 0 {
+                        Src::Given(Input::Ids(std::slice::from_ref(&first)))
+                    } else {
+                        Src::Chained
+                    };
+                    let slot = self.next_slot;
+                    self.next_slot = (slot + 1) % AHEAD;
+                    match self
+                        .run(gpu, src, false, Pick::ArgmaxAhead(allowed, slot))
+                        .await?
+                    {
+                        Output::Ahead(f) => flying.push_back(f),
+                        _ => {
+                            return Err(Error::Gpu(
+                                "internal: another output for a greedy token ahead".into(),
+                            ))
+                        }
+                    }
+                }
+                let Some(f) = flying.pop_front() else {
+                    return Ok(());
+                };
+                let id = self.read_back(gpu, f).await?;
+                picked += 1;
+                if !on(id) || picked == max {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        // forwards past the end: undone (their readbacks finish later, see `settle`)
+        self.pos -= flying.len();
+        self.abandoned.extend(flying);
+        result
+    }
+
+    /// Waits for a greedy token's submission and reads its id from the readback slot.
+    async fn read_back(&self, gpu: &Gpu, f: InFlight) -> Result<u32> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = gpu.device.poll(wgpu::PollType::Wait {
+                submission_index: Some(f.index),
+                timeout: None,
+            });
+        }
+        #[cfg(target_arch = "wasm32")]
+        let _ = f.index;
+        gpu.check_lost()?;
+        f.mapped
+            .await
+            .map_err(|_| Error::Gpu("readback was cancelled (device lost?)".into()))?
+            .map_err(|e| match gpu.check_lost() {
+                Err(lost) => lost,
+                Ok(()) => Error::Gpu(format!("readback failed: {e}")),
+            })?;
+        let staging = &self.readback[f.slot];
+        let id = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("readback mapping failed: {e}")))?;
+            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
+        };
+        staging.unmap();
+        Ok(id)
+    }
+
+    /// Finishes the readbacks of tokens a greedy decode submitted past its end, so that their
+    /// slots can be used again (long done by the time a next decode starts).
+    async fn settle(&mut self, gpu: &Gpu) -> Result<()> {
+        for f in std::mem::take(&mut self.abandoned) {
+            self.read_back(gpu, f).await?;
+        }
+        Ok(())
     }
 
     /// The last row's logits of the latest single-row-output forward (the top-k fallback).
@@ -987,7 +1155,7 @@ impl Llama {
     async fn run(
         &mut self,
         gpu: &Gpu,
-        input: Input<'_>,
+        src: Src<'_>,
         all_logits: bool,
         pick: Pick<'_>,
     ) -> Result<Output> {
@@ -1011,9 +1179,10 @@ impl Llama {
             crate::gpu::tune::tune_gemm_shapes(gpu, &gemms).await?;
             self.tuned = true;
         }
-        let t = match &input {
-            Input::Ids(ids) => ids.len(),
-            Input::Embeds(e) => e.rows(),
+        let t = match &src {
+            Src::Given(Input::Ids(ids)) => ids.len(),
+            Src::Given(Input::Embeds(e)) => e.rows(),
+            Src::Chained => 1,
         };
         if t == 0 {
             return Err(Error::tensor("input", "at least one token", 0));
@@ -1028,7 +1197,7 @@ impl Llama {
                 self.pos + t,
             ));
         }
-        if let Input::Ids(ids) = &input {
+        if let Src::Given(Input::Ids(ids)) = &src {
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab) {
                 return Err(Error::tensor(
                     "input ids",
@@ -1047,7 +1216,7 @@ impl Llama {
             all_logits,
             match pick {
                 Pick::Logits => 0,
-                Pick::Argmax(_) => 1,
+                Pick::Argmax(_) | Pick::ArgmaxAhead(..) => 1,
                 Pick::TopK { .. } => 2,
             },
         );
@@ -1055,13 +1224,15 @@ impl Llama {
             Some(plan) => Recorder::replaying(gpu, plan),
             None => Recorder::new(gpu),
         };
-        match &input {
-            Input::Ids(ids) => {
+        match &src {
+            Src::Given(Input::Ids(ids)) => {
                 gpu.queue
                     .write_buffer(&s.ids.buffer, 0, bytemuck::cast_slice(ids));
                 rec.embedding(&s.ids, &self.embed, &s.x)?;
             }
-            Input::Embeds(e) => {
+            // the id the previous one-token argmax wrote there (queue order: it ran before)
+            Src::Chained => rec.embedding(&s.ids, &self.embed, &s.x)?,
+            Src::Given(Input::Embeds(e)) => {
                 e.expect(Some(DType::F32), &[t, c.hidden])?;
                 rec.copy_rows(e, 0, c.hidden, &s.x, 0, c.hidden, t, c.hidden)?;
             }
@@ -1156,14 +1327,39 @@ impl Llama {
             &s.logits_last
         };
         self.last_rows = t;
+        // one token's greedy pick goes where the next one-token forward reads its input, so a
+        // chained forward can follow it without the host (the same plan either way)
+        let token = if t == 1 { &s.ids } else { &s.token };
         match pick {
             Pick::Argmax(n) => {
-                rec.argmax(out, n, &s.token)?;
+                rec.argmax(out, n, token)?;
                 let plan = rec.submit_keep().await?;
                 self.plans.insert(plan_key, plan);
-                let id = read_words(gpu, &s.token.buffer, 0, 1).await?[0];
+                let id = read_words(gpu, &token.buffer, 0, 1).await?[0];
                 self.pos += t;
                 return Ok(Output::Argmax(id));
+            }
+            Pick::ArgmaxAhead(n, slot) => {
+                if t != 1 {
+                    return Err(Error::Gpu(
+                        "internal: a greedy token ahead of its readback is one row".into(),
+                    ));
+                }
+                rec.argmax(out, n, token)?;
+                let staging = &self.readback[slot];
+                rec.copy_after(&token.buffer, staging, 4);
+                let (plan, index) = rec.submit_indexed().await?;
+                self.plans.insert(plan_key, plan);
+                let (tx, rx) = futures_channel::oneshot::channel();
+                staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+                self.pos += t;
+                return Ok(Output::Ahead(InFlight {
+                    slot,
+                    index,
+                    mapped: rx,
+                }));
             }
             Pick::TopK {
                 allowed,
