@@ -1041,24 +1041,9 @@ impl Llama {
         if max == 0 {
             return Ok(());
         }
-        if first as usize >= self.cfg.vocab {
-            return Err(Error::tensor(
-                "input ids",
-                format!("ids below the vocabulary size {}", self.cfg.vocab),
-                first,
-            ));
-        }
+        self.check_ids(&[first])?;
         // each token picked but the last is run: max forwards, first's included
-        if self.pos + max > self.ctx {
-            return Err(Error::tensor(
-                "input",
-                format!(
-                    "at most {} tokens in the context ({} already used)",
-                    self.ctx, self.pos
-                ),
-                self.pos + max,
-            ));
-        }
+        self.check_room(max)?;
         self.settle(gpu).await?;
         let allowed = allowed.clamp(1, self.cfg.vocab);
         let depth = if ahead { AHEAD } else { 1 };
@@ -1101,6 +1086,33 @@ impl Llama {
         self.pos -= flying.len();
         self.abandoned.extend(flying);
         result
+    }
+
+    /// An error unless `t` more tokens fit in the context.
+    fn check_room(&self, t: usize) -> Result<()> {
+        if self.pos + t > self.ctx {
+            return Err(Error::tensor(
+                "input",
+                format!(
+                    "at most {} tokens in the context ({} already used)",
+                    self.ctx, self.pos
+                ),
+                self.pos + t,
+            ));
+        }
+        Ok(())
+    }
+
+    /// An error naming the first id outside the vocabulary.
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&i| i as usize >= self.cfg.vocab) {
+            Some(bad) => Err(Error::tensor(
+                "input ids",
+                format!("ids below the vocabulary size {}", self.cfg.vocab),
+                bad,
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Waits for a greedy token's submission and reads its id from the readback slot.
@@ -1187,24 +1199,9 @@ impl Llama {
         if t == 0 {
             return Err(Error::tensor("input", "at least one token", 0));
         }
-        if self.pos + t > self.ctx {
-            return Err(Error::tensor(
-                "input",
-                format!(
-                    "at most {} tokens in the context ({} already used)",
-                    self.ctx, self.pos
-                ),
-                self.pos + t,
-            ));
-        }
+        self.check_room(t)?;
         if let Src::Given(Input::Ids(ids)) = &src {
-            if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab) {
-                return Err(Error::tensor(
-                    "input ids",
-                    format!("ids below the vocabulary size {}", self.cfg.vocab),
-                    bad,
-                ));
-            }
+            self.check_ids(ids)?;
         }
         self.scratch(gpu, t, all_logits)?;
         let c = &self.cfg;
