@@ -233,6 +233,56 @@ pub enum Finish {
     Cancelled,
 }
 
+/// Where a generation's time went, in the shape llama.cpp's server reports it: the prompt
+/// (its forward through the first token's pick: the time to the first token, from the prompt
+/// rows on the GPU) and the answer (from the first token picked to the last).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Prompt rows run (text tokens and image rows).
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    /// `prompt_n` per second of `prompt_ms`.
+    pub prompt_per_second: Option<f64>,
+    /// Tokens generated (stop tokens included).
+    pub predicted_n: usize,
+    /// From the first token picked to the last.
+    pub predicted_ms: f64,
+    /// Tokens after the first per second of `predicted_ms` (none with fewer than two tokens).
+    pub predicted_per_second: Option<f64>,
+}
+
+impl Timings {
+    /// From the prompt's rows, the seconds to the first token, the tokens generated and the
+    /// seconds from the first to the last.
+    pub fn new(prompt_n: usize, prompt_s: f64, predicted_n: usize, predicted_s: f64) -> Self {
+        let rate = |n: usize, s: f64| (n > 0 && s > 0.0).then(|| n as f64 / s);
+        Timings {
+            prompt_n,
+            prompt_ms: prompt_s * 1e3,
+            prompt_per_second: rate(prompt_n, prompt_s),
+            predicted_n,
+            predicted_ms: predicted_s * 1e3,
+            predicted_per_second: rate(predicted_n.saturating_sub(1), predicted_s),
+        }
+    }
+
+    /// One line for people: `prompt 98 tokens in 1.21 s (81.0 tok/s), answer 57 tokens in
+    /// 2.32 s (24.1 tok/s)`.
+    pub fn summary(&self) -> String {
+        let rate = |r: Option<f64>| r.map(|r| format!(" ({r:.1} tok/s)")).unwrap_or_default();
+        let tokens = |n: usize| format!("{n} token{}", if n == 1 { "" } else { "s" });
+        format!(
+            "prompt {} in {:.2} s{}, answer {} in {:.2} s{}",
+            tokens(self.prompt_n),
+            self.prompt_ms / 1e3,
+            rate(self.prompt_per_second),
+            tokens(self.predicted_n),
+            self.predicted_ms / 1e3,
+            rate(self.predicted_per_second),
+        )
+    }
+}
+
 /// What generation starts from.
 #[derive(Clone, Copy)]
 pub enum Prompt<'a> {
@@ -244,7 +294,7 @@ pub enum Prompt<'a> {
 
 /// Prefills `prompt` (in chunks) and decodes until a stop. `on_token(id)` is called for every
 /// generated id (streaming); returning false cancels. Returns the generated ids (stop tokens
-/// included, as transformers returns them) and why it finished.
+/// included, as transformers returns them), why it finished, and how long it took.
 pub async fn generate(
     gpu: &Gpu,
     model: &mut Llama,
@@ -253,7 +303,7 @@ pub async fn generate(
     stop: &Stop,
     allowed: usize,
     on_token: impl FnMut(u32) -> bool,
-) -> Result<(Vec<u32>, Finish)> {
+) -> Result<(Vec<u32>, Finish, Timings)> {
     generate_from(
         gpu,
         model,
@@ -268,6 +318,36 @@ pub async fn generate(
 
 /// [`generate`] from ids or from input embeddings.
 pub async fn generate_from(
+    gpu: &Gpu,
+    model: &mut Llama,
+    prompt: Prompt<'_>,
+    sampling: &Sampling,
+    stop: &Stop,
+    allowed: usize,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, Finish, Timings)> {
+    use crate::gpu::tune::now_s;
+    let rows = match prompt {
+        Prompt::Ids(ids) => ids.len(),
+        Prompt::Embeds(e) => e.rows(),
+    };
+    let t0 = now_s();
+    // when the first and the latest token were known
+    let (mut first, mut last) = (None, t0);
+    let (ids, finish) = generate_ids(gpu, model, prompt, sampling, stop, allowed, |id| {
+        let t = now_s();
+        first.get_or_insert(t);
+        last = t;
+        on_token(id)
+    })
+    .await?;
+    // no token picked (max_new_tokens 0): the prompt took all of it
+    let first = first.unwrap_or_else(now_s);
+    let timings = Timings::new(rows, first - t0, ids.len(), (last - first).max(0.0));
+    Ok((ids, finish, timings))
+}
+
+async fn generate_ids(
     gpu: &Gpu,
     model: &mut Llama,
     prompt: Prompt<'_>,
@@ -540,6 +620,30 @@ mod tests {
         assert_eq!(Picker::for_sampling(&s0), Picker::Host);
         let big = Sampling { top_k: 64, ..s };
         assert_eq!(Picker::for_sampling(&big), Picker::Host);
+    }
+
+    #[test]
+    fn timings_count_rates_between_tokens() {
+        // 98 prompt rows in 0.5 s; 11 tokens, the last 2 s after the first: 10 intervals
+        let t = Timings::new(98, 0.5, 11, 2.0);
+        assert_eq!((t.prompt_n, t.predicted_n), (98, 11));
+        assert_eq!((t.prompt_ms, t.predicted_ms), (500.0, 2000.0));
+        assert_eq!(t.prompt_per_second, Some(196.0));
+        assert_eq!(t.predicted_per_second, Some(5.0));
+        assert_eq!(
+            t.summary(),
+            "prompt 98 tokens in 0.50 s (196.0 tok/s), answer 11 tokens in 2.00 s (5.0 tok/s)"
+        );
+        // one token (or none): no rate between tokens, and none printed
+        let one = Timings::new(5, 0.1, 1, 0.0);
+        assert_eq!(one.predicted_per_second, None);
+        assert_eq!(
+            one.summary(),
+            "prompt 5 tokens in 0.10 s (50.0 tok/s), answer 1 token in 0.00 s"
+        );
+        let v = serde_json::to_value(one).unwrap();
+        assert!(v["predicted_per_second"].is_null(), "{v}");
+        assert_eq!(v["prompt_n"], 5);
     }
 
     #[test]

@@ -443,7 +443,7 @@ fn run_generate(
     let mut ids: Vec<u32> = Vec::new();
     let mut emitted = 0;
     let mut out = std::io::stdout();
-    let (generated, _finish) = pollster::block_on(generate(
+    let (generated, _finish, timings) = pollster::block_on(generate(
         &gpu,
         &mut llm,
         &prompt_ids,
@@ -464,10 +464,13 @@ fn run_generate(
     ))?;
     let text = tok.decode(&generated, true)?;
     match format {
-        Format::Text => println!(),
+        Format::Text => {
+            println!();
+            log::info!("{}", timings.summary());
+        }
         Format::Json => println!(
             "{}",
-            serde_json::json!({ "prompt_token_ids": prompt_ids, "token_ids": generated, "text": text })
+            serde_json::json!({ "prompt_token_ids": prompt_ids, "token_ids": generated, "text": text, "timings": timings })
         ),
     }
     Ok(())
@@ -608,7 +611,10 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
             eprintln!("[stopped]");
         }
         match a.format {
-            Format::Text => println!("{}", stream.finish()),
+            Format::Text => {
+                println!("{}", stream.finish());
+                log::info!("{}", answer.timings.summary());
+            }
             Format::Json => println!(
                 "{}",
                 serde_json::json!({
@@ -617,6 +623,7 @@ fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
                     "image_tokens": answer.image_tokens,
                     "token_ids": answer.token_ids,
                     "text": answer.text,
+                    "timings": answer.timings,
                 })
             ),
         }

@@ -77,6 +77,8 @@ enum Msg {
         finish: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// llama.cpp's server's `timings` object.
+        timings: Value,
     },
     Failed(String),
 }
@@ -195,6 +197,7 @@ fn run_job(
             .sum::<usize>()
             + answer.image_tokens,
         completion_tokens: answer.token_ids.len(),
+        timings: json!(answer.timings),
     });
     Ok(())
 }
@@ -488,11 +491,13 @@ async fn chat_completions(
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                timings,
             } => {
                 return Json(json!({
                     "id": id, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+                    "timings": timings,
                 }))
                 .into_response();
             }
@@ -518,13 +523,14 @@ fn async_stream(
     created: u64,
     model: String,
 ) -> impl futures_util::Stream<Item = SseItem> {
-    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| {
+    let chunk = move |delta: Value, finish: Option<&str>, end: Option<(Value, Value)>| {
         let mut v = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         });
-        if let Some(u) = usage {
-            v["usage"] = u;
+        if let Some((usage, timings)) = end {
+            v["usage"] = usage;
+            v["timings"] = timings;
         }
         Event::default().data(v.to_string())
     };
@@ -545,12 +551,16 @@ fn async_stream(
                     finish,
                     prompt_tokens,
                     completion_tokens,
+                    timings,
                     ..
                 }) => {
                     let e = chunk(
                         json!({}),
                         Some(finish),
-                        Some(json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})),
+                        Some((
+                            json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}),
+                            timings,
+                        )),
                     );
                     Some((Ok(e), (rx, true, true)))
                 }

@@ -257,7 +257,9 @@ impl Engine {
     /// with the text that became visible (a last call with `id` undefined flushes what was held
     /// back while it could still have been the start of `###`); returning `false` stops the
     /// answer. Resolves to the answer as
-    /// JSON: `{variant, prompt_token_ids, image_tokens, token_ids, text, finish}`.
+    /// JSON: `{variant, prompt_token_ids, image_tokens, token_ids, text, finish, timings}`
+    /// (`timings` as llama.cpp's server reports them: `prompt_n`, `prompt_ms`,
+    /// `prompt_per_second`, `predicted_n`, `predicted_ms`, `predicted_per_second`).
     #[allow(clippy::await_holding_refcell_ref)]
     pub fn ask(
         &self,
@@ -331,6 +333,7 @@ impl Engine {
                         Finish::MaxTokens => "length",
                         Finish::Cancelled => "cancelled",
                     },
+                    "timings": answer.timings,
                 })
                 .to_string(),
             ))

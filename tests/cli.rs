@@ -327,6 +327,22 @@ fn convert_then_chat_json_on_a_tiny_vicuna0_model() {
         "row 32000 must never be sampled"
     );
     assert!(j["text"].is_string());
+    // where the time went, as llama.cpp's server reports it: every prompt row (both text
+    // segments and the image's 8) and every generated token
+    let t = &j["timings"];
+    assert_eq!(t["prompt_n"], 42 + 16 + 8, "{t}");
+    assert_eq!(t["predicted_n"], ids.len(), "{t}");
+    assert!(t["prompt_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{t}");
+    assert!(
+        t["prompt_per_second"].as_f64().is_some_and(|r| r > 0.0),
+        "{t}"
+    );
+    if ids.len() > 1 {
+        assert!(
+            t["predicted_per_second"].as_f64().is_some_and(|r| r > 0.0),
+            "{t}"
+        );
+    }
 }
 
 /// The README's smoke command: the committed tiny package, demo sampling, text output.

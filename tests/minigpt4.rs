@@ -148,7 +148,7 @@ fn check_case(name: &str, variant: ModelVariant) {
         sequences: vec![],
     };
     let allowed = m.tok.vocab_size();
-    let (got, _) = pollster::block_on(generate_from(
+    let (got, _, _) = pollster::block_on(generate_from(
         &gpu,
         &mut m.llm,
         Prompt::Embeds(&spliced),

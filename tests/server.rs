@@ -161,6 +161,15 @@ fn answers_equal_the_native_chat_streaming_or_not() {
         v["choices"][0]["finish_reason"],
         if n == 12 { "length" } else { "stop" }
     );
+    // and llama.cpp's `timings` beside the usage
+    assert_eq!(v["timings"]["prompt_n"], prompt, "{v}");
+    assert_eq!(v["timings"]["predicted_n"], n, "{v}");
+    assert!(
+        v["timings"]["prompt_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{v}"
+    );
 
     // streamed: server-sent events whose deltas concatenate to the same text, then [DONE]
     let (status, body) = post(&s.base, &request(q, 12, true).to_string(), None);
@@ -180,6 +189,9 @@ fn answers_equal_the_native_chat_streaming_or_not() {
         }
         if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
             finish = Some(f.to_string());
+            // the last chunk carries the usage and the timings
+            assert_eq!(v["usage"]["completion_tokens"], n, "{v}");
+            assert_eq!(v["timings"]["predicted_n"], n, "{v}");
         }
     }
     assert_eq!(text.trim(), want["text"].as_str().unwrap());

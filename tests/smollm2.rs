@@ -97,7 +97,7 @@ fn greedy_f32_generation_equals_transformers() {
             eos: vec![],
             sequences: vec![],
         };
-        let (got, _) = pollster::block_on(generate(
+        let (got, _, _) = pollster::block_on(generate(
             &gpu,
             &mut m,
             &prompt,

@@ -141,6 +141,16 @@ async function ask(ev) {
       onToken: (text) => { out.textContent += text; },
     });
     out.textContent = a.text + (a.finish === 'cancelled' ? ' [stopped]' : '');
+    const t = a.timings;
+    if (t) {
+      const rate = (r) => (r ? ` (${r.toFixed(1)} tok/s)` : '');
+      const stats = document.createElement('div');
+      stats.className = 'stats';
+      const tokens = (n) => `${n} token${n === 1 ? '' : 's'}`;
+      stats.textContent = `prompt ${tokens(t.prompt_n)} in ${(t.prompt_ms / 1e3).toFixed(2)} s${rate(t.prompt_per_second)}, `
+        + `answer ${tokens(t.predicted_n)} in ${(t.predicted_ms / 1e3).toFixed(2)} s${rate(t.predicted_per_second)}`;
+      out.appendChild(stats);
+    }
     $('result-json').textContent = JSON.stringify(a);
     setState('ready');
   } catch (e) {

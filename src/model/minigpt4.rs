@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::chat::{
     generate_from, trim_answer, Conversation, Finish, ModelVariant, Prompt, Sampling, Stop,
-    IMAGE_PLACEHOLDER,
+    Timings, IMAGE_PLACEHOLDER,
 };
 use crate::error::{Error, Result};
 use crate::gpu::tune::tune_gemm_shapes_of;
@@ -183,6 +183,8 @@ pub struct Answer {
     /// The answer after the reference's trimming.
     pub text: String,
     pub finish: Finish,
+    /// The prompt's and the answer's time (the image's encode is the caller's).
+    pub timings: Timings,
 }
 
 /// The shapes of a MiniGPT-4: variant, vision encoder, Q-Former (absent for the Llama-2 and
@@ -502,7 +504,7 @@ impl MiniGpt4 {
         };
         // Vicuna-v0's extra embedding row (id 32000) has no tokenizer piece: never sample it.
         let allowed = self.tok.vocab_size().min(self.llm.cfg.vocab);
-        let (ids, finish) = generate_from(
+        let (ids, finish, timings) = generate_from(
             gpu,
             &mut self.llm,
             Prompt::Embeds(&spliced),
@@ -519,6 +521,7 @@ impl MiniGpt4 {
             token_ids: ids,
             text,
             finish,
+            timings,
         })
     }
 }

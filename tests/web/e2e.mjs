@@ -148,6 +148,13 @@ try {
   }
   const streamed = await page.locator('.msg.bot').last().textContent();
   if (!streamed.includes(got.text.trim().slice(0, 8))) throw new Error(`answer not shown: "${streamed}"`);
+  // the answer's timings, as llama.cpp's server reports them, under the answer
+  const t = got.timings || {};
+  if (t.predicted_n !== got.token_ids.length || !(t.prompt_n > 0) || !(t.prompt_ms > 0) || !(t.predicted_per_second > 0)) {
+    throw new Error(`timings: ${JSON.stringify(t)}`);
+  }
+  const stats = await page.locator('.msg.bot .stats').last().textContent();
+  if (!stats.includes(`answer ${t.predicted_n} token`) || !stats.includes('tok/s')) throw new Error(`stats not shown: "${stats}"`);
   // the first answer tuned the small model's shapes, stored with the rest
   if (!('shapes' in Object.values(JSON.parse(await storedTuning()))[0])) {
     throw new Error(`the shapes' tuning was not stored: ${await storedTuning()}`);
