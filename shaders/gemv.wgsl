@@ -672,3 +672,112 @@ fn gemv_sg(ids: Ids, grp: Grp) {
     }
 }
 #endif
+
+#if LANES1
+// Four rows of x at a time (prefill on CPU drivers, where the tiled GEMM's workgroup memory
+// and barriers cost most: a tuned GEMM form, GEMM_ROWS in ops.rs). Each invocation takes four
+// weight rows as the decode path does and meets every weight it unpacks with rows
+// row0 .. row0 + 3 of x, so a weight is loaded and unpacked once per four rows of x, and
+// every x load is the same for all invocations. Rows of x past p.m repeat the last and are
+// not stored.
+fn dot8(q: W8, xj: X8) -> f32 {
+    return dot(q.lo, xj.lo) + dot(q.hi, xj.hi);
+}
+
+// A block's dot products of four weight rows (components) with one row of x, finished.
+fn finish4(t: vec4<f32>, sx: vec4<f32>, d0: vec2<f32>, d1: vec2<f32>, d2: vec2<f32>,
+           d3: vec2<f32>) -> vec4<f32> {
+    return vec4<f32>(finish(vec4<f32>(t.x, 0.0, 0.0, 0.0), sx, d0),
+                     finish(vec4<f32>(t.y, 0.0, 0.0, 0.0), sx, d1),
+                     finish(vec4<f32>(t.z, 0.0, 0.0, 0.0), sx, d2),
+                     finish(vec4<f32>(t.w, 0.0, 0.0, 0.0), sx, d3));
+}
+
+struct R44 {
+    t0: vec4<f32>,
+    t1: vec4<f32>,
+    t2: vec4<f32>,
+    t3: vec4<f32>,
+    s0: vec4<f32>,
+    s1: vec4<f32>,
+    s2: vec4<f32>,
+    s3: vec4<f32>,
+}
+
+fn acc44(r: ptr<function, R44>, c0: WB, c1: WB, c2: WB, c3: WB, b: u32, m1: u32, m2: u32,
+         m3: u32, j: u32) {
+    let q0 = w8(c0, j);
+    let q1 = w8(c1, j);
+    let q2 = w8(c2, j);
+    let q3 = w8(c3, j);
+    let x0 = x8(0u, b, j);
+    let x1 = x8(m1, b, j);
+    let x2 = x8(m2, b, j);
+    let x3 = x8(m3, b, j);
+    (*r).t0 += vec4<f32>(dot8(q0, x0), dot8(q1, x0), dot8(q2, x0), dot8(q3, x0));
+    (*r).t1 += vec4<f32>(dot8(q0, x1), dot8(q1, x1), dot8(q2, x1), dot8(q3, x1));
+    (*r).t2 += vec4<f32>(dot8(q0, x2), dot8(q1, x2), dot8(q2, x2), dot8(q3, x2));
+    (*r).t3 += vec4<f32>(dot8(q0, x3), dot8(q1, x3), dot8(q2, x3), dot8(q3, x3));
+    (*r).s0 += x0.sum;
+    (*r).s1 += x1.sum;
+    (*r).s2 += x2.sum;
+    (*r).s3 += x3.sum;
+}
+
+@compute @workgroup_size(GW)
+fn gemv_rows4(ids: Ids, grp: Grp) {
+    let n = group_index(grp) * COLS + ids.lid;
+    if (n >= p.n) {
+        return;
+    }
+    let blocks = p.k / 32u;
+    let base = min(n + vec4<u32>(0u, 1u, 2u, 3u) * ROWS, vec4<u32>(p.n - 1u)) * blocks;
+    let last = p.m - 1u;
+    let m1 = min(1u, last);
+    let m2 = min(2u, last);
+    let m3 = min(3u, last);
+    // acc_m: row m of x against the four weight rows
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var b = 0u; b < blocks; b++) {
+        let c0 = wload(false, base.x + b);
+        let c1 = wload(false, base.y + b);
+        let c2 = wload(false, base.z + b);
+        let c3 = wload(false, base.w + b);
+        var r = R44(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0),
+                    vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 0u);
+        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 1u);
+        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 2u);
+        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 3u);
+        let t0 = r.t0;
+        let t1 = r.t1;
+        let t2 = r.t2;
+        let t3 = r.t3;
+        let s0 = r.s0;
+        let s1 = r.s1;
+        let s2 = r.s2;
+        let s3 = r.s3;
+        let d0 = dm1(false, base.x + b);
+        let d1 = dm1(false, base.y + b);
+        let d2 = dm1(false, base.z + b);
+        let d3 = dm1(false, base.w + b);
+        acc0 += finish4(t0, s0, d0, d1, d2, d3);
+        acc1 += finish4(t1, s1, d0, d1, d2, d3);
+        acc2 += finish4(t2, s2, d0, d1, d2, d3);
+        acc3 += finish4(t3, s3, d0, d1, d2, d3);
+    }
+    let acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var r = 0u; r < CPI; r++) {
+        let c = n + r * ROWS;
+        if (c >= p.n) {
+            break;
+        }
+        for (var m = 0u; m < p.m; m++) {
+            store(m, c, acc[m][r]);
+        }
+    }
+}
+#endif

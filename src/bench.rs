@@ -342,8 +342,9 @@ fn gemm_trials(trials: &[tune::GemmTrial]) -> Value {
 
 /// A GEMM form as printed: its tile (rows × columns of output) and arithmetic.
 fn gemm_form_name(v: &Value) -> String {
-    use crate::gpu::{GEMM_HALF, GEMM_SHORT, GEMM_TALL, GEMM_WIDE};
+    use crate::gpu::{GEMM_HALF, GEMM_ROWS, GEMM_SHORT, GEMM_TALL, GEMM_WIDE};
     match v.as_u64().and_then(|f| u32::try_from(f).ok()) {
+        Some(GEMM_ROWS) => "4 rows untiled".into(),
         Some(f) => format!(
             "{}×{} {}",
             match (f & GEMM_TALL != 0, f & GEMM_SHORT != 0) {

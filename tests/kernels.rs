@@ -11,8 +11,8 @@ use minigpt4::cpu;
 use minigpt4::gpu::{
     attention_partials, gemm_form_for, is_gemm_form, AttnShape, Gpu, GpuOptions, HeadView, Ids,
     MatmulPath, Recorder, RopeKv, RopeMode, RopeTable, Tensor, Variant, ATTN_TILED_FROM,
-    ATTN_TILE_DIM, ATTN_TILE_ROWS, GEMM_HALF, GEMM_TALL, GEMM_WIDE, GEMV_LANES, GEMV_SUBGROUP,
-    GEMV_UNIFORM_X, GEMV_WG16,
+    ATTN_TILE_DIM, ATTN_TILE_ROWS, GEMM_HALF, GEMM_ROWS, GEMM_TALL, GEMM_WIDE, GEMV_LANES,
+    GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
 };
 use minigpt4::quant::{self, DType};
 
@@ -291,7 +291,7 @@ fn gemm_every_form_dtype_and_variant() {
     let mut seed = 900;
     // (the GEMM has no subgroup code: the variants that differ for it)
     for v in gpu.variants().into_iter().filter(|v| !v.subgroups) {
-        for form in 0..12u32 {
+        for form in (0..12u32).chain([GEMM_ROWS]) {
             assert!(is_gemm_form(form));
             // Each form with a quantised and an unquantised dtype, in turn: the weight decoding
             // is the same code in every form (every dtype is tested on the default form
@@ -316,6 +316,28 @@ fn gemm_every_form_dtype_and_variant() {
             }
         }
     }
+    // the untiled form's own code per dtype (four rows of x per dispatch: a ragged last
+    // dispatch of 1, 2 or 3 rows; several weight parts; widths that fall back to the tiles)
+    for (i, dt) in [DType::Q4, DType::Q4M, DType::Q8, DType::F16, DType::F32]
+        .into_iter()
+        .enumerate()
+    {
+        for (m, n, k) in [
+            (5, 130, 96),
+            (6, 300, 64),
+            (11, 257, 160),
+            (8, 64, 32),
+            (7, 40, 48),
+        ] {
+            if dt.is_quantized() && k % 32 != 0 {
+                continue;
+            }
+            seed += 1;
+            let (bias, acc) = (seed.is_multiple_of(2), (seed + i as u64).is_multiple_of(3));
+            let path = MatmulPath::GemmForm(GEMM_ROWS);
+            check_matmul(&gpu, gpu.best_variant, dt, path, m, n, k, bias, acc, seed);
+        }
+    }
     // MatmulPath::Gemm runs the adapter's form (here set by hand), trimmed to the shape
     for form in [GEMM_WIDE | GEMM_TALL, GEMM_HALF | GEMM_TALL] {
         gpu.set_gemm_form(form);
@@ -336,7 +358,7 @@ fn gemm_every_form_dtype_and_variant() {
         }
     }
     gpu.set_gemm_form(0);
-    assert!(!is_gemm_form(12) && !is_gemm_form(16));
+    assert!(!is_gemm_form(12) && !is_gemm_form(GEMM_ROWS | GEMM_WIDE) && !is_gemm_form(32));
     let x = Tensor::zeros(&gpu, "x", &[70, 64]).unwrap();
     let w = Tensor::zeros(&gpu, "w", &[8, 64]).unwrap();
     let out = Tensor::zeros(&gpu, "out", &[70, 8]).unwrap();

@@ -150,10 +150,18 @@ pub const GEMM_HALF: u32 = 2;
 /// [`gemm_form_for`]).
 pub const GEMM_SHORT: u32 = 8;
 
+/// A GEMM form of its own, not a bit to combine: no tiles, the block GEMV's kernel taking
+/// four rows of x at a time (`gemv_rows4` in `gemv.wgsl`, one dispatch per four rows), each
+/// weight loaded and unpacked once per four rows, with no workgroup memory and no barrier.
+/// What CPU drivers run fastest (their barriers are coroutine switches); a GPU's tuning keeps
+/// the tiles. Needs K a multiple of 32; other widths run the 64×64 tiles.
+pub const GEMM_ROWS: u32 = 16;
+
 /// Whether `form` is a GEMM form value.
 pub fn is_gemm_form(form: u32) -> bool {
-    form & !(GEMM_WIDE | GEMM_TALL | GEMM_HALF | GEMM_SHORT) == 0
-        && form & (GEMM_TALL | GEMM_SHORT) != GEMM_TALL | GEMM_SHORT
+    form == GEMM_ROWS
+        || (form & !(GEMM_WIDE | GEMM_TALL | GEMM_HALF | GEMM_SHORT) == 0
+            && form & (GEMM_TALL | GEMM_SHORT) != GEMM_TALL | GEMM_SHORT)
 }
 
 /// The form a tuned GEMM (`MatmulPath::Gemm`) runs in for `m` rows of x and `n` output
@@ -163,6 +171,9 @@ pub fn is_gemm_form(form: u32) -> bool {
 /// 64-row tile would multiply zeros), and without f16 arithmetic for f32 weights (a model
 /// loaded in f32 computes in f32).
 pub fn gemm_form_for(form: u32, m: usize, n: usize, dtype: DType) -> u32 {
+    if form == GEMM_ROWS {
+        return form;
+    }
     let mut f = form;
     if dtype == DType::F32 {
         f &= !GEMM_HALF;
@@ -194,13 +205,14 @@ pub fn gemm_tail(m: usize, tile_rows: usize, k: usize) -> usize {
 }
 
 /// The GEMM's candidates on `gpu`: the four tile shapes, each also in f16 where the adapter
-/// offers f16.
+/// offers f16, and [`GEMM_ROWS`].
 pub fn gemm_candidates(gpu: &Gpu) -> Vec<u32> {
     let tiles = [0, GEMM_WIDE, GEMM_TALL, GEMM_WIDE | GEMM_TALL];
     let mut v = tiles.to_vec();
     if gpu.best_variant.f16 {
         v.extend(tiles.map(|t| t | GEMM_HALF));
     }
+    v.push(GEMM_ROWS);
     v
 }
 
@@ -912,7 +924,7 @@ impl Recorder<'_> {
                     self.dispatch("matmul", "gemv", &flags, &params(0, m), &bufs, groups)?;
                 }
                 MatmulPath::Gemm | MatmulPath::GemmForm(_) => {
-                    let form = match path {
+                    let mut form = match path {
                         MatmulPath::GemmForm(f) => f,
                         _ => {
                             let f = self.gpu.gemm_form_at(m, n, k, w.dtype);
@@ -921,8 +933,35 @@ impl Recorder<'_> {
                     };
                     if !is_gemm_form(form) {
                         return Err(Error::Gpu(format!(
-                            "GEMM: expected a form of 0 to 11 without both 4 and 8, found {form}"
+                            "GEMM: expected a form of 0 to 11 without both 4 and 8, or \
+                             {GEMM_ROWS}, found {form}"
                         )));
+                    }
+                    if form == GEMM_ROWS {
+                        if k.is_multiple_of(32) {
+                            // four rows of x per dispatch, x as a uniform where it fits, in
+                            // workgroups of 16 (more of them to spread over a CPU's threads)
+                            let lanes = 1 | GEMV_UNIFORM_X | GEMV_WG16;
+                            for row0 in (0..m).step_by(4) {
+                                let rows = (m - row0).min(4);
+                                let (form, _, per_group) =
+                                    self.gemv_form(lanes, x, row0, rows, None)?;
+                                let mut rows_flags = flags.clone();
+                                rows_flags.extend(form);
+                                let groups = grid(u(part.rows.div_ceil(per_group)));
+                                let p = params(row0, rows);
+                                self.dispatch(
+                                    "gemv",
+                                    "gemv_rows4",
+                                    &rows_flags,
+                                    &p,
+                                    &bufs,
+                                    groups,
+                                )?;
+                            }
+                            continue;
+                        }
+                        form = gemm_form_for(0, m, part.rows, w.dtype);
                     }
                     let mut gemm_flags = flags.clone();
                     let mut tile = [64, 64]; // columns, rows

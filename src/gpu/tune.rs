@@ -401,7 +401,8 @@ fn parse_lanes(what: &str, v: &str) -> Result<u32> {
 #[cfg(not(target_arch = "wasm32"))]
 fn parse_gemm_form(what: &str, v: &str) -> Result<u32> {
     let expected = "a GEMM form from 0 to 11 (1: 128 columns per tile, 2: f16 arithmetic, 4: 128 \
-                    rows per tile, 8: 32 rows per tile, not with 4)";
+                    rows per tile, 8: 32 rows per tile, not with 4), or 16 (no tiles: four rows \
+                    of x at a time)";
     parse_choice(what, v, is_gemm_form, expected.into())
 }
 
@@ -422,7 +423,7 @@ fn override_lanes() -> Result<Option<u32>> {
 
 /// `MINIGPT4_GEMM`, when set (natively): the GEMM form for every GEMM, no tuning (0 to 11:
 /// [`crate::gpu::GEMM_WIDE`] 1, [`crate::gpu::GEMM_HALF`] 2, [`crate::gpu::GEMM_TALL`] 4,
-/// [`crate::gpu::GEMM_SHORT`] 8, not with 4).
+/// [`crate::gpu::GEMM_SHORT`] 8, not with 4; or [`crate::gpu::GEMM_ROWS`] 16).
 pub fn override_gemm() -> Result<Option<u32>> {
     #[cfg(not(target_arch = "wasm32"))]
     if let Some(v) = env_choice("MINIGPT4_GEMM") {
@@ -1034,7 +1035,12 @@ mod tests {
         assert_eq!(gemm_form_for(0, 33, 64, DType::Q4), 0);
         assert!(is_gemm_form(GEMM_SHORT | GEMM_WIDE | GEMM_HALF));
         assert!(!is_gemm_form(GEMM_SHORT | GEMM_TALL));
-        assert!(!is_gemm_form(16));
+        assert!(is_gemm_form(crate::gpu::ops::GEMM_ROWS));
+        assert!(!is_gemm_form(17) && !is_gemm_form(32));
+        assert_eq!(
+            gemm_form_for(crate::gpu::ops::GEMM_ROWS, 5, 64, DType::F32),
+            16
+        );
         assert_eq!(
             gemm_form_for(all, 64, 4224, DType::Q4),
             GEMM_WIDE | GEMM_HALF
