@@ -769,15 +769,10 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
         acc2 += finish4(t2, s2, d0, d1, d2, d3);
         acc3 += finish4(t3, s3, d0, d1, d2, d3);
     }
-    let acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var r = 0u; r < CPI; r++) {
-        let c = n + r * ROWS;
-        if (c >= p.n) {
-            break;
-        }
-        for (var m = 0u; m < p.m; m++) {
-            store(m, c, acc[m][r]);
-        }
-    }
+    // per weight row, a vec4 over the rows of x, as the decode path stores them
+    store_cols(n, vec4<f32>(acc0.x, acc1.x, acc2.x, acc3.x),
+               vec4<f32>(acc0.y, acc1.y, acc2.y, acc3.y),
+               vec4<f32>(acc0.z, acc1.z, acc2.z, acc3.z),
+               vec4<f32>(acc0.w, acc1.w, acc2.w, acc3.w));
 }
 #endif

@@ -327,135 +327,123 @@ pub async fn generate_from(
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, Finish, Timings)> {
     use crate::gpu::tune::now_s;
-    let rows = match prompt {
-        Prompt::Ids(ids) => ids.len(),
-        Prompt::Embeds(e) => e.rows(),
-    };
     let t0 = now_s();
     // when the first and the latest token were known
     let (mut first, mut last) = (None, t0);
-    let (ids, finish) = generate_ids(gpu, model, prompt, sampling, stop, allowed, |id| {
+    let mut on_token = |id| {
         let t = now_s();
         first.get_or_insert(t);
         last = t;
         on_token(id)
-    })
-    .await?;
-    // no token picked (max_new_tokens 0): the prompt took all of it
-    let first = first.unwrap_or_else(now_s);
-    let timings = Timings::new(rows, first - t0, ids.len(), (last - first).max(0.0));
-    Ok((ids, finish, timings))
-}
-
-async fn generate_ids(
-    gpu: &Gpu,
-    model: &mut Llama,
-    prompt: Prompt<'_>,
-    sampling: &Sampling,
-    stop: &Stop,
-    allowed: usize,
-    mut on_token: impl FnMut(u32) -> bool,
-) -> Result<(Vec<u32>, Finish)> {
-    sampling.validate()?;
+    };
     let len = match prompt {
         Prompt::Ids(ids) => ids.len(),
         Prompt::Embeds(e) => e.rows(),
     };
-    if len == 0 {
-        return Err(Error::InvalidOption {
-            name: "prompt".into(),
-            msg: "the prompt has no tokens".into(),
-        });
-    }
-    let need = model.pos + len + stop.max_new_tokens;
-    if need > model.ctx {
-        return Err(Error::InvalidOption {
-            name: "max-new-tokens".into(),
-            msg: format!(
-                "prompt ({} tokens) + max new tokens ({}) = {} exceeds the context of {} tokens",
-                model.pos + len,
-                stop.max_new_tokens,
-                need,
-                model.ctx
-            ),
-        });
-    }
-    let mut rng = Rng::new(sampling.seed);
-    let picker = Picker::for_sampling(sampling);
-    let inputs: Vec<Input> = match prompt {
-        Prompt::Ids(ids) => ids.chunks(PREFILL_CHUNK).map(Input::Ids).collect(),
-        Prompt::Embeds(e) => vec![Input::Embeds(e)],
-    };
-    let n = inputs.len();
-    let mut out: Vec<u32> = Vec::new();
-    let mut next = 0u32;
-    for (i, input) in inputs.into_iter().enumerate() {
-        if i + 1 < n {
-            model.forward(gpu, input, false).await?;
-        } else {
-            next = picker
-                .pick(gpu, model, input, &out, allowed, sampling, &mut rng)
-                .await?;
+    let generated: Result<(Vec<u32>, Finish)> = async {
+        sampling.validate()?;
+        if len == 0 {
+            return Err(Error::InvalidOption {
+                name: "prompt".into(),
+                msg: "the prompt has no tokens".into(),
+            });
         }
-    }
-    if stop.max_new_tokens == 0 {
-        return Ok((out, Finish::MaxTokens));
-    }
-    // takes a picked token: Some(why) when generation ends with it
-    let mut accept = |out: &mut Vec<u32>, id: u32| {
-        out.push(id);
-        if !on_token(id) {
-            return Some(Finish::Cancelled);
+        let need = model.pos + len + stop.max_new_tokens;
+        if need > model.ctx {
+            return Err(Error::InvalidOption {
+                name: "max-new-tokens".into(),
+                msg: format!(
+                    "prompt ({} tokens) + max new tokens ({}) = {} exceeds the context of {} tokens",
+                    model.pos + len,
+                    stop.max_new_tokens,
+                    need,
+                    model.ctx
+                ),
+            });
         }
-        if stop.eos.contains(&id) {
-            return Some(Finish::Eos);
+        let mut rng = Rng::new(sampling.seed);
+        let picker = Picker::for_sampling(sampling);
+        let inputs: Vec<Input> = match prompt {
+            Prompt::Ids(ids) => ids.chunks(PREFILL_CHUNK).map(Input::Ids).collect(),
+            Prompt::Embeds(e) => vec![Input::Embeds(e)],
+        };
+        let n = inputs.len();
+        let mut out: Vec<u32> = Vec::new();
+        let mut next = 0u32;
+        for (i, input) in inputs.into_iter().enumerate() {
+            if i + 1 < n {
+                model.forward(gpu, input, false).await?;
+            } else {
+                next = picker
+                    .pick(gpu, model, input, &out, allowed, sampling, &mut rng)
+                    .await?;
+            }
         }
-        if stop
-            .sequences
-            .iter()
-            .any(|s| !s.is_empty() && out.ends_with(s))
-        {
-            return Some(Finish::StopSequence);
+        if stop.max_new_tokens == 0 {
+            return Ok((out, Finish::MaxTokens));
         }
-        (out.len() >= stop.max_new_tokens).then_some(Finish::MaxTokens)
-    };
-    if let Some(why) = accept(&mut out, next) {
-        return Ok((out, why));
-    }
-    if picker == Picker::Argmax {
-        // greedy: the GPU picks and feeds itself, a token submitted ahead of each readback
-        let mut finish = Finish::MaxTokens;
-        let more = stop.max_new_tokens - out.len();
-        model
-            .decode_greedy(gpu, next, allowed, more, true, |id| {
-                match accept(&mut out, id) {
-                    Some(why) => {
-                        finish = why;
-                        false
-                    }
-                    None => true,
-                }
-            })
-            .await?;
-        return Ok((out, finish));
-    }
-    loop {
-        let last = *out.last().expect("a token was accepted");
-        next = picker
-            .pick(
-                gpu,
-                model,
-                Input::Ids(&[last]),
-                &out,
-                allowed,
-                sampling,
-                &mut rng,
-            )
-            .await?;
+        // takes a picked token: Some(why) when generation ends with it
+        let mut accept = |out: &mut Vec<u32>, id: u32| {
+            out.push(id);
+            if !on_token(id) {
+                return Some(Finish::Cancelled);
+            }
+            if stop.eos.contains(&id) {
+                return Some(Finish::Eos);
+            }
+            if stop
+                .sequences
+                .iter()
+                .any(|s| !s.is_empty() && out.ends_with(s))
+            {
+                return Some(Finish::StopSequence);
+            }
+            (out.len() >= stop.max_new_tokens).then_some(Finish::MaxTokens)
+        };
         if let Some(why) = accept(&mut out, next) {
             return Ok((out, why));
         }
+        if picker == Picker::Argmax {
+            // greedy: the GPU picks and feeds itself, a token submitted ahead of each readback
+            let mut finish = Finish::MaxTokens;
+            let more = stop.max_new_tokens - out.len();
+            model
+                .decode_greedy(gpu, next, allowed, more, true, |id| {
+                    match accept(&mut out, id) {
+                        Some(why) => {
+                            finish = why;
+                            false
+                        }
+                        None => true,
+                    }
+                })
+                .await?;
+            return Ok((out, finish));
+        }
+        loop {
+            let last = *out.last().expect("a token was accepted");
+            next = picker
+                .pick(
+                    gpu,
+                    model,
+                    Input::Ids(&[last]),
+                    &out,
+                    allowed,
+                    sampling,
+                    &mut rng,
+                )
+                .await?;
+            if let Some(why) = accept(&mut out, next) {
+                return Ok((out, why));
+            }
+        }
     }
+    .await;
+    let (ids, finish) = generated?;
+    // no token picked (max_new_tokens 0): the prompt took all of it
+    let first = first.unwrap_or_else(now_s);
+    let timings = Timings::new(len, first - t0, ids.len(), (last - first).max(0.0));
+    Ok((ids, finish, timings))
 }
 
 /// Where the next token is chosen.
