@@ -752,22 +752,14 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
         acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 1u);
         acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 2u);
         acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 3u);
-        let t0 = r.t0;
-        let t1 = r.t1;
-        let t2 = r.t2;
-        let t3 = r.t3;
-        let s0 = r.s0;
-        let s1 = r.s1;
-        let s2 = r.s2;
-        let s3 = r.s3;
         let d0 = dm1(false, base.x + b);
         let d1 = dm1(false, base.y + b);
         let d2 = dm1(false, base.z + b);
         let d3 = dm1(false, base.w + b);
-        acc0 += finish4(t0, s0, d0, d1, d2, d3);
-        acc1 += finish4(t1, s1, d0, d1, d2, d3);
-        acc2 += finish4(t2, s2, d0, d1, d2, d3);
-        acc3 += finish4(t3, s3, d0, d1, d2, d3);
+        acc0 += finish4(r.t0, r.s0, d0, d1, d2, d3);
+        acc1 += finish4(r.t1, r.s1, d0, d1, d2, d3);
+        acc2 += finish4(r.t2, r.s2, d0, d1, d2, d3);
+        acc3 += finish4(r.t3, r.s3, d0, d1, d2, d3);
     }
     // per weight row, a vec4 over the rows of x, as the decode path stores them
     store_cols(n, vec4<f32>(acc0.x, acc1.x, acc2.x, acc3.x),

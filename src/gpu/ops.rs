@@ -944,20 +944,9 @@ impl Recorder<'_> {
                             let lanes = 1 | GEMV_UNIFORM_X | GEMV_WG16;
                             for row0 in (0..m).step_by(4) {
                                 let rows = (m - row0).min(4);
-                                let (form, _, per_group) =
-                                    self.gemv_form(lanes, x, row0, rows, None)?;
-                                let mut rows_flags = flags.clone();
-                                rows_flags.extend(form);
-                                let groups = grid(u(part.rows.div_ceil(per_group)));
                                 let p = params(row0, rows);
-                                self.dispatch(
-                                    "gemv",
-                                    "gemv_rows4",
-                                    &rows_flags,
-                                    &p,
-                                    &bufs,
-                                    groups,
-                                )?;
+                                let gemv = (Some("gemv_rows4"), lanes, row0, rows);
+                                self.gemv_rows(gemv, x, &flags, &p, &bufs, part.rows)?;
                             }
                             continue;
                         }
@@ -993,18 +982,41 @@ impl Recorder<'_> {
                     self.dispatch("matmul", "gemm", &gemm_flags, &p, &bufs, groups)?;
                     if tail > 0 {
                         let lanes = block_lanes(self.gpu, self.variant, tail, n, k, w.dtype);
-                        let (form, entry, per_group) =
-                            self.gemv_form(lanes, x, body, tail, None)?;
-                        let mut tail_flags = flags.clone();
-                        tail_flags.extend(form);
-                        let groups = grid(u(part.rows.div_ceil(per_group)));
                         let p = params(body, tail);
-                        self.dispatch("gemv", entry, &tail_flags, &p, &bufs, groups)?;
+                        let gemv = (None, lanes, body, tail);
+                        self.gemv_rows(gemv, x, &flags, &p, &bufs, part.rows)?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// A block-GEMV dispatch over rows `row0 .. row0 + rows` of x for a matmul's weight part
+    /// of `weight_rows` rows: a tuned GEMM's tail, or a step of its untiled form. `gemv` is
+    /// (entry point, `None` for the lanes' own; lanes; row0; rows), `flags` the matmul's
+    /// (the lanes' form is added), `params` those of the rows.
+    fn gemv_rows(
+        &mut self,
+        (entry, lanes, row0, rows): (Option<&'static str>, u32, usize, usize),
+        x: &Tensor,
+        flags: &[&'static str],
+        params: &[u32],
+        bufs: &[(u32, &wgpu::Buffer)],
+        weight_rows: usize,
+    ) -> Result<()> {
+        let (form, own_entry, per_group) = self.gemv_form(lanes, x, row0, rows, None)?;
+        let mut all = flags.to_vec();
+        all.extend(form);
+        let groups = grid(u(weight_rows.div_ceil(per_group)));
+        self.dispatch(
+            "gemv",
+            entry.unwrap_or(own_entry),
+            &all,
+            params,
+            bufs,
+            groups,
+        )
     }
 
     /// LayerNorm over the last dimension (eps as given; statistics in f32).

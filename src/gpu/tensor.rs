@@ -437,21 +437,44 @@ pub async fn read_words(
     let mut enc = gpu.device.create_command_encoder(&Default::default());
     enc.copy_buffer_to_buffer(buffer, (offset * 4) as u64, &staging, 0, size);
     gpu.queue.submit([enc.finish()]);
-    let slice = staging.slice(..);
+    let mapped = map_for_read(&staging);
+    gpu.wait();
+    read_mapped(gpu, &staging, mapped, words).await
+}
+
+/// A readback buffer's mapping, requested: the future [`read_mapped`] waits on.
+pub(crate) type Mapping =
+    futures_channel::oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>;
+
+/// Asks for `staging` to be mapped for reading once the submitted work writing it is done.
+pub(crate) fn map_for_read(staging: &wgpu::Buffer) -> Mapping {
     let (tx, rx) = futures_channel::oneshot::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    gpu.wait();
+    rx
+}
+
+/// The first `words` u32 words of `staging` once `mapped` ([`map_for_read`]) completes
+/// (natively, after the caller has waited for the submission writing it); unmaps it. A lost
+/// device is named as such.
+pub(crate) async fn read_mapped(
+    gpu: &Gpu,
+    staging: &wgpu::Buffer,
+    mapped: Mapping,
+    words: usize,
+) -> Result<Vec<u32>> {
     gpu.check_lost()?;
-    rx.await
+    mapped
+        .await
         .map_err(|_| Error::Gpu("readback was cancelled (device lost?)".into()))?
         .map_err(|e| match gpu.check_lost() {
             Err(lost) => lost,
             Ok(()) => Error::Gpu(format!("readback failed: {e}")),
         })?;
     let out = {
-        let view = slice
+        let view = staging
+            .slice(..)
             .get_mapped_range()
             .map_err(|e| Error::Gpu(format!("readback mapping failed: {e}")))?;
         bytemuck::cast_slice(&view[..words * 4]).to_vec()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::gpu::ops::{topk_words, MatmulPath, GEMV_MAX_ROWS, TOPK_KEEP};
-use crate::gpu::tensor::read_words;
+use crate::gpu::tensor::{map_for_read, read_mapped, read_words, Mapping};
 use crate::gpu::{
     attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeKv,
     RopeMode, RopeTable, Tensor, ATTN_SPLIT,
@@ -674,7 +674,7 @@ enum Src<'a> {
 struct InFlight {
     slot: usize,
     index: wgpu::SubmissionIndex,
-    mapped: futures_channel::oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    mapped: Mapping,
 }
 
 /// Greedy tokens in flight at once in [`Llama::decode_greedy`]: the one being read back and
@@ -1126,24 +1126,7 @@ impl Llama {
         }
         #[cfg(target_arch = "wasm32")]
         let _ = f.index;
-        gpu.check_lost()?;
-        f.mapped
-            .await
-            .map_err(|_| Error::Gpu("readback was cancelled (device lost?)".into()))?
-            .map_err(|e| match gpu.check_lost() {
-                Err(lost) => lost,
-                Ok(()) => Error::Gpu(format!("readback failed: {e}")),
-            })?;
-        let staging = &self.readback[f.slot];
-        let id = {
-            let view = staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("readback mapping failed: {e}")))?;
-            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
-        };
-        staging.unmap();
-        Ok(id)
+        Ok(read_mapped(gpu, &self.readback[f.slot], f.mapped, 1).await?[0])
     }
 
     /// Finishes the readbacks of tokens a greedy decode submitted past its end, so that their
@@ -1347,15 +1330,12 @@ impl Llama {
                 rec.copy_after(&token.buffer, staging, 4);
                 let (plan, index) = rec.submit_indexed().await?;
                 self.plans.insert(plan_key, plan);
-                let (tx, rx) = futures_channel::oneshot::channel();
-                staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = tx.send(r);
-                });
+                let mapped = map_for_read(staging);
                 self.pos += t;
                 return Ok(Output::Ahead(InFlight {
                     slot,
                     index,
-                    mapped: rx,
+                    mapped,
                 }));
             }
             Pick::TopK {
