@@ -559,7 +559,11 @@ fn store_cols(n: u32, t0: vec4<f32>, t1: vec4<f32>, t2: vec4<f32>, t3: vec4<f32>
         if (c >= p.n) {
             break;
         }
-        for (var m = 0u; m < p.m; m++) {
+        // (bounded by the output's length too, a size known only at run time: Mesa 22's
+        // lavapipe inlines a parameter that bounds a loop or a branch into the shader, and
+        // where that changes the shader enough it keeps compiling it again at every dispatch;
+        // this loop did that to gemv_rows4, 5 to 8 ms a dispatch. GPUs lose nothing by it.)
+        for (var m = 0u; m < min(p.m, arrayLength(&out)); m++) {
             store(m, c, t[r][m] * inv);
         }
     }
