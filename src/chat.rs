@@ -327,6 +327,8 @@ pub async fn generate_from(
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, Finish, Timings)> {
     use crate::gpu::tune::now_s;
+    // one-time tuning of the model's shapes, outside the answer's timings
+    model.prepare(gpu).await?;
     let t0 = now_s();
     // when the first and the latest token were known
     let (mut first, mut last) = (None, t0);

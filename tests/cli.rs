@@ -616,6 +616,7 @@ fn bench_tiny_reports_every_part() {
         "decode_tok_per_s_ctx_short",
         "decode_tok_per_s_ctx_short_waiting",
         "decode_tok_per_s_ctx_long",
+        "prefill_tok_per_s",
     ] {
         assert!(pos(&l[k]), "{k}: {l}");
     }
@@ -694,8 +695,9 @@ fn bench_tiny_reports_every_part() {
 }
 
 /// `MINIGPT4_GEMM_SHAPES=1` tunes the GEMM per shape on any device: bench says so, runs each
-/// case in its own form (measured there) and stores the forms; a value other than 0 or 1 is
-/// refused by name, before any GEMM is measured.
+/// case in its own form (measured there) and stores the forms; `0` turns off even small
+/// weights' per-shape forms, which are on by default; a value other than 0 or 1 is refused by
+/// name, before any GEMM is measured.
 #[test]
 fn bench_gemm_forms_per_shape_on_request() {
     let home = std::env::temp_dir().join(format!("minigpt4-gemm-shapes-{}", std::process::id()));
@@ -749,6 +751,17 @@ fn bench_gemm_forms_per_shape_on_request() {
             f,
             "{name}"
         );
+    }
+    // small weights' shapes are tuned per shape on any device unless told not to
+    for (shapes, small) in [("0", false), ("", true)] {
+        let (ok, out, err) = bench(shapes);
+        assert!(ok, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        let forms = &r["gemm"]["forms"];
+        assert_eq!(forms["small_shapes"], small, "{shapes}: {forms}");
+        if shapes == "0" {
+            assert_eq!(forms["by_shape"], false, "{forms}");
+        }
     }
     let (ok, _, err) = bench("yes");
     assert!(

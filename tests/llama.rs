@@ -343,3 +343,52 @@ fn a_lost_device_is_an_error_not_a_hang() {
     let again = pollster::block_on(m.forward_argmax(&fresh, Input::Ids(&[1, 2, 3]), 320)).unwrap();
     assert_eq!(again, first);
 }
+
+/// Small weights' GEMM forms are tuned per shape on any device (`gemm_small_shapes`, set by
+/// the tuning unless a form is pinned): `prepare` measures each layer matrix at the prefill
+/// row counts the context holds (not the output head, which prefill runs on one row), and a prefill in those
+/// forms gives the logits of the adapter-wide form. Without the switch nothing is tuned.
+#[test]
+fn small_weights_have_their_gemm_forms_tuned_per_shape() {
+    use minigpt4::gpu::tune::{small_shapes_tuned, GEMM_PREFILL_ROWS};
+    let name = "gqa_untied_hd128";
+    let (cfg, files) = LlamaFiles::open(&fixture(name)).unwrap();
+    let open = |small: bool| {
+        let gpu = gpu();
+        assert!(!gpu.gemm_by_shape());
+        gpu.set_gemm_small_shapes(small);
+        let m = Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(DType::Q4), 64).unwrap();
+        (gpu, m)
+    };
+    let (plain, mut m0) = open(false);
+    let (tuned, mut m1) = open(true);
+    // the bound: SmolLM2-135M's matrices are under it, a 7B's are not
+    assert!(tuned.gemm_tuned_at(1536, 576) && tuned.gemm_tuned_at(576, 1536));
+    assert!(!tuned.gemm_tuned_at(4096, 4096) && !plain.gemm_tuned_at(1536, 576));
+    assert!(!small_shapes_tuned(Some(false)).unwrap());
+    pollster::block_on(m0.prepare(&plain)).unwrap();
+    pollster::block_on(m1.prepare(&tuned)).unwrap();
+    // (the row counts the context holds: this fixture's is 64)
+    let prefill_rows: Vec<usize> = GEMM_PREFILL_ROWS
+        .into_iter()
+        .filter(|&r| r <= m1.ctx)
+        .collect();
+    assert!(!prefill_rows.is_empty());
+    for w in m1.decode_matrices() {
+        for &rows in &prefill_rows {
+            let head = w.rows() == m1.cfg.vocab;
+            assert_eq!(
+                tuned.has_gemm_form_at(rows, w.rows(), w.cols(), w.dtype),
+                !head,
+                "{rows} rows over {:?}",
+                w.shape
+            );
+            assert!(!plain.has_gemm_form_at(rows, w.rows(), w.cols(), w.dtype));
+        }
+    }
+    let vocab = m1.cfg.vocab as u32;
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % vocab).collect();
+    let a = pollster::block_on(m0.forward(&plain, Input::Ids(&ids), true)).unwrap();
+    let b = pollster::block_on(m1.forward(&tuned, Input::Ids(&ids), true)).unwrap();
+    assert!(max_abs(&a, &b) < 1e-3, "max-abs {}", max_abs(&a, &b));
+}

@@ -309,6 +309,9 @@ pub struct Gpu {
     /// Whether the GEMM form is also tuned per shape (a fast device; see
     /// [`crate::gpu::tune::tune_gemm_shapes`]).
     gemm_by_shape: AtomicBool,
+    /// Whether small weights' GEMM forms are tuned per shape on any device (see
+    /// [`crate::gpu::tune::GEMM_SMALL_WEIGHTS`]).
+    gemm_small_shapes: AtomicBool,
     /// Per-shape GEMM forms: (rows of x, weight rows, weight columns, dtype) → form.
     gemm_shapes: Mutex<HashMap<(usize, usize, usize, DType), u32>>,
     /// Errors the device reported outside an error scope (wgpu would panic on them otherwise).
@@ -390,6 +393,7 @@ impl Gpu {
             fuse_norm: AtomicBool::new(true),
             gemm_form: AtomicU32::new(0),
             gemm_by_shape: AtomicBool::new(false),
+            gemm_small_shapes: AtomicBool::new(false),
             gemm_shapes: Mutex::new(HashMap::new()),
             info,
             errors,
@@ -419,6 +423,7 @@ impl Gpu {
         g.set_fuse_norm(self.fuse_norm());
         g.set_gemm_form(self.gemm_form());
         g.set_gemm_by_shape(self.gemm_by_shape());
+        g.set_gemm_small_shapes(self.gemm_small_shapes());
         if let Ok(m) = self.gemv_shapes.lock() {
             for (&(n, k, dt), &l) in m.iter() {
                 g.set_gemv_lanes_for(n, k, dt, l);
@@ -495,6 +500,25 @@ impl Gpu {
 
     pub fn set_gemm_by_shape(&self, on: bool) {
         self.gemm_by_shape.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the GEMM forms of small weights (at most
+    /// [`crate::gpu::tune::GEMM_SMALL_WEIGHTS`] elements) are tuned per shape, whatever
+    /// [`Gpu::gemm_by_shape`] says: cheap to measure on any device, and a small model's few
+    /// columns leave a CPU driver's tiles with little to share out. Set by the tuning unless a
+    /// form is pinned or `MINIGPT4_GEMM_SHAPES=0` (off until then).
+    pub fn gemm_small_shapes(&self) -> bool {
+        self.gemm_small_shapes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_gemm_small_shapes(&self, on: bool) {
+        self.gemm_small_shapes.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a GEMM over `[n, k]` weights has its form tuned per shape.
+    pub fn gemm_tuned_at(&self, n: usize, k: usize) -> bool {
+        self.gemm_by_shape()
+            || (self.gemm_small_shapes() && n * k <= crate::gpu::tune::GEMM_SMALL_WEIGHTS)
     }
 
     /// The form of a tuned GEMM of `m` rows of x over `[n, k]` `dtype` weights, before

@@ -706,8 +706,21 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
     };
     gpu.set_gemm_form(form);
     gpu.set_gemm_by_shape(by_shape_override.unwrap_or(by_shape));
+    gpu.set_gemm_small_shapes(small_shapes_tuned(by_shape_override)?);
     Ok(form)
 }
+
+/// Whether small weights' GEMMs are tuned per shape ([`Gpu::gemm_small_shapes`]): yes unless a
+/// form is pinned (`MINIGPT4_GEMM`) or per-shape tuning is off (`MINIGPT4_GEMM_SHAPES=0`).
+pub fn small_shapes_tuned(by_shape_override: Option<bool>) -> Result<bool> {
+    Ok(override_gemm()?.is_none() && by_shape_override != Some(false))
+}
+
+/// The most weight elements (rows × columns) whose GEMM forms are tuned per shape on every
+/// device ([`Gpu::gemm_small_shapes`]): SmolLM2-135M's largest layer matrix (1536 × 576) is
+/// under it, a 7B's smallest is 16 times over. Measuring one form at 128 rows of x costs at most 2^27
+/// multiply-adds then, about a tenth of a second on a CPU driver.
+pub const GEMM_SMALL_WEIGHTS: usize = 1 << 20;
 
 /// Rows of x at which a model's prefill GEMMs are tuned per shape ([`tune_gemm_shapes`]): a
 /// follow-up turn's few tokens and a first turn with an image (about 100); other row counts
@@ -716,22 +729,26 @@ pub const GEMM_PREFILL_ROWS: [usize; 2] = [32, 128];
 
 /// Tunes the tiled GEMM's form for each shape of `shapes` (rows of x, weight rows, weight
 /// columns, dtype) with more than [`GEMV_MAX_ROWS`] rows that has none yet, where the GEMM is
-/// tuned per shape ([`Gpu::gemm_by_shape`]: a fast device, or `MINIGPT4_GEMM_SHAPES=1`): from
+/// tuned per shape ([`Gpu::gemm_tuned_at`]: every shape on a fast device or with
+/// `MINIGPT4_GEMM_SHAPES=1`, small weights' shapes on any device): from
 /// the tuning cache when it holds the shape, else by measuring each form as a tuned GEMM runs
 /// it at that shape ([`measure_gemm_shape`]; caching the result). On a big GPU the form tuned
 /// at one large shape fills the device there but leaves it mostly idle at the ViT's fc2 (257
 /// rows, 1408 columns: 22 tiles of 128×128) or a 100-token prefill; a shape's own measurement
-/// sees that. Off on CPU drivers, where the largest tiles win at every shape measured and each
-/// measurement costs seconds.
+/// sees that. On CPU drivers the largest tiles win at large shapes and each measurement costs
+/// seconds, so only small weights are measured there: a small model's few columns make few
+/// tiles for the threads to share (the untiled form ran SmolLM2-135M's prefill about twice as
+/// fast on lavapipe).
 pub async fn tune_gemm_shapes(gpu: &Gpu, shapes: &[(usize, usize, usize, DType)]) -> Result<()> {
-    if !gpu.gemm_by_shape() {
-        return Ok(());
-    }
     let mut todo: Vec<(usize, usize, usize, DType)> = shapes
         .iter()
         .copied()
         .filter(|&(m, n, k, dt)| {
-            m > GEMV_MAX_ROWS && n > 0 && k > 0 && !gpu.has_gemm_form_at(m, n, k, dt)
+            m > GEMV_MAX_ROWS
+                && n > 0
+                && k > 0
+                && gpu.gemm_tuned_at(n, k)
+                && !gpu.has_gemm_form_at(m, n, k, dt)
         })
         .collect();
     todo.sort_by_key(|&(m, n, k, dt)| (m, n, k, dt.name()));
@@ -778,7 +795,7 @@ pub async fn tune_gemm_shapes_of(
     gpu: &Gpu,
     record: impl FnOnce(&mut Recorder) -> Result<()>,
 ) -> Result<()> {
-    if !gpu.gemm_by_shape() {
+    if !gpu.gemm_by_shape() && !gpu.gemm_small_shapes() {
         return Ok(());
     }
     let mut rec = Recorder::new(gpu);

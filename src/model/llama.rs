@@ -1147,6 +1147,35 @@ impl Llama {
         s.logits_last.read_f32(gpu).await
     }
 
+    /// Tunes what this model's shapes need, once (cached): the block GEMV's lanes for a small
+    /// model's matrices, and the prefill GEMMs' forms where the device tunes them per shape. The
+    /// first forward does it when nothing has; `chat::generate_from` does it before its clock
+    /// starts, so that a first answer's timings are the answer's.
+    pub async fn prepare(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.tuned {
+            return Ok(());
+        }
+        let mats = self.decode_matrices();
+        // lanes per shape for small models' matrices (once; cached)
+        let shapes: Vec<_> = mats.iter().map(|t| (t.rows(), t.cols(), t.dtype)).collect();
+        crate::gpu::tune::tune_shapes(gpu, &shapes).await?;
+        // and the prefill GEMMs' forms, where the device tunes them per shape: the layer
+        // matrices (prefill runs the LM head on its last row only)
+        let layers = mats.iter().filter(|t| !std::ptr::eq(**t, &self.lm_head));
+        let gemms: Vec<_> = crate::gpu::tune::GEMM_PREFILL_ROWS
+            .iter()
+            .filter(|&&m| m <= self.ctx)
+            .flat_map(|&m| {
+                layers
+                    .clone()
+                    .map(move |t| (m, t.rows(), t.cols(), t.dtype))
+            })
+            .collect();
+        crate::gpu::tune::tune_gemm_shapes(gpu, &gemms).await?;
+        self.tuned = true;
+        Ok(())
+    }
+
     async fn run(
         &mut self,
         gpu: &Gpu,
@@ -1154,26 +1183,7 @@ impl Llama {
         all_logits: bool,
         pick: Pick<'_>,
     ) -> Result<Output> {
-        if !self.tuned {
-            let mats = self.decode_matrices();
-            // lanes per shape for small models' matrices (once; cached)
-            let shapes: Vec<_> = mats.iter().map(|t| (t.rows(), t.cols(), t.dtype)).collect();
-            crate::gpu::tune::tune_shapes(gpu, &shapes).await?;
-            // and the prefill GEMMs' forms, where the device tunes them per shape: the layer
-            // matrices (prefill runs the LM head on its last row only)
-            let layers = mats.iter().filter(|t| !std::ptr::eq(**t, &self.lm_head));
-            let gemms: Vec<_> = crate::gpu::tune::GEMM_PREFILL_ROWS
-                .iter()
-                .filter(|&&m| m <= self.ctx)
-                .flat_map(|&m| {
-                    layers
-                        .clone()
-                        .map(move |t| (m, t.rows(), t.cols(), t.dtype))
-                })
-                .collect();
-            crate::gpu::tune::tune_gemm_shapes(gpu, &gemms).await?;
-            self.tuned = true;
-        }
+        self.prepare(gpu).await?;
         let t = match &src {
             Src::Given(Input::Ids(ids)) => ids.len(),
             Src::Given(Input::Embeds(e)) => e.rows(),
