@@ -718,8 +718,8 @@ pub fn small_shapes_tuned(by_shape_override: Option<bool>) -> Result<bool> {
 
 /// The most weight elements (rows × columns) whose GEMM forms are tuned per shape on every
 /// device ([`Gpu::gemm_small_shapes`]): SmolLM2-135M's largest layer matrix (1536 × 576) is
-/// under it, a 7B's smallest is 16 times over. Measuring one form at 128 rows of x costs at most 2^27
-/// multiply-adds then, about a tenth of a second on a CPU driver.
+/// under it, a 7B's smallest is 16 times over. Measuring one form at 128 rows of x costs at
+/// most 2^27 multiply-adds then, about a tenth of a second on a CPU driver.
 pub const GEMM_SMALL_WEIGHTS: usize = 1 << 20;
 
 /// Rows of x at which a model's prefill GEMMs are tuned per shape ([`tune_gemm_shapes`]): a
