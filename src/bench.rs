@@ -266,14 +266,15 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     let by_shape_override = tune::override_gemm_shapes()?;
     eprintln!("bench: GEMM forms, f16 {}×{}×{}", small.0, small.1, small.2);
     let tuning = pollster::block_on(tune::measure_gemm_tuning(gpu, small, large, a.runs))?;
-    let (chosen, by_shape) = match tune::override_gemm()? {
+    let pinned = tune::override_gemm()?;
+    let (chosen, by_shape) = match pinned {
         Some(f) => (f, false),
         None => tune::gemm_choice(&tuning),
     };
     gpu.set_gemm_form(chosen);
     let by_shape = by_shape_override.unwrap_or(by_shape);
     gpu.set_gemm_by_shape(by_shape);
-    let small_shapes = tune::small_shapes_tuned(by_shape_override)?;
+    let small_shapes = tune::small_shapes_tuned(pinned, by_shape_override);
     gpu.set_gemm_small_shapes(small_shapes);
     let form_cases: Vec<(&str, usize, usize, usize, DType)> = if a.tiny {
         vec![("prefill", 40, 192, 64, DType::Q4)]

@@ -365,7 +365,8 @@ fn small_weights_have_their_gemm_forms_tuned_per_shape() {
     // the bound: SmolLM2-135M's matrices are under it, a 7B's are not
     assert!(tuned.gemm_tuned_at(1536, 576) && tuned.gemm_tuned_at(576, 1536));
     assert!(!tuned.gemm_tuned_at(4096, 4096) && !plain.gemm_tuned_at(1536, 576));
-    assert!(!small_shapes_tuned(Some(false)).unwrap());
+    assert!(!small_shapes_tuned(None, Some(false)));
+    assert!(!small_shapes_tuned(Some(16), None) && small_shapes_tuned(None, None));
     pollster::block_on(m0.prepare(&plain)).unwrap();
     pollster::block_on(m1.prepare(&tuned)).unwrap();
     // (the row counts the context holds: this fixture's is 64)

@@ -686,7 +686,8 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
     // (a bad value is an error before anything is measured)
     let by_shape_override = override_gemm_shapes()?;
     let stored = (cache.get_gemm_form(), cache.get_gemm_by_shape());
-    let (form, by_shape) = match (override_gemm()?, stored) {
+    let pinned = override_gemm()?;
+    let (form, by_shape) = match (pinned, stored) {
         // a pinned form is every GEMM's
         (Some(f), _) => (f, false),
         (None, (Some(f), Some(by_shape))) => (f, by_shape),
@@ -706,14 +707,15 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
     };
     gpu.set_gemm_form(form);
     gpu.set_gemm_by_shape(by_shape_override.unwrap_or(by_shape));
-    gpu.set_gemm_small_shapes(small_shapes_tuned(by_shape_override)?);
+    gpu.set_gemm_small_shapes(small_shapes_tuned(pinned, by_shape_override));
     Ok(form)
 }
 
 /// Whether small weights' GEMMs are tuned per shape ([`Gpu::gemm_small_shapes`]): yes unless a
 /// form is pinned (`MINIGPT4_GEMM`) or per-shape tuning is off (`MINIGPT4_GEMM_SHAPES=0`).
-pub fn small_shapes_tuned(by_shape_override: Option<bool>) -> Result<bool> {
-    Ok(override_gemm()?.is_none() && by_shape_override != Some(false))
+/// `pinned` is [`override_gemm`]'s answer, `by_shape_override` [`override_gemm_shapes`]'.
+pub fn small_shapes_tuned(pinned: Option<u32>, by_shape_override: Option<bool>) -> bool {
+    pinned.is_none() && by_shape_override != Some(false)
 }
 
 /// The most weight elements (rows × columns) whose GEMM forms are tuned per shape on every
