@@ -441,8 +441,8 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&prompt), llm_cfg.vocab))?;
         Ok(())
     })?;
-    let short = decode_at(gpu, a, &mut llm, ctx_short, true)?;
-    let long = decode_at(gpu, a, &mut llm, ctx_long, true)?;
+    let short = decode_at(gpu, a, &mut llm, ctx_short, true, false)?;
+    let long = decode_at(gpu, a, &mut llm, ctx_long, true, false)?;
     let ttft = encode.0 + prefill.0;
     Ok(json!({
         "model": name, "llm_layers": llm_cfg.layers, "vit_layers": vit_cfg.layers,
@@ -502,6 +502,7 @@ fn decode_at(
     llm: &mut Llama,
     context: usize,
     ahead: bool,
+    sampled: bool,
 ) -> Result<(f64, f64, f64)> {
     pollster::block_on(synthetic::decode_seconds(
         gpu,
@@ -510,6 +511,7 @@ fn decode_at(
         decode_steps(a),
         a.runs.clamp(1, 3),
         ahead,
+        sampled,
     ))
 }
 
@@ -576,12 +578,15 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     })?;
     print_profile_per(1, "prefill");
     let ctx_short = if a.tiny { 16 } else { 128 };
-    let short = decode_at(gpu, a, &mut llm, ctx_short, true)?;
+    let short = decode_at(gpu, a, &mut llm, ctx_short, true, false)?;
     print_profile(decode_steps(a));
     // the same with each token read back before the next is submitted: what overlapping the
     // host's round trip with the GPU's work gains on this device
-    let waiting = decode_at(gpu, a, &mut llm, ctx_short, false)?;
-    let long = decode_at(gpu, a, &mut llm, ctx_long, true)?;
+    let waiting = decode_at(gpu, a, &mut llm, ctx_short, false, false)?;
+    // chat's default, the reference demo's sampling (on the GPU), both ways
+    let sampled = decode_at(gpu, a, &mut llm, ctx_short, true, true)?;
+    let sampled_waiting = decode_at(gpu, a, &mut llm, ctx_short, false, true)?;
+    let long = decode_at(gpu, a, &mut llm, ctx_long, true, false)?;
     let predicted = if predicted_s > 0.0 {
         1.0 / predicted_s
     } else {
@@ -595,6 +600,9 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         "prefill": stats(prefill),
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "decode_short": stats(short),
         "decode_tok_per_s_ctx_short_waiting": 1.0 / waiting.0, "decode_short_waiting": stats(waiting),
+        "decode_tok_per_s_ctx_short_sampled": 1.0 / sampled.0, "decode_short_sampled": stats(sampled),
+        "decode_tok_per_s_ctx_short_sampled_waiting": 1.0 / sampled_waiting.0,
+        "decode_short_sampled_waiting": stats(sampled_waiting),
         "decode_tok_per_s_ctx_long": 1.0 / long.0, "decode_long": stats(long),
         "ctx_short": ctx_short, "ctx_long": ctx_long,
         "percent_of_prediction": 100.0 * predicted_s / short.0,
@@ -847,7 +855,7 @@ pub fn human(r: &Value) -> String {
     s += "\n";
     if let Some(d) = r.get("decode") {
         s += &format!(
-            "\ndecode alone ({}, {} layers, {}): {:.2} tok/s at context {} ({} GEMV lanes); {:.2} tok/s reading each token back before submitting the next\n",
+            "\ndecode alone ({}, {} layers, {}): {:.2} tok/s at context {} ({} GEMV lanes); {:.2} tok/s reading each token back before submitting the next\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU): {:.2} tok/s; {:.2} tok/s reading each token back\n",
             d["model"].as_str().unwrap_or(""),
             d["layers"],
             d["quant"].as_str().unwrap_or(""),
@@ -855,11 +863,13 @@ pub fn human(r: &Value) -> String {
             d["context"],
             lanes_name(&d["gemv_lanes"]),
             d["decode_tok_per_s_waiting"].as_f64().unwrap_or(0.0),
+            d["decode_tok_per_s_sampled"].as_f64().unwrap_or(0.0),
+            d["decode_tok_per_s_sampled_waiting"].as_f64().unwrap_or(0.0),
         );
     }
     if let Some(e) = r.get("llm_decode") {
         s += &format!(
-            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n  {:.1} tok/s at context {} reading each token back before submitting the next\n  prefill of {} tokens: {:.1} tok/s\n",
+            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n  {:.1} tok/s at context {} reading each token back before submitting the next\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU): {:.1} tok/s; {:.1} tok/s reading each token back\n  prefill of {} tokens: {:.1} tok/s\n",
             e["model"].as_str().unwrap_or(""),
             e["layers"],
             e["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
@@ -871,6 +881,8 @@ pub fn human(r: &Value) -> String {
             e["ctx_long"],
             e["decode_tok_per_s_ctx_short_waiting"].as_f64().unwrap_or(0.0),
             e["ctx_short"],
+            e["decode_tok_per_s_ctx_short_sampled"].as_f64().unwrap_or(0.0),
+            e["decode_tok_per_s_ctx_short_sampled_waiting"].as_f64().unwrap_or(0.0),
             e["prefill_tokens"],
             e["prefill_tok_per_s"].as_f64().unwrap_or(0.0),
         );

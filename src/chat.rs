@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::ops::TOPK_KEEP;
 use crate::gpu::{Gpu, Tensor};
-use crate::model::llama::{Candidate, Input, Llama};
+use crate::model::llama::{Candidate, Input, Llama, Sampler};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -193,6 +193,20 @@ pub fn sample(
     s: &Sampling,
     rng: &mut Rng,
 ) -> u32 {
+    let u = if s.greedy { 0.0 } else { rng.uniform() };
+    sample_with(logits, penalty_ids, allowed, s, u)
+}
+
+/// [`sample`] with its draw `u` (uniform in [0, 1), one per sampled token; unused when
+/// greedy) taken by the caller: a token sampled on the GPU ahead of its readback and the same
+/// token sampled again on the host use the same draw.
+pub fn sample_with(
+    logits: &mut [f32],
+    penalty_ids: &[u32],
+    allowed: usize,
+    s: &Sampling,
+    u: f64,
+) -> u32 {
     let n = allowed.min(logits.len()).max(1);
     let logits = &mut logits[..n];
     repetition_penalty(logits, penalty_ids, s.repetition_penalty);
@@ -200,7 +214,6 @@ pub fn sample(
         return argmax(logits);
     }
     let probs = warp(logits, s);
-    let u = rng.uniform();
     let mut cum = 0f64;
     let mut last_nonzero = 0;
     for (i, &p) in probs.iter().enumerate() {
@@ -422,6 +435,37 @@ pub async fn generate_from(
                 .await?;
             return Ok((out, finish));
         }
+        if picker == Picker::TopK {
+            // sampled on the GPU among the candidates, a token submitted ahead of each
+            // readback, the host sampling the full logits where the candidates cannot decide
+            let mut finish = Finish::MaxTokens;
+            let more = stop.max_new_tokens - out.len();
+            let penalized = out.clone();
+            let mut draw = || rng.uniform();
+            let mut host = |logits: &mut [f32], ids: &[u32], u: f64| {
+                sample_with(logits, ids, allowed, sampling, u)
+            };
+            let sampler = Sampler {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k,
+                top_p: sampling.top_p,
+                penalty: sampling.repetition_penalty,
+                draw: &mut draw,
+                host: &mut host,
+            };
+            model
+                .decode_sampled(gpu, next, allowed, more, true, &penalized, sampler, |id| {
+                    match accept(&mut out, id) {
+                        Some(why) => {
+                            finish = why;
+                            false
+                        }
+                        None => true,
+                    }
+                })
+                .await?;
+            return Ok((out, finish));
+        }
         loop {
             let last = *out.last().expect("a token was accepted");
             next = picker
@@ -490,11 +534,13 @@ impl Picker {
                 let cands = model
                     .forward_topk(gpu, input, allowed, out, s.repetition_penalty)
                     .await?;
-                match sample_candidates(&cands, out, s, rng) {
+                // one draw, from the candidates or from the full logits
+                let u = rng.uniform();
+                match sample_candidates(&cands, out, s, u) {
                     Some(id) => Ok(id),
                     None => {
                         let mut logits = model.last_logits(gpu).await?;
-                        Ok(sample(&mut logits, out, allowed, s, rng))
+                        Ok(sample_with(&mut logits, out, allowed, s, u))
                     }
                 }
             }
@@ -508,13 +554,14 @@ impl Picker {
 
 /// Samples among the GPU's top-k candidates exactly as [`sample`] would from the full logits:
 /// the candidates in id order, the penalty applied again on the host, then the same warp and
-/// draw. `None` (the caller then reads the full logits) when the candidates might not hold
-/// every token top-k keeps: a tie at the k-th value reaching the last candidate.
+/// the draw `u` (see [`sample_with`]). `None` (the caller then samples the full logits with
+/// the same draw) when the candidates might not hold every token top-k keeps: a tie at the
+/// k-th value reaching the last candidate.
 pub fn sample_candidates(
     cands: &[Candidate],
     penalized: &[u32],
     s: &Sampling,
-    rng: &mut Rng,
+    u: f64,
 ) -> Option<u32> {
     if cands.is_empty() || s.greedy || s.top_k == 0 || s.top_k >= TOPK_KEEP {
         return None;
@@ -541,7 +588,7 @@ pub fn sample_candidates(
         }
     }
     let n = logits.len();
-    let i = sample(&mut logits, &pos, n, s, rng);
+    let i = sample_with(&mut logits, &pos, n, s, u);
     Some(c[i as usize].id)
 }
 
@@ -585,7 +632,8 @@ mod tests {
                 seed: case,
             };
             let c = candidates(&logits, &penalized, s.repetition_penalty);
-            let got = sample_candidates(&c, &penalized, &s, &mut Rng::new(case)).unwrap();
+            let u = Rng::new(case).uniform();
+            let got = sample_candidates(&c, &penalized, &s, u).unwrap();
             let want = sample(&mut logits.clone(), &penalized, n, &s, &mut Rng::new(case));
             assert_eq!(got, want, "case {case}");
         }
@@ -601,7 +649,7 @@ mod tests {
             ..Sampling::default()
         };
         let c = candidates(&logits, &[], 1.0);
-        assert_eq!(sample_candidates(&c, &[], &s, &mut Rng::new(1)), None);
+        assert_eq!(sample_candidates(&c, &[], &s, 0.5), None);
         // top-k off or too large for the list: not for candidates either
         let s0 = Sampling {
             top_k: 0,

@@ -4,10 +4,11 @@
 
 use serde_json::{json, Value};
 
+use crate::chat::{sample_with, ModelVariant, Rng};
 use crate::error::{Error, Result};
 use crate::gpu::tune::now_s;
 use crate::gpu::{Gpu, Tensor};
-use crate::model::llama::{Input, Llama, LlamaConfig, QuantPolicy};
+use crate::model::llama::{Input, Llama, LlamaConfig, QuantPolicy, Sampler};
 use crate::quant::DType;
 use crate::weights::{TensorMap, TensorSpec};
 
@@ -125,10 +126,11 @@ pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-/// Greedy decode seconds per token (median, min, max over `runs`), with the KV cache filled to
-/// `context` positions (untimed) before `steps` timed tokens, decoded as chat does
-/// ([`Llama::decode_greedy`]; `ahead`: each token submitted before the previous one is read
-/// back, as chat runs it).
+/// Decode seconds per token (median, min, max over `runs`), with the KV cache filled to
+/// `context` positions (untimed) before `steps` timed tokens, decoded as chat does: greedy
+/// ([`Llama::decode_greedy`]) or, with `sampled`, with the reference demo's sampling (top-k 50,
+/// top-p 0.9, repetition penalty 1.05; [`Llama::decode_sampled`], seeded); `ahead`: each
+/// token submitted before the previous one is read back, as chat runs it.
 pub async fn decode_seconds(
     gpu: &Gpu,
     llm: &mut Llama,
@@ -136,6 +138,7 @@ pub async fn decode_seconds(
     steps: usize,
     runs: usize,
     ahead: bool,
+    sampled: bool,
 ) -> Result<(f64, f64, f64)> {
     let vocab = llm.cfg.vocab;
     let mut per_token = Vec::new();
@@ -154,8 +157,26 @@ pub async fn decode_seconds(
         crate::gpu::recorder::profile::take();
         let t = now_s();
         // `steps` forwards: tok's and those of the tokens picked but the last
-        llm.decode_greedy(gpu, tok, vocab, steps.max(1), ahead, |_| true)
-            .await?;
+        if sampled {
+            let s = ModelVariant::Vicuna0.demo_sampling();
+            let mut rng = Rng::new(s.seed);
+            let mut draw = || rng.uniform();
+            let mut host = |l: &mut [f32], ids: &[u32], u: f64| sample_with(l, ids, vocab, &s, u);
+            let sampler = Sampler {
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                penalty: s.repetition_penalty,
+                draw: &mut draw,
+                host: &mut host,
+            };
+            let steps = steps.max(1);
+            llm.decode_sampled(gpu, tok, vocab, steps, ahead, &[tok], sampler, |_| true)
+                .await?;
+        } else {
+            llm.decode_greedy(gpu, tok, vocab, steps.max(1), ahead, |_| true)
+                .await?;
+        }
         per_token.push((now_s() - t) / steps.max(1) as f64);
     }
     Ok(spread(per_token))
@@ -206,9 +227,13 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
     let context = if b.tiny { b.context.min(32) } else { b.context };
     let (mut tensors, weight_bytes) = tensors(gpu, &Llama::specs(&cfg, policy))?;
     let mut llm = Llama::build(gpu, &cfg, policy, &mut tensors, context + b.steps + 2)?;
-    let s = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, true).await?;
+    let s = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, true, false).await?;
     // each token read back before the next is submitted: what submitting ahead gains here
-    let w = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, false).await?;
+    let w = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, false, false).await?;
+    // the same with chat's default sampling (sampled on the GPU)
+    let ss = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, true, true).await?;
+    let sw = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, false, true).await?;
+    let rate = |t: (f64, f64, f64)| if t.0 > 0.0 { 1.0 / t.0 } else { 0.0 };
     Ok(json!({
         "adapter": gpu.info.name,
         "kernel_variant": gpu.best_variant.name(),
@@ -216,10 +241,14 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
         "model": b.model, "layers": cfg.layers, "hidden": cfg.hidden, "quant": quant.name(),
         "tiny": b.tiny, "context": context, "steps": b.steps, "runs": b.runs,
         "weight_bytes": weight_bytes,
-        "decode_tok_per_s": if s.0 > 0.0 { 1.0 / s.0 } else { 0.0 },
+        "decode_tok_per_s": rate(s),
         "per_token": {"median_s": s.0, "min_s": s.1, "max_s": s.2},
-        "decode_tok_per_s_waiting": if w.0 > 0.0 { 1.0 / w.0 } else { 0.0 },
+        "decode_tok_per_s_waiting": rate(w),
         "per_token_waiting": {"median_s": w.0, "min_s": w.1, "max_s": w.2},
+        "decode_tok_per_s_sampled": rate(ss),
+        "per_token_sampled": {"median_s": ss.0, "min_s": ss.1, "max_s": ss.2},
+        "decode_tok_per_s_sampled_waiting": rate(sw),
+        "per_token_sampled_waiting": {"median_s": sw.0, "min_s": sw.1, "max_s": sw.2},
     }))
 }
 

@@ -615,6 +615,8 @@ fn bench_tiny_reports_every_part() {
         "predicted_tok_per_s",
         "decode_tok_per_s_ctx_short",
         "decode_tok_per_s_ctx_short_waiting",
+        "decode_tok_per_s_ctx_short_sampled",
+        "decode_tok_per_s_ctx_short_sampled_waiting",
         "decode_tok_per_s_ctx_long",
         "prefill_tok_per_s",
     ] {
@@ -865,7 +867,12 @@ fn bench_decode_part_alone() {
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let d = &r["decode"];
-    for key in ["decode_tok_per_s", "decode_tok_per_s_waiting"] {
+    for key in [
+        "decode_tok_per_s",
+        "decode_tok_per_s_waiting",
+        "decode_tok_per_s_sampled",
+        "decode_tok_per_s_sampled_waiting",
+    ] {
         assert!(
             d[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
             "{key}: {d}"

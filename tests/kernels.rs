@@ -1814,6 +1814,121 @@ fn top_k_candidates_with_the_repetition_penalty() {
     }
 }
 
+/// The top-k kernel's output for `logits` (best first after the penalty on `penalized`, ties by
+/// id; three words each, padded with `u32::MAX` ids), built on the host.
+fn candidate_words(logits: &[f32], penalized: &[u32], penalty: f32) -> Vec<u32> {
+    let mut key = logits.to_vec();
+    minigpt4::chat::repetition_penalty(&mut key, penalized, penalty);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| key[b].total_cmp(&key[a]).then(a.cmp(&b)));
+    let mut words = Vec::new();
+    for slot in 0..64 {
+        match order.get(slot) {
+            Some(&i) => words.extend([key[i].to_bits(), i as u32, logits[i].to_bits()]),
+            None => words.extend([(-3.0e38f32).to_bits(), u32::MAX, (-3.0e38f32).to_bits()]),
+        }
+    }
+    words
+}
+
+#[test]
+fn gpu_sampling_picks_what_the_host_picks_among_the_candidates() {
+    use minigpt4::chat::{sample_candidates, Sampling};
+    use minigpt4::gpu::SampleParams;
+    use minigpt4::model::llama::Candidate;
+    let gpu = gpu();
+    let mut r = Rng::new(21);
+    let (mut sampled, mut fell_back) = (0, 0);
+    for case in 0..160usize {
+        // vocabularies under one candidate list (every id a candidate) and above it
+        let n = [20, 63, 64, 100, 700, 5000][case % 6];
+        let mut logits = r.vec(n, 3.0 + (case % 4) as f32);
+        match case % 16 {
+            // every logit equal: a tie reaching the last candidate when the vocabulary is larger
+            5 => logits.iter_mut().for_each(|v| *v = 0.5),
+            // ties among the best
+            7 => (0..n).step_by(3).for_each(|i| logits[i] = 2.0),
+            // a NaN: the host decides
+            9 => logits[n / 2] = f32::NAN,
+            _ => {}
+        }
+        let penalized: Vec<u32> = (0..case % 12)
+            .map(|j| ((j * 37 + case) % n) as u32)
+            .collect();
+        let s = Sampling {
+            greedy: false,
+            temperature: [1.0, 0.7, 1.6][case % 3],
+            top_k: 1 + (case * 7) % 63,
+            top_p: [1.0, 0.9, 0.5, 0.99][case % 4],
+            repetition_penalty: [1.0, 1.05, 1.5][(case / 3) % 3],
+            seed: 0,
+        };
+        let u = (r.next_u32() as f64 / 2f64.powi(32)) as f32;
+        let words = candidate_words(&logits, &penalized, s.repetition_penalty);
+        let cands: Vec<Candidate> = words
+            .chunks(3)
+            .filter(|w| w[1] != u32::MAX)
+            .map(|w| Candidate {
+                id: w[1],
+                logit: f32::from_bits(w[2]),
+            })
+            .collect();
+        // with a NaN among them the host samples the full logits (as it does itself for a
+        // larger vocabulary)
+        let nan = cands.iter().any(|c| c.logit.is_nan());
+        let want = sample_candidates(&cands, &penalized, &s, u as f64).filter(|_| !nan);
+        let mut mask = vec![0u32; n.div_ceil(32)];
+        for &id in &penalized {
+            mask[id as usize / 32] |= 1 << (id % 32);
+        }
+        let (c, m) = (Ids::new(&gpu, &words), Ids::new(&gpu, &mask));
+        let (token, picked) = (Ids::new(&gpu, &[7]), Ids::new(&gpu, &[7]));
+        let p = SampleParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            u,
+        };
+        let mut rec = Recorder::new(&gpu);
+        rec.sample(&c, &p, &m, &token, &picked).unwrap();
+        run(rec);
+        let words_of = |b: &Ids, len| {
+            pollster::block_on(minigpt4::gpu::tensor::read_words(&gpu, &b.buffer, 0, len)).unwrap()
+        };
+        let (got, tok, mask_after) = (
+            words_of(&picked, 1)[0],
+            words_of(&token, 1)[0],
+            words_of(&m, mask.len()),
+        );
+        match want {
+            Some(id) => {
+                sampled += 1;
+                assert_eq!(got, id, "case {case}: n {n}, {s:?}, u {u}");
+                assert_eq!(tok, id, "case {case}: the next input");
+                mask[id as usize / 32] |= 1 << (id % 32);
+                assert_eq!(
+                    mask_after, mask,
+                    "case {case}: the penalty set gains the pick"
+                );
+            }
+            None => {
+                fell_back += 1;
+                assert_eq!(got, u32::MAX, "case {case}: n {n}, {s:?}: the host's turn");
+                assert!(
+                    (tok as usize) < n,
+                    "case {case}: a valid id to embed, found {tok}"
+                );
+                assert_eq!(mask_after, mask, "case {case}: no pick, no change");
+            }
+        }
+    }
+    // both paths ran
+    assert!(
+        sampled > 100 && fell_back >= 10,
+        "{sampled} sampled, {fell_back} for the host"
+    );
+}
+
 #[test]
 fn copy_concat_and_slice() {
     let gpu = gpu();

@@ -228,6 +228,145 @@ fn gpu_top_k_sampling_equals_host_sampling() {
     }
 }
 
+/// Sampled decoding on the GPU (`decode_sampled`: each token sampled among its candidates on
+/// the GPU and fed to the next forward before it is read back) gives the tokens of sampling
+/// each on the host (`Picker::TopK`, the same draws), submitting ahead or not, and stops where
+/// it is told with the position where the plain loop leaves it. With a zero LM head every
+/// logit ties, the candidates never decide, and every token is the host's turn (the forwards
+/// submitted after it undone, its own run again for the full logits): the same tokens again.
+#[test]
+fn sampled_decode_ahead_equals_sampling_each_token_on_the_host() {
+    use minigpt4::chat::{sample_with, Picker, Rng, Sampling};
+    use minigpt4::model::llama::Sampler;
+    let gpu = gpu();
+    // the fixture with its LM head zeroed, beside it in a temporary directory
+    let zero = std::env::temp_dir().join(format!("minigpt4-zero-head-{}", std::process::id()));
+    std::fs::create_dir_all(&zero).unwrap();
+    let src = fixture("mha_untied_hd64");
+    std::fs::copy(src.join("config.json"), zero.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "lm_head.weight" {
+            data.fill(0);
+        }
+        tensors.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &zero.join("model.safetensors")).unwrap();
+    let zero_model = {
+        let (cfg, files) = LlamaFiles::open(&zero).unwrap();
+        Llama::load(&gpu, &cfg, &files, QuantPolicy::for_linear(DType::Q8), 64).unwrap()
+    };
+    std::fs::remove_dir_all(&zero).unwrap();
+    let prompt: Vec<u32> = vec![1, 17, 200, 45, 3];
+    let cases = [
+        (1, 1.0, 50, 0.9, 1.05),
+        (2, 0.7, 10, 1.0, 1.0),
+        (3, 1.3, 63, 0.5, 1.3),
+    ];
+    for (model, mut m) in [
+        ("fixture", load(&gpu, "mha_untied_hd64", DType::Q8)),
+        ("zero head", zero_model),
+    ] {
+        let vocab = m.cfg.vocab;
+        for (seed, temperature, top_k, top_p, penalty) in cases {
+            let s = Sampling {
+                greedy: false,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty: penalty,
+                seed,
+            };
+            let first_pick = |m: &mut Llama, rng: &mut Rng| {
+                pollster::block_on(Picker::TopK.pick(
+                    &gpu,
+                    m,
+                    Input::Ids(&prompt),
+                    &[],
+                    vocab,
+                    &s,
+                    rng,
+                ))
+                .unwrap()
+            };
+            // the host's way: 1 + 16 tokens, and where each leaves the position
+            m.reset();
+            let mut rng = Rng::new(seed);
+            let mut want = vec![first_pick(&mut m, &mut rng)];
+            let mut pos = vec![m.pos];
+            for _ in 0..16 {
+                let last = *want.last().unwrap();
+                let id = pollster::block_on(Picker::TopK.pick(
+                    &gpu,
+                    &mut m,
+                    Input::Ids(&[last]),
+                    &want,
+                    vocab,
+                    &s,
+                    &mut rng,
+                ))
+                .unwrap();
+                want.push(id);
+                pos.push(m.pos);
+            }
+            let mut distinct = want.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert!(distinct.len() >= 3, "{model}, seed {seed}: {want:?}");
+            for ahead in [true, false] {
+                for stop_after in [2, 5, 16] {
+                    m.reset();
+                    let mut rng = Rng::new(seed);
+                    let first = first_pick(&mut m, &mut rng);
+                    assert_eq!(first, want[0]);
+                    let mut draw = || rng.uniform();
+                    let mut host =
+                        |l: &mut [f32], ids: &[u32], u: f64| sample_with(l, ids, vocab, &s, u);
+                    let sampler = Sampler {
+                        temperature,
+                        top_k,
+                        top_p,
+                        penalty,
+                        draw: &mut draw,
+                        host: &mut host,
+                    };
+                    let mut got = vec![first];
+                    pollster::block_on(m.decode_sampled(
+                        &gpu,
+                        first,
+                        vocab,
+                        16,
+                        ahead,
+                        &[first],
+                        sampler,
+                        |id| {
+                            got.push(id);
+                            got.len() <= stop_after
+                        },
+                    ))
+                    .unwrap();
+                    let what = format!("{model}, seed {seed}, ahead {ahead}, {stop_after} more");
+                    assert_eq!(got, want[..=stop_after], "{what}");
+                    // the last token picked is not run, as in the host's loop
+                    assert_eq!(m.pos, pos[stop_after], "{what}");
+                }
+            }
+        }
+    }
+}
+
 /// Greedy decoding with each token submitted before the previous one is read back (its input
 /// id read on the GPU) picks the tokens one `forward_argmax` after another picks, stops where
 /// it is told with the forward submitted past the end undone, and leaves the model as the

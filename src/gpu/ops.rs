@@ -329,6 +329,16 @@ pub fn topk_words(n: usize) -> usize {
     n.div_ceil(TOPK_SPAN).max(1) * TOPK_KEEP * 3
 }
 
+/// What [`Recorder::sample`] samples with: the warp (temperature, top-k below
+/// [`TOPK_KEEP`], top-p) and the draw `u`, uniform in [0, 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub u: f32,
+}
+
 /// Keys per split of the split-K decode attention (`CH` in `attention.wgsl`).
 pub const ATTN_SPLIT: usize = 256;
 
@@ -1495,6 +1505,52 @@ impl Recorder<'_> {
             &[],
             &[u(n)],
             &[(1, x.buffer()), (2, &out.buffer)],
+            [1, 1, 1],
+        )
+    }
+
+    /// Samples a token among the candidates [`Recorder::topk`] left in `cands` (see
+    /// `shaders/sample.wgsl`) with the draw `u` in [0, 1): its id goes to word 0 of `token` and
+    /// of `picked` (there `u32::MAX` where the host must sample from the full logits instead),
+    /// and its bit is set in `mask`, the repetition penalty's set.
+    pub fn sample(
+        &mut self,
+        cands: &Ids,
+        s: &SampleParams,
+        mask: &Ids,
+        token: &Ids,
+        picked: &Ids,
+    ) -> Result<()> {
+        if cands.len < TOPK_KEEP * 3 || token.len == 0 || picked.len == 0 {
+            return Err(Error::tensor(
+                "sample",
+                format!("{} candidate words, a token and a pick word", TOPK_KEEP * 3),
+                format!("{}, {} and {}", cands.len, token.len, picked.len),
+            ));
+        }
+        if !(s.temperature > 0.0 && s.top_k > 0 && s.top_k < TOPK_KEEP) {
+            return Err(Error::InvalidOption {
+                name: "sampling".into(),
+                msg: format!(
+                    "GPU sampling takes a positive temperature and a top-k of 1 to {}, found {} \
+                     and {}",
+                    TOPK_KEEP - 1,
+                    s.temperature,
+                    s.top_k
+                ),
+            });
+        }
+        self.dispatch(
+            "sample",
+            "sample",
+            &[],
+            &[f(s.temperature), u(s.top_k), f(s.top_p), f(s.u)],
+            &[
+                (1, &cands.buffer),
+                (2, &mask.buffer),
+                (3, &token.buffer),
+                (4, &picked.buffer),
+            ],
             [1, 1, 1],
         )
     }

@@ -57,6 +57,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("copy", include_str!("../../shaders/copy.wgsl")),
     ("argmax", include_str!("../../shaders/argmax.wgsl")),
     ("topk", include_str!("../../shaders/topk.wgsl")),
+    ("sample", include_str!("../../shaders/sample.wgsl")),
 ];
 
 /// The kernel families (files with entry points) and the op flag sets each is compiled with.
@@ -167,6 +168,7 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("copy", &[&[]]),
     ("argmax", &[&[]]),
     ("topk", &[&[], &["NEXT"]]),
+    ("sample", &[&[]]),
 ];
 
 /// A fingerprint (FNV-1a, 64 bits) of every kernel source: tuning results cached on disk are

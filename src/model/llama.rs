@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::{topk_words, MatmulPath, GEMV_MAX_ROWS, TOPK_KEEP};
+use crate::gpu::ops::{topk_words, MatmulPath, SampleParams, GEMV_MAX_ROWS, TOPK_KEEP};
 use crate::gpu::tensor::{map_for_read, read_mapped, read_words, Mapping};
 use crate::gpu::{
     attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeKv,
@@ -653,6 +653,8 @@ struct Scratch {
     /// Input token ids (t of them), rewritten every forward.
     ids: Ids,
     token: Ids,
+    /// A token sampled on the GPU ahead of its readback, or `u32::MAX` for the host's turn.
+    picked: Ids,
 }
 
 enum Output {
@@ -665,20 +667,20 @@ enum Output {
 /// Where a forward's input rows come from.
 enum Src<'a> {
     Given(Input<'a>),
-    /// One token: the id the previous one-token forward's argmax left on the GPU.
+    /// One token: the id the previous one-token forward's argmax or sampler left on the GPU.
     Chained,
 }
 
-/// A greedy token whose forward has been submitted and whose id is not read back yet: its
-/// readback slot, the submission to wait for, and the slot's mapping.
+/// A token picked on the GPU (greedy or sampled) whose forward has been submitted and whose id
+/// is not read back yet: its readback slot, the submission to wait for, and the slot's mapping.
 struct InFlight {
     slot: usize,
     index: wgpu::SubmissionIndex,
     mapped: Mapping,
 }
 
-/// Greedy tokens in flight at once in [`Llama::decode_greedy`]: the one being read back and
-/// the next one, already submitted.
+/// Tokens in flight at once in [`Llama::decode_greedy`] and [`Llama::decode_sampled`]: the one
+/// being read back and the next one, already submitted.
 const AHEAD: usize = 2;
 
 /// What the last row's logits should become.
@@ -696,6 +698,49 @@ enum Pick<'a> {
         penalized: &'a [u32],
         penalty: f32,
     },
+    /// One token sampled on the GPU among those candidates (the penalty's set is already on
+    /// the GPU, and gains the pick), left where the next one-token forward reads its input and
+    /// copied into readback slot `slot`; returned without waiting.
+    SampleAhead {
+        allowed: usize,
+        penalty: f32,
+        params: SampleParams,
+        slot: usize,
+    },
+}
+
+/// How [`Llama::decode_sampled`] samples: the GPU's warp and penalty, the draws (one per
+/// token, uniform in [0, 1), taken in order), and the host's sampling of full logits for the
+/// tokens the candidates cannot decide (`chat::sample_with`): given the logits, the penalty's
+/// ids and the token's draw.
+pub struct Sampler<'a> {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub penalty: f32,
+    pub draw: &'a mut dyn FnMut() -> f64,
+    pub host: &'a mut HostSample<'a>,
+}
+
+/// The host's sampling of full logits in [`Sampler`]: logits, the penalty's ids, the draw.
+pub type HostSample<'a> = dyn FnMut(&mut [f32], &[u32], f64) -> u32 + 'a;
+
+/// [`Llama::decode_sampled`]'s sampler with the penalty's ids so far and the draws taken.
+struct SampleState<'a> {
+    sampler: Sampler<'a>,
+    penalized: Vec<u32>,
+    draws: Vec<f64>,
+}
+
+impl SampleState<'_> {
+    /// Draw `i` of this decode (drawn in order, each once).
+    fn draw(&mut self, i: usize) -> f64 {
+        while self.draws.len() <= i {
+            let u = (self.sampler.draw)();
+            self.draws.push(u);
+        }
+        self.draws[i]
+    }
 }
 
 /// One of the GPU top-k's candidates: a token id and its logit before any penalty.
@@ -725,7 +770,7 @@ pub struct Llama {
     pub pos: usize,
     /// Whether the block GEMV's lanes have been tuned for this model's small matrices.
     tuned: bool,
-    /// [`AHEAD`] 4-byte readback buffers for greedy tokens in flight, used in turn.
+    /// [`AHEAD`] 4-byte readback buffers for tokens in flight, used in turn.
     readback: Vec<wgpu::Buffer>,
     next_slot: usize,
     /// Tokens submitted past the end of a greedy decode, whose slots are still mapping.
@@ -843,7 +888,7 @@ impl Llama {
             readback: (0..AHEAD)
                 .map(|_| {
                     gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("greedy readback"),
+                        label: Some("token readback"),
                         size: 4,
                         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                         mapped_at_creation: false,
@@ -945,6 +990,7 @@ impl Llama {
             topk_pong: Ids::new(gpu, &vec![0; topk_words(c.vocab)]),
             ids: Ids::new(gpu, &vec![0; t]),
             token: Ids::new(gpu, &[0]),
+            picked: Ids::new(gpu, &[0]),
         };
         // keep at most a few prefill sizes around
         if self.scratch.len() > 4 {
@@ -1036,6 +1082,77 @@ impl Llama {
         allowed: usize,
         max: usize,
         ahead: bool,
+        on: impl FnMut(u32) -> bool,
+    ) -> Result<()> {
+        self.decode_ahead(gpu, first, allowed, max, ahead, None, on)
+            .await
+    }
+
+    /// Sampled decoding the way [`Llama::decode_greedy`] decodes greedily: each token is
+    /// sampled on the GPU among its top-k candidates (`shaders/sample.wgsl`, with the
+    /// repetition penalty's set kept on the GPU, starting from `penalized`) and fed to the next
+    /// forward before it is read back. A token the candidates cannot decide (see
+    /// `chat::sample_candidates`) comes back as the host's turn: the forwards submitted after
+    /// it are undone, its forward runs again for the full logits, the host samples them with
+    /// the same draw, and decoding goes on from there. The tokens are those of sampling each
+    /// on the host among the candidates, draw by draw (up to rounding: the GPU works in f32).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn decode_sampled(
+        &mut self,
+        gpu: &Gpu,
+        first: u32,
+        allowed: usize,
+        max: usize,
+        ahead: bool,
+        penalized: &[u32],
+        sampler: Sampler<'_>,
+        on: impl FnMut(u32) -> bool,
+    ) -> Result<()> {
+        if !(sampler.temperature > 0.0 && sampler.top_k > 0 && sampler.top_k < TOPK_KEEP) {
+            return Err(Error::InvalidOption {
+                name: "sampling".into(),
+                msg: format!(
+                    "GPU sampling takes a positive temperature and a top-k of 1 to {}, found {} \
+                     and {}",
+                    TOPK_KEEP - 1,
+                    sampler.temperature,
+                    sampler.top_k
+                ),
+            });
+        }
+        let state = SampleState {
+            sampler,
+            penalized: penalized.to_vec(),
+            draws: Vec::new(),
+        };
+        self.decode_ahead(gpu, first, allowed, max, ahead, Some(state), on)
+            .await
+    }
+
+    /// Writes the repetition penalty's set (the ids of `penalized` below `allowed`) where the
+    /// one-token forward's top-k reads it.
+    fn write_penalty_set(&mut self, gpu: &Gpu, penalized: &[u32], allowed: usize) -> Result<()> {
+        self.scratch(gpu, 1, false)?;
+        let mut mask = vec![0u32; self.cfg.vocab.div_ceil(32)];
+        for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
+            mask[id as usize / 32] |= 1 << (id % 32);
+        }
+        let s = &self.scratch[&(1, false)];
+        gpu.queue
+            .write_buffer(&s.topk_mask.buffer, 0, bytemuck::cast_slice(&mask));
+        Ok(())
+    }
+
+    /// The loop of [`Llama::decode_greedy`] (`sampling` none) and [`Llama::decode_sampled`].
+    #[allow(clippy::too_many_arguments)]
+    async fn decode_ahead(
+        &mut self,
+        gpu: &Gpu,
+        first: u32,
+        allowed: usize,
+        max: usize,
+        ahead: bool,
+        mut sampling: Option<SampleState<'_>>,
         mut on: impl FnMut(u32) -> bool,
     ) -> Result<()> {
         if max == 0 {
@@ -1046,27 +1163,49 @@ impl Llama {
         self.check_room(max)?;
         self.settle(gpu).await?;
         let allowed = allowed.clamp(1, self.cfg.vocab);
+        if let Some(st) = &sampling {
+            self.write_penalty_set(gpu, &st.penalized, allowed)?;
+        }
         let depth = if ahead { AHEAD } else { 1 };
         let mut flying: VecDeque<InFlight> = VecDeque::with_capacity(AHEAD);
         let mut picked = 0;
+        // the input of the next forward when the host gives it (else the GPU's last pick), and
+        // of the forward read back next
+        let mut given = Some(first);
+        let mut last = first;
         let result = async {
             loop {
                 while flying.len() < depth && picked + flying.len() < max {
-                    let src = if picked + flying.len() == 0 {
-                        Src::Given(Input::Ids(std::slice::from_ref(&first)))
-                    } else {
-                        Src::Chained
+                    let id = given.take();
+                    let src = match &id {
+                        Some(id) => Src::Given(Input::Ids(std::slice::from_ref(id))),
+                        None => Src::Chained,
                     };
                     let slot = self.next_slot;
                     self.next_slot = (slot + 1) % AHEAD;
-                    match self
-                        .run(gpu, src, false, Pick::ArgmaxAhead(allowed, slot))
-                        .await?
-                    {
+                    let pick = match &mut sampling {
+                        None => Pick::ArgmaxAhead(allowed, slot),
+                        Some(st) => {
+                            let u = st.draw(picked + flying.len()) as f32;
+                            let sm = &st.sampler;
+                            Pick::SampleAhead {
+                                allowed,
+                                penalty: sm.penalty,
+                                params: SampleParams {
+                                    temperature: sm.temperature,
+                                    top_k: sm.top_k,
+                                    top_p: sm.top_p,
+                                    u,
+                                },
+                                slot,
+                            }
+                        }
+                    };
+                    match self.run(gpu, src, false, pick).await? {
                         Output::Ahead(f) => flying.push_back(f),
                         _ => {
                             return Err(Error::Gpu(
-                                "internal: another output for a greedy token ahead".into(),
+                                "internal: another output for a token ahead".into(),
                             ))
                         }
                     }
@@ -1074,7 +1213,26 @@ impl Llama {
                 let Some(f) = flying.pop_front() else {
                     return Ok(());
                 };
-                let id = self.read_back(gpu, f).await?;
+                let mut id = self.read_back(gpu, f).await?;
+                if let (u32::MAX, Some(st)) = (id, &mut sampling) {
+                    // the host's turn: the forwards after this one ran on a placeholder, and
+                    // this one's logits are gone; undo them all and run this one again
+                    self.pos -= flying.len() + 1;
+                    self.abandoned.extend(flying.drain(..));
+                    self.settle(gpu).await?;
+                    let mut logits = self
+                        .forward(gpu, Input::Ids(std::slice::from_ref(&last)), false)
+                        .await?;
+                    let u = st.draw(picked);
+                    id = (st.sampler.host)(&mut logits, &st.penalized, u);
+                    // the undone picks set their bits: the set again as accepted
+                    st.penalized.push(id);
+                    self.write_penalty_set(gpu, &st.penalized, allowed)?;
+                    given = Some(id);
+                } else if let Some(st) = &mut sampling {
+                    st.penalized.push(id);
+                }
+                last = id;
                 picked += 1;
                 if !on(id) || picked == max {
                     return Ok(());
@@ -1115,7 +1273,7 @@ impl Llama {
         }
     }
 
-    /// Waits for a greedy token's submission and reads its id from the readback slot.
+    /// Waits for a token's submission and reads its id from the readback slot.
     async fn read_back(&self, gpu: &Gpu, f: InFlight) -> Result<u32> {
         #[cfg(not(target_arch = "wasm32"))]
         {
@@ -1129,7 +1287,7 @@ impl Llama {
         Ok(read_mapped(gpu, &self.readback[f.slot], f.mapped, 1).await?[0])
     }
 
-    /// Finishes the readbacks of tokens a greedy decode submitted past its end, so that their
+    /// Finishes the readbacks of tokens a decode submitted past its end, so that their
     /// slots can be used again (long done by the time a next decode starts).
     async fn settle(&mut self, gpu: &Gpu) -> Result<()> {
         for f in std::mem::take(&mut self.abandoned) {
@@ -1208,6 +1366,7 @@ impl Llama {
                 Pick::Logits => 0,
                 Pick::Argmax(_) | Pick::ArgmaxAhead(..) => 1,
                 Pick::TopK { .. } => 2,
+                Pick::SampleAhead { .. } => 3,
             },
         );
         let mut rec = match self.plans.remove(&plan_key) {
@@ -1317,8 +1476,8 @@ impl Llama {
             &s.logits_last
         };
         self.last_rows = t;
-        // one token's greedy pick goes where the next one-token forward reads its input, so a
-        // chained forward can follow it without the host (the same plan either way)
+        // one token's pick (greedy or sampled) goes where the next one-token forward reads its
+        // input, so a chained forward can follow it without the host (the same plan either way)
         let token = if t == 1 { &s.ids } else { &s.token };
         match pick {
             Pick::Argmax(n) => {
@@ -1382,6 +1541,39 @@ impl Llama {
                     })
                     .collect();
                 return Ok(Output::Candidates(c));
+            }
+            Pick::SampleAhead {
+                allowed,
+                penalty,
+                params,
+                slot,
+            } => {
+                if t != 1 {
+                    return Err(Error::Gpu(
+                        "internal: a sampled token ahead of its readback is one row".into(),
+                    ));
+                }
+                // the penalty's set is on the GPU already (`decode_sampled` wrote it)
+                let best = rec.topk(
+                    out,
+                    allowed,
+                    &s.topk_mask,
+                    penalty,
+                    &s.topk_ping,
+                    &s.topk_pong,
+                )?;
+                rec.sample(best, &params, &s.topk_mask, token, &s.picked)?;
+                let staging = &self.readback[slot];
+                rec.copy_after(&s.picked.buffer, staging, 4);
+                let (plan, index) = rec.submit_indexed().await?;
+                self.plans.insert(plan_key, plan);
+                let mapped = map_for_read(staging);
+                self.pos += t;
+                return Ok(Output::Ahead(InFlight {
+                    slot,
+                    index,
+                    mapped,
+                }));
             }
             Pick::Logits => {}
         }
