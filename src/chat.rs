@@ -418,52 +418,41 @@ pub async fn generate_from(
         if let Some(why) = accept(&mut out, next) {
             return Ok((out, why));
         }
-        if picker == Picker::Argmax {
-            // greedy: the GPU picks and feeds itself, a token submitted ahead of each readback
-            let mut finish = Finish::MaxTokens;
-            let more = stop.max_new_tokens - out.len();
-            model
-                .decode_greedy(gpu, next, allowed, more, true, |id| {
-                    match accept(&mut out, id) {
-                        Some(why) => {
-                            finish = why;
-                            false
-                        }
-                        None => true,
-                    }
-                })
-                .await?;
-            return Ok((out, finish));
-        }
-        if picker == Picker::TopK {
-            // sampled on the GPU among the candidates, a token submitted ahead of each
-            // readback, the host sampling the full logits where the candidates cannot decide
+        if picker != Picker::Host {
+            // the GPU picks and feeds itself, a token submitted ahead of each readback: greedy,
+            // or sampled among the candidates (the host sampling the full logits with the same
+            // draw where the candidates cannot decide)
             let mut finish = Finish::MaxTokens;
             let more = stop.max_new_tokens - out.len();
             let penalized = out.clone();
-            let mut draw = || rng.uniform();
-            let mut host = |logits: &mut [f32], ids: &[u32], u: f64| {
-                sample_with(logits, ids, allowed, sampling, u)
+            let on = |id| match accept(&mut out, id) {
+                Some(why) => {
+                    finish = why;
+                    false
+                }
+                None => true,
             };
-            let sampler = Sampler {
-                temperature: sampling.temperature,
-                top_k: sampling.top_k,
-                top_p: sampling.top_p,
-                penalty: sampling.repetition_penalty,
-                draw: &mut draw,
-                host: &mut host,
-            };
-            model
-                .decode_sampled(gpu, next, allowed, more, true, &penalized, sampler, |id| {
-                    match accept(&mut out, id) {
-                        Some(why) => {
-                            finish = why;
-                            false
-                        }
-                        None => true,
-                    }
-                })
-                .await?;
+            if picker == Picker::Argmax {
+                model
+                    .decode_greedy(gpu, next, allowed, more, true, on)
+                    .await?;
+            } else {
+                let mut draw = || rng.uniform();
+                let mut host = |logits: &mut [f32], ids: &[u32], u: f64| {
+                    sample_with(logits, ids, allowed, sampling, u)
+                };
+                let sampler = Sampler {
+                    temperature: sampling.temperature,
+                    top_k: sampling.top_k,
+                    top_p: sampling.top_p,
+                    penalty: sampling.repetition_penalty,
+                    draw: &mut draw,
+                    host: &mut host,
+                };
+                model
+                    .decode_sampled(gpu, next, allowed, more, true, &penalized, sampler, on)
+                    .await?;
+            }
             return Ok((out, finish));
         }
         loop {

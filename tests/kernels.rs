@@ -1865,14 +1865,7 @@ fn gpu_sampling_picks_what_the_host_picks_among_the_candidates() {
         };
         let u = (r.next_u32() as f64 / 2f64.powi(32)) as f32;
         let words = candidate_words(&logits, &penalized, s.repetition_penalty);
-        let cands: Vec<Candidate> = words
-            .chunks(3)
-            .filter(|w| w[1] != u32::MAX)
-            .map(|w| Candidate {
-                id: w[1],
-                logit: f32::from_bits(w[2]),
-            })
-            .collect();
+        let cands = Candidate::from_words(&words);
         // with a NaN among them the host samples the full logits (as it does itself for a
         // larger vocabulary)
         let nan = cands.iter().any(|c| c.logit.is_nan());

@@ -750,6 +750,43 @@ pub struct Candidate {
     pub logit: f32,
 }
 
+impl Candidate {
+    /// The candidates of the top-k kernel's output words (three each: ranking key bits, id,
+    /// logit bits), padding (id `u32::MAX`) dropped.
+    pub fn from_words(words: &[u32]) -> Vec<Candidate> {
+        words
+            .chunks(3)
+            .filter(|w| w.len() == 3 && w[1] != u32::MAX)
+            .map(|w| Candidate {
+                id: w[1],
+                logit: f32::from_bits(w[2]),
+            })
+            .collect()
+    }
+}
+
+/// Submits a one-token forward whose pick stays on the GPU, with the pick's word (the first of
+/// `picked`) copied into `staging`, readback slot `slot`, in the same command buffer; returns
+/// the recording and the token in flight.
+async fn submit_ahead(
+    mut rec: Recorder<'_>,
+    picked: &wgpu::Buffer,
+    staging: &wgpu::Buffer,
+    slot: usize,
+) -> Result<(Plan, InFlight)> {
+    rec.copy_after(picked, staging, 4);
+    let (plan, index) = rec.submit_indexed().await?;
+    let mapped = map_for_read(staging);
+    Ok((
+        plan,
+        InFlight {
+            slot,
+            index,
+            mapped,
+        },
+    ))
+}
+
 pub struct Llama {
     pub cfg: LlamaConfig,
     pub policy: QuantPolicy,
@@ -1108,18 +1145,7 @@ impl Llama {
         sampler: Sampler<'_>,
         on: impl FnMut(u32) -> bool,
     ) -> Result<()> {
-        if !(sampler.temperature > 0.0 && sampler.top_k > 0 && sampler.top_k < TOPK_KEEP) {
-            return Err(Error::InvalidOption {
-                name: "sampling".into(),
-                msg: format!(
-                    "GPU sampling takes a positive temperature and a top-k of 1 to {}, found {} \
-                     and {}",
-                    TOPK_KEEP - 1,
-                    sampler.temperature,
-                    sampler.top_k
-                ),
-            });
-        }
+        // (the sampling kernel's recording checks the sampler's values)
         let state = SampleState {
             sampler,
             penalized: penalized.to_vec(),
@@ -1495,31 +1521,33 @@ impl Llama {
                     ));
                 }
                 rec.argmax(out, n, token)?;
-                let staging = &self.readback[slot];
-                rec.copy_after(&token.buffer, staging, 4);
-                let (plan, index) = rec.submit_indexed().await?;
+                let (plan, f) =
+                    submit_ahead(rec, &token.buffer, &self.readback[slot], slot).await?;
                 self.plans.insert(plan_key, plan);
-                let mapped = map_for_read(staging);
                 self.pos += t;
-                return Ok(Output::Ahead(InFlight {
-                    slot,
-                    index,
-                    mapped,
-                }));
+                return Ok(Output::Ahead(f));
             }
             Pick::TopK {
-                allowed,
-                penalized,
-                penalty,
+                allowed, penalty, ..
+            }
+            | Pick::SampleAhead {
+                allowed, penalty, ..
             } => {
-                let mut mask = vec![0u32; self.cfg.vocab.div_ceil(32)];
-                if penalty != 1.0 {
-                    for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
-                        mask[id as usize / 32] |= 1 << (id % 32);
+                let ahead = match pick {
+                    Pick::SampleAhead { params, slot, .. } => Some((params, slot)),
+                    _ => None,
+                };
+                if let Pick::TopK { penalized, .. } = pick {
+                    let mut mask = vec![0u32; self.cfg.vocab.div_ceil(32)];
+                    if penalty != 1.0 {
+                        for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
+                            mask[id as usize / 32] |= 1 << (id % 32);
+                        }
                     }
+                    gpu.queue
+                        .write_buffer(&s.topk_mask.buffer, 0, bytemuck::cast_slice(&mask));
                 }
-                gpu.queue
-                    .write_buffer(&s.topk_mask.buffer, 0, bytemuck::cast_slice(&mask));
+                // (ahead, the penalty's set is on the GPU already: `decode_sampled` wrote it)
                 let best = rec.topk(
                     out,
                     allowed,
@@ -1528,52 +1556,24 @@ impl Llama {
                     &s.topk_ping,
                     &s.topk_pong,
                 )?;
+                if let Some((params, slot)) = ahead {
+                    if t != 1 {
+                        return Err(Error::Gpu(
+                            "internal: a sampled token ahead of its readback is one row".into(),
+                        ));
+                    }
+                    rec.sample(best, &params, &s.topk_mask, token, &s.picked)?;
+                    let picked = &s.picked.buffer;
+                    let (plan, f) = submit_ahead(rec, picked, &self.readback[slot], slot).await?;
+                    self.plans.insert(plan_key, plan);
+                    self.pos += t;
+                    return Ok(Output::Ahead(f));
+                }
                 let plan = rec.submit_keep().await?;
                 self.plans.insert(plan_key, plan);
                 let words = read_words(gpu, &best.buffer, 0, 3 * TOPK_KEEP).await?;
                 self.pos += t;
-                let c = words
-                    .chunks(3)
-                    .filter(|w| w[1] != u32::MAX)
-                    .map(|w| Candidate {
-                        id: w[1],
-                        logit: f32::from_bits(w[2]),
-                    })
-                    .collect();
-                return Ok(Output::Candidates(c));
-            }
-            Pick::SampleAhead {
-                allowed,
-                penalty,
-                params,
-                slot,
-            } => {
-                if t != 1 {
-                    return Err(Error::Gpu(
-                        "internal: a sampled token ahead of its readback is one row".into(),
-                    ));
-                }
-                // the penalty's set is on the GPU already (`decode_sampled` wrote it)
-                let best = rec.topk(
-                    out,
-                    allowed,
-                    &s.topk_mask,
-                    penalty,
-                    &s.topk_ping,
-                    &s.topk_pong,
-                )?;
-                rec.sample(best, &params, &s.topk_mask, token, &s.picked)?;
-                let staging = &self.readback[slot];
-                rec.copy_after(&s.picked.buffer, staging, 4);
-                let (plan, index) = rec.submit_indexed().await?;
-                self.plans.insert(plan_key, plan);
-                let mapped = map_for_read(staging);
-                self.pos += t;
-                return Ok(Output::Ahead(InFlight {
-                    slot,
-                    index,
-                    mapped,
-                }));
+                return Ok(Output::Candidates(Candidate::from_words(&words)));
             }
             Pick::Logits => {}
         }
