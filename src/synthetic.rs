@@ -150,29 +150,19 @@ pub async fn decode_seconds(
         for chunk in fill.chunks(512) {
             llm.forward(gpu, Input::Ids(chunk), false).await?;
         }
-        // one untimed step: the decode plan is recorded and its pipelines compiled
-        let tok = llm.forward_argmax(gpu, Input::Ids(&[5]), vocab).await?;
+        // one untimed step of the timed kind: its plan is recorded and its pipelines compiled
+        let tok = if sampled {
+            sampled_decode(gpu, llm, 5, 1, ahead).await?
+        } else {
+            llm.forward_argmax(gpu, Input::Ids(&[5]), vocab).await?
+        };
         // MINIGPT4_PROFILE: per-kernel totals of the timed steps only
         #[cfg(not(target_arch = "wasm32"))]
         crate::gpu::recorder::profile::take();
         let t = now_s();
         // `steps` forwards: tok's and those of the tokens picked but the last
         if sampled {
-            let s = ModelVariant::Vicuna0.demo_sampling();
-            let mut rng = Rng::new(s.seed);
-            let mut draw = || rng.uniform();
-            let mut host = |l: &mut [f32], ids: &[u32], u: f64| sample_with(l, ids, vocab, &s, u);
-            let sampler = Sampler {
-                temperature: s.temperature,
-                top_k: s.top_k,
-                top_p: s.top_p,
-                penalty: s.repetition_penalty,
-                draw: &mut draw,
-                host: &mut host,
-            };
-            let steps = steps.max(1);
-            llm.decode_sampled(gpu, tok, vocab, steps, ahead, &[tok], sampler, |_| true)
-                .await?;
+            sampled_decode(gpu, llm, tok, steps.max(1), ahead).await?;
         } else {
             llm.decode_greedy(gpu, tok, vocab, steps.max(1), ahead, |_| true)
                 .await?;
@@ -180,6 +170,38 @@ pub async fn decode_seconds(
         per_token.push((now_s() - t) / steps.max(1) as f64);
     }
     Ok(spread(per_token))
+}
+
+/// `steps` tokens sampled from `first` with the reference demo's sampling (seeded), as chat
+/// samples them ([`Llama::decode_sampled`]); returns the last one.
+async fn sampled_decode(
+    gpu: &Gpu,
+    llm: &mut Llama,
+    first: u32,
+    steps: usize,
+    ahead: bool,
+) -> Result<u32> {
+    let vocab = llm.cfg.vocab;
+    let s = ModelVariant::Vicuna0.demo_sampling();
+    let mut rng = Rng::new(s.seed);
+    let mut draw = || rng.uniform();
+    let mut host = |l: &mut [f32], ids: &[u32], u: f64| sample_with(l, ids, vocab, &s, u);
+    let sampler = Sampler {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        penalty: s.repetition_penalty,
+        draw: &mut draw,
+        host: &mut host,
+    };
+    let mut last = first;
+    let on = |id| {
+        last = id;
+        true
+    };
+    llm.decode_sampled(gpu, first, vocab, steps, ahead, &[first], sampler, on)
+        .await?;
+    Ok(last)
 }
 
 /// What [`decode`] measures.
