@@ -438,16 +438,9 @@ pub async fn generate_from(
                     .await?;
             } else {
                 let mut draw = || rng.uniform();
-                let mut host = |logits: &mut [f32], ids: &[u32], u: f64| {
-                    sample_with(logits, ids, allowed, sampling, u)
-                };
                 let sampler = Sampler {
-                    temperature: sampling.temperature,
-                    top_k: sampling.top_k,
-                    top_p: sampling.top_p,
-                    penalty: sampling.repetition_penalty,
+                    sampling,
                     draw: &mut draw,
-                    host: &mut host,
                 };
                 model
                     .decode_sampled(gpu, next, allowed, more, true, &penalized, sampler, on)

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::chat::{sample_with, ModelVariant, Rng};
+use crate::chat::{ModelVariant, Rng};
 use crate::error::{Error, Result};
 use crate::gpu::tune::now_s;
 use crate::gpu::{Gpu, Tensor};
@@ -185,14 +185,9 @@ async fn sampled_decode(
     let s = ModelVariant::Vicuna0.demo_sampling();
     let mut rng = Rng::new(s.seed);
     let mut draw = || rng.uniform();
-    let mut host = |l: &mut [f32], ids: &[u32], u: f64| sample_with(l, ids, vocab, &s, u);
     let sampler = Sampler {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        penalty: s.repetition_penalty,
+        sampling: &s,
         draw: &mut draw,
-        host: &mut host,
     };
     let mut last = first;
     let on = |id| {

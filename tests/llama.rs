@@ -236,7 +236,7 @@ fn gpu_top_k_sampling_equals_host_sampling() {
 /// submitted after it undone, its own run again for the full logits): the same tokens again.
 #[test]
 fn sampled_decode_ahead_equals_sampling_each_token_on_the_host() {
-    use minigpt4::chat::{sample_with, Picker, Rng, Sampling};
+    use minigpt4::chat::{Picker, Rng, Sampling};
     use minigpt4::model::llama::Sampler;
     let gpu = gpu();
     // the fixture with its LM head zeroed, beside it in a temporary directory
@@ -332,15 +332,9 @@ fn sampled_decode_ahead_equals_sampling_each_token_on_the_host() {
                     let first = first_pick(&mut m, &mut rng);
                     assert_eq!(first, want[0]);
                     let mut draw = || rng.uniform();
-                    let mut host =
-                        |l: &mut [f32], ids: &[u32], u: f64| sample_with(l, ids, vocab, &s, u);
                     let sampler = Sampler {
-                        temperature,
-                        top_k,
-                        top_p,
-                        penalty,
+                        sampling: &s,
                         draw: &mut draw,
-                        host: &mut host,
                     };
                     let mut got = vec![first];
                     pollster::block_on(m.decode_sampled(

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
+use crate::chat::{sample_with, Sampling};
 use crate::error::{Error, Result};
 use crate::gpu::ops::{topk_words, MatmulPath, SampleParams, GEMV_MAX_ROWS, TOPK_KEEP};
 use crate::gpu::tensor::{map_for_read, read_mapped, read_words, Mapping};
@@ -709,21 +710,13 @@ enum Pick<'a> {
     },
 }
 
-/// How [`Llama::decode_sampled`] samples: the GPU's warp and penalty, the draws (one per
-/// token, uniform in [0, 1), taken in order), and the host's sampling of full logits for the
-/// tokens the candidates cannot decide (`chat::sample_with`): given the logits, the penalty's
-/// ids and the token's draw.
+/// How [`Llama::decode_sampled`] samples: the settings (as `chat::sample` reads them) and the
+/// draws, one per token, uniform in [0, 1), taken in order. A token the candidates cannot
+/// decide is sampled on the host from its full logits with the same draw (`chat::sample_with`).
 pub struct Sampler<'a> {
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub penalty: f32,
+    pub sampling: &'a Sampling,
     pub draw: &'a mut dyn FnMut() -> f64,
-    pub host: &'a mut HostSample<'a>,
 }
-
-/// The host's sampling of full logits in [`Sampler`]: logits, the penalty's ids, the draw.
-pub type HostSample<'a> = dyn FnMut(&mut [f32], &[u32], f64) -> u32 + 'a;
 
 /// [`Llama::decode_sampled`]'s sampler with the penalty's ids so far and the draws taken.
 struct SampleState<'a> {
@@ -1159,13 +1152,8 @@ impl Llama {
     /// one-token forward's top-k reads it.
     fn write_penalty_set(&mut self, gpu: &Gpu, penalized: &[u32], allowed: usize) -> Result<()> {
         self.scratch(gpu, 1, false)?;
-        let mut mask = vec![0u32; self.cfg.vocab.div_ceil(32)];
-        for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
-            mask[id as usize / 32] |= 1 << (id % 32);
-        }
         let s = &self.scratch[&(1, false)];
-        gpu.queue
-            .write_buffer(&s.topk_mask.buffer, 0, bytemuck::cast_slice(&mask));
+        write_penalty_mask(gpu, &s.topk_mask, self.cfg.vocab, penalized, allowed);
         Ok(())
     }
 
@@ -1213,10 +1201,10 @@ impl Llama {
                         None => Pick::ArgmaxAhead(allowed, slot),
                         Some(st) => {
                             let u = st.draw(picked + flying.len()) as f32;
-                            let sm = &st.sampler;
+                            let sm = st.sampler.sampling;
                             Pick::SampleAhead {
                                 allowed,
-                                penalty: sm.penalty,
+                                penalty: sm.repetition_penalty,
                                 params: SampleParams {
                                     temperature: sm.temperature,
                                     top_k: sm.top_k,
@@ -1250,7 +1238,7 @@ impl Llama {
                         .forward(gpu, Input::Ids(std::slice::from_ref(&last)), false)
                         .await?;
                     let u = st.draw(picked);
-                    id = (st.sampler.host)(&mut logits, &st.penalized, u);
+                    id = sample_with(&mut logits, &st.penalized, allowed, st.sampler.sampling, u);
                     // the undone picks set their bits: the set again as accepted
                     st.penalized.push(id);
                     self.write_penalty_set(gpu, &st.penalized, allowed)?;
@@ -1538,14 +1526,7 @@ impl Llama {
                     _ => None,
                 };
                 if let Pick::TopK { penalized, .. } = pick {
-                    let mut mask = vec![0u32; self.cfg.vocab.div_ceil(32)];
-                    if penalty != 1.0 {
-                        for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
-                            mask[id as usize / 32] |= 1 << (id % 32);
-                        }
-                    }
-                    gpu.queue
-                        .write_buffer(&s.topk_mask.buffer, 0, bytemuck::cast_slice(&mask));
+                    write_penalty_mask(gpu, &s.topk_mask, self.cfg.vocab, penalized, allowed);
                 }
                 // (ahead, the penalty's set is on the GPU already: `decode_sampled` wrote it)
                 let best = rec.topk(
@@ -1583,6 +1564,17 @@ impl Llama {
         self.pos += t;
         Ok(Output::Logits(logits))
     }
+}
+
+/// Writes HF's repetition-penalty set as the top-k kernel reads it into `mask`: one bit per id
+/// of the vocabulary, set for the ids of `penalized` below `allowed`.
+fn write_penalty_mask(gpu: &Gpu, mask: &Ids, vocab: usize, penalized: &[u32], allowed: usize) {
+    let mut bits = vec![0u32; vocab.div_ceil(32)];
+    for &id in penalized.iter().filter(|&&id| (id as usize) < allowed) {
+        bits[id as usize / 32] |= 1 << (id % 32);
+    }
+    gpu.queue
+        .write_buffer(&mask.buffer, 0, bytemuck::cast_slice(&bits));
 }
 
 impl Llama {
