@@ -7,7 +7,11 @@
 //! - GEMM (prefill, ViT) GFLOP/s;
 //! - end to end on synthetic weights at the real dimensions (`--synthetic vicuna0-7b|vicuna0-13b`,
 //!   `--layers N` when the machine is too small for all): ViT-g + Q-Former image encode, prefill
-//!   and decode at two context lengths, time to first token, GPU memory.
+//!   and decode at two context lengths, time to first token, GPU memory; `--synthetic vit-g`:
+//!   the image encode alone;
+//! - end to end on a model package (`--model`), as `chat` runs it: the same figures for its
+//!   real weights and its first turn's prompt;
+//! - decode on a real LLaMA (`--llm`, GGUF or HF directory) against what the GEMV rates predict.
 //!
 //! Times are wall clock around a submit and a wait for the device (several runs; median, min and
 //! max). `--tiny` shrinks everything so CI can prove the command works; no test is timed.
@@ -22,6 +26,7 @@ use crate::gpu::{gemm_form_for, tune, Gpu, Recorder, Tensor};
 use crate::model::llama::{Input, Llama, QuantPolicy};
 use crate::model::qformer::{QFormer, QFormerConfig};
 use crate::model::vit::{Vit, VitConfig};
+use crate::package::PackageConfig;
 use crate::quant::DType;
 use crate::synthetic::{self, fill_random, llm_config, tensors as synthetic_tensors};
 
@@ -29,7 +34,8 @@ pub struct BenchArgs {
     /// Small shapes and few runs (CI).
     pub tiny: bool,
     pub runs: usize,
-    /// `vicuna0-7b` or `vicuna0-13b`: the end-to-end part; `None` skips it.
+    /// `vicuna0-7b`, `vicuna0-13b` or `vit-g` (the image encode alone): the end-to-end part;
+    /// `None` skips it.
     pub synthetic: Option<String>,
     /// LLM and ViT layers for the synthetic model (default: all).
     pub layers: Option<usize>,
@@ -38,7 +44,14 @@ pub struct BenchArgs {
     pub parts: Vec<String>,
     /// A LLaMA model (GGUF or HF directory) to measure decode on, against the GEMV prediction.
     pub llm: Option<std::path::PathBuf>,
+    /// A model package to measure end to end, as `chat` runs it.
+    pub model: Option<std::path::PathBuf>,
 }
+
+/// The synthetic models of `--synthetic`: the LLMs (image encode, prefill, decode) and the
+/// image encoder alone.
+pub const SYNTHETIC: [&str; 3] = ["vicuna0-7b", "vicuna0-13b", VIT_G];
+const VIT_G: &str = "vit-g";
 
 /// Every part of the report, in order. `decode` (the synthetic LLM's decode alone, the same
 /// code as the page's `MiniGPT4.benchDecode`) runs only when asked for.
@@ -365,7 +378,6 @@ fn gemm_form_name(v: &Value) -> String {
 }
 
 fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
-    let mut llm_cfg = llm_config(name, a.tiny)?;
     let (mut vit_cfg, mut qf_cfg) = (VitConfig::eva_vit_g(224), QFormerConfig::blip2());
     if a.tiny {
         vit_cfg = VitConfig {
@@ -389,29 +401,36 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
             eps: 1e-12,
         };
     }
-    if let Some(l) = a.layers {
-        llm_cfg.layers = l.min(llm_cfg.layers).max(1);
-        vit_cfg.layers = l.min(vit_cfg.layers).max(1);
-    }
-    let (ctx_short, ctx_long) = if a.tiny { (16, 48) } else { (128, 1024) };
+    let layers = |all: usize| a.layers.map_or(all, |l| l.clamp(1, all));
+    vit_cfg.layers = layers(vit_cfg.layers);
+    let llm_cfg = match name {
+        VIT_G => None,
+        _ => {
+            let mut c = llm_config(name, a.tiny)?;
+            c.layers = layers(c.layers);
+            Some(c)
+        }
+    };
+    let (ctx_short, ctx_long) = decode_contexts(a, usize::MAX);
     let policy = QuantPolicy::for_linear(a.quant);
     let vision_dtype = DType::F16;
     let mut specs = Vit::specs(&vit_cfg, vision_dtype)?;
     specs.extend(QFormer::specs(&qf_cfg, vision_dtype)?);
-    specs.extend(Llama::specs(&llm_cfg, policy));
+    if let Some(c) = &llm_cfg {
+        specs.extend(Llama::specs(c, policy));
+    }
     eprintln!("bench: end to end, synthetic {name}");
     let t_load = Instant::now();
     let (mut tensors, weight_bytes) = synthetic_tensors(gpu, &specs)?;
     let vit = Vit::build(&vit_cfg, &mut tensors)?;
     let qf = QFormer::build(&qf_cfg, &mut tensors)?;
     let ctx = ctx_long + 64;
-    let mut llm = Llama::build(gpu, &llm_cfg, policy, &mut tensors, ctx)?;
+    let llm = match &llm_cfg {
+        Some(c) => Some(Llama::build(gpu, c, policy, &mut tensors, ctx)?),
+        None => None,
+    };
     gpu.wait();
     let load_s = t_load.elapsed().as_secs_f64();
-    let kv_bytes = policy
-        .kv_dtype()
-        .bytes(2 * llm_cfg.layers * ctx * llm_cfg.kv_heads * llm_cfg.head_dim)
-        as u64;
 
     // image encode: ViT + Q-Former
     let s = vit_cfg.image_size;
@@ -431,6 +450,18 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         Ok(())
     })?;
     print_profile_per(1, "image");
+    let (Some(mut llm), Some(llm_cfg)) = (llm, llm_cfg) else {
+        return Ok(json!({
+            "model": name, "vit_layers": vit_cfg.layers, "vision_quant": vision_dtype.name(),
+            "image_size": vit_cfg.image_size, "load_s": load_s,
+            "image_encode_ms": encode.0 * 1e3, "image_encode": stats(encode),
+            "gpu_memory_bytes": {"weights": weight_bytes, "total": weight_bytes},
+        }));
+    };
+    let kv_bytes = policy
+        .kv_dtype()
+        .bytes(2 * llm_cfg.layers * ctx * llm_cfg.kv_heads * llm_cfg.head_dim)
+        as u64;
 
     // prefill of a MiniGPT-4-sized prompt (text + 32 image rows), then decode
     let prompt: Vec<u32> = (0..if a.tiny { 12 } else { 98 })
@@ -541,8 +572,10 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     eprintln!("bench: decode on {}", path.display());
     let (cfg, files) = LlamaFiles::open(path)?;
     let policy = QuantPolicy::for_linear(a.quant);
-    let ctx_long = if a.tiny { 48 } else { 1024 };
+    // (the model's own limit on positions may shorten them)
+    let (_, ctx_long) = decode_contexts(a, usize::MAX);
     let mut llm = Llama::load(gpu, &cfg, &files, policy, ctx_long + 64)?;
+    let (ctx_short, ctx_long) = decode_contexts(a, llm.ctx);
     let rate = |dtype: &str| -> Option<f64> {
         let mut v: Vec<f64> = gemv
             .as_array()?
@@ -577,7 +610,6 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         Ok(())
     })?;
     print_profile_per(1, "prefill");
-    let ctx_short = if a.tiny { 16 } else { 128 };
     let short = decode_at(gpu, a, &mut llm, ctx_short, true, false)?;
     print_profile(decode_steps(a));
     // the same with each token read back before the next is submitted: what overlapping the
@@ -609,6 +641,82 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     }))
 }
 
+/// The two contexts decode is timed at (128 and 1024 tokens, 16 and 48 in tiny mode), within a
+/// model's context of `ctx` positions, where the timed steps must fit after them.
+fn decode_contexts(a: &BenchArgs, ctx: usize) -> (usize, usize) {
+    let room = ctx.saturating_sub(decode_steps(a) + 2).max(1);
+    let (short, long) = if a.tiny { (16, 48) } else { (128, 1024) };
+    (short.min(room), long.min(room))
+}
+
+/// End to end on a model package, as `chat` runs it (`chat`'s context, its tuning, the
+/// variant's own template and sampling): the image encode of a (blank) image, the prefill of a
+/// first turn about it (splicing its rows into the prompt, then the forward), decode at two
+/// contexts (greedy, and the demo's sampling), time to first token, GPU memory.
+fn package_e2e(
+    gpu: &Gpu,
+    a: &BenchArgs,
+    dir: &std::path::Path,
+    config: &PackageConfig,
+) -> Result<Value> {
+    use crate::chat::Conversation;
+    eprintln!("bench: end to end on the package {}", dir.display());
+    let t_load = Instant::now();
+    let mut m = crate::package::load(gpu, dir, 2048)?;
+    gpu.wait();
+    let load_s = t_load.elapsed().as_secs_f64();
+    let weight_bytes: u64 = config.specs()?.iter().map(|t| t.gpu_bytes()).sum();
+    let (_, kv_bytes, _) = Llama::memory(&m.llm.cfg, config.formats().llm, m.llm.ctx);
+
+    let s = m.vit.cfg.image_size;
+    let pixels = vec![0f32; 3 * s * s];
+    // the warm-up run tunes the image half's GEMM shapes where the device tunes per shape
+    let encode = time(a.runs, || {
+        let _ = crate::gpu::recorder::profile::take();
+        pollster::block_on(m.encode_image(gpu, &pixels))?;
+        gpu.wait();
+        Ok(())
+    })?;
+    print_profile_per(1, "image");
+    let image = pollster::block_on(m.encode_image(gpu, &pixels))?;
+    let mut conv = Conversation::new(m.variant);
+    conv.add_image();
+    conv.ask("Describe this image in detail.");
+    let segments = m.segment_ids(&conv.prompt())?;
+    let images = vec![&image; segments.len() - 1];
+    let vocab = m.llm.cfg.vocab;
+    let mut rows = 0;
+    let prefill = time(a.runs, || {
+        let spliced = pollster::block_on(m.splice(gpu, &segments, &images, usize::MAX))?;
+        rows = spliced.rows();
+        m.llm.reset();
+        pollster::block_on(m.llm.forward_argmax(gpu, Input::Embeds(&spliced), vocab))?;
+        Ok(())
+    })?;
+    let (ctx_short, ctx_long) = decode_contexts(a, m.llm.ctx);
+    let short = decode_at(gpu, a, &mut m.llm, ctx_short, true, false)?;
+    let sampled = decode_at(gpu, a, &mut m.llm, ctx_short, true, true)?;
+    let long = decode_at(gpu, a, &mut m.llm, ctx_long, true, false)?;
+    let formats = config.formats();
+    Ok(json!({
+        "model": dir.display().to_string(), "variant": m.label,
+        "llm_layers": m.llm.cfg.layers, "vit_layers": m.vit.cfg.layers,
+        "image_size": s, "vision_quant": formats.vision.name(),
+        "llm_quant": formats.llm.linear.name(), "load_s": load_s,
+        "image_encode_ms": encode.0 * 1e3, "image_encode": stats(encode),
+        "prefill_tokens": rows, "prefill_tok_per_s": rows as f64 / prefill.0,
+        "prefill": stats(prefill),
+        "decode_tok_per_s_ctx_short": 1.0 / short.0, "ctx_short": ctx_short,
+        "decode_short": stats(short),
+        "decode_tok_per_s_ctx_short_sampled": 1.0 / sampled.0,
+        "decode_short_sampled": stats(sampled),
+        "decode_tok_per_s_ctx_long": 1.0 / long.0, "ctx_long": ctx_long,
+        "decode_long": stats(long),
+        "time_to_first_token_s": encode.0 + prefill.0,
+        "gpu_memory_bytes": {"weights": weight_bytes, "kv_cache": kv_bytes, "total": weight_bytes + kv_bytes},
+    }))
+}
+
 /// Runs the chosen parts; returns the JSON report.
 pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     for p in &a.parts {
@@ -618,6 +726,24 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
                 msg: format!("expected some of {}, found '{p}'", PARTS.join(",")),
             });
         }
+    }
+    // names checked before minutes of other parts
+    if let Some(s) = a.synthetic.as_deref().filter(|s| !SYNTHETIC.contains(s)) {
+        return Err(crate::Error::InvalidOption {
+            name: "--synthetic".into(),
+            msg: format!("expected one of {}, found '{s}'", SYNTHETIC.join(", ")),
+        });
+    }
+    let package = a
+        .model
+        .as_deref()
+        .map(crate::package::read_config)
+        .transpose()?;
+    if a.synthetic.as_deref() == Some(VIT_G) && a.parts.iter().any(|p| p == "decode") {
+        return Err(crate::Error::InvalidOption {
+            name: "--parts".into(),
+            msg: "decode needs a synthetic LLM (vicuna0-7b or vicuna0-13b), found vit-g".into(),
+        });
     }
     let want = |p: &str| a.parts.is_empty() || a.parts.iter().any(|q| q == p);
     let copy = copy_bandwidth(gpu, a)?;
@@ -680,6 +806,11 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     if let Some(p) = &a.llm {
         if want("e2e") {
             report["llm_decode"] = llm_decode(gpu, a, p, &report["gemv"])?;
+        }
+    }
+    if let (Some(p), Some(c)) = (&a.model, &package) {
+        if want("e2e") {
+            report["package"] = package_e2e(gpu, a, p, c)?;
         }
     }
     report["kernel_clock"] = kernel_clock(gpu).into();
@@ -819,7 +950,17 @@ pub fn human(r: &Value) -> String {
             );
         }
     }
-    if let Some(e) = r.get("end_to_end") {
+    if let Some(e) = r.get("end_to_end").filter(|e| e["llm_layers"].is_null()) {
+        s += &format!(
+            "\nimage encode ({}, {} layers, {} px, {}): {:.1} ms\n  GPU memory {:.2} GiB\n",
+            e["model"].as_str().unwrap_or(""),
+            e["vit_layers"],
+            e["image_size"],
+            e["vision_quant"].as_str().unwrap_or(""),
+            e["image_encode_ms"].as_f64().unwrap_or(0.0),
+            e["gpu_memory_bytes"]["total"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+        );
+    } else if let Some(e) = r.get("end_to_end") {
         s += &format!(
             "\nend to end ({}, {} LLM layers, {} ViT layers, LLM {}):\n  image encode {:.1} ms\n  prefill {:.1} tok/s ({} tokens)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
             e["model"].as_str().unwrap_or(""),
@@ -867,6 +1008,31 @@ pub fn human(r: &Value) -> String {
             d["decode_tok_per_s_sampled_waiting"].as_f64().unwrap_or(0.0),
         );
     }
+    if let Some(e) = r.get("package") {
+        let gib = |k: &str| e["gpu_memory_bytes"][k].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+        s += &format!(
+            "\nend to end on {} ({}, {} LLM layers {}, {} ViT layers {}):\n  image encode {:.1} ms\n  prefill {:.1} tok/s ({} rows: a first turn with the image)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}; sampled (the demo's settings) {:.2} tok/s at {}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
+            e["model"].as_str().unwrap_or(""),
+            e["variant"].as_str().unwrap_or(""),
+            e["llm_layers"],
+            e["llm_quant"].as_str().unwrap_or(""),
+            e["vit_layers"],
+            e["vision_quant"].as_str().unwrap_or(""),
+            e["image_encode_ms"].as_f64().unwrap_or(0.0),
+            e["prefill_tok_per_s"].as_f64().unwrap_or(0.0),
+            e["prefill_tokens"],
+            e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
+            e["ctx_short"],
+            e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
+            e["ctx_long"],
+            e["decode_tok_per_s_ctx_short_sampled"].as_f64().unwrap_or(0.0),
+            e["ctx_short"],
+            e["time_to_first_token_s"].as_f64().unwrap_or(0.0),
+            gib("total"),
+            gib("weights"),
+            gib("kv_cache"),
+        );
+    }
     if let Some(e) = r.get("llm_decode") {
         s += &format!(
             "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n  {:.1} tok/s at context {} reading each token back before submitting the next\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU): {:.1} tok/s; {:.1} tok/s reading each token back\n  prefill of {} tokens: {:.1} tok/s\n",
@@ -888,4 +1054,31 @@ pub fn human(r: &Value) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_contexts_fit_the_model_with_the_timed_steps() {
+        let mut a = BenchArgs {
+            tiny: false,
+            runs: 1,
+            synthetic: None,
+            layers: None,
+            quant: DType::Q4,
+            parts: Vec::new(),
+            llm: None,
+            model: None,
+        };
+        assert_eq!(decode_contexts(&a, 2048), (128, 1024));
+        // 16 timed steps and the step before them after the context
+        assert_eq!(decode_contexts(&a, 256), (128, 238));
+        assert_eq!(decode_contexts(&a, 100), (82, 82));
+        assert_eq!(decode_contexts(&a, 3), (1, 1));
+        a.tiny = true;
+        assert_eq!(decode_contexts(&a, 2048), (16, 48));
+        assert_eq!(decode_contexts(&a, 40), (16, 34));
+    }
 }

@@ -138,7 +138,8 @@ enum Cmd {
         /// Timed runs per measurement (median, min, max are reported)
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// End to end on random weights at the real dimensions: vicuna0-7b or vicuna0-13b
+        /// End to end on random weights at the real dimensions: vicuna0-7b or vicuna0-13b (image
+        /// encode, prefill, decode), or vit-g (the image encode alone: EVA ViT-g and Q-Former)
         #[arg(long)]
         synthetic: Option<String>,
         /// Layers of the synthetic LLM and ViT (default: all)
@@ -158,6 +159,10 @@ enum Cmd {
         /// prediction for its bytes per token
         #[arg(long)]
         llm: Option<PathBuf>,
+        /// End to end on a model package, as `chat` runs it: image encode, prefill of a first
+        /// turn with the image, decode, time to first token, GPU memory
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -867,6 +872,7 @@ fn main() -> ExitCode {
             json,
             parts,
             llm,
+            model,
             gpu,
         } => (|| -> anyhow::Result<()> {
             let g = open_gpu(gpu)?;
@@ -880,6 +886,7 @@ fn main() -> ExitCode {
                     quant: DType::parse(quant)?,
                     parts: parts.clone(),
                     llm: llm.clone(),
+                    model: model.clone(),
                 },
             )?;
             if *json {

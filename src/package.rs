@@ -808,9 +808,8 @@ mod native {
         std::fs::read(path).map_err(|e| Error::io(path.display(), e))
     }
 
-    /// Loads a package directory: config, manifest and every shard header are checked before
-    /// the first upload, then the shards are streamed to the GPU in 8 MiB reads.
-    pub fn load(gpu: &Gpu, dir: &Path, ctx: usize) -> Result<MiniGpt4> {
+    /// The checked `config.json` of the package directory `dir`.
+    pub fn read_config(dir: &Path) -> Result<PackageConfig> {
         let shown = dir.display().to_string();
         if !dir.join(CONFIG_FILE).is_file() {
             return Err(Error::format(
@@ -818,10 +817,17 @@ mod native {
                 format!("not a model package: no {CONFIG_FILE} (make one with `minigpt4 convert`; an unfinished conversion leaves a `.partial` directory)"),
             ));
         }
-        let config = PackageConfig::parse(
+        PackageConfig::parse(
             &format!("{shown}/{CONFIG_FILE}"),
             &read(&dir.join(CONFIG_FILE))?,
-        )?;
+        )
+    }
+
+    /// Loads a package directory: config, manifest and every shard header are checked before
+    /// the first upload, then the shards are streamed to the GPU in 8 MiB reads.
+    pub fn load(gpu: &Gpu, dir: &Path, ctx: usize) -> Result<MiniGpt4> {
+        let shown = dir.display().to_string();
+        let config = read_config(dir)?;
         let checked = Checked::with_config(&shown, config, &read(&dir.join(INDEX_FILE))?)?;
         // every shard header against the manifest, before any GPU work
         let expected = checked.entries();
@@ -1096,7 +1102,7 @@ mod native {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-pub use native::{load, write, PackageWriter};
+pub use native::{load, read_config, write, PackageWriter};
 
 #[cfg(test)]
 mod tests {

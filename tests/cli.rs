@@ -891,6 +891,89 @@ fn bench_decode_part_alone() {
     );
 }
 
+/// `bench --model PKG` measures a package end to end as chat runs it: the image encode, a
+/// first turn's prefill with the image's rows spliced in, decode within the package's context,
+/// time to first token and GPU memory. `--synthetic vit-g` is the image encode alone. Bad
+/// names and paths are errors before any part runs.
+#[test]
+fn bench_end_to_end_on_a_package_and_on_the_image_encoder_alone() {
+    let pkg = fixture_path("tests/fixtures/minigpt4/vicuna0_tiny_pkg");
+    let base = ["bench", "--tiny", "--runs", "1", "--parts", "e2e"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        minigpt4(&args)
+    };
+    let pos = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite());
+    let (ok, out, err) = with(&["--model", &pkg, "--json"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let e = &r["package"];
+    for k in [
+        "image_encode_ms",
+        "prefill_tok_per_s",
+        "decode_tok_per_s_ctx_short",
+        "decode_tok_per_s_ctx_short_sampled",
+        "decode_tok_per_s_ctx_long",
+        "time_to_first_token_s",
+    ] {
+        assert!(pos(&e[k]), "{k}: {e}");
+    }
+    assert_eq!(e["variant"], "vicuna0", "{e}");
+    // the tiny package: 2 LLM layers, 3 ViT layers; its 8 image rows and the template's text
+    assert_eq!(
+        (e["llm_layers"].as_u64(), e["vit_layers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert!(e["prefill_tokens"].as_u64().unwrap() > 40, "{e}");
+    assert_eq!(
+        (e["ctx_short"].as_u64(), e["ctx_long"].as_u64()),
+        (Some(16), Some(48))
+    );
+    let mem = &e["gpu_memory_bytes"];
+    assert!(pos(&mem["weights"]) && pos(&mem["kv_cache"]), "{mem}");
+    assert_eq!(
+        mem["total"].as_u64(),
+        Some(mem["weights"].as_u64().unwrap() + mem["kv_cache"].as_u64().unwrap())
+    );
+    let (ok, out, err) = with(&["--model", &pkg]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("end to end on") && out.contains("time to first token"),
+        "{out}"
+    );
+
+    let (ok, out, err) = with(&["--synthetic", "vit-g", "--json"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let e = &r["end_to_end"];
+    assert!(
+        pos(&e["image_encode_ms"]) && pos(&e["gpu_memory_bytes"]["total"]),
+        "{e}"
+    );
+    assert!(
+        e.get("decode_tok_per_s_ctx_short").is_none() && e["llm_layers"].is_null(),
+        "{e}"
+    );
+    let (ok, out, err) = with(&["--synthetic", "vit-g"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("image encode (vit-g"), "{out}");
+
+    // errors name what is wrong, before the copy kernel is measured
+    for (args, want) in [
+        (vec!["--synthetic", "vit-x"], "vit-x"),
+        (vec!["--synthetic", "vit-g", "--parts", "decode"], "decode"),
+        (vec!["--model", "/nonexistent/pkg"], "/nonexistent/pkg"),
+    ] {
+        let (ok, _, err) = with(&args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(
+            !err.contains("bench: copy") && !err.contains("bench: block GEMV"),
+            "{err}"
+        );
+    }
+}
+
 /// An unknown `MINIGPT4_LOG` level is named in a warning, and the command still runs.
 #[test]
 fn an_unknown_log_level_is_a_warning() {
