@@ -843,6 +843,35 @@ fn lanes_name(v: &Value) -> String {
     }
 }
 
+/// The lines of an end-to-end report (synthetic or a package's) for humans: image encode,
+/// prefill, decode (and sampled decode where measured), time to first token, GPU memory.
+fn end_to_end_lines(e: &Value) -> String {
+    let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
+    let gib = |k: &str| e["gpu_memory_bytes"][k].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+    let sampled = match e.get("decode_tok_per_s_ctx_short_sampled") {
+        Some(v) => format!(
+            "; sampled (the demo's settings) {:.2} tok/s at {}",
+            v.as_f64().unwrap_or(0.0),
+            e["ctx_short"]
+        ),
+        None => String::new(),
+    };
+    format!(
+        "  image encode {:.1} ms\n  prefill {:.1} tok/s ({} tokens)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}{sampled}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
+        f("image_encode_ms"),
+        f("prefill_tok_per_s"),
+        e["prefill_tokens"],
+        f("decode_tok_per_s_ctx_short"),
+        e["ctx_short"],
+        f("decode_tok_per_s_ctx_long"),
+        e["ctx_long"],
+        f("time_to_first_token_s"),
+        gib("total"),
+        gib("weights"),
+        gib("kv_cache"),
+    )
+}
+
 /// The report as a table for humans.
 pub fn human(r: &Value) -> String {
     let mut s = format!(
@@ -962,22 +991,12 @@ pub fn human(r: &Value) -> String {
         );
     } else if let Some(e) = r.get("end_to_end") {
         s += &format!(
-            "\nend to end ({}, {} LLM layers, {} ViT layers, LLM {}):\n  image encode {:.1} ms\n  prefill {:.1} tok/s ({} tokens)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
+            "\nend to end ({}, {} LLM layers, {} ViT layers, LLM {}):\n{}",
             e["model"].as_str().unwrap_or(""),
             e["llm_layers"],
             e["vit_layers"],
             e["llm_quant"].as_str().unwrap_or(""),
-            e["image_encode_ms"].as_f64().unwrap_or(0.0),
-            e["prefill_tok_per_s"].as_f64().unwrap_or(0.0),
-            e["prefill_tokens"],
-            e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
-            e["ctx_short"],
-            e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
-            e["ctx_long"],
-            e["time_to_first_token_s"].as_f64().unwrap_or(0.0),
-            e["gpu_memory_bytes"]["total"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
-            e["gpu_memory_bytes"]["weights"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
-            e["gpu_memory_bytes"]["kv_cache"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+            end_to_end_lines(e)
         );
     }
     for m in r["llm_memory"].as_array().into_iter().flatten() {
@@ -1009,28 +1028,15 @@ pub fn human(r: &Value) -> String {
         );
     }
     if let Some(e) = r.get("package") {
-        let gib = |k: &str| e["gpu_memory_bytes"][k].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
         s += &format!(
-            "\nend to end on {} ({}, {} LLM layers {}, {} ViT layers {}):\n  image encode {:.1} ms\n  prefill {:.1} tok/s ({} rows: a first turn with the image)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}; sampled (the demo's settings) {:.2} tok/s at {}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
+            "\nend to end on {} ({}, {} LLM layers {}, {} ViT layers {}; a first turn with the image):\n{}",
             e["model"].as_str().unwrap_or(""),
             e["variant"].as_str().unwrap_or(""),
             e["llm_layers"],
             e["llm_quant"].as_str().unwrap_or(""),
             e["vit_layers"],
             e["vision_quant"].as_str().unwrap_or(""),
-            e["image_encode_ms"].as_f64().unwrap_or(0.0),
-            e["prefill_tok_per_s"].as_f64().unwrap_or(0.0),
-            e["prefill_tokens"],
-            e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
-            e["ctx_short"],
-            e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
-            e["ctx_long"],
-            e["decode_tok_per_s_ctx_short_sampled"].as_f64().unwrap_or(0.0),
-            e["ctx_short"],
-            e["time_to_first_token_s"].as_f64().unwrap_or(0.0),
-            gib("total"),
-            gib("weights"),
-            gib("kv_cache"),
+            end_to_end_lines(e)
         );
     }
     if let Some(e) = r.get("llm_decode") {
