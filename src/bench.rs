@@ -588,15 +588,22 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     };
     let (mut bytes, mut predicted_s) = (0u64, 0f64);
     let mut by_dtype = serde_json::Map::new();
+    // formats of matrices this run has no GEMV rate for (all of them without the gemv part)
+    let mut unrated = std::collections::BTreeSet::new();
     for t in llm.decode_matrices() {
         let b = t.dtype.bytes(t.numel()) as u64;
         bytes += b;
         let e = by_dtype.entry(t.dtype.name()).or_insert(json!(0u64));
         *e = json!(e.as_u64().unwrap_or(0) + b);
-        if let Some(r) = rate(t.dtype.name()) {
-            predicted_s += b as f64 / (r * 1e9);
+        match rate(t.dtype.name()) {
+            Some(r) => predicted_s += b as f64 / (r * 1e9),
+            None => {
+                unrated.insert(t.dtype.name());
+            }
         }
     }
+    // a prediction only from a rate for every byte
+    let predicted_s = Some(predicted_s).filter(|&p| unrated.is_empty() && p > 0.0);
     // prefill of a MiniGPT-4-sized prompt (a first turn: text and 32 image rows); the
     // warm-up run tunes the model's shapes
     let prompt: Vec<u32> = (0..98.min(llm.ctx))
@@ -619,15 +626,11 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     let sampled = decode_at(gpu, a, &mut llm, ctx_short, true, true)?;
     let sampled_waiting = decode_at(gpu, a, &mut llm, ctx_short, false, true)?;
     let long = decode_at(gpu, a, &mut llm, ctx_long, true, false)?;
-    let predicted = if predicted_s > 0.0 {
-        1.0 / predicted_s
-    } else {
-        0.0
-    };
     Ok(json!({
         "model": path.display().to_string(), "layers": cfg.layers, "hidden": cfg.hidden,
         "weight_bytes_per_token": bytes, "bytes_by_dtype": by_dtype,
-        "predicted_tok_per_s": predicted,
+        "predicted_tok_per_s": predicted_s.map(|p| 1.0 / p),
+        "unrated_dtypes": unrated.into_iter().collect::<Vec<_>>(),
         "prefill_tokens": prompt.len(), "prefill_tok_per_s": prompt.len() as f64 / prefill.0,
         "prefill": stats(prefill),
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "decode_short": stats(short),
@@ -637,7 +640,7 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         "decode_short_sampled_waiting": stats(sampled_waiting),
         "decode_tok_per_s_ctx_long": 1.0 / long.0, "decode_long": stats(long),
         "ctx_short": ctx_short, "ctx_long": ctx_long,
-        "percent_of_prediction": 100.0 * predicted_s / short.0,
+        "percent_of_prediction": predicted_s.map(|p| 100.0 * p / short.0),
     }))
 }
 
@@ -1040,15 +1043,35 @@ pub fn human(r: &Value) -> String {
         );
     }
     if let Some(e) = r.get("llm_decode") {
+        let (prediction, against) = match (
+            e["predicted_tok_per_s"].as_f64(),
+            e["percent_of_prediction"].as_f64(),
+        ) {
+            (Some(p), Some(pc)) => (
+                format!("the GEMV rates predict {p:.1} tok/s"),
+                format!(" ({pc:.0} % of the prediction)"),
+            ),
+            _ => (
+                format!(
+                    "no prediction: this run has no GEMV rate for {} (run the gemv part too)",
+                    e["unrated_dtypes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|d| d.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                String::new(),
+            ),
+        };
         s += &format!(
-            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; the GEMV rates predict {:.1} tok/s\n  measured {:.1} tok/s at context {} ({:.0} % of the prediction), {:.1} tok/s at {}\n  {:.1} tok/s at context {} reading each token back before submitting the next\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU): {:.1} tok/s; {:.1} tok/s reading each token back\n  prefill of {} tokens: {:.1} tok/s\n",
+            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; {prediction}\n  measured {:.1} tok/s at context {}{against}, {:.1} tok/s at {}\n  {:.1} tok/s at context {} reading each token back before submitting the next\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU): {:.1} tok/s; {:.1} tok/s reading each token back\n  prefill of {} tokens: {:.1} tok/s\n",
             e["model"].as_str().unwrap_or(""),
             e["layers"],
             e["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
-            e["predicted_tok_per_s"].as_f64().unwrap_or(0.0),
             e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
             e["ctx_short"],
-            e["percent_of_prediction"].as_f64().unwrap_or(0.0),
             e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
             e["ctx_long"],
             e["decode_tok_per_s_ctx_short_waiting"].as_f64().unwrap_or(0.0),

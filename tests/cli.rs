@@ -608,11 +608,13 @@ fn bench_tiny_reports_every_part() {
     assert!(pos(&f["fused_s"]) && pos(&f["separate_s"]), "{f}");
     assert!(f["chosen"].is_boolean(), "{f}");
     assert!(lanes.iter().any(|&l| r["gemv_lanes"]["chosen"] == l));
-    // decode on a real (tiny) LLaMA next to its GEMV prediction
+    // decode on a real (tiny) LLaMA next to its GEMV prediction, every format rated
     let l = &r["llm_decode"];
+    assert_eq!(l["unrated_dtypes"], serde_json::json!([]), "{l}");
     for k in [
         "weight_bytes_per_token",
         "predicted_tok_per_s",
+        "percent_of_prediction",
         "decode_tok_per_s_ctx_short",
         "decode_tok_per_s_ctx_short_waiting",
         "decode_tok_per_s_ctx_short_sampled",
@@ -958,6 +960,25 @@ fn bench_end_to_end_on_a_package_and_on_the_image_encoder_alone() {
     let (ok, out, err) = with(&["--synthetic", "vit-g"]);
     assert!(ok, "{err}");
     assert!(out.contains("image encode (vit-g"), "{out}");
+
+    // decode on a LLaMA without the gemv part: no GEMV rates, so no prediction (not 0)
+    let llm = fixture_path("tests/fixtures/llama/mha_untied_hd64");
+    let (ok, out, err) = with(&["--llm", &llm, "--json"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let l = &r["llm_decode"];
+    assert!(
+        l["predicted_tok_per_s"].is_null() && l["percent_of_prediction"].is_null(),
+        "{l}"
+    );
+    assert!(!l["unrated_dtypes"].as_array().unwrap().is_empty(), "{l}");
+    assert!(pos(&l["decode_tok_per_s_ctx_short"]), "{l}");
+    let (ok, out, err) = with(&["--llm", &llm]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("no prediction: this run has no GEMV rate for q"),
+        "{out}"
+    );
 
     // errors name what is wrong, before the copy kernel is measured
     for (args, want) in [
