@@ -472,8 +472,9 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&prompt), llm_cfg.vocab))?;
         Ok(())
     })?;
-    let short = decode_at(gpu, a, &mut llm, ctx_short, true, false)?;
-    let long = decode_at(gpu, a, &mut llm, ctx_long, true, false)?;
+    let ahead = gpu.submits_ahead()?;
+    let short = decode_at(gpu, a, &mut llm, ctx_short, ahead, false)?;
+    let long = decode_at(gpu, a, &mut llm, ctx_long, ahead, false)?;
     let ttft = encode.0 + prefill.0;
     Ok(json!({
         "model": name, "llm_layers": llm_cfg.layers, "vit_layers": vit_cfg.layers,
@@ -482,6 +483,7 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         "image_encode_ms": encode.0 * 1e3, "image_encode": stats(encode),
         "prefill_tokens": prompt.len(), "prefill_tok_per_s": prompt.len() as f64 / prefill.0,
         "prefill": stats(prefill),
+        "submits_ahead": ahead,
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "ctx_short": ctx_short,
         "decode_short": stats(short),
         "decode_tok_per_s_ctx_long": 1.0 / long.0, "ctx_long": ctx_long,
@@ -617,15 +619,29 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         Ok(())
     })?;
     print_profile_per(1, "prefill");
-    let short = decode_at(gpu, a, &mut llm, ctx_short, true, false)?;
-    print_profile(decode_steps(a));
-    // the same with each token read back before the next is submitted: what overlapping the
-    // host's round trip with the GPU's work gains on this device
-    let waiting = decode_at(gpu, a, &mut llm, ctx_short, false, false)?;
-    // chat's default, the reference demo's sampling (on the GPU), both ways
-    let sampled = decode_at(gpu, a, &mut llm, ctx_short, true, true)?;
-    let sampled_waiting = decode_at(gpu, a, &mut llm, ctx_short, false, true)?;
-    let long = decode_at(gpu, a, &mut llm, ctx_long, true, false)?;
+    // decode both ways, chat's first (profiled): each token submitted ahead of the readback
+    // of the one before, and each read back before the next is submitted (what overlapping
+    // the host's round trip with the device's work gains here); [ahead, waiting]
+    let chat_ahead = gpu.submits_ahead()?;
+    let both = |llm: &mut Llama, sampled: bool| -> Result<[(f64, f64, f64); 2]> {
+        let chats = decode_at(gpu, a, llm, ctx_short, chat_ahead, sampled)?;
+        if !sampled {
+            print_profile(decode_steps(a));
+        }
+        let other = decode_at(gpu, a, llm, ctx_short, !chat_ahead, sampled)?;
+        Ok(if chat_ahead {
+            [chats, other]
+        } else {
+            [other, chats]
+        })
+    };
+    let [ahead, waiting] = both(&mut llm, false)?;
+    // chat's default, the reference demo's sampling (on the GPU)
+    let [sampled_ahead, sampled_waiting] = both(&mut llm, true)?;
+    let chats = |[ahead, waiting]: [(f64, f64, f64); 2]| if chat_ahead { ahead } else { waiting };
+    let short = chats([ahead, waiting]);
+    let sampled = chats([sampled_ahead, sampled_waiting]);
+    let long = decode_at(gpu, a, &mut llm, ctx_long, chat_ahead, false)?;
     Ok(json!({
         "model": path.display().to_string(), "layers": cfg.layers, "hidden": cfg.hidden,
         "weight_bytes_per_token": bytes, "bytes_by_dtype": by_dtype,
@@ -633,9 +649,13 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         "unrated_dtypes": unrated.into_iter().collect::<Vec<_>>(),
         "prefill_tokens": prompt.len(), "prefill_tok_per_s": prompt.len() as f64 / prefill.0,
         "prefill": stats(prefill),
+        "submits_ahead": chat_ahead,
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "decode_short": stats(short),
+        "decode_tok_per_s_ctx_short_ahead": 1.0 / ahead.0, "decode_short_ahead": stats(ahead),
         "decode_tok_per_s_ctx_short_waiting": 1.0 / waiting.0, "decode_short_waiting": stats(waiting),
         "decode_tok_per_s_ctx_short_sampled": 1.0 / sampled.0, "decode_short_sampled": stats(sampled),
+        "decode_tok_per_s_ctx_short_sampled_ahead": 1.0 / sampled_ahead.0,
+        "decode_short_sampled_ahead": stats(sampled_ahead),
         "decode_tok_per_s_ctx_short_sampled_waiting": 1.0 / sampled_waiting.0,
         "decode_short_sampled_waiting": stats(sampled_waiting),
         "decode_tok_per_s_ctx_long": 1.0 / long.0, "decode_long": stats(long),
@@ -697,9 +717,10 @@ fn package_e2e(
         Ok(())
     })?;
     let (ctx_short, ctx_long) = decode_contexts(a, m.llm.ctx);
-    let short = decode_at(gpu, a, &mut m.llm, ctx_short, true, false)?;
-    let sampled = decode_at(gpu, a, &mut m.llm, ctx_short, true, true)?;
-    let long = decode_at(gpu, a, &mut m.llm, ctx_long, true, false)?;
+    let ahead = gpu.submits_ahead()?;
+    let short = decode_at(gpu, a, &mut m.llm, ctx_short, ahead, false)?;
+    let sampled = decode_at(gpu, a, &mut m.llm, ctx_short, ahead, true)?;
+    let long = decode_at(gpu, a, &mut m.llm, ctx_long, ahead, false)?;
     let formats = config.formats();
     Ok(json!({
         "model": dir.display().to_string(), "variant": m.label,
@@ -709,6 +730,7 @@ fn package_e2e(
         "image_encode_ms": encode.0 * 1e3, "image_encode": stats(encode),
         "prefill_tokens": rows, "prefill_tok_per_s": rows as f64 / prefill.0,
         "prefill": stats(prefill),
+        "submits_ahead": ahead,
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "ctx_short": ctx_short,
         "decode_short": stats(short),
         "decode_tok_per_s_ctx_short_sampled": 1.0 / sampled.0,
@@ -859,8 +881,13 @@ fn end_to_end_lines(e: &Value) -> String {
         ),
         None => String::new(),
     };
+    let waiting = if e["submits_ahead"] == false {
+        " (each token read back before the next is submitted: a CPU device)"
+    } else {
+        ""
+    };
     format!(
-        "  image encode {:.1} ms\n  prefill {:.1} tok/s ({} tokens)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}{sampled}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
+        "  image encode {:.1} ms\n  prefill {:.1} tok/s ({} tokens)\n  decode {:.2} tok/s at context {}, {:.2} tok/s at {}{sampled}{waiting}\n  time to first token {:.2} s\n  GPU memory {:.2} GiB (weights {:.2} + KV cache {:.2})\n",
         f("image_encode_ms"),
         f("prefill_tok_per_s"),
         e["prefill_tokens"],
@@ -1065,21 +1092,27 @@ pub fn human(r: &Value) -> String {
                 String::new(),
             ),
         };
+        let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
+        let chats = if e["submits_ahead"] == true {
+            "each token submitted ahead of the readback of the one before"
+        } else {
+            "each token read back before the next is submitted (a CPU device)"
+        };
         s += &format!(
-            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; {prediction}\n  measured {:.1} tok/s at context {}{against}, {:.1} tok/s at {}\n  {:.1} tok/s at context {} reading each token back before submitting the next\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU): {:.1} tok/s; {:.1} tok/s reading each token back\n  prefill of {} tokens: {:.1} tok/s\n",
+            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; {prediction}\n  measured {:.1} tok/s at context {}{against}, {:.1} tok/s at {}, as chat runs it: {chats}\n  greedy {:.1} tok/s submitting ahead, {:.1} tok/s reading each token back first\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU) {:.1} tok/s submitting ahead, {:.1} tok/s reading each token back first\n  prefill of {} tokens: {:.1} tok/s\n",
             e["model"].as_str().unwrap_or(""),
             e["layers"],
-            e["weight_bytes_per_token"].as_f64().unwrap_or(0.0) / 1e6,
-            e["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
+            f("weight_bytes_per_token") / 1e6,
+            f("decode_tok_per_s_ctx_short"),
             e["ctx_short"],
-            e["decode_tok_per_s_ctx_long"].as_f64().unwrap_or(0.0),
+            f("decode_tok_per_s_ctx_long"),
             e["ctx_long"],
-            e["decode_tok_per_s_ctx_short_waiting"].as_f64().unwrap_or(0.0),
-            e["ctx_short"],
-            e["decode_tok_per_s_ctx_short_sampled"].as_f64().unwrap_or(0.0),
-            e["decode_tok_per_s_ctx_short_sampled_waiting"].as_f64().unwrap_or(0.0),
+            f("decode_tok_per_s_ctx_short_ahead"),
+            f("decode_tok_per_s_ctx_short_waiting"),
+            f("decode_tok_per_s_ctx_short_sampled_ahead"),
+            f("decode_tok_per_s_ctx_short_sampled_waiting"),
             e["prefill_tokens"],
-            e["prefill_tok_per_s"].as_f64().unwrap_or(0.0),
+            f("prefill_tok_per_s"),
         );
     }
     s

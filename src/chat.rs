@@ -419,9 +419,10 @@ pub async fn generate_from(
             return Ok((out, why));
         }
         if picker != Picker::Host {
-            // the GPU picks and feeds itself, a token submitted ahead of each readback: greedy,
-            // or sampled among the candidates (the host sampling the full logits with the same
-            // draw where the candidates cannot decide)
+            // the GPU picks and feeds itself, a token submitted ahead of each readback (except
+            // on a CPU device, see `Gpu::submits_ahead`): greedy, or sampled among the
+            // candidates (the host sampling the full logits with the same draw where the
+            // candidates cannot decide)
             let mut finish = Finish::MaxTokens;
             let more = stop.max_new_tokens - out.len();
             let penalized = out.clone();
@@ -432,9 +433,10 @@ pub async fn generate_from(
                 }
                 None => true,
             };
+            let ahead = gpu.submits_ahead()?;
             if picker == Picker::Argmax {
                 model
-                    .decode_greedy(gpu, next, allowed, more, true, on)
+                    .decode_greedy(gpu, next, allowed, more, ahead, on)
                     .await?;
             } else {
                 let mut draw = || rng.uniform();
@@ -443,7 +445,7 @@ pub async fn generate_from(
                     draw: &mut draw,
                 };
                 model
-                    .decode_sampled(gpu, next, allowed, more, true, &penalized, sampler, on)
+                    .decode_sampled(gpu, next, allowed, more, ahead, &penalized, sampler, on)
                     .await?;
             }
             return Ok((out, finish));

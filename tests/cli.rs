@@ -616,19 +616,32 @@ fn bench_tiny_reports_every_part() {
         "predicted_tok_per_s",
         "percent_of_prediction",
         "decode_tok_per_s_ctx_short",
+        "decode_tok_per_s_ctx_short_ahead",
         "decode_tok_per_s_ctx_short_waiting",
         "decode_tok_per_s_ctx_short_sampled",
+        "decode_tok_per_s_ctx_short_sampled_ahead",
         "decode_tok_per_s_ctx_short_sampled_waiting",
         "decode_tok_per_s_ctx_long",
         "prefill_tok_per_s",
     ] {
         assert!(pos(&l[k]), "{k}: {l}");
     }
-    // kernels timed on the GPU's own clock where the adapter has timestamp queries
+    // the headline figures are chat's way on this device: submitting ahead but on a CPU device
     let (ok, info, err) = minigpt4(&["info", "--json"]);
     assert!(ok, "{err}");
     let info: serde_json::Value = serde_json::from_str(&info).expect("JSON");
     let chosen = &info["adapters"][info["chosen"].as_u64().unwrap() as usize];
+    let ahead = chosen["device_type"] != "Cpu";
+    assert_eq!(l["submits_ahead"], ahead, "{chosen}");
+    let way = if ahead { "ahead" } else { "waiting" };
+    for k in [
+        "decode_tok_per_s_ctx_short",
+        "decode_tok_per_s_ctx_short_sampled",
+    ] {
+        assert_eq!(l[k], l[format!("{k}_{way}")], "{k}: {l}");
+    }
+    assert_eq!(r["end_to_end"]["submits_ahead"], ahead);
+    // kernels timed on the GPU's own clock where the adapter has timestamp queries
     let clock = if chosen["timestamps"] == true {
         "gpu timestamps"
     } else {
@@ -978,6 +991,20 @@ fn bench_end_to_end_on_a_package_and_on_the_image_encoder_alone() {
     assert!(
         out.contains("no prediction: this run has no GEMV rate for q"),
         "{out}"
+    );
+    // MINIGPT4_AHEAD decides whether decode submits ahead, on any device; a bad value is named
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--llm", &llm, "--json"]);
+    for v in ["0", "1"] {
+        let (ok, out, err) = minigpt4_env(&args, &[("MINIGPT4_AHEAD", v.as_ref())]);
+        assert!(ok, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(r["llm_decode"]["submits_ahead"], v == "1", "{v}");
+    }
+    let (ok, _, err) = minigpt4_env(&args, &[("MINIGPT4_AHEAD", "yes".as_ref())]);
+    assert!(
+        !ok && err.contains("MINIGPT4_AHEAD") && err.contains("'yes'"),
+        "{err}"
     );
 
     // errors name what is wrong, before the copy kernel is measured

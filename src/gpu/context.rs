@@ -624,6 +624,32 @@ impl Gpu {
         v
     }
 
+    /// Whether decode submits each token's forward before the token before it is read back
+    /// (`Llama::decode_greedy`, `Llama::decode_sampled`): it hides the round trip to a GPU and
+    /// the browser's slow readback. Not on a CPU device natively: there the device's threads
+    /// share the host's cores, with no idle time to fill, and the overlap slowed SmolLM2 on
+    /// lavapipe's 2 cores (and was even with one worker thread, `LP_NUM_THREADS=1`).
+    /// `MINIGPT4_AHEAD=0|1` decides instead (natively).
+    pub fn submits_ahead(&self) -> Result<bool> {
+        #[cfg(target_arch = "wasm32")]
+        return Ok(true);
+        #[cfg(not(target_arch = "wasm32"))]
+        match std::env::var("MINIGPT4_AHEAD")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            Some(v) => match v.as_str() {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                _ => Err(Error::InvalidOption {
+                    name: "MINIGPT4_AHEAD".into(),
+                    msg: format!("expected 0 or 1, found '{v}'"),
+                }),
+            },
+            None => Ok(self.info.device_type != wgpu::DeviceType::Cpu),
+        }
+    }
+
     /// Whether the device has timestamp queries (GPU time for `bench` and the tuning).
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
