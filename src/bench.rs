@@ -3,7 +3,8 @@
 //! - the device's own copy-kernel bandwidth (our `copy_rows` kernel), the yardstick;
 //! - GEMV (decode) GB/s and % of the copy bandwidth for q4 / q8 / f16 at the real shapes, each
 //!   run walking through enough copies of the matrix that its weights come from memory (as in
-//!   decode), not from a cache;
+//!   decode), not from a cache, and timed next to a run of the copy kernel (the percentage is
+//!   the median of the pairs' ratios);
 //! - GEMM (prefill, ViT) GFLOP/s;
 //! - end to end on synthetic weights at the real dimensions (`--synthetic vicuna0-7b|vicuna0-13b`,
 //!   `--layers N` when the machine is too small for all): ViT-g + Q-Former image encode, prefill
@@ -75,13 +76,16 @@ fn time_kernels(
     runs: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<(f64, f64, f64)> {
-    measure(runs, || {
-        let (s, on_gpu) = pollster::block_on(tune::gpu_or_wall(gpu, async { f() }))?;
-        if gpu.has_timestamps() && !on_gpu {
-            WALL_FALLBACK.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(s)
-    })
+    measure(runs, || kernel_seconds(gpu, &mut f))
+}
+
+/// One measurement of [`time_kernels`]: the seconds of the kernels `f` submits.
+fn kernel_seconds(gpu: &Gpu, f: &mut impl FnMut() -> Result<()>) -> Result<f64> {
+    let (s, on_gpu) = pollster::block_on(tune::gpu_or_wall(gpu, async { f() }))?;
+    if gpu.has_timestamps() && !on_gpu {
+        WALL_FALLBACK.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(s)
 }
 
 /// Set when a [`time_kernels`] measurement fell back to the wall clock on a device with
@@ -171,34 +175,55 @@ fn stats(v: (f64, f64, f64)) -> Value {
     json!({"median_s": v.0, "min_s": v.1, "max_s": v.2})
 }
 
-/// The copy kernel's bandwidth (bytes read + written per second): `copy.wgsl` `copy_vec4`, a
-/// contiguous vec4 copy of 128 MiB (more than any cache).
-fn copy_bandwidth(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
-    let bytes: usize = if a.tiny { 4 << 20 } else { 128 << 20 };
-    let bytes = bytes.min(gpu.max_binding as usize / 2);
-    let n = bytes / 4;
-    let src = Tensor::zeros(gpu, "copy.src", &[n])?;
-    let dst = Tensor::zeros(gpu, "copy.dst", &[n])?;
-    let reps = if a.tiny { 2 } else { 8 };
-    let vec4s = (n / 4) as u32;
-    let t = time_kernels(gpu, a.runs, || {
+/// The bandwidth yardstick: `copy.wgsl` `copy_vec4`, a contiguous vec4 copy of 128 MiB (more
+/// than any cache), `reps` times in one submit.
+struct CopyKernel {
+    src: Tensor,
+    dst: Tensor,
+    reps: usize,
+}
+
+impl CopyKernel {
+    fn new(gpu: &Gpu, a: &BenchArgs, reps: usize) -> Result<Self> {
+        let bytes: usize = if a.tiny { 4 << 20 } else { 128 << 20 };
+        let n = bytes.min(gpu.max_binding as usize / 2) / 4;
+        Ok(CopyKernel {
+            src: Tensor::zeros(gpu, "copy.src", &[n])?,
+            dst: Tensor::zeros(gpu, "copy.dst", &[n])?,
+            reps,
+        })
+    }
+
+    /// Bytes read + written by one run.
+    fn moved(&self) -> usize {
+        2 * self.src.numel() * 4 * self.reps
+    }
+
+    fn run(&self, gpu: &Gpu) -> Result<()> {
+        let vec4s = (self.src.numel() / 4) as u32;
         let mut rec = Recorder::new(gpu);
-        for _ in 0..reps {
+        for _ in 0..self.reps {
             rec.dispatch(
                 "copy",
                 "copy_vec4",
                 &[],
                 &[vec4s],
-                &[(3, src.buffer()), (4, dst.buffer())],
+                &[(3, self.src.buffer()), (4, self.dst.buffer())],
                 grid(vec4s.div_ceil(256)),
             )?;
         }
         pollster::block_on(rec.submit())?;
         gpu.wait();
         Ok(())
-    })?;
-    let moved = (2 * n * 4 * reps) as f64;
-    Ok(json!({"bytes": n * 4, "gb_per_s": moved / t.0 / 1e9, "time": stats(t)}))
+    }
+}
+
+/// The copy kernel's bandwidth (bytes read + written per second), timed on its own.
+fn copy_bandwidth(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    let copy = CopyKernel::new(gpu, a, if a.tiny { 2 } else { 8 })?;
+    let t = time_kernels(gpu, a.runs, || copy.run(gpu))?;
+    let moved = copy.moved() as f64;
+    Ok(json!({"bytes": copy.src.numel() * 4, "gb_per_s": moved / t.0 / 1e9, "time": stats(t)}))
 }
 
 fn gemv_shapes(tiny: bool) -> Vec<(usize, usize)> {
@@ -217,7 +242,11 @@ fn gemv_shapes(tiny: bool) -> Vec<(usize, usize)> {
     }
 }
 
-fn gemv(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
+/// GEMV at the real shapes, each timed run next to a run of the copy kernel (one pass over
+/// 128 MiB, about a GEMV run's bytes): `percent_of_copy` is the median of the runs' ratios, so
+/// a machine whose speed drifts during the report (a shared one) moves both sides of each.
+fn gemv(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    let copy = CopyKernel::new(gpu, a, 1)?;
     let mut out = Vec::new();
     for dtype in [DType::Q4, DType::Q4M, DType::Q8, DType::F16] {
         for (n, k) in gemv_shapes(a.tiny) {
@@ -228,7 +257,7 @@ fn gemv(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
             let y = Tensor::zeros(gpu, "gemv.y", &[1, n])?;
             // every matrix once, at least two dispatches
             let reps = ws.len().max(2);
-            let t = time_kernels(gpu, a.runs, || {
+            let mut run_gemv = || {
                 let mut rec = Recorder::new(gpu);
                 for w in ws.iter().cycle().take(reps) {
                     rec.matmul(&x, w, None, &y, false)?;
@@ -236,12 +265,30 @@ fn gemv(gpu: &Gpu, a: &BenchArgs, copy_gbs: f64) -> Result<Value> {
                 pollster::block_on(rec.submit())?;
                 gpu.wait();
                 Ok(())
-            })?;
-            let gbs = (bytes * reps) as f64 / t.0 / 1e9;
+            };
+            let mut run_copy = || copy.run(gpu);
+            let (mut tg, mut tc, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            // (a first pair unmeasured)
+            for i in 0..=a.runs.max(1) {
+                let c = kernel_seconds(gpu, &mut run_copy)?;
+                let g = kernel_seconds(gpu, &mut run_gemv)?;
+                if i > 0 {
+                    // GEMV bytes/s over copy bytes/s
+                    ratios.push(((bytes * reps) as f64 / g) / (copy.moved() as f64 / c));
+                    tg.push(g);
+                    tc.push(c);
+                }
+            }
+            let (t, c) = (synthetic::spread(tg), synthetic::spread(tc));
+            let r = synthetic::spread(ratios);
             out.push(json!({
                 "dtype": dtype.name(), "n": n, "k": k, "weight_bytes": bytes,
                 "copies": ws.len(),
-                "gb_per_s": gbs, "percent_of_copy": 100.0 * gbs / copy_gbs, "time": stats(t),
+                "gb_per_s": (bytes * reps) as f64 / t.0 / 1e9,
+                "copy_gb_per_s": copy.moved() as f64 / c.0 / 1e9,
+                "percent_of_copy": 100.0 * r.0,
+                "percent_of_copy_min": 100.0 * r.1, "percent_of_copy_max": 100.0 * r.2,
+                "time": stats(t),
             }));
         }
     }
@@ -797,7 +844,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         report["gemv_lanes"] = gemv_lanes(gpu, a, copy_gbs)?;
     }
     if want("gemv") {
-        report["gemv"] = gemv(gpu, a, copy_gbs)?;
+        report["gemv"] = gemv(gpu, a)?;
     }
     if want("gemm") {
         report["gemm"] = gemm(gpu, a)?;
@@ -905,7 +952,7 @@ fn end_to_end_lines(e: &Value) -> String {
 /// The report as a table for humans.
 pub fn human(r: &Value) -> String {
     let mut s = format!(
-        "adapter {} ({}), kernels {}, kernels timed by {}\ncopy kernel: {:.2} GB/s\n\nGEMV (decode)            GB/s   % of copy\n",
+        "adapter {} ({}), kernels {}, kernels timed by {}\ncopy kernel: {:.2} GB/s\n\nGEMV (decode)            GB/s   % of copy (each run against a copy run next to it: median, min–max)\n",
         r["adapter"].as_str().unwrap_or(""),
         r["backend"].as_str().unwrap_or(""),
         r["kernel_variant"].as_str().unwrap_or(""),
@@ -938,12 +985,14 @@ pub fn human(r: &Value) -> String {
     }
     for g in r["gemv"].as_array().into_iter().flatten() {
         s += &format!(
-            "  {:>4} {:>6}×{:<6} {:>8.2} {:>8.1} %   ({} copies, read from memory)\n",
+            "  {:>4} {:>6}×{:<6} {:>8.2} {:>8.1} % ({:.0}–{:.0})   ({} copies, read from memory)\n",
             g["dtype"].as_str().unwrap_or(""),
             g["n"],
             g["k"],
             g["gb_per_s"].as_f64().unwrap_or(0.0),
             g["percent_of_copy"].as_f64().unwrap_or(0.0),
+            g["percent_of_copy_min"].as_f64().unwrap_or(0.0),
+            g["percent_of_copy_max"].as_f64().unwrap_or(0.0),
             g["copies"]
         );
     }

@@ -627,8 +627,9 @@ impl Gpu {
     /// Whether decode submits each token's forward before the token before it is read back
     /// (`Llama::decode_greedy`, `Llama::decode_sampled`): it hides the round trip to a GPU and
     /// the browser's slow readback. Not on a CPU device natively: there the device's threads
-    /// share the host's cores, with no idle time to fill, and the overlap slowed SmolLM2 on
-    /// lavapipe's 2 cores (and was even with one worker thread, `LP_NUM_THREADS=1`).
+    /// share the host's cores, with no idle time to fill; the overlap slowed SmolLM2 on
+    /// lavapipe's 2 cores by 14–47 % in 5 of 8 runs and was even in the rest (and with one
+    /// worker thread, `LP_NUM_THREADS=1`).
     /// `MINIGPT4_AHEAD=0|1` decides instead (natively).
     pub fn submits_ahead(&self) -> Result<bool> {
         #[cfg(target_arch = "wasm32")]
