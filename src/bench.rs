@@ -505,10 +505,7 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
             "gpu_memory_bytes": {"weights": weight_bytes, "total": weight_bytes},
         }));
     };
-    let kv_bytes = policy
-        .kv_dtype()
-        .bytes(2 * llm_cfg.layers * ctx * llm_cfg.kv_heads * llm_cfg.head_dim)
-        as u64;
+    let (_, kv_bytes, _) = Llama::memory(&llm_cfg, policy, ctx);
 
     // prefill of a MiniGPT-4-sized prompt (text + 32 image rows), then decode
     let prompt: Vec<u32> = (0..if a.tiny { 12 } else { 98 })
