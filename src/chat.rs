@@ -377,7 +377,10 @@ pub async fn generate_from(
             });
         }
         let mut rng = Rng::new(sampling.seed);
-        let picker = Picker::for_sampling(sampling);
+        let picker = match Picker::for_sampling(sampling) {
+            Picker::TopK if !gpu.samples_on_gpu()? => Picker::Host,
+            p => p,
+        };
         let inputs: Vec<Input> = match prompt {
             Prompt::Ids(ids) => ids.chunks(PREFILL_CHUNK).map(Input::Ids).collect(),
             Prompt::Embeds(e) => vec![Input::Embeds(e)],
@@ -481,8 +484,9 @@ pub async fn generate_from(
 pub enum Picker {
     /// Greedy without a penalty: the GPU's argmax (4 bytes read back).
     Argmax,
-    /// Sampling with a top-k below [`TOPK_KEEP`]: the GPU ranks (with the penalty) and returns
-    /// 64 candidates; the host samples among them exactly as from the full logits.
+    /// Sampling with a top-k below [`TOPK_KEEP`], or greedy with a repetition penalty: the GPU
+    /// ranks (with the penalty) and returns 64 candidates; the host samples among them (or
+    /// takes the best) exactly as from the full logits.
     TopK,
     /// Everything else: the logits are read back and sampled on the host.
     Host,
@@ -492,7 +496,7 @@ impl Picker {
     pub fn for_sampling(s: &Sampling) -> Picker {
         if s.greedy && s.repetition_penalty == 1.0 {
             Picker::Argmax
-        } else if !s.greedy && s.top_k > 0 && s.top_k < TOPK_KEEP {
+        } else if s.greedy || (s.top_k > 0 && s.top_k < TOPK_KEEP) {
             Picker::TopK
         } else {
             Picker::Host
@@ -518,8 +522,9 @@ impl Picker {
                 let cands = model
                     .forward_topk(gpu, input, allowed, out, s.repetition_penalty)
                     .await?;
-                // one draw, from the candidates or from the full logits
-                let u = rng.uniform();
+                // one draw (none when greedy, as `sample`), from the candidates or from the
+                // full logits
+                let u = if s.greedy { 0.0 } else { rng.uniform() };
                 match sample_candidates(&cands, out, s, u) {
                     Some(id) => Ok(id),
                     None => {
@@ -540,14 +545,16 @@ impl Picker {
 /// the candidates in id order, the penalty applied again on the host, then the same warp and
 /// the draw `u` (see [`sample_with`]). `None` (the caller then samples the full logits with
 /// the same draw) when the candidates might not hold every token top-k keeps: a tie at the
-/// k-th value reaching the last candidate.
+/// k-th value reaching the last candidate. Greedy (the penalty's argmax) is decided as top-k 1:
+/// the best value must be above the worst candidate.
 pub fn sample_candidates(
     cands: &[Candidate],
     penalized: &[u32],
     s: &Sampling,
     u: f64,
 ) -> Option<u32> {
-    if cands.is_empty() || s.greedy || s.top_k == 0 || s.top_k >= TOPK_KEEP {
+    let top_k = if s.greedy { 1 } else { s.top_k };
+    if cands.is_empty() || top_k == 0 || top_k >= TOPK_KEEP {
         return None;
     }
     let mut c: Vec<Candidate> = cands.to_vec();
@@ -565,7 +572,7 @@ pub fn sample_candidates(
         repetition_penalty(&mut pen, &pos, s.repetition_penalty);
         let mut sorted = pen.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        let kth = sorted[s.top_k - 1];
+        let kth = sorted[top_k - 1];
         let worst = sorted[sorted.len() - 1];
         if worst >= kth || pen.iter().any(|v| v.is_nan()) {
             return None;
@@ -621,6 +628,49 @@ mod tests {
             let want = sample(&mut logits.clone(), &penalized, n, &s, &mut Rng::new(case));
             assert_eq!(got, want, "case {case}");
         }
+    }
+
+    #[test]
+    fn greedy_with_a_penalty_is_the_best_candidate() {
+        let s = Sampling {
+            greedy: true,
+            repetition_penalty: 1.3,
+            ..Sampling::default()
+        };
+        assert_eq!(Picker::for_sampling(&s), Picker::TopK);
+        let plain = Sampling {
+            repetition_penalty: 1.0,
+            ..s.clone()
+        };
+        assert_eq!(Picker::for_sampling(&plain), Picker::Argmax);
+        let mut r = Rng::new(5);
+        let mut decided = 0;
+        for case in 0..100u64 {
+            let n = 70 + (case as usize * 53) % 2000;
+            // coarse values: ties at the top are common
+            let logits: Vec<f32> = (0..n).map(|_| (r.uniform() * 8.0).floor() as f32).collect();
+            let penalized: Vec<u32> = (0..20)
+                .map(|j| ((j * 17 + case as usize) % n) as u32)
+                .collect();
+            let c = candidates(&logits, &penalized, s.repetition_penalty);
+            let want = sample(&mut logits.clone(), &penalized, n, &s, &mut Rng::new(0));
+            // the penalty's argmax, lowest id among ties
+            let mut pen = logits.clone();
+            repetition_penalty(&mut pen, &penalized, s.repetition_penalty);
+            assert_eq!(want, argmax(&pen));
+            match sample_candidates(&c, &penalized, &s, 0.99) {
+                Some(got) => {
+                    assert_eq!(got, want, "case {case}");
+                    decided += 1;
+                }
+                // undecided only where the best value reaches the last candidate
+                None => assert!(pen.iter().filter(|&&v| v == pen[want as usize]).count() >= 64),
+            }
+        }
+        assert!(decided >= 20, "{decided}");
+        // 100 tied logits: the candidates cannot show which id is lowest among them
+        let c = candidates(&[2.0; 100], &[], 1.3);
+        assert_eq!(sample_candidates(&c, &[], &s, 0.0), None);
     }
 
     #[test]

@@ -211,6 +211,71 @@ fn generate_json_reproduces_the_transformers_greedy_tokens() {
     );
 }
 
+/// Sampled generation, and greedy with a repetition penalty, give the same tokens whether the
+/// GPU picks them among its candidates or the host samples the read-back logits
+/// (`MINIGPT4_GPU_SAMPLING`; the default is the host on CPU devices); a bad value is named.
+#[test]
+fn sampling_on_the_gpu_or_from_the_logits_gives_the_same_tokens() {
+    let model = smollm2();
+    let ids = |extra: &[&str], gpu_sampling: &str| -> Vec<u64> {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "24",
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) =
+            minigpt4_env(&args, &[("MINIGPT4_GPU_SAMPLING", gpu_sampling.as_ref())]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        v["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    for extra in [
+        &[
+            "--seed",
+            "3",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--repetition-penalty",
+            "1.1",
+        ][..],
+        &["--greedy", "--repetition-penalty", "1.3"][..],
+    ] {
+        let gpu = ids(extra, "1");
+        assert_eq!(gpu.len(), 24, "{extra:?}");
+        assert_eq!(gpu, ids(extra, "0"), "{extra:?}");
+    }
+    let (ok, _, err) = minigpt4_env(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ],
+        &[("MINIGPT4_GPU_SAMPLING", "yes".as_ref())],
+    );
+    assert!(
+        !ok && err.contains("MINIGPT4_GPU_SAMPLING") && err.contains("'yes'"),
+        "{err}"
+    );
+}
+
 #[test]
 fn generate_text_streams_and_bad_requests_are_clear_errors() {
     let model = smollm2();

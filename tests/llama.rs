@@ -183,14 +183,16 @@ fn gpu_top_k_sampling_equals_host_sampling() {
     let mut m = load(&gpu, "mha_untied_hd64", DType::Q8);
     let prompt: Vec<u32> = vec![1, 17, 200, 45, 3];
     let vocab = m.cfg.vocab;
-    for (seed, temperature, top_k, top_p, penalty) in [
-        (1, 1.0, 50, 0.9, 1.05),
-        (2, 0.7, 10, 1.0, 1.0),
-        (3, 1.3, 63, 0.5, 1.3),
-        (4, 1.0, 1, 1.0, 1.0),
+    // (greedy with a penalty also takes the candidates: the penalty's argmax)
+    for (seed, greedy, temperature, top_k, top_p, penalty) in [
+        (1, false, 1.0, 50, 0.9, 1.05),
+        (2, false, 0.7, 10, 1.0, 1.0),
+        (3, false, 1.3, 63, 0.5, 1.3),
+        (4, false, 1.0, 1, 1.0, 1.0),
+        (5, true, 1.0, 0, 1.0, 1.3),
     ] {
         let s = Sampling {
-            greedy: false,
+            greedy,
             temperature,
             top_k,
             top_p,
@@ -221,7 +223,7 @@ fn gpu_top_k_sampling_equals_host_sampling() {
             runs.push(out);
         }
         assert_eq!(runs[0], runs[1], "seed {seed}");
-        if top_k > 1 {
+        if top_k > 1 || greedy {
             // the setting actually samples: not every token is the same
             assert!(runs[0].iter().any(|&t| t != runs[0][0]), "{:?}", runs[0]);
         }
@@ -271,18 +273,20 @@ fn sampled_decode_ahead_equals_sampling_each_token_on_the_host() {
     std::fs::remove_dir_all(&zero).unwrap();
     let prompt: Vec<u32> = vec![1, 17, 200, 45, 3];
     let cases = [
-        (1, 1.0, 50, 0.9, 1.05),
-        (2, 0.7, 10, 1.0, 1.0),
-        (3, 1.3, 63, 0.5, 1.3),
+        (1, false, 1.0, 50, 0.9, 1.05),
+        (2, false, 0.7, 10, 1.0, 1.0),
+        (3, false, 1.3, 63, 0.5, 1.3),
+        // greedy with a penalty: the penalty's argmax on the GPU (top-k 1, a draw of 0)
+        (4, true, 1.0, 0, 1.0, 1.3),
     ];
     for (model, mut m) in [
         ("fixture", load(&gpu, "mha_untied_hd64", DType::Q8)),
         ("zero head", zero_model),
     ] {
         let vocab = m.cfg.vocab;
-        for (seed, temperature, top_k, top_p, penalty) in cases {
+        for (seed, greedy, temperature, top_k, top_p, penalty) in cases {
             let s = Sampling {
-                greedy: false,
+                greedy,
                 temperature,
                 top_k,
                 top_p,
@@ -324,7 +328,10 @@ fn sampled_decode_ahead_equals_sampling_each_token_on_the_host() {
             let mut distinct = want.clone();
             distinct.sort();
             distinct.dedup();
-            assert!(distinct.len() >= 3, "{model}, seed {seed}: {want:?}");
+            // (greedy on the zero head: every logit ties, always id 0)
+            if !(greedy && model == "zero head") {
+                assert!(distinct.len() >= 3, "{model}, seed {seed}: {want:?}");
+            }
             for ahead in [true, false] {
                 for stop_after in [2, 5, 16] {
                     m.reset();

@@ -726,8 +726,11 @@ struct SampleState<'a> {
 }
 
 impl SampleState<'_> {
-    /// Draw `i` of this decode (drawn in order, each once).
+    /// Draw `i` of this decode (drawn in order, each once); greedy draws nothing (0, unused).
     fn draw(&mut self, i: usize) -> f64 {
+        if self.sampler.sampling.greedy {
+            return 0.0;
+        }
         while self.draws.len() <= i {
             let u = (self.sampler.draw)();
             self.draws.push(u);
@@ -1126,6 +1129,7 @@ impl Llama {
     /// it are undone, its forward runs again for the full logits, the host samples them with
     /// the same draw, and decoding goes on from there. The tokens are those of sampling each
     /// on the host among the candidates, draw by draw (up to rounding: the GPU works in f32).
+    /// Greedy settings (with a repetition penalty) take the penalty's argmax the same way.
     #[allow(clippy::too_many_arguments)]
     pub async fn decode_sampled(
         &mut self,
@@ -1202,15 +1206,28 @@ impl Llama {
                         Some(st) => {
                             let u = st.draw(picked + flying.len()) as f32;
                             let sm = st.sampler.sampling;
-                            Pick::SampleAhead {
-                                allowed,
-                                penalty: sm.repetition_penalty,
-                                params: SampleParams {
+                            // greedy (with a penalty; without one this is `decode_greedy`) is
+                            // top-k 1 with a draw of 0: the tokens kept are those tied at the best
+                            // value, and a draw of 0 takes the lowest id of them, as `argmax` does
+                            let params = if sm.greedy {
+                                SampleParams {
+                                    temperature: 1.0,
+                                    top_k: 1,
+                                    top_p: 1.0,
+                                    u: 0.0,
+                                }
+                            } else {
+                                SampleParams {
                                     temperature: sm.temperature,
                                     top_k: sm.top_k,
                                     top_p: sm.top_p,
                                     u,
-                                },
+                                }
+                            };
+                            Pick::SampleAhead {
+                                allowed,
+                                penalty: sm.repetition_penalty,
+                                params,
                                 slot,
                             }
                         }
