@@ -29,7 +29,7 @@ use crate::model::qformer::{QFormer, QFormerConfig};
 use crate::model::vit::{Vit, VitConfig};
 use crate::package::PackageConfig;
 use crate::quant::DType;
-use crate::synthetic::{self, fill_random, llm_config, tensors as synthetic_tensors};
+use crate::synthetic::{self, fill_random, llm_config, tensors as synthetic_tensors, Picks};
 
 pub struct BenchArgs {
     /// Small shapes and few runs (CI).
@@ -517,8 +517,8 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         Ok(())
     })?;
     let ahead = gpu.submits_ahead()?;
-    let short = decode_at(gpu, a, &mut llm, ctx_short, ahead, false)?;
-    let long = decode_at(gpu, a, &mut llm, ctx_long, ahead, false)?;
+    let short = decode_at(gpu, a, &mut llm, ctx_short, ahead, Picks::Greedy)?;
+    let long = decode_at(gpu, a, &mut llm, ctx_long, ahead, Picks::Greedy)?;
     let ttft = encode.0 + prefill.0;
     Ok(json!({
         "model": name, "llm_layers": llm_cfg.layers, "vit_layers": vit_cfg.layers,
@@ -579,7 +579,7 @@ fn decode_at(
     llm: &mut Llama,
     context: usize,
     ahead: bool,
-    sampled: bool,
+    picks: Picks,
 ) -> Result<(f64, f64, f64)> {
     pollster::block_on(synthetic::decode_seconds(
         gpu,
@@ -588,7 +588,7 @@ fn decode_at(
         decode_steps(a),
         a.runs.clamp(1, 3),
         ahead,
-        sampled,
+        picks,
     ))
 }
 
@@ -667,25 +667,32 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
     // of the one before, and each read back before the next is submitted (what overlapping
     // the host's round trip with the device's work gains here); [ahead, waiting]
     let chat_ahead = gpu.submits_ahead()?;
-    let both = |llm: &mut Llama, sampled: bool| -> Result<[(f64, f64, f64); 2]> {
-        let chats = decode_at(gpu, a, llm, ctx_short, chat_ahead, sampled)?;
-        if !sampled {
+    let both = |llm: &mut Llama, picks: Picks| -> Result<[(f64, f64, f64); 2]> {
+        let chats = decode_at(gpu, a, llm, ctx_short, chat_ahead, picks)?;
+        if picks == Picks::Greedy {
             print_profile(decode_steps(a));
         }
-        let other = decode_at(gpu, a, llm, ctx_short, !chat_ahead, sampled)?;
+        let other = decode_at(gpu, a, llm, ctx_short, !chat_ahead, picks)?;
         Ok(if chat_ahead {
             [chats, other]
         } else {
             [other, chats]
         })
     };
-    let [ahead, waiting] = both(&mut llm, false)?;
-    // chat's default, the reference demo's sampling (on the GPU)
-    let [sampled_ahead, sampled_waiting] = both(&mut llm, true)?;
+    let [ahead, waiting] = both(&mut llm, Picks::Greedy)?;
+    // chat's default, the reference demo's sampling: on the GPU both ways, and from the logits
+    // on the host (chat's way on a CPU device, see `Gpu::samples_on_gpu`)
+    let [sampled_ahead, sampled_waiting] = both(&mut llm, Picks::Sampled)?;
+    let sampled_host = decode_at(gpu, a, &mut llm, ctx_short, false, Picks::SampledOnHost)?;
     let chats = |[ahead, waiting]: [(f64, f64, f64); 2]| if chat_ahead { ahead } else { waiting };
     let short = chats([ahead, waiting]);
-    let sampled = chats([sampled_ahead, sampled_waiting]);
-    let long = decode_at(gpu, a, &mut llm, ctx_long, chat_ahead, false)?;
+    let on_gpu = gpu.samples_on_gpu()?;
+    let sampled = if on_gpu {
+        chats([sampled_ahead, sampled_waiting])
+    } else {
+        sampled_host
+    };
+    let long = decode_at(gpu, a, &mut llm, ctx_long, chat_ahead, Picks::Greedy)?;
     Ok(json!({
         "model": path.display().to_string(), "layers": cfg.layers, "hidden": cfg.hidden,
         "weight_bytes_per_token": bytes, "bytes_by_dtype": by_dtype,
@@ -693,7 +700,7 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         "unrated_dtypes": unrated.into_iter().collect::<Vec<_>>(),
         "prefill_tokens": prompt.len(), "prefill_tok_per_s": prompt.len() as f64 / prefill.0,
         "prefill": stats(prefill),
-        "submits_ahead": chat_ahead,
+        "submits_ahead": chat_ahead, "samples_on_gpu": on_gpu,
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "decode_short": stats(short),
         "decode_tok_per_s_ctx_short_ahead": 1.0 / ahead.0, "decode_short_ahead": stats(ahead),
         "decode_tok_per_s_ctx_short_waiting": 1.0 / waiting.0, "decode_short_waiting": stats(waiting),
@@ -702,6 +709,8 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         "decode_short_sampled_ahead": stats(sampled_ahead),
         "decode_tok_per_s_ctx_short_sampled_waiting": 1.0 / sampled_waiting.0,
         "decode_short_sampled_waiting": stats(sampled_waiting),
+        "decode_tok_per_s_ctx_short_sampled_host": 1.0 / sampled_host.0,
+        "decode_short_sampled_host": stats(sampled_host),
         "decode_tok_per_s_ctx_long": 1.0 / long.0, "decode_long": stats(long),
         "ctx_short": ctx_short, "ctx_long": ctx_long,
         "percent_of_prediction": predicted_s.map(|p| 100.0 * p / short.0),
@@ -762,9 +771,10 @@ fn package_e2e(
     })?;
     let (ctx_short, ctx_long) = decode_contexts(a, m.llm.ctx);
     let ahead = gpu.submits_ahead()?;
-    let short = decode_at(gpu, a, &mut m.llm, ctx_short, ahead, false)?;
-    let sampled = decode_at(gpu, a, &mut m.llm, ctx_short, ahead, true)?;
-    let long = decode_at(gpu, a, &mut m.llm, ctx_long, ahead, false)?;
+    let short = decode_at(gpu, a, &mut m.llm, ctx_short, ahead, Picks::Greedy)?;
+    let sampling = Picks::chats_sampling(gpu)?;
+    let sampled = decode_at(gpu, a, &mut m.llm, ctx_short, ahead, sampling)?;
+    let long = decode_at(gpu, a, &mut m.llm, ctx_long, ahead, Picks::Greedy)?;
     let formats = config.formats();
     Ok(json!({
         "model": dir.display().to_string(), "variant": m.label,
@@ -774,7 +784,7 @@ fn package_e2e(
         "image_encode_ms": encode.0 * 1e3, "image_encode": stats(encode),
         "prefill_tokens": rows, "prefill_tok_per_s": rows as f64 / prefill.0,
         "prefill": stats(prefill),
-        "submits_ahead": ahead,
+        "submits_ahead": ahead, "samples_on_gpu": sampling == Picks::Sampled,
         "decode_tok_per_s_ctx_short": 1.0 / short.0, "ctx_short": ctx_short,
         "decode_short": stats(short),
         "decode_tok_per_s_ctx_short_sampled": 1.0 / sampled.0,
@@ -1144,8 +1154,13 @@ pub fn human(r: &Value) -> String {
         } else {
             "each token read back before the next is submitted (a CPU device)"
         };
+        let host_chat = if e["samples_on_gpu"] == false {
+            " (chat's way here: a CPU device)"
+        } else {
+            ""
+        };
         s += &format!(
-            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; {prediction}\n  measured {:.1} tok/s at context {}{against}, {:.1} tok/s at {}, as chat runs it: {chats}\n  greedy {:.1} tok/s submitting ahead, {:.1} tok/s reading each token back first\n  sampled (the demo's top-k 50, top-p 0.9, on the GPU) {:.1} tok/s submitting ahead, {:.1} tok/s reading each token back first\n  prefill of {} tokens: {:.1} tok/s\n",
+            "\ndecode on {} ({} layers):\n  {:.1} MB of weights per token; {prediction}\n  measured {:.1} tok/s at context {}{against}, {:.1} tok/s at {}, as chat runs it: {chats}\n  greedy {:.1} tok/s submitting ahead, {:.1} tok/s reading each token back first\n  sampled (the demo's top-k 50, top-p 0.9) on the GPU {:.1} tok/s submitting ahead, {:.1} tok/s reading each token back first; from the logits on the host {:.1} tok/s{host_chat}\n  prefill of {} tokens: {:.1} tok/s\n",
             e["model"].as_str().unwrap_or(""),
             e["layers"],
             f("weight_bytes_per_token") / 1e6,
@@ -1157,6 +1172,7 @@ pub fn human(r: &Value) -> String {
             f("decode_tok_per_s_ctx_short_waiting"),
             f("decode_tok_per_s_ctx_short_sampled_ahead"),
             f("decode_tok_per_s_ctx_short_sampled_waiting"),
+            f("decode_tok_per_s_ctx_short_sampled_host"),
             e["prefill_tokens"],
             f("prefill_tok_per_s"),
         );

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::chat::{ModelVariant, Rng};
+use crate::chat::{ModelVariant, Picker, Rng};
 use crate::error::{Error, Result};
 use crate::gpu::tune::now_s;
 use crate::gpu::{Gpu, Tensor};
@@ -126,11 +126,33 @@ pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
+/// How [`decode_seconds`] picks its tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Picks {
+    /// Greedy, on the GPU ([`Llama::decode_greedy`]).
+    Greedy,
+    /// The reference demo's sampling (top-k 50, top-p 0.9, repetition penalty 1.05, seeded)
+    /// on the GPU among the candidates ([`Llama::decode_sampled`]).
+    Sampled,
+    /// The same sampling from each token's logits, read back and sampled on the host
+    /// ([`Picker::Host`]; never submitted ahead).
+    SampledOnHost,
+}
+
+impl Picks {
+    /// The demo's sampling as chat runs it on `gpu` (see [`Gpu::samples_on_gpu`]).
+    pub fn chats_sampling(gpu: &Gpu) -> Result<Picks> {
+        Ok(if gpu.samples_on_gpu()? {
+            Picks::Sampled
+        } else {
+            Picks::SampledOnHost
+        })
+    }
+}
+
 /// Decode seconds per token (median, min, max over `runs`), with the KV cache filled to
-/// `context` positions (untimed) before `steps` timed tokens, decoded as chat does: greedy
-/// ([`Llama::decode_greedy`]) or, with `sampled`, with the reference demo's sampling (top-k 50,
-/// top-p 0.9, repetition penalty 1.05; [`Llama::decode_sampled`], seeded); `ahead`: each
-/// token submitted before the previous one is read back, as chat runs it.
+/// `context` positions (untimed) before `steps` timed tokens, picked as `picks` says; `ahead`:
+/// each token submitted before the previous one is read back, as chat runs it on a GPU.
 pub async fn decode_seconds(
     gpu: &Gpu,
     llm: &mut Llama,
@@ -138,7 +160,7 @@ pub async fn decode_seconds(
     steps: usize,
     runs: usize,
     ahead: bool,
-    sampled: bool,
+    picks: Picks,
 ) -> Result<(f64, f64, f64)> {
     let vocab = llm.cfg.vocab;
     let mut per_token = Vec::new();
@@ -151,39 +173,53 @@ pub async fn decode_seconds(
             llm.forward(gpu, Input::Ids(chunk), false).await?;
         }
         // one untimed step of the timed kind: its plan is recorded and its pipelines compiled
-        let tok = if sampled {
-            sampled_decode(gpu, llm, 5, 1, ahead).await?
-        } else {
-            llm.forward_argmax(gpu, Input::Ids(&[5]), vocab).await?
+        let tok = match picks {
+            Picks::Greedy => llm.forward_argmax(gpu, Input::Ids(&[5]), vocab).await?,
+            _ => sampled_decode(gpu, llm, 5, 1, ahead, picks).await?,
         };
         // MINIGPT4_PROFILE: per-kernel totals of the timed steps only
         #[cfg(not(target_arch = "wasm32"))]
         crate::gpu::recorder::profile::take();
         let t = now_s();
         // `steps` forwards: tok's and those of the tokens picked but the last
-        if sampled {
-            sampled_decode(gpu, llm, tok, steps.max(1), ahead).await?;
-        } else {
+        if picks == Picks::Greedy {
             llm.decode_greedy(gpu, tok, vocab, steps.max(1), ahead, |_| true)
                 .await?;
+        } else {
+            sampled_decode(gpu, llm, tok, steps.max(1), ahead, picks).await?;
         }
         per_token.push((now_s() - t) / steps.max(1) as f64);
     }
     Ok(spread(per_token))
 }
 
-/// `steps` tokens sampled from `first` with the reference demo's sampling (seeded), as chat
-/// samples them ([`Llama::decode_sampled`]); returns the last one.
+/// `steps` tokens sampled from `first` with the reference demo's sampling (seeded), on the GPU
+/// ([`Llama::decode_sampled`]) or from the logits on the host ([`Picks::SampledOnHost`]), as
+/// chat samples them; returns the last one.
 async fn sampled_decode(
     gpu: &Gpu,
     llm: &mut Llama,
     first: u32,
     steps: usize,
     ahead: bool,
+    picks: Picks,
 ) -> Result<u32> {
     let vocab = llm.cfg.vocab;
     let s = ModelVariant::Vicuna0.demo_sampling();
     let mut rng = Rng::new(s.seed);
+    if picks == Picks::SampledOnHost {
+        // a forward for each token but the last picked, as `decode_sampled` runs them
+        let mut out = vec![first];
+        for _ in 0..steps {
+            let last = out[out.len() - 1];
+            let input = Input::Ids(std::slice::from_ref(&last));
+            let id = Picker::Host
+                .pick(gpu, llm, input, &out, vocab, &s, &mut rng)
+                .await?;
+            out.push(id);
+        }
+        return Ok(out[out.len() - 1]);
+    }
     let mut draw = || rng.uniform();
     let sampler = Sampler {
         sampling: &s,
@@ -244,12 +280,13 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
     let context = if b.tiny { b.context.min(32) } else { b.context };
     let (mut tensors, weight_bytes) = tensors(gpu, &Llama::specs(&cfg, policy))?;
     let mut llm = Llama::build(gpu, &cfg, policy, &mut tensors, context + b.steps + 2)?;
-    let s = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, true, false).await?;
+    let (steps, runs) = (b.steps, b.runs);
+    let s = decode_seconds(gpu, &mut llm, context, steps, runs, true, Picks::Greedy).await?;
     // each token read back before the next is submitted: what submitting ahead gains here
-    let w = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, false, false).await?;
+    let w = decode_seconds(gpu, &mut llm, context, steps, runs, false, Picks::Greedy).await?;
     // the same with chat's default sampling (sampled on the GPU)
-    let ss = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, true, true).await?;
-    let sw = decode_seconds(gpu, &mut llm, context, b.steps, b.runs, false, true).await?;
+    let ss = decode_seconds(gpu, &mut llm, context, steps, runs, true, Picks::Sampled).await?;
+    let sw = decode_seconds(gpu, &mut llm, context, steps, runs, false, Picks::Sampled).await?;
     let rate = |t: (f64, f64, f64)| if t.0 > 0.0 { 1.0 / t.0 } else { 0.0 };
     Ok(json!({
         "adapter": gpu.info.name,

@@ -686,6 +686,7 @@ fn bench_tiny_reports_every_part() {
         "decode_tok_per_s_ctx_short_sampled",
         "decode_tok_per_s_ctx_short_sampled_ahead",
         "decode_tok_per_s_ctx_short_sampled_waiting",
+        "decode_tok_per_s_ctx_short_sampled_host",
         "decode_tok_per_s_ctx_long",
         "prefill_tok_per_s",
     ] {
@@ -699,12 +700,13 @@ fn bench_tiny_reports_every_part() {
     let ahead = chosen["device_type"] != "Cpu";
     assert_eq!(l["submits_ahead"], ahead, "{chosen}");
     let way = if ahead { "ahead" } else { "waiting" };
-    for k in [
-        "decode_tok_per_s_ctx_short",
-        "decode_tok_per_s_ctx_short_sampled",
-    ] {
-        assert_eq!(l[k], l[format!("{k}_{way}")], "{k}: {l}");
-    }
+    let k = "decode_tok_per_s_ctx_short";
+    assert_eq!(l[k], l[format!("{k}_{way}")], "{k}: {l}");
+    // sampled: on the GPU, or from the logits on a CPU device (`Gpu::samples_on_gpu`)
+    assert_eq!(l["samples_on_gpu"], ahead, "{chosen}");
+    let sampled_way = if ahead { "ahead" } else { "host" };
+    let k = "decode_tok_per_s_ctx_short_sampled";
+    assert_eq!(l[k], l[format!("{k}_{sampled_way}")], "{k}: {l}");
     assert_eq!(r["end_to_end"]["submits_ahead"], ahead);
     // kernels timed on the GPU's own clock where the adapter has timestamp queries
     let clock = if chosen["timestamps"] == true {
@@ -1004,6 +1006,9 @@ fn bench_end_to_end_on_a_package_and_on_the_image_encoder_alone() {
         assert!(pos(&e[k]), "{k}: {e}");
     }
     assert_eq!(e["variant"], "vicuna0", "{e}");
+    // sampled as chat samples: on the GPU but on a CPU device, as with submitting ahead
+    assert!(e["samples_on_gpu"].is_boolean(), "{e}");
+    assert_eq!(e["samples_on_gpu"], e["submits_ahead"], "{e}");
     // the tiny package: 2 LLM layers, 3 ViT layers; its 8 image rows and the template's text
     assert_eq!(
         (e["llm_layers"].as_u64(), e["vit_layers"].as_u64()),
