@@ -27,6 +27,13 @@
 // LANES (1, 4, 8, 16, 32 or 64) is chosen per adapter by measurement (src/gpu/tune.rs): wide
 // for GPUs, whose neighbouring invocations should read neighbouring blocks; 1 suits CPU
 // drivers, where no reduction step is needed.
+//
+// With X_SG (one lane, one row of x, subgroups of at least 8 that the workgroup fills), x is
+// loaded once per block per subgroup, not per invocation: each invocation loads one of the
+// block's 8 x vec4s and the rest come by subgroupBroadcast. On CPU drivers a load that every
+// invocation makes at the same address still costs one per invocation (llvmpipe 22.3 loads
+// lane by lane), as much as the weights; a broadcast from a constant lane is a register
+// shuffle. GPUs save the repeated x traffic through their caches.
 
 #include common
 #include weights
@@ -179,12 +186,22 @@ struct X8 {
 }
 
 fn x8(m: u32, b: u32, j: u32) -> X8 {
-    var lo = xv(m, b, 2u * j);
-    var hi = xv(m, b, 2u * j + 1u);
+#if NORM
+    return x8_of(xv(m, b, 2u * j), xv(m, b, 2u * j + 1u), norm_w[b * 8u + 2u * j],
+                 norm_w[b * 8u + 2u * j + 1u]);
+#else
+    return x8_of(xv(m, b, 2u * j), xv(m, b, 2u * j + 1u), vec4<f32>(1.0), vec4<f32>(1.0));
+#endif
+}
+
+// x8 from the pair of x vec4s as loaded (and, with NORM, the norm weights that meet them).
+fn x8_of(x_lo: vec4<f32>, x_hi: vec4<f32>, n_lo: vec4<f32>, n_hi: vec4<f32>) -> X8 {
+    var lo = x_lo;
+    var hi = x_hi;
 #if NORM
     sumsq += lo * lo + hi * hi;
-    lo *= norm_w[b * 8u + 2u * j];
-    hi *= norm_w[b * 8u + 2u * j + 1u];
+    lo *= n_lo;
+    hi *= n_hi;
 #endif
 #if W_Q4 || W_Q4M
     return X8(lo * XS, hi * XS, lo + hi);
@@ -381,10 +398,29 @@ fn sums4(base: vec4<u32>, b: u32) -> Sums4 {
     // written out, not looped: every index into the loaded words is then a constant, whatever
     // the driver's unrolling heuristics decide (a dynamic index into a vector can cost a
     // chain of selects per use)
+#if X_SG
+    // the block's 8 x vec4s (and norm weights): one load per invocation, shared through the
+    // subgroup (lanes 0..7 hold them; broadcasts take a constant lane)
+    let xl = xv(0u, b, sg_lane & 7u);
+#if NORM
+    let nl = norm_w[b * 8u + (sg_lane & 7u)];
+#else
+    let nl = vec4<f32>(1.0);
+#endif
+    acc8(&r, c0, c1, c2, c3, x8_of(subgroupBroadcast(xl, 0u), subgroupBroadcast(xl, 1u),
+                                   subgroupBroadcast(nl, 0u), subgroupBroadcast(nl, 1u)), 0u);
+    acc8(&r, c0, c1, c2, c3, x8_of(subgroupBroadcast(xl, 2u), subgroupBroadcast(xl, 3u),
+                                   subgroupBroadcast(nl, 2u), subgroupBroadcast(nl, 3u)), 1u);
+    acc8(&r, c0, c1, c2, c3, x8_of(subgroupBroadcast(xl, 4u), subgroupBroadcast(xl, 5u),
+                                   subgroupBroadcast(nl, 4u), subgroupBroadcast(nl, 5u)), 2u);
+    acc8(&r, c0, c1, c2, c3, x8_of(subgroupBroadcast(xl, 6u), subgroupBroadcast(xl, 7u),
+                                   subgroupBroadcast(nl, 6u), subgroupBroadcast(nl, 7u)), 3u);
+#else
     acc8(&r, c0, c1, c2, c3, x8(0u, b, 0u), 0u);
     acc8(&r, c0, c1, c2, c3, x8(0u, b, 1u), 1u);
     acc8(&r, c0, c1, c2, c3, x8(0u, b, 2u), 2u);
     acc8(&r, c0, c1, c2, c3, x8(0u, b, 3u), 3u);
+#endif
     return r;
 }
 
@@ -440,10 +476,22 @@ const COLS: u32 = CPI * ROWS;
 
 var<workgroup> part: array<vec4<f32>, 256>; // [CPI][GW] partial sums, one vec4 over m
 
+#if X_SG
+// This invocation's index in its subgroup (taken where every invocation is active).
+var<private> sg_lane: u32;
+#endif
+
 @compute @workgroup_size(GW)
 fn gemv(ids: Ids, grp: Grp) {
     let col = ids.lid / LANES;
+#if X_SG
+    // one lane: every invocation walks the same blocks at the same time (and, for the
+    // uniformity analysis, a constant)
+    let lane = 0u;
+    sg_lane = subgroupExclusiveAdd(1u);
+#else
     let lane = ids.lid % LANES;
+#endif
 #if ROPE
     // n is a quad of columns (see quad_rows)
     let n = group_index(grp) * ROWS + col;
@@ -457,7 +505,14 @@ fn gemv(ids: Ids, grp: Grp) {
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let blocks = p.k / 32u;
-    if (live && p.m == 1u) {
+#if X_SG
+    // every invocation, those past the last column too (they repeat the last row and store
+    // nothing): the x broadcasts need the whole subgroup
+    let decode = p.m == 1u;
+#else
+    let decode = live && p.m == 1u;
+#endif
+    if (decode) {
         // decode: one x load serves four weight rows. Rows past the end (the last workgroup)
         // repeat the last row and are not stored, so the tail takes the same path.
 #if GLU

@@ -900,7 +900,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
 /// after the lane count in brackets: `4 | GEMV_UNIFORM_X | GEMV_WG16` as
 /// "4 (x uniform, wg 16)".
 fn lanes_name(v: &Value) -> String {
-    use crate::gpu::{GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
+    use crate::gpu::{GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16, GEMV_X_SUBGROUP};
     match v.as_u64().and_then(|l| u32::try_from(l).ok()) {
         Some(GEMV_SUBGROUP) => "subgroups".into(),
         Some(l) => {
@@ -911,7 +911,10 @@ fn lanes_name(v: &Value) -> String {
             if l & GEMV_WG16 != 0 {
                 bits.push("wg 16");
             }
-            let count = l & !(GEMV_UNIFORM_X | GEMV_WG16);
+            if l & GEMV_X_SUBGROUP != 0 {
+                bits.push("x shared in subgroup");
+            }
+            let count = l & !(GEMV_UNIFORM_X | GEMV_WG16 | GEMV_X_SUBGROUP);
             if bits.is_empty() {
                 count.to_string()
             } else {

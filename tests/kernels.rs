@@ -12,7 +12,7 @@ use minigpt4::gpu::{
     attention_partials, gemm_form_for, is_gemm_form, AttnShape, Gpu, GpuOptions, HeadView, Ids,
     MatmulPath, Recorder, RopeKv, RopeMode, RopeTable, Tensor, Variant, ATTN_TILED_FROM,
     ATTN_TILE_DIM, ATTN_TILE_ROWS, GEMM_HALF, GEMM_ROWS, GEMM_TALL, GEMM_WIDE, GEMV_LANES,
-    GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16,
+    GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16, GEMV_X_SUBGROUP,
 };
 use minigpt4::quant::{self, DType};
 
@@ -502,6 +502,10 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
             candidates.extend([1, 16].map(|l| l | GEMV_WG16 | GEMV_UNIFORM_X));
             if v.subgroups {
                 candidates.push(GEMV_SUBGROUP);
+                // x shared through the subgroup, in every workgroup size and x binding
+                for bits in [0, GEMV_WG16, GEMV_UNIFORM_X, GEMV_WG16 | GEMV_UNIFORM_X] {
+                    candidates.push(1 | GEMV_X_SUBGROUP | bits);
+                }
             }
             for lanes in candidates {
                 // N not a multiple of the columns per workgroup; K from one block to many,
@@ -557,6 +561,19 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("found 12"), "{err}");
+    // x shared through the subgroup takes one lane
+    let err = Recorder::new(&gpu)
+        .matmul_with(
+            MatmulPath::GemvBlocks(4 | GEMV_X_SUBGROUP),
+            &x,
+            &w,
+            None,
+            &out,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 lane, found 4"), "{err}");
     // the subgroup form needs a subgroup variant, and one row of x
     let err = Recorder::with_variant(&gpu, Variant::PORTABLE)
         .matmul_with(
@@ -612,6 +629,8 @@ fn gate_and_up_projections_store_silu_gate_times_up() {
             ];
             if v.subgroups {
                 paths.push(MatmulPath::GemvBlocks(GEMV_SUBGROUP));
+                paths.push(MatmulPath::GemvBlocks(1 | GEMV_X_SUBGROUP | GEMV_UNIFORM_X));
+                paths.push(MatmulPath::GemvBlocks(1 | GEMV_X_SUBGROUP | GEMV_WG16));
             }
             for path in paths {
                 // m = 1 on the block GEMV with quantised weights is the one-dispatch GLU: N
@@ -685,6 +704,10 @@ fn rms_norm_fused_into_the_gemv_matches_norm_then_matmul() {
             ];
             if v.subgroups {
                 paths.push(MatmulPath::GemvBlocks(GEMV_SUBGROUP));
+                paths.push(MatmulPath::GemvBlocks(1 | GEMV_X_SUBGROUP));
+                paths.push(MatmulPath::GemvBlocks(
+                    1 | GEMV_X_SUBGROUP | GEMV_WG16 | GEMV_UNIFORM_X,
+                ));
             }
             // fused wherever it can be, and (Auto only) never
             let runs = paths
@@ -1167,6 +1190,9 @@ fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
         MatmulPath::GemvBlocks(1 | GEMV_UNIFORM_X),
         MatmulPath::GemvBlocks(1 | GEMV_WG16 | GEMV_UNIFORM_X),
         MatmulPath::GemvBlocks(16 | GEMV_WG16),
+        // (the same as 1 lane where the variant has no subgroups)
+        MatmulPath::GemvBlocks(1 | GEMV_X_SUBGROUP | GEMV_UNIFORM_X),
+        MatmulPath::GemvBlocks(1 | GEMV_X_SUBGROUP | GEMV_WG16),
     ];
     // (heads, kv_heads, head_dim, K, position): GQA, MHA, and head dims of 4 and 8
     let shapes = [(4, 2, 8, 64, 5), (3, 3, 16, 96, 17), (2, 1, 4, 32, 0)];

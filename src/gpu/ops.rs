@@ -237,12 +237,31 @@ pub const GEMV_UNIFORM_X: u32 = 0x100;
 /// x as a uniform.
 pub const GEMV_WG16: u32 = 0x200;
 
+/// Bit of a block-GEMV lane value (1 lane only): x shared through the subgroup (`X_SG` in
+/// `gemv.wgsl`): each invocation loads one of a block's 8 x vec4s and takes the others by
+/// `subgroupBroadcast`, instead of every invocation loading all 8. Where it cannot run (a
+/// variant without subgroups, several rows of x, subgroups smaller than 8 or larger than the
+/// workgroup) the same form runs without it. `1 | GEMV_X_SUBGROUP | GEMV_WG16 |
+/// GEMV_UNIFORM_X`: 1 lane, 16 invocations, x as a uniform, shared through the subgroup.
+pub const GEMV_X_SUBGROUP: u32 = 0x400;
+
 /// Whether `lanes` is a block-GEMV lane value: a lane count, with or without
-/// [`GEMV_UNIFORM_X`] and (up to 16 lanes) [`GEMV_WG16`], or [`GEMV_SUBGROUP`].
+/// [`GEMV_UNIFORM_X`], (up to 16 lanes) [`GEMV_WG16`] and (1 lane) [`GEMV_X_SUBGROUP`], or
+/// [`GEMV_SUBGROUP`].
 pub fn is_gemv_lanes(lanes: u32) -> bool {
-    let count = lanes & !(GEMV_UNIFORM_X | GEMV_WG16);
+    let count = lanes & !(GEMV_UNIFORM_X | GEMV_WG16 | GEMV_X_SUBGROUP);
     lanes == GEMV_SUBGROUP
-        || (GEMV_LANES.contains(&count) && (lanes & GEMV_WG16 == 0 || count <= 16))
+        || (GEMV_LANES.contains(&count)
+            && (lanes & GEMV_WG16 == 0 || count <= 16)
+            && (lanes & GEMV_X_SUBGROUP == 0 || count == 1))
+}
+
+/// Whether the block GEMV can share x through subgroups ([`GEMV_X_SUBGROUP`]) on `gpu` in a
+/// workgroup of `invocations`: subgroup kernels, and subgroups of at least 8 invocations that
+/// the workgroup fills (so that lanes 0..7 are always there to broadcast from).
+pub fn x_subgroup_fits(gpu: &Gpu, invocations: u32) -> bool {
+    let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    gpu.best_variant.subgroups && min >= 8 && max >= min && invocations.is_multiple_of(max)
 }
 
 /// Lane counts also tried with 16-invocation workgroups ([`GEMV_WG16`]).
@@ -259,6 +278,12 @@ pub fn gemv_candidates(gpu: &Gpu) -> Vec<u32> {
     }
     if gpu.best_variant.subgroups {
         v.push(GEMV_SUBGROUP);
+    }
+    for (bits, invocations) in [(0, 64), (GEMV_WG16, 16)] {
+        if x_subgroup_fits(gpu, invocations) {
+            let l = 1 | GEMV_X_SUBGROUP | bits;
+            v.extend([l, l | GEMV_UNIFORM_X]);
+        }
     }
     v
 }
@@ -799,7 +824,7 @@ impl Recorder<'_> {
                 (vec!["LANES1"], "gemv_sg", GEMV_SG_ROWS)
             }
             l => {
-                let lanes = l & !(GEMV_UNIFORM_X | GEMV_WG16);
+                let lanes = l & !(GEMV_UNIFORM_X | GEMV_WG16 | GEMV_X_SUBGROUP);
                 let mut flags = vec![lanes_flag(lanes)?];
                 // a fused norm's weights are bound the way x is
                 if l & GEMV_UNIFORM_X != 0
@@ -818,7 +843,17 @@ impl Recorder<'_> {
                     flags.push("WG16");
                     invocations = 16;
                 }
-                (flags, "gemv", 4 * invocations / lanes as usize)
+                if l & GEMV_X_SUBGROUP != 0 {
+                    if lanes != 1 {
+                        return Err(Error::Gpu(format!(
+                            "block GEMV: x shared through the subgroup takes 1 lane, found {lanes}"
+                        )));
+                    }
+                    if self.variant.subgroups && m == 1 && x_subgroup_fits(self.gpu, invocations) {
+                        flags.push("X_SG");
+                    }
+                }
+                (flags, "gemv", 4 * invocations as usize / lanes as usize)
             }
         };
         if norm.is_some() {

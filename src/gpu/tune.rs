@@ -27,7 +27,7 @@ use crate::gpu::ops::{
     GEMV_MAX_ROWS,
 };
 #[cfg(not(target_arch = "wasm32"))]
-use crate::gpu::ops::{GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16};
+use crate::gpu::ops::{GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16, GEMV_X_SUBGROUP};
 use crate::gpu::tensor::read_words;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::quant::DType;
@@ -392,8 +392,9 @@ fn parse_choice(what: &str, v: &str, ok: fn(u32) -> bool, expected: String) -> R
 #[cfg(not(target_arch = "wasm32"))]
 fn parse_lanes(what: &str, v: &str) -> Result<u32> {
     let expected = format!(
-        "one of {GEMV_LANES:?}, one of them plus {GEMV_UNIFORM_X} (x as a uniform) and, up to \
-         16 lanes, plus {GEMV_WG16} (workgroups of 16), or {GEMV_SUBGROUP} (subgroups)"
+        "one of {GEMV_LANES:?}, one of them plus {GEMV_UNIFORM_X} (x as a uniform), up to 16 \
+         lanes plus {GEMV_WG16} (workgroups of 16), 1 lane plus {GEMV_X_SUBGROUP} (x shared \
+         through the subgroup), or {GEMV_SUBGROUP} (subgroups)"
     );
     parse_choice(what, v, is_gemv_lanes, expected)
 }
@@ -946,6 +947,12 @@ mod tests {
             1 | GEMV_UNIFORM_X | GEMV_WG16
         );
         assert_eq!(parse_lanes("X", "528").unwrap(), 16 | GEMV_WG16);
+        // x shared through the subgroup: 1 lane only
+        assert_eq!(
+            parse_lanes("X", "1793").unwrap(),
+            1 | GEMV_X_SUBGROUP | GEMV_WG16 | GEMV_UNIFORM_X
+        );
+        assert!(parse_lanes("X", "1028").is_err());
         // 32 lanes do not fit a workgroup of 16
         assert!(parse_lanes("X", "544").is_err());
         assert!(parse_lanes("X", "258").is_err() && parse_lanes("X", "2").is_err());
