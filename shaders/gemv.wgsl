@@ -504,11 +504,15 @@ fn gemv(ids: Ids, grp: Grp) {
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    let blocks = p.k / 32u;
+    // (the block count and the row count are bounded by sizes known only at run time too: a
+    // loop bound or a branch that follows parameters alone is one Mesa 22's lavapipe inlines,
+    // compiling the shader again whenever they change, e.g. at every dispatch between two
+    // weight shapes; see store_cols. GPUs lose nothing by it.)
+    let blocks = min(p.k / 32u, arrayLength(&w));
 #if X_SG
     // every invocation, those past the last column too (they repeat the last row and store
     // nothing): the x broadcasts need the whole subgroup
-    let decode = p.m == 1u;
+    let decode = min(p.m, arrayLength(&out)) == 1u;
 #else
     let decode = live && p.m == 1u;
 #endif
