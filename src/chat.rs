@@ -193,8 +193,16 @@ pub fn sample(
     s: &Sampling,
     rng: &mut Rng,
 ) -> u32 {
-    let u = if s.greedy { 0.0 } else { rng.uniform() };
-    sample_with(logits, penalty_ids, allowed, s, u)
+    sample_with(logits, penalty_ids, allowed, s, draw(s, rng))
+}
+
+/// A token's draw: uniform in [0, 1) from `rng`, or none (0, unused) when greedy.
+fn draw(s: &Sampling, rng: &mut Rng) -> f64 {
+    if s.greedy {
+        0.0
+    } else {
+        rng.uniform()
+    }
 }
 
 /// [`sample`] with its draw `u` (uniform in [0, 1), one per sampled token; unused when
@@ -522,9 +530,8 @@ impl Picker {
                 let cands = model
                     .forward_topk(gpu, input, allowed, out, s.repetition_penalty)
                     .await?;
-                // one draw (none when greedy, as `sample`), from the candidates or from the
-                // full logits
-                let u = if s.greedy { 0.0 } else { rng.uniform() };
+                // one draw, from the candidates or from the full logits
+                let u = draw(s, rng);
                 match sample_candidates(&cands, out, s, u) {
                     Some(id) => Ok(id),
                     None => {
