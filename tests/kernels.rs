@@ -542,68 +542,40 @@ fn block_gemv_every_lane_count_dtype_and_variant() {
             }
         }
     }
+    // The error a block GEMV with `lanes` gives, recorded with `variant`.
+    let refused = |variant: Variant, lanes: u32, x: &Tensor, w: &Tensor, out: &Tensor| {
+        Recorder::with_variant(&gpu, variant)
+            .matmul_with(MatmulPath::GemvBlocks(lanes), x, w, None, out, false)
+            .unwrap_err()
+            .to_string()
+    };
+    let best = gpu.best_variant;
     // more than 4 rows or a K that is not whole blocks is refused, not miscomputed
     for (m, k) in [(5, 64), (1, 40)] {
         let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
         let w = Tensor::zeros(&gpu, "w", &[8, k]).unwrap();
         let out = Tensor::zeros(&gpu, "out", &[m, 8]).unwrap();
-        let err = Recorder::new(&gpu)
-            .matmul_with(MatmulPath::GemvBlocks(8), &x, &w, None, &out, false)
-            .unwrap_err()
-            .to_string();
+        let err = refused(best, 8, &x, &w, &out);
         assert!(err.contains("block GEMV") && err.contains('x'), "{err}");
     }
     let x = Tensor::zeros(&gpu, "x", &[1, 64]).unwrap();
     let w = Tensor::zeros(&gpu, "w", &[8, 64]).unwrap();
     let out = Tensor::zeros(&gpu, "out", &[1, 8]).unwrap();
-    let err = Recorder::new(&gpu)
-        .matmul_with(MatmulPath::GemvBlocks(12), &x, &w, None, &out, false)
-        .unwrap_err()
-        .to_string();
+    let err = refused(best, 12, &x, &w, &out);
     assert!(err.contains("found 12"), "{err}");
     // x shared through the subgroup takes one lane
-    let err = Recorder::new(&gpu)
-        .matmul_with(
-            MatmulPath::GemvBlocks(4 | GEMV_X_SUBGROUP),
-            &x,
-            &w,
-            None,
-            &out,
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+    let err = refused(best, 4 | GEMV_X_SUBGROUP, &x, &w, &out);
     assert!(err.contains("1 lane, found 4"), "{err}");
     // the subgroup form needs a subgroup variant, and one row of x
-    let err = Recorder::with_variant(&gpu, Variant::PORTABLE)
-        .matmul_with(
-            MatmulPath::GemvBlocks(GEMV_SUBGROUP),
-            &x,
-            &w,
-            None,
-            &out,
-            false,
-        )
-        .unwrap_err()
-        .to_string();
+    let err = refused(Variant::PORTABLE, GEMV_SUBGROUP, &x, &w, &out);
     assert!(
         err.contains("subgroup") && err.contains("portable"),
         "{err}"
     );
-    if gpu.best_variant.subgroups {
+    if best.subgroups {
         let x2 = Tensor::zeros(&gpu, "x2", &[2, 64]).unwrap();
         let out2 = Tensor::zeros(&gpu, "out2", &[2, 8]).unwrap();
-        let err = Recorder::new(&gpu)
-            .matmul_with(
-                MatmulPath::GemvBlocks(GEMV_SUBGROUP),
-                &x2,
-                &w,
-                None,
-                &out2,
-                false,
-            )
-            .unwrap_err()
-            .to_string();
+        let err = refused(best, GEMV_SUBGROUP, &x2, &w, &out2);
         assert!(err.contains("x2") && err.contains("2 rows"), "{err}");
     }
 }
