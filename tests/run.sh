@@ -46,8 +46,9 @@ step "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --lib --target wasm32-unknown-unknown -- -D warnings
 
-# Runs `cargo test ARGS` on one driver, after checking that the driver is the one chosen;
-# with TUNE=first, after tuning the kernels for it once (tune_once).
+# `on_driver NAME PATTERN TUNE ARGS…` runs `cargo test ARGS` on one driver, after checking that
+# the driver is the one chosen. TUNE `first` tunes the kernels for it once before the tests
+# (tune_once); `in-tests` leaves the first tuning to the tests themselves.
 on_driver() {
     local name="$1" pattern="$2" tune="$3"
     shift 3
