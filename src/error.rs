@@ -53,13 +53,10 @@ pub enum Error {
     #[error("{url}: {msg}")]
     Network { url: String, msg: String },
 
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The I/O error is part of the message and not a
+    /// `source`: printed as a chain (`{:#}`), it would otherwise appear twice.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
 }
 
 impl Error {
@@ -75,7 +72,7 @@ impl Error {
     pub fn io(path: impl fmt::Display, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_string(),
-            source,
+            err: source,
         }
     }
 
