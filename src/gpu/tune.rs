@@ -141,9 +141,9 @@ pub fn reps_for(one: f64, min: usize, run_s: f64) -> usize {
 /// [`TUNE_WARM_S`] (pipelines compiled, buffers resident, clocks up), which also sets the
 /// repetitions per run ([`reps_for`], the same for every candidate, for runs of
 /// [`TUNE_RUN_S`] on the GPU's clock or [`TUNE_RUN_WALL_S`] on the wall's); then each
-/// candidate runs once untimed and `runs` times timed. Returns (candidate, median, fastest)
-/// seconds of one repetition. `out` is what the work writes (read back to wait for it without
-/// timestamps).
+/// candidate runs once untimed, and `runs` rounds time each candidate once
+/// ([`interleaved_rounds`]). Returns (candidate, median, fastest) seconds of one repetition.
+/// `out` is what the work writes (read back to wait for it without timestamps).
 async fn measure_candidates<C: Copy>(
     gpu: &Gpu,
     candidates: &[C],
@@ -172,17 +172,44 @@ async fn measure_candidates<C: Copy>(
     }
     let run_s = if one.1 { TUNE_RUN_S } else { TUNE_RUN_WALL_S };
     let reps = reps_for(one.0, min_reps, run_s);
-    let mut out = Vec::with_capacity(candidates.len());
     for &c in candidates {
-        let mut times = Vec::with_capacity(runs.max(1));
         run(c, reps).await?;
-        for _ in 0..runs.max(1) {
-            times.push(run(c, reps).await?.0 / reps as f64);
-        }
-        let (median, min) = median_and_min(&mut times);
-        out.push((c, median, min));
     }
-    Ok(out)
+    interleaved_rounds(candidates, runs, |c| {
+        let timed = run(c, reps);
+        async move { Ok(timed.await?.0 / reps as f64) }
+    })
+    .await
+}
+
+/// Times every candidate once per round, `runs` rounds (at least one), and returns each
+/// candidate's (median, fastest) time. Round by round, not candidate by candidate: a busy spell
+/// on the machine (another process, a CI job beside it) that lasts several runs then slows
+/// every candidate alike instead of all the runs of one, which the choice would then be made
+/// against and the cache would keep.
+pub async fn interleaved_rounds<C: Copy, F, Fut>(
+    candidates: &[C],
+    runs: usize,
+    mut time: F,
+) -> Result<Vec<(C, f64, f64)>>
+where
+    F: FnMut(C) -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let mut times = vec![Vec::with_capacity(runs.max(1)); candidates.len()];
+    for _ in 0..runs.max(1) {
+        for (t, &c) in times.iter_mut().zip(candidates) {
+            t.push(time(c).await?);
+        }
+    }
+    Ok(candidates
+        .iter()
+        .zip(&mut times)
+        .map(|(&c, t)| {
+            let (median, min) = median_and_min(t);
+            (c, median, min)
+        })
+        .collect())
 }
 
 /// The median and the fastest of `times` (sorted in place; never below a nanosecond, so rates
@@ -922,6 +949,35 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candidates_are_timed_round_by_round_so_a_busy_spell_slows_all_alike() {
+        // the machine is busy (everything twice as slow) for the first three runs of ten; 'a'
+        // is truly faster than 'b'. Timed candidate by candidate, all three of a's runs would
+        // fall in the busy spell and b would win.
+        let mut calls = Vec::new();
+        let timed = pollster::block_on(interleaved_rounds(&['a', 'b'], 5, |c| {
+            calls.push(c);
+            let busy = if calls.len() <= 3 { 2.0 } else { 1.0 };
+            let cost = if c == 'a' { 1.0 } else { 1.2 };
+            async move { Ok(cost * busy) }
+        }))
+        .unwrap();
+        assert_eq!(calls, "ababababab".chars().collect::<Vec<_>>());
+        assert_eq!(timed, vec![('a', 1.0, 1.0), ('b', 1.2, 1.2)]);
+        // an error stops the measurement and is returned
+        let failed = pollster::block_on(interleaved_rounds(&[1u32, 2], 3, |c| async move {
+            if c == 2 {
+                Err(crate::error::Error::Gpu("lost".into()))
+            } else {
+                Ok(1.0)
+            }
+        }));
+        assert!(failed.is_err());
+        // no candidates: nothing timed
+        let none = pollster::block_on(interleaved_rounds(&[] as &[u32], 3, |_| async { Ok(1.0) }));
+        assert!(none.unwrap().is_empty());
+    }
 
     #[test]
     fn the_fastest_trial_wins_and_bad_overrides_are_named() {
