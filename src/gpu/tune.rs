@@ -387,11 +387,12 @@ pub fn fastest(trials: &[Trial]) -> Option<u32> {
 }
 
 /// The key a tuning result is stored under: everything that can change the best choice (the
-/// adapter, its driver, the kernel variant, and the kernels' own source).
+/// adapter, its driver, the kernel variant, the kernels' own source, and how the choices are
+/// measured: [`TUNING_METHOD`]).
 pub fn cache_key(gpu: &Gpu) -> String {
     let i = &gpu.info;
     format!(
-        "{} | {:?} | {} {} | {} | v{} | kernels {:016x}",
+        "{} | {:?} | {} {} | {} | v{} | kernels {:016x} | tuning {TUNING_METHOD}",
         i.name,
         i.backend,
         i.driver,
@@ -401,6 +402,10 @@ pub fn cache_key(gpu: &Gpu) -> String {
         crate::gpu::shader::sources_fingerprint()
     )
 }
+
+/// Raised when the measurement itself changes, so that choices cached by an older method are
+/// measured again (2: candidates timed round by round, see [`interleaved_rounds`]).
+pub const TUNING_METHOD: u32 = 2;
 
 /// A number naming a tuned choice (from the environment or the cache file), checked by `ok`;
 /// the error names `what`, says what was `expected` and what was found.
