@@ -28,8 +28,8 @@
 // for GPUs, whose neighbouring invocations should read neighbouring blocks; 1 suits CPU
 // drivers, where no reduction step is needed.
 //
-// With X_SG (one lane, one row of x, subgroups of at least 8 that the workgroup fills), x is
-// loaded once per block per subgroup, not per invocation: each invocation loads one of the
+// With X_SG (one lane, one row of x, or gemv_rows4's four; subgroups of at least 8 that the
+// workgroup fills), x is loaded once per block per subgroup, not per invocation: each invocation loads one of the
 // block's 8 x vec4s and the rest come by subgroupBroadcast. On CPU drivers a load that every
 // invocation makes at the same address still costs one per invocation (llvmpipe 22.3 loads
 // lane by lane), as much as the weights; a broadcast from a constant lane is a register
@@ -767,16 +767,13 @@ struct R44 {
     s3: vec4<f32>,
 }
 
-fn acc44(r: ptr<function, R44>, c0: WB, c1: WB, c2: WB, c3: WB, b: u32, m1: u32, m2: u32,
-         m3: u32, j: u32) {
+// Weights 8j .. 8j + 7 of four loaded blocks times the matching x of four rows (x0 .. x3).
+fn acc44(r: ptr<function, R44>, c0: WB, c1: WB, c2: WB, c3: WB, x0: X8, x1: X8, x2: X8,
+         x3: X8, j: u32) {
     let q0 = w8(c0, j);
     let q1 = w8(c1, j);
     let q2 = w8(c2, j);
     let q3 = w8(c3, j);
-    let x0 = x8(0u, b, j);
-    let x1 = x8(m1, b, j);
-    let x2 = x8(m2, b, j);
-    let x3 = x8(m3, b, j);
     (*r).t0 += vec4<f32>(dot8(q0, x0), dot8(q1, x0), dot8(q2, x0), dot8(q3, x0));
     (*r).t1 += vec4<f32>(dot8(q0, x1), dot8(q1, x1), dot8(q2, x1), dot8(q3, x1));
     (*r).t2 += vec4<f32>(dot8(q0, x2), dot8(q1, x2), dot8(q2, x2), dot8(q3, x2));
@@ -787,12 +784,44 @@ fn acc44(r: ptr<function, R44>, c0: WB, c1: WB, c2: WB, c3: WB, b: u32, m1: u32,
     (*r).s3 += x3.sum;
 }
 
+#if X_SG
+// x8 of one row from this invocation's share of a block's x (xv of lane sg_lane & 7): pairs
+// (0, 1), (2, 3), (4, 5), (6, 7) for j = 0 .. 3, broadcast from constant lanes.
+fn x8_sg0(xl: vec4<f32>) -> X8 {
+    return x8_of(subgroupBroadcast(xl, 0u), subgroupBroadcast(xl, 1u), vec4<f32>(1.0),
+                 vec4<f32>(1.0));
+}
+
+fn x8_sg1(xl: vec4<f32>) -> X8 {
+    return x8_of(subgroupBroadcast(xl, 2u), subgroupBroadcast(xl, 3u), vec4<f32>(1.0),
+                 vec4<f32>(1.0));
+}
+
+fn x8_sg2(xl: vec4<f32>) -> X8 {
+    return x8_of(subgroupBroadcast(xl, 4u), subgroupBroadcast(xl, 5u), vec4<f32>(1.0),
+                 vec4<f32>(1.0));
+}
+
+fn x8_sg3(xl: vec4<f32>) -> X8 {
+    return x8_of(subgroupBroadcast(xl, 6u), subgroupBroadcast(xl, 7u), vec4<f32>(1.0),
+                 vec4<f32>(1.0));
+}
+#endif
+
+// With X_SG (subgroups of at least 8 that the workgroup fills), each invocation loads one of
+// a block's 8 x vec4s per row of x and the rest come by subgroupBroadcast, as in the decode
+// path: 4 x loads per block instead of 32. Every invocation then runs to the end (columns past
+// p.n repeat the last weight row and store nothing), so the broadcasts see the whole subgroup.
 @compute @workgroup_size(GW)
 fn gemv_rows4(ids: Ids, grp: Grp) {
     let n = group_index(grp) * COLS + ids.lid;
+#if X_SG
+    sg_lane = subgroupExclusiveAdd(1u);
+#else
     if (n >= p.n) {
         return;
     }
+#endif
     let blocks = p.k / 32u;
     let base = min(n + vec4<u32>(0u, 1u, 2u, 3u) * ROWS, vec4<u32>(p.n - 1u)) * blocks;
     let last = p.m - 1u;
@@ -811,10 +840,22 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
         let c3 = wload(false, base.w + b);
         var r = R44(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0),
                     vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 0u);
-        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 1u);
-        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 2u);
-        acc44(&r, c0, c1, c2, c3, b, m1, m2, m3, 3u);
+#if X_SG
+        let e = sg_lane & 7u;
+        let l0 = xv(0u, b, e);
+        let l1 = xv(m1, b, e);
+        let l2 = xv(m2, b, e);
+        let l3 = xv(m3, b, e);
+        acc44(&r, c0, c1, c2, c3, x8_sg0(l0), x8_sg0(l1), x8_sg0(l2), x8_sg0(l3), 0u);
+        acc44(&r, c0, c1, c2, c3, x8_sg1(l0), x8_sg1(l1), x8_sg1(l2), x8_sg1(l3), 1u);
+        acc44(&r, c0, c1, c2, c3, x8_sg2(l0), x8_sg2(l1), x8_sg2(l2), x8_sg2(l3), 2u);
+        acc44(&r, c0, c1, c2, c3, x8_sg3(l0), x8_sg3(l1), x8_sg3(l2), x8_sg3(l3), 3u);
+#else
+        acc44(&r, c0, c1, c2, c3, x8(0u, b, 0u), x8(m1, b, 0u), x8(m2, b, 0u), x8(m3, b, 0u), 0u);
+        acc44(&r, c0, c1, c2, c3, x8(0u, b, 1u), x8(m1, b, 1u), x8(m2, b, 1u), x8(m3, b, 1u), 1u);
+        acc44(&r, c0, c1, c2, c3, x8(0u, b, 2u), x8(m1, b, 2u), x8(m2, b, 2u), x8(m3, b, 2u), 2u);
+        acc44(&r, c0, c1, c2, c3, x8(0u, b, 3u), x8(m1, b, 3u), x8(m2, b, 3u), x8(m3, b, 3u), 3u);
+#endif
         let d0 = dm1(false, base.x + b);
         let d1 = dm1(false, base.y + b);
         let d2 = dm1(false, base.z + b);

@@ -338,6 +338,24 @@ fn gemm_every_form_dtype_and_variant() {
             check_matmul(&gpu, gpu.best_variant, dt, path, m, n, k, bias, acc, seed);
         }
     }
+    // which kernels the untiled form records: one gemv_rows4 per four rows of x, sharing x
+    // through the subgroup where the variant and the subgroup sizes allow (checked above
+    // against the CPU in the best variant, and without it in the others)
+    for v in gpu.variants() {
+        let x = Tensor::zeros(&gpu, "x", &[6, 64]).unwrap();
+        let w = Tensor::empty(&gpu, "w", &[40, 64], DType::Q4).unwrap();
+        let y = Tensor::zeros(&gpu, "y", &[6, 40]).unwrap();
+        let mut rec = Recorder::with_variant(&gpu, v);
+        rec.matmul_with(MatmulPath::GemmForm(GEMM_ROWS), &x, &w, None, &y, false)
+            .unwrap();
+        let kernels = rec.kernels();
+        assert_eq!(kernels.len(), 2, "{kernels:?}");
+        let shared = v.subgroups && minigpt4::gpu::x_subgroup_fits(&gpu, 16);
+        for k in kernels {
+            assert!(k.starts_with("gemv::gemv_rows4 "), "{k}");
+            assert_eq!(k.contains("X_SG"), shared, "{k} in {}", v.name());
+        }
+    }
     // MatmulPath::Gemm runs the adapter's form (here set by hand), trimmed to the shape
     for form in [GEMM_WIDE | GEMM_TALL, GEMM_HALF | GEMM_TALL] {
         gpu.set_gemm_form(form);

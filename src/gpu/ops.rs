@@ -985,8 +985,9 @@ impl Recorder<'_> {
                     if form == GEMM_ROWS {
                         if k.is_multiple_of(32) {
                             // four rows of x per dispatch, x as a uniform where it fits, in
-                            // workgroups of 16 (more of them to spread over a CPU's threads)
-                            let lanes = 1 | GEMV_UNIFORM_X | GEMV_WG16;
+                            // workgroups of 16 (more of them to spread over a CPU's threads),
+                            // x shared through the subgroup where it can be
+                            let lanes = 1 | GEMV_UNIFORM_X | GEMV_WG16 | GEMV_X_SUBGROUP;
                             for row0 in (0..m).step_by(4) {
                                 let rows = (m - row0).min(4);
                                 let p = params(row0, rows);
@@ -1053,6 +1054,16 @@ impl Recorder<'_> {
         let (form, own_entry, per_group) = self.gemv_form(lanes, x, row0, rows, None)?;
         let mut all = flags.to_vec();
         all.extend(form);
+        // gemv_rows4 shares every row's x through the subgroup (the decode form only one row's)
+        let invocations = if lanes & GEMV_WG16 != 0 { 16 } else { 64 };
+        if entry == Some("gemv_rows4")
+            && lanes & GEMV_X_SUBGROUP != 0
+            && self.variant.subgroups
+            && x_subgroup_fits(self.gpu, invocations)
+            && !all.contains(&"X_SG")
+        {
+            all.push("X_SG");
+        }
         let groups = grid(u(weight_rows.div_ceil(per_group)));
         self.dispatch(
             "gemv",
