@@ -332,6 +332,21 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         None => tune::gemm_choice(&tuning),
     };
     gpu.set_gemm_form(chosen);
+    // the form for quantised weights, as the tuning chooses it where shapes are not tuned
+    // one by one
+    let quant_trials = match (pinned, by_shape) {
+        (None, false) => {
+            eprintln!("bench: GEMM forms, q4 {}×{}×{}", small.0, small.1, small.2);
+            Some(pollster::block_on(tune::measure_gemm_quant(
+                gpu, small, a.runs,
+            ))?)
+        }
+        _ => None,
+    };
+    let chosen_quant = quant_trials
+        .as_deref()
+        .map_or(chosen, |t| tune::gemm_quant_choice(t, chosen));
+    gpu.set_gemm_form_quant(chosen_quant);
     let by_shape = by_shape_override.unwrap_or(by_shape);
     gpu.set_gemm_by_shape(by_shape);
     let small_shapes = tune::small_shapes_tuned(pinned, by_shape_override);
@@ -363,7 +378,13 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         "tune_shape": shape_trials(0),
         // measured only where the small shape ran fast (a GPU); the choice is made on it then
         "tune_shape_large": shape_trials(1),
+        // measured where forms are not tuned per shape; chooses the quantised weights' form
+        "tune_shape_quant": quant_trials.as_deref().map(|t| {
+            json!({"m": small.0, "n": small.1, "k": small.2, "dtype": "q4",
+                   "trials": gemm_trials(t)})
+        }),
         "chosen": chosen,
+        "chosen_quant": chosen_quant,
         "by_shape": by_shape,
         // small weights' shapes are tuned per shape on any device
         "small_shapes": small_shapes,
@@ -1023,6 +1044,7 @@ pub fn human(r: &Value) -> String {
         for (what, ts) in [
             ("small", &f["tune_shape"]),
             ("large", &f["tune_shape_large"]),
+            ("small", &f["tune_shape_quant"]),
         ] {
             if ts.is_object() {
                 s += &format!(
@@ -1036,8 +1058,16 @@ pub fn human(r: &Value) -> String {
             }
         }
         s += &format!(
-            "  chosen: {}{}\n",
+            "  chosen: {}{}{}\n",
             gemm_form_name(&f["chosen"]),
+            if f["chosen_quant"] != f["chosen"] {
+                format!(
+                    ", for quantised weights {}",
+                    gemm_form_name(&f["chosen_quant"])
+                )
+            } else {
+                String::new()
+            },
             if f["by_shape"] == true {
                 ", and a form per shape (the cases below)"
             } else {

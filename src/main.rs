@@ -396,8 +396,10 @@ fn open_tuned_gpu(args: &GpuArgs) -> anyhow::Result<Gpu> {
     let gpu = open_gpu(args)?;
     let (lanes, from) = pollster::block_on(minigpt4::gpu::tune::autotune(&gpu))?;
     log::debug!(
-        "block GEMV: {lanes} lanes per column (from {from}); GEMM form {}{}",
+        "block GEMV: {lanes} lanes per column (from {from}); GEMM form {} ({} for quantised \
+         weights){}",
         gpu.gemm_form(),
+        gpu.gemm_form_quant(),
         if gpu.gemm_by_shape() {
             ", and a form per GEMM shape (measured when a model first runs it)"
         } else {

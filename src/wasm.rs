@@ -86,6 +86,7 @@ impl Engine {
             "subgroups": g.best_variant.subgroups,
             "gemvLanes": g.gemv_lanes(),
             "gemmForm": g.gemm_form(),
+            "gemmFormQuant": g.gemm_form_quant(),
             "tuning": i.tuned_from,
             "maxStorageBindingSize": g.limits.max_storage_buffer_binding_size,
             "maxBufferSize": g.limits.max_buffer_size,

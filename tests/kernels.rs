@@ -187,6 +187,61 @@ fn gemm_tuning_measures_every_form_and_the_large_shape_only_on_a_fast_device() {
     assert!(forms.contains(&fastest_gemm(&shapes.last().unwrap().1).unwrap()));
 }
 
+/// The form for quantised weights: measured over every form at the tuning's small shape on
+/// 4-bit weights, and what a GEMM over quantised weights runs where its shape has no form of
+/// its own, while unquantised weights keep the adapter's form; setting a form for every GEMM
+/// sets both.
+#[test]
+fn quantised_weights_have_a_gemm_form_of_their_own() {
+    use minigpt4::gpu::tune::{gemm_quant_choice, measure_gemm_quant};
+    let gpu = gpu();
+    let trials = pollster::block_on(measure_gemm_quant(&gpu, (32, 128, 64), 1)).unwrap();
+    let forms = minigpt4::gpu::gemm_candidates(&gpu);
+    assert_eq!(trials.iter().map(|t| t.form).collect::<Vec<_>>(), forms);
+    assert!(forms.contains(&gemm_quant_choice(&trials, 0)));
+    // nothing measured: the form for every GEMM
+    assert_eq!(gemm_quant_choice(&[], GEMM_WIDE), GEMM_WIDE);
+
+    let (m, n, k) = (40, 64, 64);
+    let kernels = |dt: DType| -> Vec<String> {
+        let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
+        let w = Tensor::empty(&gpu, "w", &[n, k], dt).unwrap();
+        let y = Tensor::zeros(&gpu, "y", &[m, n]).unwrap();
+        let mut rec = Recorder::new(&gpu);
+        rec.matmul_with(MatmulPath::Gemm, &x, &w, None, &y, false)
+            .unwrap();
+        rec.kernels()
+    };
+    gpu.set_gemm_form(GEMM_WIDE);
+    gpu.set_gemm_form_quant(GEMM_ROWS);
+    assert_eq!(gpu.gemm_form_at(m, n, k, DType::Q4), GEMM_ROWS);
+    assert_eq!(gpu.gemm_form_at(m, n, k, DType::F16), GEMM_WIDE);
+    let q = kernels(DType::Q4M);
+    assert!(
+        q.iter().all(|s| s.starts_with("gemv::gemv_rows4 ")),
+        "{q:?}"
+    );
+    let f = kernels(DType::F16);
+    assert!(f.iter().any(|s| s.starts_with("matmul::gemm ")), "{f:?}");
+    // and computes what the CPU does, in both
+    for dt in [DType::Q4, DType::Q8, DType::F16] {
+        check_matmul(
+            &gpu,
+            gpu.best_variant,
+            dt,
+            MatmulPath::Gemm,
+            9,
+            70,
+            64,
+            true,
+            false,
+            31,
+        );
+    }
+    gpu.set_gemm_form(0);
+    assert_eq!(gpu.gemm_form_quant(), 0);
+}
+
 /// GEMM forms per shape (a fast device's tuning, forced here): each model shape with more rows
 /// than the GEMV takes is measured in the forms the candidates become at that shape, the
 /// fastest is kept, and a tuned GEMM runs in the form of its weight shape's nearest tuned row

@@ -304,6 +304,9 @@ pub struct Gpu {
     /// The tiled GEMM's form (`GEMM_WIDE`, `GEMM_TALL` and `GEMM_HALF` bits, see
     /// `shaders/matmul.wgsl`; tuned like the lanes).
     gemm_form: AtomicU32,
+    /// The form for quantised weights where it differs (a CPU driver, where the untiled form
+    /// wins on 4-bit weights and not on f16; tuned likewise).
+    gemm_form_quant: AtomicU32,
     /// Per-shape block GEMV lanes: (rows, cols, dtype) → lanes.
     gemv_shapes: Mutex<HashMap<(usize, usize, DType), u32>>,
     /// Whether the GEMM form is also tuned per shape (a fast device; see
@@ -392,6 +395,7 @@ impl Gpu {
             gemv_shapes: Mutex::new(HashMap::new()),
             fuse_norm: AtomicBool::new(true),
             gemm_form: AtomicU32::new(0),
+            gemm_form_quant: AtomicU32::new(0),
             gemm_by_shape: AtomicBool::new(false),
             gemm_small_shapes: AtomicBool::new(false),
             gemm_shapes: Mutex::new(HashMap::new()),
@@ -422,6 +426,7 @@ impl Gpu {
         g.set_gemv_lanes(self.gemv_lanes());
         g.set_fuse_norm(self.fuse_norm());
         g.set_gemm_form(self.gemm_form());
+        g.set_gemm_form_quant(self.gemm_form_quant());
         g.set_gemm_by_shape(self.gemm_by_shape());
         g.set_gemm_small_shapes(self.gemm_small_shapes());
         if let Ok(m) = self.gemv_shapes.lock() {
@@ -484,9 +489,22 @@ impl Gpu {
         self.gemm_form.load(Ordering::Relaxed)
     }
 
-    /// Sets the GEMM form for every shape, forgetting the per-shape choices.
+    /// The form a GEMM over quantised weights runs in where its shape has none of its own
+    /// ([`Gpu::gemm_form_at`]): [`Gpu::gemm_form`] unless the tuning chose another for them.
+    pub fn gemm_form_quant(&self) -> u32 {
+        self.gemm_form_quant.load(Ordering::Relaxed)
+    }
+
+    /// Sets the form of GEMMs over quantised weights (after [`Gpu::set_gemm_form`], which sets
+    /// both).
+    pub fn set_gemm_form_quant(&self, form: u32) {
+        self.gemm_form_quant.store(form, Ordering::Relaxed);
+    }
+
+    /// Sets the GEMM form for every shape and dtype, forgetting the per-shape choices.
     pub fn set_gemm_form(&self, form: u32) {
         self.gemm_form.store(form, Ordering::Relaxed);
+        self.gemm_form_quant.store(form, Ordering::Relaxed);
         if let Ok(mut m) = self.gemm_shapes.lock() {
             m.clear();
         }
@@ -523,7 +541,8 @@ impl Gpu {
 
     /// The form of a tuned GEMM of `m` rows of x over `[n, k]` `dtype` weights, before
     /// [`crate::gpu::gemm_form_for`] trims it to the rows and columns: the form tuned for the
-    /// weight shape at the row count nearest `m` (by ratio), else the adapter's.
+    /// weight shape at the row count nearest `m` (by ratio), else the adapter's (for quantised
+    /// weights, [`Gpu::gemm_form_quant`]).
     pub fn gemm_form_at(&self, m: usize, n: usize, k: usize, dtype: DType) -> u32 {
         let distance = |rows: usize| (m.max(1) as f64 / rows.max(1) as f64).ln().abs();
         self.gemm_shapes
@@ -537,7 +556,10 @@ impl Gpu {
                     })
                     .map(|(_, &f)| f)
             })
-            .unwrap_or_else(|| self.gemm_form())
+            .unwrap_or_else(|| match dtype.is_quantized() {
+                true => self.gemm_form_quant(),
+                false => self.gemm_form(),
+            })
     }
 
     /// Whether a GEMM of exactly `m` rows over `[n, k]` `dtype` weights has its own form.

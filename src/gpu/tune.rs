@@ -315,6 +315,25 @@ pub fn gemm_choice(shapes: &[ShapeTrials]) -> (u32, bool) {
     (form, shapes.len() > 1)
 }
 
+/// Every GEMM form at `small` over 4-bit weights: where forms are not tuned per shape (a slow
+/// device), the form for quantised weights is chosen here ([`gemm_quant_choice`]). On
+/// lavapipe the untiled form (`GEMM_ROWS`) runs 4-bit weights at about twice the best tile's
+/// GFLOP/s and f16 weights at about the same: the f16 shape alone would give a 7B's prefill the
+/// slower form.
+pub async fn measure_gemm_quant(
+    gpu: &Gpu,
+    small: (usize, usize, usize),
+    runs: usize,
+) -> Result<Vec<GemmTrial>> {
+    measure_gemm(gpu, small, DType::Q4, runs).await
+}
+
+/// The form for quantised weights from [`measure_gemm_quant`]'s trials: the fastest
+/// ([`fastest_gemm`]), else `form` (the one for every GEMM).
+pub fn gemm_quant_choice(trials: &[GemmTrial], form: u32) -> u32 {
+    fastest_gemm(trials).unwrap_or(form)
+}
+
 /// The GEMM forms' tuning measurements: every form at `small`, then, where the best of them ran
 /// at [`GEMM_LARGE_FROM_GFLOPS`] or more (a GPU), every form again at `large`. The choice is
 /// made on the last shape measured ([`fastest_gemm`]). Returns each shape with its trials.
@@ -622,7 +641,13 @@ impl TuneCache {
 
     /// The GEMM form, as stored (a value that is not one is no choice).
     fn get_gemm_form(&self) -> Option<u32> {
-        let f = u32::try_from(self.field("gemm_form")?.as_u64()?).ok()?;
+        self.get_gemm_form_of("gemm_form")
+    }
+
+    /// A GEMM form stored under `field` (`gemm_form`, `gemm_form_quant`); a value that is not
+    /// one is none.
+    fn get_gemm_form_of(&self, field: &str) -> Option<u32> {
+        let f = u32::try_from(self.field(field)?.as_u64()?).ok()?;
         is_gemm_form(f).then_some(f)
     }
 
@@ -718,13 +743,17 @@ pub async fn tune_gemm(gpu: &Gpu) -> Result<u32> {
 async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
     // (a bad value is an error before anything is measured)
     let by_shape_override = override_gemm_shapes()?;
-    let stored = (cache.get_gemm_form(), cache.get_gemm_by_shape());
+    let stored = (
+        cache.get_gemm_form(),
+        cache.get_gemm_by_shape(),
+        cache.get_gemm_form_of("gemm_form_quant"),
+    );
     let pinned = override_gemm()?;
-    let (form, by_shape) = match (pinned, stored) {
+    let (form, by_shape, quant) = match (pinned, stored) {
         // a pinned form is every GEMM's
-        (Some(f), _) => (f, false),
-        (None, (Some(f), Some(by_shape))) => (f, by_shape),
-        // (a form stored without the by-shape answer: measured again)
+        (Some(f), _) => (f, false, f),
+        (None, (Some(f), Some(by_shape), Some(q))) => (f, by_shape, q),
+        // (a form stored without the by-shape answer or the quantised form: measured again)
         (None, _) => {
             log::info!(
                 "measuring the GEMM's forms on {} (once: the choice is cached)",
@@ -733,12 +762,19 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
             let shapes =
                 measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
             let (f, by_shape) = gemm_choice(&shapes);
+            let q = match by_shape {
+                // every shape is tuned on its own there
+                true => f,
+                false => gemm_quant_choice(&measure_gemm_quant(gpu, GEMM_TUNE_SHAPE, 2).await?, f),
+            };
             cache.set_field("gemm_form", f.into());
             cache.set_field("gemm_by_shape", by_shape.into());
-            (f, by_shape)
+            cache.set_field("gemm_form_quant", q.into());
+            (f, by_shape, q)
         }
     };
     gpu.set_gemm_form(form);
+    gpu.set_gemm_form_quant(quant);
     gpu.set_gemm_by_shape(by_shape_override.unwrap_or(by_shape));
     gpu.set_gemm_small_shapes(small_shapes_tuned(pinned, by_shape_override));
     Ok(form)
@@ -1039,6 +1075,7 @@ mod tests {
         c.set_field("fuse_norm", true.into());
         c.set_field("gemm_form", 5.into());
         c.set_field("gemm_by_shape", true.into());
+        c.set_field("gemm_form_quant", 16.into());
         c.set_gemm_shape("257x1408x6144 f16", 1);
         let bytes = serde_json::to_vec(&c.all).unwrap();
         // read back: every choice, and nothing for another adapter
@@ -1050,6 +1087,7 @@ mod tests {
             (c.get_fuse_norm(), c.get_gemm_form(), c.get_gemm_by_shape()),
             (Some(true), Some(5), Some(true))
         );
+        assert_eq!(c.get_gemm_form_of("gemm_form_quant"), Some(16));
         assert_eq!(c.get_gemm_shape("257x1408x6144 f16"), Some(1));
         assert_eq!(c.get_gemm_shape("257x6144x1408 f16"), None);
         let other = TuneCache::parse("adapter B".into(), Some(&bytes));
@@ -1058,6 +1096,7 @@ mod tests {
         // stored bytes are untrusted: values that are no valid choice are no choice, and bytes
         // that are not a JSON object (or are far too large) are an empty cache
         let bad = br#"{"adapter A": {"gemv_lanes": 12, "gemm_form": 12, "fuse_norm": 1,
+                        "gemm_form_quant": 17,
                         "shapes": {"576x576 q4m": -4, "960x576 q4m": 4294967297},
                         "gemm_by_shape": "yes",
                         "gemm_shapes": {"40x64x64 f16": 12, "41x64x64 f16": "1"}}}"#;
@@ -1067,6 +1106,7 @@ mod tests {
             (None, None, None)
         );
         assert_eq!(c.get_gemm_by_shape(), None);
+        assert_eq!(c.get_gemm_form_of("gemm_form_quant"), None);
         assert_eq!(c.get_gemm_shape("40x64x64 f16"), None);
         assert_eq!(c.get_gemm_shape("41x64x64 f16"), None);
         assert_eq!(c.get(Some("576x576 q4m")), None);
