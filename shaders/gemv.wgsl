@@ -786,7 +786,9 @@ fn acc44(r: ptr<function, R44>, c0: WB, c1: WB, c2: WB, c3: WB, x0: X8, x1: X8, 
 
 #if X_SG
 // x8 of one row from this invocation's share of a block's x (xv of lane sg_lane & 7): pairs
-// (0, 1), (2, 3), (4, 5), (6, 7) for j = 0 .. 3, broadcast from constant lanes.
+// (0, 1), (2, 3), (4, 5), (6, 7) for j = 0 .. 3. Four functions, not one taking j:
+// subgroupBroadcast takes its lane as a constant (a shuffle from a computed lane is a gather
+// on CPU drivers).
 fn x8_sg0(xl: vec4<f32>) -> X8 {
     return x8_of(subgroupBroadcast(xl, 0u), subgroupBroadcast(xl, 1u), vec4<f32>(1.0),
                  vec4<f32>(1.0));

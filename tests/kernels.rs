@@ -69,6 +69,26 @@ fn half_tol(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     })
 }
 
+/// A GEMM's rows of x, weight rows, weight columns and weight dtype.
+type GemmShape = (usize, usize, usize, DType);
+
+/// The kernels and GEMM shapes that a matmul of `m` rows of x over `[n, k]` `dt` weights records
+/// along `path` in variant `v` (nothing is submitted).
+fn recorded_matmul(
+    gpu: &Gpu,
+    v: Variant,
+    path: MatmulPath,
+    (m, n, k): (usize, usize, usize),
+    dt: DType,
+) -> (Vec<String>, Vec<GemmShape>) {
+    let x = Tensor::zeros(gpu, "x", &[m, k]).unwrap();
+    let w = Tensor::empty(gpu, "w", &[n, k], dt).unwrap();
+    let y = Tensor::zeros(gpu, "y", &[m, n]).unwrap();
+    let mut rec = Recorder::with_variant(gpu, v);
+    rec.matmul_with(path, &x, &w, None, &y, false).unwrap();
+    (rec.kernels(), rec.gemm_shapes().to_vec())
+}
+
 fn check_matmul(
     gpu: &Gpu,
     v: Variant,
@@ -203,15 +223,8 @@ fn quantised_weights_have_a_gemm_form_of_their_own() {
     assert_eq!(gemm_quant_choice(&[], GEMM_WIDE), GEMM_WIDE);
 
     let (m, n, k) = (40, 64, 64);
-    let kernels = |dt: DType| -> Vec<String> {
-        let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
-        let w = Tensor::empty(&gpu, "w", &[n, k], dt).unwrap();
-        let y = Tensor::zeros(&gpu, "y", &[m, n]).unwrap();
-        let mut rec = Recorder::new(&gpu);
-        rec.matmul_with(MatmulPath::Gemm, &x, &w, None, &y, false)
-            .unwrap();
-        rec.kernels()
-    };
+    let kernels =
+        |dt: DType| recorded_matmul(&gpu, gpu.best_variant, MatmulPath::Gemm, (m, n, k), dt).0;
     gpu.set_gemm_form(GEMM_WIDE);
     gpu.set_gemm_form_quant(GEMM_ROWS);
     assert_eq!(gpu.gemm_form_at(m, n, k, DType::Q4), GEMM_ROWS);
@@ -297,14 +310,9 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
     gpu.set_gemm_form_at(40, n, k, dt, GEMM_WIDE);
     gpu.set_gemm_form_at(200, n, k, dt, GEMM_TALL | GEMM_HALF);
     let gemm_flags = |m: usize, n: usize| -> String {
-        let x = Tensor::zeros(&gpu, "x", &[m, k]).unwrap();
-        let w = Tensor::empty(&gpu, "w", &[n, k], dt).unwrap();
-        let y = Tensor::zeros(&gpu, "y", &[m, n]).unwrap();
-        let mut rec = Recorder::new(&gpu);
-        rec.matmul_with(MatmulPath::Gemm, &x, &w, None, &y, false)
-            .unwrap();
-        assert_eq!(rec.gemm_shapes(), &[(m, n, k, dt)]);
-        let kernels = rec.kernels();
+        let (kernels, shapes) =
+            recorded_matmul(&gpu, gpu.best_variant, MatmulPath::Gemm, (m, n, k), dt);
+        assert_eq!(shapes, &[(m, n, k, dt)]);
         kernels
             .iter()
             .find(|s| s.starts_with("matmul::gemm "))
@@ -397,13 +405,8 @@ fn gemm_every_form_dtype_and_variant() {
     // through the subgroup where the variant and the subgroup sizes allow (checked above
     // against the CPU in the best variant, and without it in the others)
     for v in gpu.variants() {
-        let x = Tensor::zeros(&gpu, "x", &[6, 64]).unwrap();
-        let w = Tensor::empty(&gpu, "w", &[40, 64], DType::Q4).unwrap();
-        let y = Tensor::zeros(&gpu, "y", &[6, 40]).unwrap();
-        let mut rec = Recorder::with_variant(&gpu, v);
-        rec.matmul_with(MatmulPath::GemmForm(GEMM_ROWS), &x, &w, None, &y, false)
-            .unwrap();
-        let kernels = rec.kernels();
+        let path = MatmulPath::GemmForm(GEMM_ROWS);
+        let (kernels, _) = recorded_matmul(&gpu, v, path, (6, 40, 64), DType::Q4);
         assert_eq!(kernels.len(), 2, "{kernels:?}");
         let shared = v.subgroups && minigpt4::gpu::x_subgroup_fits(&gpu, 16);
         for k in kernels {
