@@ -332,20 +332,18 @@ fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         None => tune::gemm_choice(&tuning),
     };
     gpu.set_gemm_form(chosen);
-    // the form for quantised weights, as the tuning chooses it where shapes are not tuned
-    // one by one
-    let quant_trials = match (pinned, by_shape) {
-        (None, false) => {
-            eprintln!("bench: GEMM forms, q4 {}×{}×{}", small.0, small.1, small.2);
-            Some(pollster::block_on(tune::measure_gemm_quant(
-                gpu, small, a.runs,
-            ))?)
+    // the form for quantised weights, as the tuning chooses it (measured where shapes are not
+    // tuned one by one)
+    let quant_trials = match pinned {
+        None => {
+            if !by_shape {
+                eprintln!("bench: GEMM forms, q4 {}×{}×{}", small.0, small.1, small.2);
+            }
+            pollster::block_on(tune::measure_gemm_quant(gpu, small, by_shape, a.runs))?
         }
-        _ => None,
+        Some(_) => None,
     };
-    let chosen_quant = quant_trials
-        .as_deref()
-        .map_or(chosen, |t| tune::gemm_quant_choice(t, chosen));
+    let chosen_quant = tune::gemm_quant_choice(quant_trials.as_deref(), chosen);
     gpu.set_gemm_form_quant(chosen_quant);
     let by_shape = by_shape_override.unwrap_or(by_shape);
     gpu.set_gemm_by_shape(by_shape);

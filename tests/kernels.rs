@@ -215,12 +215,19 @@ fn gemm_tuning_measures_every_form_and_the_large_shape_only_on_a_fast_device() {
 fn quantised_weights_have_a_gemm_form_of_their_own() {
     use minigpt4::gpu::tune::{gemm_quant_choice, measure_gemm_quant};
     let gpu = gpu();
-    let trials = pollster::block_on(measure_gemm_quant(&gpu, (32, 128, 64), 1)).unwrap();
+    let small = (32, 128, 64);
+    let trials = pollster::block_on(measure_gemm_quant(&gpu, small, false, 1))
+        .unwrap()
+        .expect("measured where shapes are not tuned one by one");
     let forms = minigpt4::gpu::gemm_candidates(&gpu);
     assert_eq!(trials.iter().map(|t| t.form).collect::<Vec<_>>(), forms);
-    assert!(forms.contains(&gemm_quant_choice(&trials, 0)));
+    assert!(forms.contains(&gemm_quant_choice(Some(&trials), 0)));
+    // a device that tunes every shape on its own measures nothing here
+    let by_shape = pollster::block_on(measure_gemm_quant(&gpu, small, true, 1)).unwrap();
+    assert!(by_shape.is_none());
     // nothing measured: the form for every GEMM
-    assert_eq!(gemm_quant_choice(&[], GEMM_WIDE), GEMM_WIDE);
+    assert_eq!(gemm_quant_choice(Some(&[]), GEMM_WIDE), GEMM_WIDE);
+    assert_eq!(gemm_quant_choice(None, GEMM_WIDE), GEMM_WIDE);
 
     let (m, n, k) = (40, 64, 64);
     let kernels =

@@ -556,9 +556,12 @@ impl Gpu {
                     })
                     .map(|(_, &f)| f)
             })
-            .unwrap_or_else(|| match dtype.is_quantized() {
-                true => self.gemm_form_quant(),
-                false => self.gemm_form(),
+            .unwrap_or_else(|| {
+                if dtype.is_quantized() {
+                    self.gemm_form_quant()
+                } else {
+                    self.gemm_form()
+                }
             })
     }
 

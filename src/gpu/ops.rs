@@ -722,7 +722,7 @@ impl Recorder<'_> {
         f16: bool,
     ) -> Result<()> {
         let (n, k) = (w.rows(), x.cols());
-        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 0, 1, norm)?;
+        let (form, entry, rows_per_group) = self.gemv_form(lanes, 1, x, 0, 1, norm)?;
         let mut flags = vec![wflag(w.dtype), "ROPE"];
         flags.extend(form);
         if f16 {
@@ -779,7 +779,7 @@ impl Recorder<'_> {
         need_f32(out)?;
         let (n, k) = (gate.rows(), x.cols());
         out.expect(None, &[1, n])?;
-        let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 0, 1, norm)?;
+        let (form, entry, rows_per_group) = self.gemv_form(lanes, 1, x, 0, 1, norm)?;
         let mut flags = vec![wflag(gate.dtype), "GLU"];
         flags.extend(form);
         for (g, u_) in gate.parts.iter().zip(&up.parts) {
@@ -808,10 +808,14 @@ impl Recorder<'_> {
 
     /// The block GEMV form `lanes` stands for with `m` rows of `x` (and a fused RMSNorm's
     /// weights): its flags (the lane count, `X_UNIFORM` where x and those weights can be bound
-    /// as uniforms, `WG16`, `NORM`), its entry point, and the weight rows one workgroup covers.
+    /// as uniforms, `WG16`, `X_SG` where the kernel shares the x of up to `sg_rows` rows
+    /// through the subgroup, `NORM`), its entry point, and the weight rows one workgroup
+    /// covers.
+    #[allow(clippy::too_many_arguments)]
     fn gemv_form(
         &self,
         lanes: u32,
+        sg_rows: usize,
         x: &Tensor,
         row0: usize,
         m: usize,
@@ -849,7 +853,10 @@ impl Recorder<'_> {
                             "block GEMV: x shared through the subgroup takes 1 lane, found {lanes}"
                         )));
                     }
-                    if self.variant.subgroups && m == 1 && x_subgroup_fits(self.gpu, invocations) {
+                    if self.variant.subgroups
+                        && m <= sg_rows
+                        && x_subgroup_fits(self.gpu, invocations)
+                    {
                         flags.push("X_SG");
                     }
                 }
@@ -914,7 +921,7 @@ impl Recorder<'_> {
                     format!("{:?}", x.shape),
                 ));
             }
-            let (form, entry, rows_per_group) = self.gemv_form(lanes, x, 0, m, norm)?;
+            let (form, entry, rows_per_group) = self.gemv_form(lanes, 1, x, 0, m, norm)?;
             flags.extend(form);
             block_gemv = (entry, rows_per_group);
         }
@@ -1051,19 +1058,11 @@ impl Recorder<'_> {
         bufs: &[(u32, &wgpu::Buffer)],
         weight_rows: usize,
     ) -> Result<()> {
-        let (form, own_entry, per_group) = self.gemv_form(lanes, x, row0, rows, None)?;
+        // gemv_rows4 shares the x of all its rows through the subgroup, the decode GEMV one row's
+        let sg_rows = if entry == Some("gemv_rows4") { 4 } else { 1 };
+        let (form, own_entry, per_group) = self.gemv_form(lanes, sg_rows, x, row0, rows, None)?;
         let mut all = flags.to_vec();
         all.extend(form);
-        // gemv_rows4 shares every row's x through the subgroup (the decode form only one row's)
-        let invocations = if lanes & GEMV_WG16 != 0 { 16 } else { 64 };
-        if entry == Some("gemv_rows4")
-            && lanes & GEMV_X_SUBGROUP != 0
-            && self.variant.subgroups
-            && x_subgroup_fits(self.gpu, invocations)
-            && !all.contains(&"X_SG")
-        {
-            all.push("X_SG");
-        }
         let groups = grid(u(weight_rows.div_ceil(per_group)));
         self.dispatch(
             "gemv",

@@ -315,23 +315,28 @@ pub fn gemm_choice(shapes: &[ShapeTrials]) -> (u32, bool) {
     (form, shapes.len() > 1)
 }
 
-/// Every GEMM form at `small` over 4-bit weights: where forms are not tuned per shape (a slow
-/// device), the form for quantised weights is chosen here ([`gemm_quant_choice`]). On
-/// lavapipe the untiled form (`GEMM_ROWS`) runs 4-bit weights at about twice the best tile's
-/// GFLOP/s and f16 weights at about the same: the f16 shape alone would give a 7B's prefill the
-/// slower form.
+/// Every GEMM form at `small` over 4-bit weights, where forms are not tuned per shape
+/// (`by_shape` false: a slow device; a fast one tunes every shape on its own, so there is
+/// nothing to measure); the form for quantised weights is chosen from them
+/// ([`gemm_quant_choice`]). On lavapipe the untiled form (`GEMM_ROWS`) runs 4-bit weights at
+/// about twice the best tile's GFLOP/s and f16 weights at about the same: the f16 shape alone
+/// would give a 7B's prefill the slower form.
 pub async fn measure_gemm_quant(
     gpu: &Gpu,
     small: (usize, usize, usize),
+    by_shape: bool,
     runs: usize,
-) -> Result<Vec<GemmTrial>> {
-    measure_gemm(gpu, small, DType::Q4, runs).await
+) -> Result<Option<Vec<GemmTrial>>> {
+    if by_shape {
+        return Ok(None);
+    }
+    Ok(Some(measure_gemm(gpu, small, DType::Q4, runs).await?))
 }
 
 /// The form for quantised weights from [`measure_gemm_quant`]'s trials: the fastest
-/// ([`fastest_gemm`]), else `form` (the one for every GEMM).
-pub fn gemm_quant_choice(trials: &[GemmTrial], form: u32) -> u32 {
-    fastest_gemm(trials).unwrap_or(form)
+/// ([`fastest_gemm`]), else (none measured) `form`, the one for every GEMM.
+pub fn gemm_quant_choice(trials: Option<&[GemmTrial]>, form: u32) -> u32 {
+    trials.and_then(fastest_gemm).unwrap_or(form)
 }
 
 /// The GEMM forms' tuning measurements: every form at `small`, then, where the best of them ran
@@ -762,11 +767,8 @@ async fn tune_gemm_in(gpu: &Gpu, cache: &mut TuneCache) -> Result<u32> {
             let shapes =
                 measure_gemm_tuning(gpu, GEMM_TUNE_SHAPE, GEMM_TUNE_SHAPE_LARGE, 2).await?;
             let (f, by_shape) = gemm_choice(&shapes);
-            let q = match by_shape {
-                // every shape is tuned on its own there
-                true => f,
-                false => gemm_quant_choice(&measure_gemm_quant(gpu, GEMM_TUNE_SHAPE, 2).await?, f),
-            };
+            let quant = measure_gemm_quant(gpu, GEMM_TUNE_SHAPE, by_shape, 2).await?;
+            let q = gemm_quant_choice(quant.as_deref(), f);
             cache.set_field("gemm_form", f.into());
             cache.set_field("gemm_by_shape", by_shape.into());
             cache.set_field("gemm_form_quant", q.into());
