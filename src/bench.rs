@@ -5,6 +5,9 @@
 //!   run walking through enough copies of the matrix that its weights come from memory (as in
 //!   decode), not from a cache, and timed next to a run of the copy kernel (the percentage is
 //!   the median of the pairs' ratios);
+//! - decode attention (one query row over an f16 KV cache, as the LLM's layers read it) GB/s
+//!   of the cache and % of the copy bandwidth, at SmolLM2's and the Vicunas' heads and three
+//!   context lengths, split-K where the model splits;
 //! - GEMM (prefill, ViT) GFLOP/s;
 //! - end to end on synthetic weights at the real dimensions (`--synthetic vicuna0-7b|vicuna0-13b`,
 //!   `--layers N` when the machine is too small for all): ViT-g + Q-Former image encode, prefill
@@ -41,7 +44,8 @@ pub struct BenchArgs {
     /// LLM and ViT layers for the synthetic model (default: all).
     pub layers: Option<usize>,
     pub quant: DType,
-    /// Which parts to run: `copy`, `gemv`, `gemm`, `e2e` (the copy bandwidth is always measured).
+    /// Which parts to run: `copy`, `gemv`, `attention`, `gemm`, `e2e`, `decode` (the copy
+    /// bandwidth is always measured).
     pub parts: Vec<String>,
     /// A LLaMA model (GGUF or HF directory) to measure decode on, against the GEMV prediction.
     pub llm: Option<std::path::PathBuf>,
@@ -56,7 +60,7 @@ const VIT_G: &str = "vit-g";
 
 /// Every part of the report, in order. `decode` (the synthetic LLM's decode alone, the same
 /// code as the page's `MiniGPT4.benchDecode`) runs only when asked for.
-pub const PARTS: [&str; 5] = ["copy", "gemv", "gemm", "e2e", "decode"];
+pub const PARTS: [&str; 6] = ["copy", "gemv", "attention", "gemm", "e2e", "decode"];
 
 /// Median, min and max of `runs` measurements (seconds) by `run`, after one unmeasured run
 /// (pipelines compiled, buffers touched).
@@ -257,7 +261,7 @@ fn gemv(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             let y = Tensor::zeros(gpu, "gemv.y", &[1, n])?;
             // every matrix once, at least two dispatches
             let reps = ws.len().max(2);
-            let mut run_gemv = || {
+            let run_gemv = || {
                 let mut rec = Recorder::new(gpu);
                 for w in ws.iter().cycle().take(reps) {
                     rec.matmul(&x, w, None, &y, false)?;
@@ -266,21 +270,7 @@ fn gemv(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
                 gpu.wait();
                 Ok(())
             };
-            let mut run_copy = || copy.run(gpu);
-            let (mut tg, mut tc, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-            // (a first pair unmeasured)
-            for i in 0..=a.runs.max(1) {
-                let c = kernel_seconds(gpu, &mut run_copy)?;
-                let g = kernel_seconds(gpu, &mut run_gemv)?;
-                if i > 0 {
-                    // GEMV bytes/s over copy bytes/s
-                    ratios.push(((bytes * reps) as f64 / g) / (copy.moved() as f64 / c));
-                    tg.push(g);
-                    tc.push(c);
-                }
-            }
-            let (t, c) = (synthetic::spread(tg), synthetic::spread(tc));
-            let r = synthetic::spread(ratios);
+            let (t, c, r) = timed_against_copy(gpu, a, &copy, run_gemv, bytes * reps)?;
             out.push(json!({
                 "dtype": dtype.name(), "n": n, "k": k, "weight_bytes": bytes,
                 "copies": ws.len(),
@@ -293,6 +283,128 @@ fn gemv(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         }
     }
     Ok(Value::from(out))
+}
+
+/// The decode attention cases: (model, query heads, KV heads, head_dim, contexts).
+type AttnCase = (&'static str, usize, usize, usize, &'static [usize]);
+
+fn attention_cases(tiny: bool) -> Vec<AttnCase> {
+    if tiny {
+        // one context below the split-K threshold and one above it
+        vec![("tiny", 4, 2, 64, &[16, 300])]
+    } else {
+        vec![
+            ("smollm2-135m", 9, 3, 64, &[128, 1024, 2048]),
+            ("vicuna0-7b", 32, 32, 128, &[128, 1024, 2048]),
+            ("vicuna0-13b", 40, 40, 128, &[2048]),
+        ]
+    }
+}
+
+/// Decode attention as the LLM's layers run it: one query row (an activation, so read as a
+/// uniform where the kernel can) over an f16 KV cache of `context` positions, keys and values
+/// interleaved per position as `Llama` keeps them, split-K from [`ATTN_SPLIT`] keys on (the
+/// model's rule). Each run walks through enough copies of the cache that it comes from memory,
+/// as the layers' caches do, and is timed next to a copy-kernel run (the percentage is the
+/// median of the pairs' ratios of cache bytes per second to copy bytes per second).
+fn attention(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    use crate::gpu::{attention_partials, AttnShape, HeadView, ATTN_SPLIT};
+    let copy = CopyKernel::new(gpu, a, 1)?;
+    let mut out = Vec::new();
+    for (model, hq, hkv, d, contexts) in attention_cases(a.tiny) {
+        let (qd, kv) = (hq * d, hkv * d);
+        let q = Tensor::zeros(gpu, "attn.q", &[1, qd])?;
+        q.write_f32(
+            gpu,
+            &(0..qd)
+                .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.2)
+                .collect::<Vec<_>>(),
+        )?;
+        let o = Tensor::zeros(gpu, "attn.out", &[1, qd])?;
+        for &s in contexts {
+            eprintln!("bench: attention {model} ({hq} heads, {hkv} KV heads × {d}) at {s}");
+            let bytes = DType::F16.bytes(s * 2 * kv);
+            let caches = cold_copies(gpu, "attn.kv", &[s, 2 * kv], DType::F16, cold_bytes(a.tiny))?;
+            let split = s > ATTN_SPLIT;
+            let part = Tensor::zeros(gpu, "attn.part", &[attention_partials(1, hq, s, d)])?;
+            let reps = caches.len().max(2);
+            let run_attn = || -> Result<()> {
+                let mut rec = Recorder::new(gpu);
+                for c in caches.iter().cycle().take(reps) {
+                    rec.attention_with(
+                        HeadView::whole(&q),
+                        HeadView {
+                            t: c,
+                            offset: 0,
+                            stride: 2 * kv,
+                        },
+                        HeadView {
+                            t: c,
+                            offset: kv,
+                            stride: 2 * kv,
+                        },
+                        HeadView::whole(&o),
+                        AttnShape {
+                            t: 1,
+                            s,
+                            heads: hq,
+                            kv_heads: hkv,
+                            head_dim: d,
+                            causal: true,
+                            scale: 1.0 / (d as f32).sqrt(),
+                        },
+                        split.then_some(&part),
+                    )?;
+                }
+                pollster::block_on(rec.submit())?;
+                gpu.wait();
+                Ok(())
+            };
+            let (t, c, r) = timed_against_copy(gpu, a, &copy, run_attn, bytes * reps)?;
+            out.push(json!({
+                "model": model, "heads": hq, "kv_heads": hkv, "head_dim": d, "context": s,
+                "split_k": split, "kv_bytes": bytes, "copies": caches.len(),
+                "gb_per_s": (bytes * reps) as f64 / t.0 / 1e9,
+                "copy_gb_per_s": copy.moved() as f64 / c.0 / 1e9,
+                "percent_of_copy": 100.0 * r.0,
+                "percent_of_copy_min": 100.0 * r.1, "percent_of_copy_max": 100.0 * r.2,
+                "us_per_layer": t.0 / reps as f64 * 1e6,
+                "time": stats(t),
+            }));
+        }
+    }
+    Ok(Value::from(out))
+}
+
+/// Median, min and max.
+type Spread = (f64, f64, f64);
+
+/// `runs` timings of `run` (which moves `bytes`), each next to a copy-kernel run, after one
+/// unmeasured pair: (its times, the copy's times, the ratios of its bytes per second to the
+/// copy's), each as median, min and max.
+fn timed_against_copy(
+    gpu: &Gpu,
+    a: &BenchArgs,
+    copy: &CopyKernel,
+    mut run: impl FnMut() -> Result<()>,
+    bytes: usize,
+) -> Result<(Spread, Spread, Spread)> {
+    let mut run_copy = || copy.run(gpu);
+    let (mut tk, mut tc, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=a.runs.max(1) {
+        let c = kernel_seconds(gpu, &mut run_copy)?;
+        let k = kernel_seconds(gpu, &mut run)?;
+        if i > 0 {
+            ratios.push((bytes as f64 / k) / (copy.moved() as f64 / c));
+            tk.push(k);
+            tc.push(c);
+        }
+    }
+    Ok((
+        synthetic::spread(tk),
+        synthetic::spread(tc),
+        synthetic::spread(ratios),
+    ))
 }
 
 fn gemm(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
@@ -872,6 +984,9 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     if want("gemv") {
         report["gemv"] = gemv(gpu, a)?;
     }
+    if want("attention") {
+        report["attention"] = attention(gpu, a)?;
+    }
     if want("gemm") {
         report["gemm"] = gemm(gpu, a)?;
     } else if want("e2e") {
@@ -1024,6 +1139,28 @@ pub fn human(r: &Value) -> String {
             g["percent_of_copy_max"].as_f64().unwrap_or(0.0),
             g["copies"]
         );
+    }
+    if let Some(at) = r["attention"].as_array() {
+        s += "\nDecode attention (1 query row, f16 KV cache)       GB/s   % of copy (median, min–max)   µs per layer\n";
+        for e in at {
+            let case = format!(
+                "{} {}/{} heads × {}, ctx {}{}",
+                e["model"].as_str().unwrap_or(""),
+                e["heads"],
+                e["kv_heads"],
+                e["head_dim"],
+                e["context"],
+                if e["split_k"] == true { " split-K" } else { "" },
+            );
+            s += &format!(
+                "  {case:<47} {:>7.2} {:>8.1} % ({:.0}–{:.0}) {:>12.1}\n",
+                e["gb_per_s"].as_f64().unwrap_or(0.0),
+                e["percent_of_copy"].as_f64().unwrap_or(0.0),
+                e["percent_of_copy_min"].as_f64().unwrap_or(0.0),
+                e["percent_of_copy_max"].as_f64().unwrap_or(0.0),
+                e["us_per_layer"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     if let Some(g) = r.get("gemm") {
         s += "\nGEMM                          GFLOP/s\n";

@@ -151,8 +151,8 @@ enum Cmd {
         /// Print the JSON report
         #[arg(long)]
         json: bool,
-        /// Only these parts, comma-separated: copy, gemv, gemm, e2e, decode (default: all but
-        /// decode, the synthetic LLM's decode alone, as the page's benchDecode measures it)
+        /// Only these parts, comma-separated: copy, gemv, attention, gemm, e2e, decode (default:
+        /// all but decode, the synthetic LLM's decode alone, as the page's benchDecode measures it)
         #[arg(long, value_delimiter = ',')]
         parts: Vec<String>,
         /// Also measure decode on this LLaMA model (GGUF or HF directory) against the GEMV

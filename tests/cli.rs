@@ -647,6 +647,16 @@ fn bench_tiny_reports_every_part() {
     // q4, q4m, q8, f16 at two tiny shapes
     let gemv = r["gemv"].as_array().unwrap();
     assert_eq!(gemv.len(), 8);
+    // decode attention at a context below the split-K threshold and one above it, each with
+    // its rate and its share of the copy bandwidth
+    let attn = r["attention"].as_array().unwrap();
+    let splits: Vec<bool> = attn.iter().map(|e| e["split_k"] == true).collect();
+    assert_eq!(splits, [false, true], "{attn:?}");
+    for e in attn {
+        for k in ["gb_per_s", "percent_of_copy", "us_per_layer", "kv_bytes"] {
+            assert!(pos(&e[k]), "{k}: {e}");
+        }
+    }
     // every lane count of the block GEMV measured, with x as a storage buffer and as a
     // uniform, 1 lane in workgroups of 16 (and the subgroup form where offered), one of them
     // chosen
