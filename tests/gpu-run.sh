@@ -113,6 +113,10 @@ print("GEMV lanes:", ", ".join(f"{t['lanes']}: {t['gb_per_s']:.1f} GB/s" for t i
       f"-> {g.get('chosen')}; fuse_norm {g.get('fuse_norm', {}).get('chosen')}")
 for t in r.get("gemv", []):
     print(f"GEMV {t['dtype']:>4} {t['n']}x{t['k']}: {t['gb_per_s']:.1f} GB/s = {t['percent_of_copy']:.0f} % of copy")
+for t in r.get("attention", []):
+    print(f"attention {t['model']} {t['heads']}/{t['kv_heads']}x{t['head_dim']} ctx {t['context']}"
+          f"{' split-K' if t['split_k'] else ''}: {t['gb_per_s']:.1f} GB/s = {t['percent_of_copy']:.0f} % of copy, "
+          f"{t['us_per_layer']:.1f} us per layer")
 f = r.get("gemm", {}).get("forms", {})
 for name, shape in [("tuning shape", f.get("tune_shape")), ("tuning large shape", f.get("tune_shape_large"))] + [(s["case"], s) for s in f.get("at_shapes", [])]:
     if shape:
