@@ -1096,13 +1096,16 @@ fn end_to_end_lines(e: &Value) -> String {
 /// The report as a table for humans.
 pub fn human(r: &Value) -> String {
     let mut s = format!(
-        "adapter {} ({}), kernels {}, kernels timed by {}\ncopy kernel: {:.2} GB/s\n\nGEMV (decode)            GB/s   % of copy (each run against a copy run next to it: median, min–max)\n",
+        "adapter {} ({}), kernels {}, kernels timed by {}\ncopy kernel: {:.2} GB/s\n",
         r["adapter"].as_str().unwrap_or(""),
         r["backend"].as_str().unwrap_or(""),
         r["kernel_variant"].as_str().unwrap_or(""),
         r["kernel_clock"].as_str().unwrap_or("wall"),
         r["copy"]["gb_per_s"].as_f64().unwrap_or(0.0)
     );
+    if r.get("gemv_lanes").is_some() || r.get("gemv").is_some() {
+        s += "\nGEMV (decode)            GB/s   % of copy (each run against a copy run next to it: median, min–max)\n";
+    }
     if let Some(l) = r.get("gemv_lanes") {
         s += &format!("  block GEMV lanes (q4 {}×{}):", l["n"], l["k"]);
         for t in l["trials"].as_array().into_iter().flatten() {
