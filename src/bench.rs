@@ -222,6 +222,48 @@ impl CopyKernel {
     }
 }
 
+/// Workgroup counts [`dispatch_cost`] measures at: one (a decode step's norms, argmax), and 16
+/// (the order of the rest: SmolLM2's take 3 to 192 workgroups, a 7B's 16 to 500).
+const DISPATCH_GROUPS: [usize; 2] = [1, 16];
+
+/// What one dispatch costs the device beyond its work: a chain of `copy_vec4` dispatches that
+/// copy one vec4 per workgroup (the rest of each workgroup's invocations only check the
+/// bound), each reading what the one before it wrote (ping-pong between two buffers, so each
+/// waits for the one before, as a forward's do), in one submit; µs per dispatch for each of
+/// [`DISPATCH_GROUPS`].
+fn dispatch_cost(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    let chain = if a.tiny { 16 } else { 200 };
+    let mut out = serde_json::Map::new();
+    let x = Tensor::zeros(gpu, "dispatch.a", &[256 * 4])?;
+    let y = Tensor::zeros(gpu, "dispatch.b", &[256 * 4])?;
+    for groups in DISPATCH_GROUPS {
+        let vec4s = groups as u32;
+        let t = time_kernels(gpu, a.runs, || {
+            let mut rec = Recorder::new(gpu);
+            for i in 0..chain {
+                let (from, to) = if i % 2 == 0 { (&x, &y) } else { (&y, &x) };
+                rec.dispatch(
+                    "copy",
+                    "copy_vec4",
+                    &[],
+                    &[vec4s],
+                    &[(3, from.buffer()), (4, to.buffer())],
+                    grid(groups as u32),
+                )?;
+            }
+            pollster::block_on(rec.submit())?;
+            gpu.wait();
+            Ok(())
+        })?;
+        out.insert(
+            format!("us_{groups}_groups"),
+            json!(t.0 / chain as f64 * 1e6),
+        );
+    }
+    out.insert("chain".into(), json!(chain));
+    Ok(Value::Object(out))
+}
+
 /// The copy kernel's bandwidth (bytes read + written per second), timed on its own.
 fn copy_bandwidth(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     let copy = CopyKernel::new(gpu, a, if a.tiny { 2 } else { 8 })?;
@@ -744,7 +786,13 @@ fn print_profile_per(count: usize, per: &str) {
 /// Decode on a real LLaMA model, next to what this run's GEMV rates predict for the weight
 /// bytes one token reads (every matrix as loaded but the embedding table, at its dtype's
 /// median rate).
-fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) -> Result<Value> {
+fn llm_decode(
+    gpu: &Gpu,
+    a: &BenchArgs,
+    path: &std::path::Path,
+    gemv: &Value,
+    cost: &Value,
+) -> Result<Value> {
     use crate::model::llama::LlamaFiles;
     eprintln!("bench: decode on {}", path.display());
     let (cfg, files) = LlamaFiles::open(path)?;
@@ -824,7 +872,27 @@ fn llm_decode(gpu: &Gpu, a: &BenchArgs, path: &std::path::Path, gemv: &Value) ->
         sampled_host
     };
     let long = decode_at(gpu, a, &mut llm, ctx_long, chat_ahead, Picks::Greedy)?;
+    // the prediction again with what the step's dispatches cost beyond their work: how much
+    // of the gap to the prediction per-dispatch overhead alone explains
+    // (each dispatch priced at the cost measured with 1 workgroup if it has one, at the cost
+    // with 16 otherwise)
+    let groups = llm.step_workgroups();
+    let dispatches = groups.as_ref().map(Vec::len);
+    let price = |g: u32| {
+        let k = if g <= 1 {
+            "us_1_groups"
+        } else {
+            "us_16_groups"
+        };
+        cost[k].as_f64().unwrap_or(0.0) * 1e-6
+    };
+    let floor_s = groups.map(|g| g.into_iter().map(price).sum::<f64>());
+    let with_floor = predicted_s.zip(floor_s).map(|(p, f)| 1.0 / (p + f));
     Ok(json!({
+        "dispatches_per_token": dispatches,
+        "dispatch_floor_s": floor_s,
+        "predicted_tok_per_s_with_dispatches": with_floor,
+        "percent_of_prediction_with_dispatches": with_floor.map(|w| 100.0 * (1.0 / w) / short.0),
         "model": path.display().to_string(), "layers": cfg.layers, "hidden": cfg.hidden,
         "weight_bytes_per_token": bytes, "bytes_by_dtype": by_dtype,
         "predicted_tok_per_s": predicted_s.map(|p| 1.0 / p),
@@ -966,6 +1034,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         "tiny": a.tiny,
         "runs": a.runs,
         "copy": copy,
+        "dispatch": dispatch_cost(gpu, a)?,
     });
     // what the real models need, computed from their tensor lists (nothing allocated)
     let mut memory = Vec::new();
@@ -1018,7 +1087,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     }
     if let Some(p) = &a.llm {
         if want("e2e") {
-            report["llm_decode"] = llm_decode(gpu, a, p, &report["gemv"])?;
+            report["llm_decode"] = llm_decode(gpu, a, p, &report["gemv"], &report["dispatch"])?;
         }
     }
     if let (Some(p), Some(c)) = (&a.model, &package) {
@@ -1096,12 +1165,15 @@ fn end_to_end_lines(e: &Value) -> String {
 /// The report as a table for humans.
 pub fn human(r: &Value) -> String {
     let mut s = format!(
-        "adapter {} ({}), kernels {}, kernels timed by {}\ncopy kernel: {:.2} GB/s\n",
+        "adapter {} ({}), kernels {}, kernels timed by {}\ncopy kernel: {:.2} GB/s\ndispatch of next to no work (a chain of {}, each waiting for the one before): {:.1} µs with 1 workgroup, {:.1} µs with 16\n",
         r["adapter"].as_str().unwrap_or(""),
         r["backend"].as_str().unwrap_or(""),
         r["kernel_variant"].as_str().unwrap_or(""),
         r["kernel_clock"].as_str().unwrap_or("wall"),
-        r["copy"]["gb_per_s"].as_f64().unwrap_or(0.0)
+        r["copy"]["gb_per_s"].as_f64().unwrap_or(0.0),
+        r["dispatch"]["chain"],
+        r["dispatch"]["us_1_groups"].as_f64().unwrap_or(0.0),
+        r["dispatch"]["us_16_groups"].as_f64().unwrap_or(0.0),
     );
     if r.get("gemv_lanes").is_some() || r.get("gemv").is_some() {
         s += "\nGEMV (decode)            GB/s   % of copy (each run against a copy run next to it: median, min–max)\n";
@@ -1347,6 +1419,20 @@ pub fn human(r: &Value) -> String {
             e["prefill_tokens"],
             f("prefill_tok_per_s"),
         );
+        if let Some(n) = e["dispatches_per_token"].as_u64() {
+            s += &format!(
+                "  {n} dispatches per token, {:.1} ms per token at the dispatch costs above",
+                f("dispatch_floor_s") * 1e3,
+            );
+            if let (Some(w), Some(pc)) = (
+                e["predicted_tok_per_s_with_dispatches"].as_f64(),
+                e["percent_of_prediction_with_dispatches"].as_f64(),
+            ) {
+                s +=
+                    &format!("; with it the prediction is {w:.1} tok/s ({pc:.0} % of it measured)");
+            }
+            s += "\n";
+        }
     }
     s
 }

@@ -702,9 +702,26 @@ fn bench_tiny_reports_every_part() {
         "decode_tok_per_s_ctx_short_sampled_host",
         "decode_tok_per_s_ctx_long",
         "prefill_tok_per_s",
+        "dispatches_per_token",
+        "dispatch_floor_s",
+        "predicted_tok_per_s_with_dispatches",
+        "percent_of_prediction_with_dispatches",
     ] {
         assert!(pos(&l[k]), "{k}: {l}");
     }
+    // what a dispatch costs, at both workgroup counts; the step's dispatches priced at it
+    // lower the prediction
+    let cost = &r["dispatch"];
+    assert!(
+        pos(&cost["us_1_groups"]) && pos(&cost["us_16_groups"]),
+        "{cost}"
+    );
+    let f = |k: &str| l[k].as_f64().unwrap();
+    assert!(
+        f("predicted_tok_per_s_with_dispatches") < f("predicted_tok_per_s"),
+        "{l}"
+    );
+    assert!(l["dispatches_per_token"].is_u64(), "{l}");
     // the headline figures are chat's way on this device: submitting ahead but on a CPU device
     let (ok, info, err) = minigpt4(&["info", "--json"]);
     assert!(ok, "{err}");

@@ -108,6 +108,8 @@ except Exception as e:
     sys.exit()
 print(f"bench: {r['adapter']} ({r['backend']}, {r['driver']}), kernels {r['kernel_variant']}, "
       f"timed by {r['kernel_clock']}, copy {r['copy']['gb_per_s']:.1f} GB/s")
+d = r.get("dispatch", {})
+print(f"dispatch of next to no work: {d.get('us_1_groups', 0):.1f} us with 1 workgroup, {d.get('us_16_groups', 0):.1f} us with 16")
 g = r.get("gemv_lanes", {})
 print("GEMV lanes:", ", ".join(f"{t['lanes']}: {t['gb_per_s']:.1f} GB/s" for t in g.get("trials", [])),
       f"-> {g.get('chosen')}; fuse_norm {g.get('fuse_norm', {}).get('chosen')}")

@@ -64,6 +64,14 @@ impl Plan {
         self.cmds.len()
     }
 
+    /// The workgroup count of each dispatch, in order.
+    pub fn workgroups(&self) -> Vec<u32> {
+        self.cmds
+            .iter()
+            .map(|c| c.groups.iter().product())
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.cmds.is_empty()
     }

@@ -1365,6 +1365,12 @@ impl Llama {
         Ok(())
     }
 
+    /// The workgroup count of each dispatch one greedy decode step records (one token,
+    /// argmax), once one has run: its plan is kept for the next.
+    pub fn step_workgroups(&self) -> Option<Vec<u32>> {
+        self.plans.get(&(1, false, 1)).map(|p| p.workgroups())
+    }
+
     async fn run(
         &mut self,
         gpu: &Gpu,
