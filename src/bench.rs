@@ -859,6 +859,8 @@ fn llm_decode(
         })
     };
     let [ahead, waiting] = both(&mut llm, Picks::Greedy)?;
+    // a greedy step's dispatches at the short context (the long one splits attention in two)
+    let groups = llm.step_workgroups();
     // chat's default, the reference demo's sampling: on the GPU both ways, and from the logits
     // on the host (chat's way on a CPU device, see `Gpu::samples_on_gpu`)
     let [sampled_ahead, sampled_waiting] = both(&mut llm, Picks::Sampled)?;
@@ -876,7 +878,6 @@ fn llm_decode(
     // of the gap to the prediction per-dispatch overhead alone explains
     // (each dispatch priced at the cost measured with 1 workgroup if it has one, at the cost
     // with 16 otherwise)
-    let groups = llm.step_workgroups();
     let dispatches = groups.as_ref().map(Vec::len);
     let price = |g: u32| {
         let k = if g <= 1 {
