@@ -1,6 +1,8 @@
 //! `minigpt4 bench`: speed as ratios measured in one run on one device.
 //!
-//! - the device's own copy-kernel bandwidth (our `copy_rows` kernel), the yardstick;
+//! - the device's own copy-kernel bandwidth (our `copy_vec4` kernel), the yardstick;
+//! - what a dispatch of next to no work takes (with 1 and with 16 workgroups), the floor under
+//!   every dispatch of a decode step;
 //! - GEMV (decode) GB/s and % of the copy bandwidth for q4 / q8 / f16 at the real shapes, each
 //!   run walking through enough copies of the matrix that its weights come from memory (as in
 //!   decode), not from a cache, and timed next to a run of the copy kernel (the percentage is
@@ -15,10 +17,13 @@
 //!   the image encode alone;
 //! - end to end on a model package (`--model`), as `chat` runs it: the same figures for its
 //!   real weights and its first turn's prompt;
-//! - decode on a real LLaMA (`--llm`, GGUF or HF directory) against what the GEMV rates predict.
+//! - decode on a real LLaMA (`--llm`, GGUF or HF directory) against what the GEMV rates predict,
+//!   with and without the dispatch floor of its step.
 //!
-//! Times are wall clock around a submit and a wait for the device (several runs; median, min and
-//! max). `--tiny` shrinks everything so CI can prove the command works; no test is timed.
+//! Kernel parts are timed on the device's clock where it has timestamp queries, by the wall
+//! clock otherwise; end-to-end figures by the wall clock around a submit and a wait for the
+//! device (several runs; median, min and max). `--tiny` shrinks everything so CI can prove the
+//! command works; no test is timed.
 
 use std::time::Instant;
 
