@@ -710,6 +710,19 @@ enum Pick<'a> {
     },
 }
 
+impl Pick<'_> {
+    /// The kind of recorded plan this pick needs (part of a plan's key with the rows and
+    /// whether every row's logits are kept): the two greedy picks record the same dispatches.
+    fn plan_kind(&self) -> u8 {
+        match self {
+            Pick::Logits => 0,
+            Pick::Argmax(_) | Pick::ArgmaxAhead(..) => 1,
+            Pick::TopK { .. } => 2,
+            Pick::SampleAhead { .. } => 3,
+        }
+    }
+}
+
 /// How [`Llama::decode_sampled`] samples: the settings (as `chat::sample` reads them) and the
 /// draws, one per token, uniform in [0, 1), taken in order. A token the candidates cannot
 /// decide is sampled on the host from its full logits with the same draw (`chat::sample_with`).
@@ -1368,7 +1381,8 @@ impl Llama {
     /// The workgroup count of each dispatch one greedy decode step records (one token,
     /// argmax), once one has run: its plan is kept for the next.
     pub fn step_workgroups(&self) -> Option<Vec<u32>> {
-        self.plans.get(&(1, false, 1)).map(|p| p.workgroups())
+        let greedy = Pick::Argmax(self.cfg.vocab).plan_kind();
+        self.plans.get(&(1, false, greedy)).map(|p| p.workgroups())
     }
 
     async fn run(
@@ -1396,16 +1410,7 @@ impl Llama {
         let s = &self.scratch[&(t, all_logits)];
         let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let pos = self.pos;
-        let plan_key = (
-            t,
-            all_logits,
-            match pick {
-                Pick::Logits => 0,
-                Pick::Argmax(_) | Pick::ArgmaxAhead(..) => 1,
-                Pick::TopK { .. } => 2,
-                Pick::SampleAhead { .. } => 3,
-            },
-        );
+        let plan_key = (t, all_logits, pick.plan_kind());
         let mut rec = match self.plans.remove(&plan_key) {
             Some(plan) => Recorder::replaying(gpu, plan),
             None => Recorder::new(gpu),
