@@ -212,14 +212,7 @@ impl CopyKernel {
         let vec4s = (self.src.numel() / 4) as u32;
         let mut rec = Recorder::new(gpu);
         for _ in 0..self.reps {
-            rec.dispatch(
-                "copy",
-                "copy_vec4",
-                &[],
-                &[vec4s],
-                &[(3, self.src.buffer()), (4, self.dst.buffer())],
-                grid(vec4s.div_ceil(256)),
-            )?;
+            copy_vec4(&mut rec, &self.src, &self.dst, vec4s, vec4s.div_ceil(256))?;
         }
         pollster::block_on(rec.submit())?;
         gpu.wait();
@@ -247,14 +240,7 @@ fn dispatch_cost(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             let mut rec = Recorder::new(gpu);
             for i in 0..chain {
                 let (from, to) = if i % 2 == 0 { (&x, &y) } else { (&y, &x) };
-                rec.dispatch(
-                    "copy",
-                    "copy_vec4",
-                    &[],
-                    &[vec4s],
-                    &[(3, from.buffer()), (4, to.buffer())],
-                    grid(groups as u32),
-                )?;
+                copy_vec4(&mut rec, from, to, vec4s, groups as u32)?;
             }
             pollster::block_on(rec.submit())?;
             gpu.wait();
@@ -267,6 +253,25 @@ fn dispatch_cost(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     }
     out.insert("chain".into(), json!(chain));
     Ok(Value::Object(out))
+}
+
+/// Records `copy.wgsl` `copy_vec4`: the first `vec4s` vec4s of `from` into `to`, over `groups`
+/// workgroups of 256 invocations (those past `vec4s` only check the bound).
+fn copy_vec4(
+    rec: &mut Recorder,
+    from: &Tensor,
+    to: &Tensor,
+    vec4s: u32,
+    groups: u32,
+) -> Result<()> {
+    rec.dispatch(
+        "copy",
+        "copy_vec4",
+        &[],
+        &[vec4s],
+        &[(3, from.buffer()), (4, to.buffer())],
+        grid(groups),
+    )
 }
 
 /// The copy kernel's bandwidth (bytes read + written per second), timed on its own.
@@ -879,10 +884,9 @@ fn llm_decode(
         sampled_host
     };
     let long = decode_at(gpu, a, &mut llm, ctx_long, chat_ahead, Picks::Greedy)?;
-    // the prediction again with what the step's dispatches cost beyond their work: how much
+    // the prediction again with what the step's dispatches cost beyond their work (each
+    // priced at the cost measured with 1 workgroup if it has one, with 16 otherwise): how much
     // of the gap to the prediction per-dispatch overhead alone explains
-    // (each dispatch priced at the cost measured with 1 workgroup if it has one, at the cost
-    // with 16 otherwise)
     let dispatches = groups.as_ref().map(Vec::len);
     let price = |g: u32| {
         let k = if g <= 1 {
