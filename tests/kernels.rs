@@ -1837,12 +1837,33 @@ fn a_replayed_plan_reuses_every_bind_group_and_takes_new_parameters() {
 fn top_k_candidates_with_the_repetition_penalty() {
     let gpu = gpu();
     let mut r = Rng::new(12);
-    // sizes: under one candidate list, one workgroup, several passes (32001 = Vicuna-v0's vocab)
-    for n in [10usize, 700, 5000, 32001] {
+    // sizes: under one candidate list, one workgroup, and the chunk bests' way (1025 its
+    // smallest, 32001 = Vicuna-v0's vocab, 49152 = SmolLM2's) with one or two sorting passes
+    // over the bests; then the same sizes with the best entries crowded into few chunks, all
+    // entries equal, and a NaN
+    let sizes = [10usize, 700, 1024, 1025, 5000, 32001, 49152];
+    for case in 0..sizes.len() + 4 {
+        let n = sizes[case.min(sizes.len() - 1)];
         let mut x = r.vec(n, 4.0);
-        // exact ties decided by the lower index, also across workgroups
+        // exact ties decided by the lower index, also across workgroups and chunks
         for i in (0..n).step_by(97) {
             x[i] = 3.5;
+        }
+        match case.checked_sub(sizes.len()) {
+            // the best 80 in 5 chunks, in the middle of the vector and at its end
+            Some(0) => (0..80).for_each(|j| x[n / 2 / 16 * 16 + j] = 10.0 + j as f32),
+            Some(1) => (0..80).for_each(|j| x[n - 1 - j] = 10.0 + (j % 7) as f32),
+            Some(2) => x.iter_mut().for_each(|v| *v = -0.25),
+            // a NaN ranks first (so sampling sees it and leaves the pick to the host), as a
+            // NaN orders with total_cmp; -0 below +0
+            Some(3) => {
+                x[n / 3] = f32::NAN;
+                x[7] = 0.0;
+                x[8] = -0.0;
+                x[9] = 9.0;
+                x[10] = 9.0;
+            }
+            _ => {}
         }
         let mut mask = vec![0u32; n.div_ceil(32)];
         let penalized: Vec<usize> = (0..n).step_by(7).collect();
@@ -1883,14 +1904,20 @@ fn top_k_candidates_with_the_repetition_penalty() {
             .filter(|c| c[1] != u32::MAX)
             .map(|c| c[1] as usize)
             .collect();
-        assert_eq!(ids, want, "n {n}");
+        assert_eq!(ids, want, "case {case}, n {n}");
         for c in got.chunks(3).filter(|c| c[1] != u32::MAX) {
-            assert_eq!(
-                f32::from_bits(c[2]),
-                x[c[1] as usize],
-                "raw logit of {}",
+            assert_eq!(c[2], x[c[1] as usize].to_bits(), "raw logit of {}", c[1]);
+            // (WGSL's division may be off by 2.5 ulp)
+            let (k, got_k) = (key(c[1] as usize), f32::from_bits(c[0]));
+            assert!(
+                (k.is_nan() && got_k.is_nan()) || (got_k - k).abs() <= 1e-6 * k.abs(),
+                "key of {}: {got_k}, want {k}",
                 c[1]
             );
+        }
+        if case == sizes.len() + 3 {
+            assert_eq!(ids[0], n / 3, "the NaN first");
+            assert!(f32::from_bits(got[0]).is_nan(), "the NaN's key");
         }
     }
 }

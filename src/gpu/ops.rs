@@ -345,9 +345,11 @@ fn resolve(
     }
 }
 
-/// Candidates the GPU top-k keeps (`KEEP` in `topk.wgsl`) and the span one workgroup sorts.
+/// Candidates the GPU top-k keeps (`KEEP` in `topk.wgsl`), the span one workgroup sorts, and
+/// the chunks whose bests stand for a vector longer than that span (`CHUNK`).
 pub const TOPK_KEEP: usize = 64;
 const TOPK_SPAN: usize = 1024;
+const TOPK_CHUNK: usize = 16;
 
 /// u32 words of each candidate buffer [`Recorder::topk`] needs for `n` elements.
 pub fn topk_words(n: usize) -> usize {
@@ -1626,19 +1628,34 @@ impl Recorder<'_> {
                 format!("{}, {} and {}", mask.len, ping.len, pong.len),
             ));
         }
-        let mut groups = n.div_ceil(TOPK_SPAN);
+        if n <= TOPK_SPAN {
+            // one workgroup sorts all
+            self.dispatch(
+                "topk",
+                "topk",
+                &[],
+                &[u(n), f(penalty)],
+                &[(1, x.buffer()), (2, &mask.buffer), (4, &ping.buffer)],
+                [1, 1, 1],
+            )?;
+            return Ok(ping);
+        }
+        // the best of each chunk (as many as 16 × fewer than n: they fit where the first pass
+        // of a full sort would write its candidates), their best 64 by sorting passes, then
+        // the entries of those 64 chunks sorted (see `topk.wgsl`)
+        let chunks = n.div_ceil(TOPK_CHUNK);
         self.dispatch(
             "topk",
-            "topk",
+            "topk_bests",
             &[],
             &[u(n), f(penalty)],
             &[(1, x.buffer()), (2, &mask.buffer), (4, &ping.buffer)],
-            grid(u(groups)),
+            grid(u(chunks.div_ceil(256))),
         )?;
         let (mut cur, mut other) = (ping, pong);
-        while groups > 1 {
-            let count = groups * TOPK_KEEP;
-            groups = count.div_ceil(TOPK_SPAN);
+        let mut count = chunks;
+        loop {
+            let groups = count.div_ceil(TOPK_SPAN);
             self.dispatch(
                 "topk",
                 "topk",
@@ -1648,8 +1665,25 @@ impl Recorder<'_> {
                 grid(u(groups)),
             )?;
             std::mem::swap(&mut cur, &mut other);
+            if groups == 1 {
+                break;
+            }
+            count = groups * TOPK_KEEP;
         }
-        Ok(cur)
+        self.dispatch(
+            "topk",
+            "topk",
+            &["GATHER"],
+            &[u(n), f(penalty)],
+            &[
+                (1, x.buffer()),
+                (2, &mask.buffer),
+                (3, &cur.buffer),
+                (4, &other.buffer),
+            ],
+            [1, 1, 1],
+        )?;
+        Ok(other)
     }
 
     /// Copies `rows`×`cols` elements between two distinct tensors with row strides and

@@ -167,7 +167,7 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
     ("im2col", &[&[]]),
     ("copy", &[&[]]),
     ("argmax", &[&[]]),
-    ("topk", &[&[], &["NEXT"]]),
+    ("topk", &[&[], &["NEXT"], &["GATHER"]]),
     ("sample", &[&[]]),
 ];
 
