@@ -8,17 +8,16 @@
 // leaves the pick to the host). Each candidate is three words: key bits, index, and the logit
 // as it was (the host applies the penalty again, exactly, before it samples).
 //
-// `topk`: workgroup g sorts logits g*1024 .. g*1024+1023 in workgroup memory (bitonic) and
-// writes its best 64 candidates at out[g * 64 ..]; with NEXT, the same over p.n candidates of
-// an earlier pass. Passes repeat until 64 remain.
+// `topk`: workgroup g ranks logits g*1024 .. g*1024+1023 in workgroup memory (see `rank`) and
+// writes its best 64 candidates in order at out[g * 64 ..] (padded where fewer); with NEXT,
+// the same over p.n candidates of an earlier pass. Passes repeat until 64 remain.
 //
-// Larger vectors are first cut down without sorting them (src/gpu/ops.rs chooses):
+// Larger vectors are first cut down without ranking every entry (src/gpu/ops.rs chooses):
 // `topk_bests` writes the best entry of each chunk of 16 as a candidate (one invocation per
 // chunk, no workgroup memory, no barrier); the passes above find the best 64 of those; and
-// `topk` with GATHER sorts the 64 × 16 entries of those 64 chunks. The best 64 entries all lie
+// `topk` with GATHER ranks the 64 × 16 entries of those 64 chunks. The best 64 entries all lie
 // there: an entry outside them ranks below the best of each of the 64 chunks, 64 better
-// entries. For Vicuna's 32001 logits that is 4 workgroups sorting instead of 35; a sort is 55
-// rounds of compare-and-swap between barriers, the costliest kind of kernel on CPU drivers.
+// entries. For Vicuna's 32001 logits that is 4 workgroups ranking 1024 entries instead of 35.
 
 #include common
 
@@ -38,9 +37,8 @@ const KEEP: u32 = 64u;
 const CHUNK: u32 = 16u;
 const NONE: u32 = 0xffffffffu;
 
-var<workgroup> key: array<u32, SPAN>;
-var<workgroup> idx: array<u32, SPAN>;
-var<workgroup> raw: array<f32, SPAN>;
+var<workgroup> key4: array<vec4<u32>, SPAN / 4u>;
+var<workgroup> idx4: array<vec4<u32>, SPAN / 4u>;
 
 // Key bits as an unsigned number in the keys' order: positive floats above negative ones,
 // each side in the order of its magnitude; any NaN (by its bits: WGSL lets a compiler assume
@@ -89,47 +87,36 @@ fn beats(a: Entry, b: Entry) -> bool {
     return a.k > b.k || (a.k == b.k && a.at < b.at);
 }
 
-fn better(a: u32, b: u32) -> bool {
-    return key[a] > key[b] || (key[a] == key[b] && idx[a] < idx[b]);
-}
-
-// Sorts key/idx/raw best first (bitonic; 256 invocations, 4 slots each).
-fn sort(lid: u32) {
-    for (var k = 2u; k <= SPAN; k <<= 1u) {
-        for (var j = k >> 1u; j > 0u; j >>= 1u) {
-            for (var e = 0u; e < 4u; e++) {
-                let i = lid + e * 256u;
-                let l = i ^ j;
-                if (l > i) {
-                    let best_first = (i & k) == 0u;
-                    if (best_first == better(l, i)) {
-                        let tk = key[i];
-                        key[i] = key[l];
-                        key[l] = tk;
-                        let ti = idx[i];
-                        idx[i] = idx[l];
-                        idx[l] = ti;
-                        let tr = raw[i];
-                        raw[i] = raw[l];
-                        raw[l] = tr;
-                    }
-                }
-            }
-            workgroupBarrier();
+// The ranks of this invocation's four entries (held in slots lid + 256 e) among slots
+// 0 .. live - 1: how many entries beat each, ties in key and index (padding) by slot, so that
+// the ranks are a permutation. Every invocation reads the same four slots at each step, as one
+// vec4 load of keys and one of indices shared by its four entries: a GPU's workgroup memory
+// broadcasts them, and a CPU driver (which loads workgroup memory lane by lane) makes few
+// loads. A bitonic sort of 1024 slots would wait at 55 barriers instead, the costliest thing
+// a CPU driver's kernel does (on lavapipe this ranking takes under half the sort's time).
+fn ranks(mine: ptr<function, array<Entry, 4>>, lid: u32, live: u32) -> vec4<u32> {
+    var n = array<vec4<u32>, 4>();
+    for (var j = 0u; j < live; j += 4u) {
+        let kj = key4[j / 4u];
+        let aj = idx4[j / 4u];
+        let sj = vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u);
+        let in_range = sj < vec4<u32>(live);
+        for (var e = 0u; e < 4u; e++) {
+            let ek = vec4<u32>((*mine)[e].k);
+            let ea = vec4<u32>((*mine)[e].at);
+            let s = vec4<u32>(lid + e * 256u);
+            let beats = (kj > ek) | ((kj == ek) & ((aj < ea) | ((aj == ea) & (sj < s))));
+            n[e] += select(vec4<u32>(0u), vec4<u32>(1u), beats & in_range);
         }
     }
+    return vec4<u32>(dot(n[0], vec4<u32>(1u)), dot(n[1], vec4<u32>(1u)),
+                     dot(n[2], vec4<u32>(1u)), dot(n[3], vec4<u32>(1u)));
 }
 
 fn write_entry(o: u32, e: Entry) {
     cand_out[o * 3u] = unord(e.k);
     cand_out[o * 3u + 1u] = e.at;
     cand_out[o * 3u + 2u] = bitcast<u32>(e.r);
-}
-
-fn write_best(g: u32, lid: u32) {
-    if (lid < KEEP) {
-        write_entry(g * KEEP + lid, Entry(key[lid], idx[lid], raw[lid]));
-    }
 }
 
 // Slot s of workgroup g: without NEXT or GATHER logit g*1024 + s, with NEXT that candidate of
@@ -161,16 +148,34 @@ fn topk(ids: Ids, grp: Grp) {
     if (g * SPAN >= p.n) {
         return;
     }
+    var mine: array<Entry, 4>;
     for (var e = 0u; e < 4u; e++) {
         let s = ids.lid + e * 256u;
-        let en = slot_entry(g, s);
-        key[s] = en.k;
-        idx[s] = en.at;
-        raw[s] = en.r;
+        mine[e] = slot_entry(g, s);
+        key4[s / 4u][s % 4u] = mine[e].k;
+        idx4[s / 4u][s % 4u] = mine[e].at;
     }
     workgroupBarrier();
-    sort(ids.lid);
-    write_best(g, ids.lid);
+#if GATHER
+    let live = SPAN;
+#else
+    let live = min(p.n - g * SPAN, SPAN);
+#endif
+    // each entry ranked among the others, the best KEEP written at their ranks
+    let r4 = ranks(&mine, ids.lid, live);
+    for (var e = 0u; e < 4u; e++) {
+        let s = ids.lid + e * 256u;
+        if (s < live) {
+            let r = r4[e];
+            if (r < KEEP) {
+                write_entry(g * KEEP + r, mine[e]);
+            }
+        }
+    }
+    // fewer entries than KEEP: padding after them
+    if (ids.lid >= live && ids.lid < KEEP) {
+        write_entry(g * KEEP + ids.lid, padding());
+    }
 }
 
 // The best entry of chunk c (logits 16c .. 16c + 15, those below p.n) as candidate c.
