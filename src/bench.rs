@@ -872,7 +872,7 @@ fn llm_decode(
     // a greedy step's dispatches at the short context (the long one splits attention in two)
     let groups = llm.step_workgroups();
     // chat's default, the reference demo's sampling: on the GPU both ways, and from the logits
-    // on the host (chat's way on a CPU device, see `Gpu::samples_on_gpu`)
+    // on the host (chat's way with MINIGPT4_GPU_SAMPLING=0, see `Gpu::samples_on_gpu`)
     let [sampled_ahead, sampled_waiting] = both(&mut llm, Picks::Sampled)?;
     let sampled_host = decode_at(gpu, a, &mut llm, ctx_short, false, Picks::SampledOnHost)?;
     let chats = |[ahead, waiting]: [(f64, f64, f64); 2]| if chat_ahead { ahead } else { waiting };
@@ -1408,7 +1408,7 @@ pub fn human(r: &Value) -> String {
             "each token read back before the next is submitted (a CPU device)"
         };
         let host_chat = if e["samples_on_gpu"] == false {
-            " (chat's way here: a CPU device)"
+            " (chat's way here: MINIGPT4_GPU_SAMPLING=0)"
         } else {
             ""
         };

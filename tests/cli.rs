@@ -213,7 +213,7 @@ fn generate_json_reproduces_the_transformers_greedy_tokens() {
 
 /// Sampled generation, and greedy with a repetition penalty, give the same tokens whether the
 /// GPU picks them among its candidates or the host samples the read-back logits
-/// (`MINIGPT4_GPU_SAMPLING`; the default is the host on CPU devices); a bad value is named.
+/// (`MINIGPT4_GPU_SAMPLING`; the default is the GPU); a bad value is named.
 #[test]
 fn sampling_on_the_gpu_or_from_the_logits_gives_the_same_tokens() {
     let model = smollm2();
@@ -732,11 +732,10 @@ fn bench_tiny_reports_every_part() {
     let way = if ahead { "ahead" } else { "waiting" };
     let k = "decode_tok_per_s_ctx_short";
     assert_eq!(l[k], l[format!("{k}_{way}")], "{k}: {l}");
-    // sampled: on the GPU, or from the logits on a CPU device (`Gpu::samples_on_gpu`)
-    assert_eq!(l["samples_on_gpu"], ahead, "{chosen}");
-    let sampled_way = if ahead { "ahead" } else { "host" };
+    // sampled: on the GPU (`Gpu::samples_on_gpu`), ahead or not as greedy tokens are
+    assert_eq!(l["samples_on_gpu"], true, "{chosen}");
     let k = "decode_tok_per_s_ctx_short_sampled";
-    assert_eq!(l[k], l[format!("{k}_{sampled_way}")], "{k}: {l}");
+    assert_eq!(l[k], l[format!("{k}_{way}")], "{k}: {l}");
     assert_eq!(r["end_to_end"]["submits_ahead"], ahead);
     // kernels timed on the GPU's own clock where the adapter has timestamp queries
     let clock = if chosen["timestamps"] == true {
@@ -1036,9 +1035,8 @@ fn bench_end_to_end_on_a_package_and_on_the_image_encoder_alone() {
         assert!(pos(&e[k]), "{k}: {e}");
     }
     assert_eq!(e["variant"], "vicuna0", "{e}");
-    // sampled as chat samples: on the GPU but on a CPU device, as with submitting ahead
-    assert!(e["samples_on_gpu"].is_boolean(), "{e}");
-    assert_eq!(e["samples_on_gpu"], e["submits_ahead"], "{e}");
+    // sampled as chat samples: on the GPU
+    assert_eq!(e["samples_on_gpu"], true, "{e}");
     // the tiny package: 2 LLM layers, 3 ViT layers; its 8 image rows and the template's text
     assert_eq!(
         (e["llm_layers"].as_u64(), e["vit_layers"].as_u64()),
