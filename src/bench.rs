@@ -65,7 +65,15 @@ const VIT_G: &str = "vit-g";
 
 /// Every part of the report, in order. `decode` (the synthetic LLM's decode alone, the same
 /// code as the page's `MiniGPT4.benchDecode`) runs only when asked for.
-pub const PARTS: [&str; 6] = ["copy", "gemv", "attention", "gemm", "e2e", "decode"];
+pub const PARTS: [&str; 7] = [
+    "copy",
+    "gemv",
+    "attention",
+    "sampling",
+    "gemm",
+    "e2e",
+    "decode",
+];
 
 /// Median, min and max of `runs` measurements (seconds) by `run`, after one unmeasured run
 /// (pipelines compiled, buffers touched).
@@ -424,6 +432,74 @@ fn attention(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
                 "time": stats(t),
             }));
         }
+    }
+    Ok(Value::from(out))
+}
+
+/// Vocabulary sizes the `sampling` part measures: Vicuna's and SmolLM2's, or (tiny) one
+/// under the top-k's single pass and one over it.
+fn sampling_cases(tiny: bool) -> &'static [(&'static str, usize)] {
+    if tiny {
+        &[("tiny", 300), ("tiny", 3000)]
+    } else {
+        &[("vicuna0", 32001), ("smollm2-135m", 49152)]
+    }
+}
+
+/// A sampled token's picking on the GPU, as decode runs it after the LM head: the top-k's 64
+/// candidates among the logits (`topk.wgsl`, with the demo's repetition penalty on a few
+/// ids), and the top-k plus the sampling kernel (the demo's top-k 50, top-p 0.9). Each run
+/// submits `REPS` of them; µs per token.
+fn sampling(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    use crate::gpu::{Ids, SampleParams};
+    const REPS: usize = 10;
+    let mut out = Vec::new();
+    for &(model, n) in sampling_cases(a.tiny) {
+        eprintln!("bench: sampling over {n} logits ({model})");
+        let logits = Tensor::zeros(gpu, "sampling.logits", &[n])?;
+        logits.write_f32(
+            gpu,
+            &(0..n)
+                .map(|i| ((i * 7919 % 10007) as f32 / 10007.0 - 0.5) * 20.0)
+                .collect::<Vec<_>>(),
+        )?;
+        let mut mask = vec![0u32; n.div_ceil(32)];
+        for i in (0..n).step_by(n / 16) {
+            mask[i / 32] |= 1 << (i % 32);
+        }
+        let mask = Ids::new(gpu, &mask);
+        let words = crate::gpu::ops::topk_words(n);
+        let (ping, pong) = (
+            Ids::new(gpu, &vec![0; words]),
+            Ids::new(gpu, &vec![0; words]),
+        );
+        let (token, picked) = (Ids::new(gpu, &[0]), Ids::new(gpu, &[0]));
+        let params = SampleParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+            u: 0.5,
+        };
+        let run = |with_sample: bool| -> Result<()> {
+            let mut rec = Recorder::new(gpu);
+            for _ in 0..REPS {
+                let best = rec.topk(&logits, n, &mask, 1.05, &ping, &pong)?;
+                if with_sample {
+                    rec.sample(best, &params, &mask, &token, &picked)?;
+                }
+            }
+            pollster::block_on(rec.submit())?;
+            gpu.wait();
+            Ok(())
+        };
+        let topk = time_kernels(gpu, a.runs, || run(false))?;
+        let both = time_kernels(gpu, a.runs, || run(true))?;
+        let per = |t: Spread| (t.0 / REPS as f64, t.1 / REPS as f64, t.2 / REPS as f64);
+        out.push(json!({
+            "model": model, "vocab": n,
+            "topk_us": per(topk).0 * 1e6, "topk": stats(per(topk)),
+            "topk_sample_us": per(both).0 * 1e6, "topk_sample": stats(per(both)),
+        }));
     }
     Ok(Value::from(out))
 }
@@ -1066,6 +1142,9 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     if want("attention") {
         report["attention"] = attention(gpu, a)?;
     }
+    if want("sampling") {
+        report["sampling"] = sampling(gpu, a)?;
+    }
     if want("gemm") {
         report["gemm"] = gemm(gpu, a)?;
     } else if want("e2e") {
@@ -1244,6 +1323,21 @@ pub fn human(r: &Value) -> String {
                 e["percent_of_copy_min"].as_f64().unwrap_or(0.0),
                 e["percent_of_copy_max"].as_f64().unwrap_or(0.0),
                 e["us_per_layer"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
+    if let Some(sm) = r["sampling"].as_array() {
+        s += "\nSampling on the GPU (a token's pick)   top-k µs   top-k + sample µs\n";
+        for e in sm {
+            s += &format!(
+                "  {:<36} {:>8.0} {:>19.0}\n",
+                format!(
+                    "{} logits ({})",
+                    e["vocab"],
+                    e["model"].as_str().unwrap_or("")
+                ),
+                e["topk_us"].as_f64().unwrap_or(0.0),
+                e["topk_sample_us"].as_f64().unwrap_or(0.0),
             );
         }
     }

@@ -151,7 +151,7 @@ enum Cmd {
         /// Print the JSON report
         #[arg(long)]
         json: bool,
-        /// Only these parts, comma-separated: copy, gemv, attention, gemm, e2e, decode (default:
+        /// Only these parts, comma-separated: copy, gemv, attention, sampling, gemm, e2e, decode (default:
         /// all but decode, the synthetic LLM's decode alone, as the page's benchDecode measures it)
         #[arg(long, value_delimiter = ',')]
         parts: Vec<String>,

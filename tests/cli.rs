@@ -657,6 +657,18 @@ fn bench_tiny_reports_every_part() {
             assert!(pos(&e[k]), "{k}: {e}");
         }
     }
+    // a token's pick on the GPU over a vocabulary under the top-k's single pass and one over
+    let sampling = r["sampling"].as_array().unwrap();
+    let vocabs: Vec<u64> = sampling
+        .iter()
+        .map(|e| e["vocab"].as_u64().unwrap())
+        .collect();
+    assert_eq!(vocabs, [300, 3000], "{sampling:?}");
+    for e in sampling {
+        for k in ["topk_us", "topk_sample_us"] {
+            assert!(pos(&e[k]), "{k}: {e}");
+        }
+    }
     // every lane count of the block GEMV measured, with x as a storage buffer and as a
     // uniform, 1 lane in workgroups of 16 (and the subgroup form where offered), one of them
     // chosen

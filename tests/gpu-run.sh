@@ -119,6 +119,8 @@ for t in r.get("attention", []):
     print(f"attention {t['model']} {t['heads']}/{t['kv_heads']}x{t['head_dim']} ctx {t['context']}"
           f"{' split-K' if t['split_k'] else ''}: {t['gb_per_s']:.1f} GB/s = {t['percent_of_copy']:.0f} % of copy, "
           f"{t['us_per_layer']:.1f} us per layer")
+for t in r.get("sampling", []):
+    print(f"sampling over {t['vocab']} logits: top-k {t['topk_us']:.0f} us, top-k + sample {t['topk_sample_us']:.0f} us")
 f = r.get("gemm", {}).get("forms", {})
 for name, shape in [("tuning shape", f.get("tune_shape")), ("tuning large shape", f.get("tune_shape_large"))] + [(s["case"], s) for s in f.get("at_shapes", [])]:
     if shape:
