@@ -40,11 +40,16 @@ const NONE: u32 = 0xffffffffu;
 var<workgroup> key4: array<vec4<u32>, SPAN / 4u>;
 var<workgroup> idx4: array<vec4<u32>, SPAN / 4u>;
 
+// Whether float bits are a NaN's (by its bits: WGSL lets a compiler assume floats are never
+// NaN).
+fn nan_bits(bits: u32) -> bool {
+    return (bits & 0x7fffffffu) > 0x7f800000u;
+}
+
 // Key bits as an unsigned number in the keys' order: positive floats above negative ones,
-// each side in the order of its magnitude; any NaN (by its bits: WGSL lets a compiler assume
-// floats are never NaN) is the largest.
+// each side in the order of its magnitude; any NaN is the largest.
 fn ord(bits: u32) -> u32 {
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    if (nan_bits(bits)) {
         return NONE;
     }
     return select(bits | 0x80000000u, ~bits, (bits & 0x80000000u) != 0u);
@@ -74,8 +79,7 @@ fn logit_entry(i: u32) -> Entry {
         k = select(r / p.penalty, r * p.penalty, r < 0.0);
     }
     // a NaN logit keeps its NaN bits as the key (the division above need not keep them)
-    let nan = (bitcast<u32>(r) & 0x7fffffffu) > 0x7f800000u;
-    return Entry(select(ord(bitcast<u32>(k)), NONE, nan), i, r);
+    return Entry(select(ord(bitcast<u32>(k)), NONE, nan_bits(bitcast<u32>(r))), i, r);
 }
 
 // Candidate i of an earlier pass.

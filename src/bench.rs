@@ -492,13 +492,13 @@ fn sampling(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             gpu.wait();
             Ok(())
         };
-        let topk = time_kernels(gpu, a.runs, || run(false))?;
-        let both = time_kernels(gpu, a.runs, || run(true))?;
         let per = |t: Spread| (t.0 / REPS as f64, t.1 / REPS as f64, t.2 / REPS as f64);
+        let topk = per(time_kernels(gpu, a.runs, || run(false))?);
+        let both = per(time_kernels(gpu, a.runs, || run(true))?);
         out.push(json!({
             "model": model, "vocab": n,
-            "topk_us": per(topk).0 * 1e6, "topk": stats(per(topk)),
-            "topk_sample_us": per(both).0 * 1e6, "topk_sample": stats(per(both)),
+            "topk_us": topk.0 * 1e6, "topk": stats(topk),
+            "topk_sample_us": both.0 * 1e6, "topk_sample": stats(both),
         }));
     }
     Ok(Value::from(out))

@@ -345,7 +345,7 @@ fn resolve(
     }
 }
 
-/// Candidates the GPU top-k keeps (`KEEP` in `topk.wgsl`), the span one workgroup sorts, and
+/// Candidates the GPU top-k keeps (`KEEP` in `topk.wgsl`), the span one workgroup ranks, and
 /// the chunks whose bests stand for a vector longer than that span (`CHUNK`).
 pub const TOPK_KEEP: usize = 64;
 const TOPK_SPAN: usize = 1024;
@@ -1629,7 +1629,7 @@ impl Recorder<'_> {
             ));
         }
         if n <= TOPK_SPAN {
-            // one workgroup sorts all
+            // one workgroup ranks all
             self.dispatch(
                 "topk",
                 "topk",
@@ -1641,8 +1641,8 @@ impl Recorder<'_> {
             return Ok(ping);
         }
         // the best of each chunk (as many as 16 × fewer than n: they fit where the first pass
-        // of a full sort would write its candidates), their best 64 by sorting passes, then
-        // the entries of those 64 chunks sorted (see `topk.wgsl`)
+        // of a pass over every entry would write its candidates), their best 64 by ranking
+        // passes, then the entries of those 64 chunks ranked (see `topk.wgsl`)
         let chunks = n.div_ceil(TOPK_CHUNK);
         self.dispatch(
             "topk",
