@@ -851,10 +851,11 @@ fn decode_at(
     ))
 }
 
-/// `MINIGPT4_PROFILE=1`: where the timed decode steps of the last run went (`tokens` of them),
-/// the 16 costliest kernels and shapes. Prints nothing when profiling is off.
-fn print_profile(tokens: usize) {
-    print_profile_per(tokens, "token");
+/// `MINIGPT4_PROFILE=1`: where the timed decode steps of the last run went (`tokens` of them,
+/// picked as `mode` says), the 16 costliest kernels and shapes. Prints nothing when profiling
+/// is off.
+fn print_profile(tokens: usize, mode: &str) {
+    print_profile_json(mode, &synthetic::profile_per_token(tokens));
 }
 
 /// The same for `count` repetitions of anything (`per`: "token", "image").
@@ -865,6 +866,18 @@ fn print_profile_per(count: usize, per: &str) {
             "profile: {:>9.3} ms/{per} {:>6.1} dispatches/{per}  {kernel}",
             secs * 1e3 / count,
             *n as f64 / count
+        );
+    }
+}
+
+/// A decode mode's kernels as [`synthetic::profile_per_token`] lists them, the 16 costliest.
+fn print_profile_json(mode: &str, kernels: &Value) {
+    for k in kernels.as_array().into_iter().flatten().take(16) {
+        eprintln!(
+            "profile: {:>9.3} ms/token {:>6.1} dispatches/token  [{mode}] {}",
+            k["ms"].as_f64().unwrap_or(0.0),
+            k["dispatches"].as_f64().unwrap_or(0.0),
+            k["kernel"].as_str().unwrap_or("")
         );
     }
 }
@@ -934,9 +947,7 @@ fn llm_decode(
     let chat_ahead = gpu.submits_ahead()?;
     let both = |llm: &mut Llama, picks: Picks| -> Result<[(f64, f64, f64); 2]> {
         let chats = decode_at(gpu, a, llm, ctx_short, chat_ahead, picks)?;
-        if picks == Picks::Greedy {
-            print_profile(decode_steps(a));
-        }
+        print_profile(decode_steps(a), &format!("{picks:?}").to_lowercase());
         let other = decode_at(gpu, a, llm, ctx_short, !chat_ahead, picks)?;
         Ok(if chat_ahead {
             [chats, other]
@@ -1171,7 +1182,13 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             pollster::block_on(tune::autotune(gpu))?;
             eprintln!("bench: decode alone, synthetic {s}");
             report["decode"] = pollster::block_on(synthetic::decode(gpu, &b))?;
-            print_profile(b.steps);
+            for (mode, kernels) in report["decode"]["profile"]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                print_profile_json(mode, kernels);
+            }
         }
     }
     if let Some(p) = &a.llm {

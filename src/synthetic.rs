@@ -281,12 +281,18 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
     let (mut tensors, weight_bytes) = tensors(gpu, &Llama::specs(&cfg, policy))?;
     let mut llm = Llama::build(gpu, &cfg, policy, &mut tensors, context + b.steps + 2)?;
     let (steps, runs) = (b.steps, b.runs);
+    // MINIGPT4_PROFILE: each mode's kernels (its last run's timed steps)
+    let mut profiles = serde_json::Map::new();
     let s = decode_seconds(gpu, &mut llm, context, steps, runs, true, Picks::Greedy).await?;
+    profiles.insert("greedy".into(), profile_per_token(steps));
     // each token read back before the next is submitted: what submitting ahead gains here
     let w = decode_seconds(gpu, &mut llm, context, steps, runs, false, Picks::Greedy).await?;
+    profiles.insert("greedy_waiting".into(), profile_per_token(steps));
     // the same with chat's default sampling (sampled on the GPU)
     let ss = decode_seconds(gpu, &mut llm, context, steps, runs, true, Picks::Sampled).await?;
+    profiles.insert("sampled".into(), profile_per_token(steps));
     let sw = decode_seconds(gpu, &mut llm, context, steps, runs, false, Picks::Sampled).await?;
+    profiles.insert("sampled_waiting".into(), profile_per_token(steps));
     let rate = |t: (f64, f64, f64)| if t.0 > 0.0 { 1.0 / t.0 } else { 0.0 };
     Ok(json!({
         "adapter": gpu.info.name,
@@ -303,7 +309,24 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
         "per_token_sampled": {"median_s": ss.0, "min_s": ss.1, "max_s": ss.2},
         "decode_tok_per_s_sampled_waiting": rate(sw),
         "per_token_sampled_waiting": {"median_s": sw.0, "min_s": sw.1, "max_s": sw.2},
+        "profile": profiles,
     }))
+}
+
+/// The kernels of the last timed steps (`steps` tokens), costliest first, per token:
+/// `[{kernel, ms, dispatches}]`; empty unless `MINIGPT4_PROFILE=1` (native only).
+pub fn profile_per_token(steps: usize) -> Value {
+    #[cfg(not(target_arch = "wasm32"))]
+    let totals = crate::gpu::recorder::profile::take();
+    #[cfg(target_arch = "wasm32")]
+    let totals: Vec<(String, f64, u64)> = Vec::new();
+    let n = steps.max(1) as f64;
+    totals
+        .into_iter()
+        .map(|(kernel, secs, count)| {
+            json!({"kernel": kernel, "ms": secs * 1e3 / n, "dispatches": count as f64 / n})
+        })
+        .collect()
 }
 
 #[cfg(test)]

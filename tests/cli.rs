@@ -965,6 +965,60 @@ fn bench_profile_names_every_decode_kernel() {
     assert!(dispatches >= 2.0 + 5.0, "{err}");
 }
 
+/// With `MINIGPT4_PROFILE=1`, `bench --parts decode` tells each decode mode's kernels apart
+/// (in its JSON and on stderr): greedy steps end in the argmax, sampled ones in the top-k and
+/// the sampling kernel, and none of the argmax.
+#[test]
+fn bench_decode_profiles_each_mode() {
+    let out = Command::new(env!("CARGO_BIN_EXE_minigpt4"))
+        .args(["bench", "--tiny", "--runs", "1", "--layers", "1"])
+        .args(["--synthetic", "vicuna0-7b", "--parts", "decode", "--json"])
+        .env("MINIGPT4_PROFILE", "1")
+        .env_remove("MINIGPT4_ADAPTER")
+        .output()
+        .expect("run minigpt4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let profile = &r["decode"]["profile"];
+    let kernels = |mode: &str| -> Vec<String> {
+        let list = profile[mode].as_array().expect(mode);
+        for k in list {
+            let (ms, n) = (k["ms"].as_f64(), k["dispatches"].as_f64());
+            assert!(
+                ms.is_some_and(|x| x >= 0.0 && x.is_finite()) && n.is_some_and(|x| x > 0.0),
+                "{mode}: {k}"
+            );
+        }
+        list.iter()
+            .map(|k| k["kernel"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let has = |list: &[String], name: &str| list.iter().any(|k| k.starts_with(name));
+    for mode in ["greedy", "greedy_waiting"] {
+        let k = kernels(mode);
+        assert!(
+            has(&k, "argmax::argmax") && has(&k, "gemv::gemv"),
+            "{mode}: {k:?}"
+        );
+        assert!(!has(&k, "topk::") && !has(&k, "sample::"), "{mode}: {k:?}");
+    }
+    for mode in ["sampled", "sampled_waiting"] {
+        let k = kernels(mode);
+        assert!(
+            has(&k, "topk::topk") && has(&k, "sample::sample"),
+            "{mode}: {k:?}"
+        );
+        assert!(!has(&k, "argmax::"), "{mode}: {k:?}");
+    }
+    // and on stderr, each line with its mode
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("profile:") && l.contains("[sampled] topk::topk")),
+        "{err}"
+    );
+}
+
 /// With `MINIGPT4_PROFILE=1` the end-to-end part also tells where the image encode went, per
 /// image: the ViT's and Q-Former's GEMMs and tiled attention among its kernels.
 #[test]
@@ -1007,6 +1061,10 @@ fn bench_decode_part_alone() {
     }
     assert_eq!(d["layers"], 1, "{d}");
     assert_eq!(d["quant"], "q4", "{d}");
+    // without MINIGPT4_PROFILE each mode's kernel list is there and empty
+    for mode in ["greedy", "greedy_waiting", "sampled", "sampled_waiting"] {
+        assert_eq!(d["profile"][mode], serde_json::json!([]), "{mode}: {d}");
+    }
     assert!(
         r.get("gemv").is_none() && r.get("end_to_end").is_none(),
         "{r}"
