@@ -851,14 +851,9 @@ fn decode_at(
     ))
 }
 
-/// `MINIGPT4_PROFILE=1`: where the timed decode steps of the last run went (`tokens` of them,
-/// picked as `mode` says), the 16 costliest kernels and shapes. Prints nothing when profiling
-/// is off.
-fn print_profile(tokens: usize, mode: &str) {
-    print_profile_json(mode, &synthetic::profile_per_token(tokens));
-}
-
-/// The same for `count` repetitions of anything (`per`: "token", "image").
+/// `MINIGPT4_PROFILE=1`: where the last `count` repetitions of anything went (`per`:
+/// "prefill", "image"), the 16 costliest kernels and shapes. Prints nothing when profiling is
+/// off.
 fn print_profile_per(count: usize, per: &str) {
     let count = count.max(1) as f64;
     for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
@@ -870,7 +865,8 @@ fn print_profile_per(count: usize, per: &str) {
     }
 }
 
-/// A decode mode's kernels as [`synthetic::profile_per_token`] lists them, the 16 costliest.
+/// A decode mode's kernels as [`synthetic::profile_per_token`] lists them, the 16 costliest
+/// (nothing when profiling is off).
 fn print_profile_json(mode: &str, kernels: &Value) {
     for k in kernels.as_array().into_iter().flatten().take(16) {
         eprintln!(
@@ -941,27 +937,35 @@ fn llm_decode(
         Ok(())
     })?;
     print_profile_per(1, "prefill");
-    // decode both ways, chat's first (profiled): each token submitted ahead of the readback
-    // of the one before, and each read back before the next is submitted (what overlapping
-    // the host's round trip with the device's work gains here); [ahead, waiting]
+    // decode at the short context, the modes in turns (see `synthetic::decode_modes`):
+    // greedy and chat's default, the reference demo's sampling on the GPU, each token
+    // submitted ahead of the readback of the one before and each read back before the next is
+    // submitted (what overlapping the host's round trip with the device's work gains here);
+    // and that sampling from the logits on the host (chat's way with MINIGPT4_GPU_SAMPLING=0,
+    // see `Gpu::samples_on_gpu`)
     let chat_ahead = gpu.submits_ahead()?;
-    let both = |llm: &mut Llama, picks: Picks| -> Result<[(f64, f64, f64); 2]> {
-        let chats = decode_at(gpu, a, llm, ctx_short, chat_ahead, picks)?;
-        print_profile(decode_steps(a), &format!("{picks:?}").to_lowercase());
-        let other = decode_at(gpu, a, llm, ctx_short, !chat_ahead, picks)?;
-        Ok(if chat_ahead {
-            [chats, other]
-        } else {
-            [other, chats]
-        })
-    };
-    let [ahead, waiting] = both(&mut llm, Picks::Greedy)?;
+    let modes = [
+        ("greedy", true, Picks::Greedy),
+        ("greedy_waiting", false, Picks::Greedy),
+        ("sampled", true, Picks::Sampled),
+        ("sampled_waiting", false, Picks::Sampled),
+        ("sampled_host", false, Picks::SampledOnHost),
+    ];
+    let steps = decode_steps(a);
+    let runs = a.runs.clamp(1, 3);
+    let timed = pollster::block_on(synthetic::decode_modes(
+        gpu, &mut llm, ctx_short, steps, runs, &modes,
+    ))?;
+    let mut profiles = serde_json::Map::new();
+    for ((name, ..), (_, p)) in modes.iter().zip(&timed) {
+        print_profile_json(name, p);
+        profiles.insert(name.to_string(), p.clone());
+    }
+    let t: Vec<(f64, f64, f64)> = timed.iter().map(|m| m.0).collect();
+    let (ahead, waiting, sampled_ahead, sampled_waiting, sampled_host) =
+        (t[0], t[1], t[2], t[3], t[4]);
     // a greedy step's dispatches at the short context (the long one splits attention in two)
     let groups = llm.step_workgroups();
-    // chat's default, the reference demo's sampling: on the GPU both ways, and from the logits
-    // on the host (chat's way with MINIGPT4_GPU_SAMPLING=0, see `Gpu::samples_on_gpu`)
-    let [sampled_ahead, sampled_waiting] = both(&mut llm, Picks::Sampled)?;
-    let sampled_host = decode_at(gpu, a, &mut llm, ctx_short, false, Picks::SampledOnHost)?;
     let chats = |[ahead, waiting]: [(f64, f64, f64); 2]| if chat_ahead { ahead } else { waiting };
     let short = chats([ahead, waiting]);
     let on_gpu = gpu.samples_on_gpu()?;
@@ -1010,6 +1014,7 @@ fn llm_decode(
         "decode_tok_per_s_ctx_long": 1.0 / long.0, "decode_long": stats(long),
         "ctx_short": ctx_short, "ctx_long": ctx_long,
         "percent_of_prediction": predicted_s.map(|p| 100.0 * p / short.0),
+        "profile": profiles,
     }))
 }
 

@@ -193,6 +193,31 @@ pub async fn decode_seconds(
     Ok(spread(per_token))
 }
 
+/// [`decode_seconds`] for several modes (`(name, ahead, picks)`) taken in turns: run r of
+/// every mode before run r + 1 of any, so that load arriving on the machine during a bench
+/// lands on all of them alike (it once made sampled tokens, timed after the greedy ones, look
+/// 30 % dearer). Each mode's seconds per token (median, min, max over `runs`) and its
+/// profile ([`profile_per_token`] of its last run).
+pub async fn decode_modes(
+    gpu: &Gpu,
+    llm: &mut Llama,
+    context: usize,
+    steps: usize,
+    runs: usize,
+    modes: &[(&str, bool, Picks)],
+) -> Result<Vec<((f64, f64, f64), Value)>> {
+    let mut times = vec![Vec::new(); modes.len()];
+    let mut profiles = vec![Value::Null; modes.len()];
+    for _ in 0..runs.max(1) {
+        for (i, &(_, ahead, picks)) in modes.iter().enumerate() {
+            let t = decode_seconds(gpu, llm, context, steps, 1, ahead, picks).await?;
+            times[i].push(t.0);
+            profiles[i] = profile_per_token(steps);
+        }
+    }
+    Ok(times.into_iter().map(spread).zip(profiles).collect())
+}
+
 /// `steps` tokens sampled from `first` with the reference demo's sampling (seeded), on the GPU
 /// ([`Llama::decode_sampled`]) or from the logits on the host ([`Picks::SampledOnHost`]), as
 /// chat samples them; returns the last one.
@@ -281,18 +306,22 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
     let (mut tensors, weight_bytes) = tensors(gpu, &Llama::specs(&cfg, policy))?;
     let mut llm = Llama::build(gpu, &cfg, policy, &mut tensors, context + b.steps + 2)?;
     let (steps, runs) = (b.steps, b.runs);
+    // greedy and chat's default sampling (on the GPU), each submitted ahead and with each
+    // token read back before the next is submitted (what submitting ahead gains here)
+    let modes = [
+        ("greedy", true, Picks::Greedy),
+        ("greedy_waiting", false, Picks::Greedy),
+        ("sampled", true, Picks::Sampled),
+        ("sampled_waiting", false, Picks::Sampled),
+    ];
+    let timed = decode_modes(gpu, &mut llm, context, steps, runs, &modes).await?;
+    let [s, w, ss, sw] = [0, 1, 2, 3].map(|i| timed[i].0);
     // MINIGPT4_PROFILE: each mode's kernels (its last run's timed steps)
-    let mut profiles = serde_json::Map::new();
-    let s = decode_seconds(gpu, &mut llm, context, steps, runs, true, Picks::Greedy).await?;
-    profiles.insert("greedy".into(), profile_per_token(steps));
-    // each token read back before the next is submitted: what submitting ahead gains here
-    let w = decode_seconds(gpu, &mut llm, context, steps, runs, false, Picks::Greedy).await?;
-    profiles.insert("greedy_waiting".into(), profile_per_token(steps));
-    // the same with chat's default sampling (sampled on the GPU)
-    let ss = decode_seconds(gpu, &mut llm, context, steps, runs, true, Picks::Sampled).await?;
-    profiles.insert("sampled".into(), profile_per_token(steps));
-    let sw = decode_seconds(gpu, &mut llm, context, steps, runs, false, Picks::Sampled).await?;
-    profiles.insert("sampled_waiting".into(), profile_per_token(steps));
+    let profiles: serde_json::Map<String, Value> = modes
+        .iter()
+        .zip(timed)
+        .map(|((name, ..), (_, p))| (name.to_string(), p))
+        .collect();
     let rate = |t: (f64, f64, f64)| if t.0 > 0.0 { 1.0 / t.0 } else { 0.0 };
     Ok(json!({
         "adapter": gpu.info.name,

@@ -960,7 +960,40 @@ fn bench_profile_names_every_decode_kernel() {
         "{err}"
     );
     assert!(!rows.iter().any(|r| r.0.contains("rope::")), "{err}");
-    let dispatches: f64 = rows.iter().map(|r| r.2).sum();
+    // every mode's steps, each line tagged with its mode: the greedy ones end in the argmax,
+    // the sampled ones on the GPU in the top-k, the host's in neither (it reads the logits)
+    let tagged = |mode: &str| -> Vec<(&str, f64, f64)> {
+        let tag = format!("[{mode}] ");
+        rows.iter()
+            .filter(|r| r.0.contains(&tag))
+            .copied()
+            .collect()
+    };
+    for mode in ["greedy", "greedy_waiting"] {
+        assert!(
+            tagged(mode).iter().any(|r| r.0.contains("argmax::argmax")),
+            "{mode}: {err}"
+        );
+    }
+    for mode in ["sampled", "sampled_waiting"] {
+        assert!(
+            tagged(mode).iter().any(|r| r.0.contains("topk::topk")),
+            "{mode}: {err}"
+        );
+    }
+    assert!(
+        tagged("sampled_host")
+            .iter()
+            .any(|r| r.0.contains("gemv::gemv")),
+        "{err}"
+    );
+    assert!(
+        !tagged("sampled_host")
+            .iter()
+            .any(|r| r.0.contains("topk::") || r.0.contains("argmax::")),
+        "{err}"
+    );
+    let dispatches: f64 = tagged("greedy").iter().map(|r| r.2).sum();
     // one embedding, one argmax, and per layer at least attention and four GEMVs
     assert!(dispatches >= 2.0 + 5.0, "{err}");
 }
