@@ -755,7 +755,7 @@ fn end_to_end(gpu: &Gpu, a: &BenchArgs, name: &str) -> Result<Value> {
         gpu.wait();
         Ok(())
     })?;
-    print_profile_per(1, "image");
+    print_profile(&synthetic::profile_per(1), "image", "");
     let (Some(mut llm), Some(llm_cfg)) = (llm, llm_cfg) else {
         return Ok(json!({
             "model": name, "vit_layers": vit_cfg.layers, "vision_quant": vision_dtype.name(),
@@ -851,30 +851,24 @@ fn decode_at(
     ))
 }
 
-/// `MINIGPT4_PROFILE=1`: where the last `count` repetitions of anything went (`per`:
-/// "prefill", "image"), the 16 costliest kernels and shapes. Prints nothing when profiling is
-/// off.
-fn print_profile_per(count: usize, per: &str) {
-    let count = count.max(1) as f64;
-    for (kernel, secs, n) in crate::gpu::recorder::profile::take().iter().take(16) {
-        eprintln!(
-            "profile: {:>9.3} ms/{per} {:>6.1} dispatches/{per}  {kernel}",
-            secs * 1e3 / count,
-            *n as f64 / count
-        );
-    }
-}
-
-/// A decode mode's kernels as [`synthetic::profile_per_token`] lists them, the 16 costliest
-/// (nothing when profiling is off).
-fn print_profile_json(mode: &str, kernels: &Value) {
+/// `MINIGPT4_PROFILE=1`: where each repetition (`per`: "token", "image", "prefill") went, the
+/// 16 costliest kernels and shapes of a [`synthetic::profile_per`] list, each line after `tag`
+/// (a decode mode's `[name] `, or nothing). Prints nothing when profiling is off.
+fn print_profile(kernels: &Value, per: &str, tag: &str) {
     for k in kernels.as_array().into_iter().flatten().take(16) {
         eprintln!(
-            "profile: {:>9.3} ms/token {:>6.1} dispatches/token  [{mode}] {}",
+            "profile: {:>9.3} ms/{per} {:>6.1} dispatches/{per}  {tag}{}",
             k["ms"].as_f64().unwrap_or(0.0),
             k["dispatches"].as_f64().unwrap_or(0.0),
             k["kernel"].as_str().unwrap_or("")
         );
+    }
+}
+
+/// Each decode mode's profile (per token, tagged with the mode's name).
+fn print_mode_profiles(profiles: &serde_json::Map<String, Value>) {
+    for (mode, kernels) in profiles {
+        print_profile(kernels, "token", &format!("[{mode}] "));
     }
 }
 
@@ -936,7 +930,7 @@ fn llm_decode(
         pollster::block_on(llm.forward_argmax(gpu, Input::Ids(&prompt), cfg.vocab))?;
         Ok(())
     })?;
-    print_profile_per(1, "prefill");
+    print_profile(&synthetic::profile_per(1), "prefill", "");
     // decode at the short context, the modes in turns (see `synthetic::decode_modes`):
     // greedy and chat's default, the reference demo's sampling on the GPU, each token
     // submitted ahead of the readback of the one before and each read back before the next is
@@ -953,15 +947,10 @@ fn llm_decode(
     ];
     let steps = decode_steps(a);
     let runs = a.runs.clamp(1, 3);
-    let timed = pollster::block_on(synthetic::decode_modes(
+    let (t, profiles) = pollster::block_on(synthetic::decode_modes(
         gpu, &mut llm, ctx_short, steps, runs, &modes,
     ))?;
-    let mut profiles = serde_json::Map::new();
-    for ((name, ..), (_, p)) in modes.iter().zip(&timed) {
-        print_profile_json(name, p);
-        profiles.insert(name.to_string(), p.clone());
-    }
-    let t: Vec<(f64, f64, f64)> = timed.iter().map(|m| m.0).collect();
+    print_mode_profiles(&profiles);
     let (ahead, waiting, sampled_ahead, sampled_waiting, sampled_host) =
         (t[0], t[1], t[2], t[3], t[4]);
     // a greedy step's dispatches at the short context (the long one splits attention in two)
@@ -1054,7 +1043,7 @@ fn package_e2e(
         gpu.wait();
         Ok(())
     })?;
-    print_profile_per(1, "image");
+    print_profile(&synthetic::profile_per(1), "image", "");
     let image = pollster::block_on(m.encode_image(gpu, &pixels))?;
     let mut conv = Conversation::new(m.variant);
     conv.add_image();
@@ -1187,12 +1176,8 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
             pollster::block_on(tune::autotune(gpu))?;
             eprintln!("bench: decode alone, synthetic {s}");
             report["decode"] = pollster::block_on(synthetic::decode(gpu, &b))?;
-            for (mode, kernels) in report["decode"]["profile"]
-                .as_object()
-                .into_iter()
-                .flatten()
-            {
-                print_profile_json(mode, kernels);
+            if let Some(profiles) = report["decode"]["profile"].as_object() {
+                print_mode_profiles(profiles);
             }
         }
     }

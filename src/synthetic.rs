@@ -196,8 +196,8 @@ pub async fn decode_seconds(
 /// [`decode_seconds`] for several modes (`(name, ahead, picks)`) taken in turns: run r of
 /// every mode before run r + 1 of any, so that load arriving on the machine during a bench
 /// lands on all of them alike (it once made sampled tokens, timed after the greedy ones, look
-/// 30 % dearer). Each mode's seconds per token (median, min, max over `runs`) and its
-/// profile ([`profile_per_token`] of its last run).
+/// 30 % dearer). Each mode's seconds per token (median, min, max over `runs`), and each mode's
+/// profile by name ([`profile_per`] of its last run's tokens).
 pub async fn decode_modes(
     gpu: &Gpu,
     llm: &mut Llama,
@@ -205,17 +205,17 @@ pub async fn decode_modes(
     steps: usize,
     runs: usize,
     modes: &[(&str, bool, Picks)],
-) -> Result<Vec<((f64, f64, f64), Value)>> {
+) -> Result<(Vec<(f64, f64, f64)>, serde_json::Map<String, Value>)> {
     let mut times = vec![Vec::new(); modes.len()];
-    let mut profiles = vec![Value::Null; modes.len()];
+    let mut profiles = serde_json::Map::new();
     for _ in 0..runs.max(1) {
-        for (i, &(_, ahead, picks)) in modes.iter().enumerate() {
+        for (i, &(name, ahead, picks)) in modes.iter().enumerate() {
             let t = decode_seconds(gpu, llm, context, steps, 1, ahead, picks).await?;
             times[i].push(t.0);
-            profiles[i] = profile_per_token(steps);
+            profiles.insert(name.to_string(), profile_per(steps));
         }
     }
-    Ok(times.into_iter().map(spread).zip(profiles).collect())
+    Ok((times.into_iter().map(spread).collect(), profiles))
 }
 
 /// `steps` tokens sampled from `first` with the reference demo's sampling (seeded), on the GPU
@@ -314,14 +314,9 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
         ("sampled", true, Picks::Sampled),
         ("sampled_waiting", false, Picks::Sampled),
     ];
-    let timed = decode_modes(gpu, &mut llm, context, steps, runs, &modes).await?;
-    let [s, w, ss, sw] = [0, 1, 2, 3].map(|i| timed[i].0);
-    // MINIGPT4_PROFILE: each mode's kernels (its last run's timed steps)
-    let profiles: serde_json::Map<String, Value> = modes
-        .iter()
-        .zip(timed)
-        .map(|((name, ..), (_, p))| (name.to_string(), p))
-        .collect();
+    // (and with MINIGPT4_PROFILE, each mode's kernels)
+    let (timed, profiles) = decode_modes(gpu, &mut llm, context, steps, runs, &modes).await?;
+    let [s, w, ss, sw] = [0, 1, 2, 3].map(|i| timed[i]);
     let rate = |t: (f64, f64, f64)| if t.0 > 0.0 { 1.0 / t.0 } else { 0.0 };
     Ok(json!({
         "adapter": gpu.info.name,
@@ -342,18 +337,19 @@ pub async fn decode(gpu: &Gpu, b: &DecodeBench) -> Result<Value> {
     }))
 }
 
-/// The kernels of the last timed steps (`steps` tokens), costliest first, per token:
-/// `[{kernel, ms, dispatches}]`; empty unless `MINIGPT4_PROFILE=1` (native only).
-pub fn profile_per_token(steps: usize) -> Value {
+/// The kernels of the last `count` repetitions (timed decode tokens, image encodes), costliest
+/// first, per repetition: `[{kernel, ms, dispatches}]`; empty unless `MINIGPT4_PROFILE=1`
+/// (native only).
+pub fn profile_per(count: usize) -> Value {
     #[cfg(not(target_arch = "wasm32"))]
     let totals = crate::gpu::recorder::profile::take();
     #[cfg(target_arch = "wasm32")]
     let totals: Vec<(String, f64, u64)> = Vec::new();
-    let n = steps.max(1) as f64;
+    let n = count.max(1) as f64;
     totals
         .into_iter()
-        .map(|(kernel, secs, count)| {
-            json!({"kernel": kernel, "ms": secs * 1e3 / n, "dispatches": count as f64 / n})
+        .map(|(kernel, secs, dispatches)| {
+            json!({"kernel": kernel, "ms": secs * 1e3 / n, "dispatches": dispatches as f64 / n})
         })
         .collect()
 }
