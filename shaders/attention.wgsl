@@ -464,20 +464,39 @@ fn attention_combine(ids: Ids, grp: Grp) {
 // `attention_tiled`: one workgroup per (tile of TR query rows, head), head_dim up to TD. The
 // row kernel above reloads every key and value for each query row; here a tile of TC keys is
 // staged once in workgroup memory and serves TR rows, and each invocation keeps a 4 x 4 block
-// of scores and a 4 x 8 block of outputs in registers (rows x keys, rows x dims), so every
-// workgroup-memory load feeds several multiply-adds, as in the tiled GEMM. Per key tile:
+// of scores and a 4 x NJ block of outputs in registers (rows x keys, rows x dims), so every
+// workgroup-memory load feeds several multiply-adds, as in the tiled GEMM. NJ follows the
+// head (TD64, TD96 or neither), so a 64-dim head does not stage or multiply 128 dims' worth.
+// Where heads go by eight (`by8`), keys and values are staged eight halves (f16 cache) or
+// floats per load. Per key tile:
 //   1. scores S = (q * scale) . K^T over the head in chunks of 16 dims (K staged per chunk);
 //   2. invisible keys at NEG_BIG; each row's running maximum and sum (online softmax) are
 //      updated from the maxima and sums of the 16 invocations holding its scores, and the
 //      weights go to workgroup memory;
-//   3. the outputs are rescaled by exp(old max - new max) and take P . V, V staged 8 keys at
-//      a time.
+//   3. the outputs are rescaled by exp(old max - new max) and take P . V, V staged KS keys
+//      at a time (16 with TD64, 8 otherwise).
 // Workgroup memory: 8 + 4 + 4 KiB, the portable 16 KiB.
 // Defined without Q_UNIFORM (the rows are read from storage when staged).
 #if !Q_UNIFORM
 const TR: u32 = 16u; // query rows per workgroup: rows 4 rr .. 4 rr + 3 per invocation
 const TC: u32 = 64u; // keys per tile: keys kk + 16 b (b < 4) per invocation
-const TD: u32 = 128u; // largest head_dim: dims kk + 16 j (j < 8) per invocation
+const TD: u32 = 128u; // largest head_dim
+// NJ: dims kk + 16 j (j < NJ) per invocation, for heads of up to 16 NJ dims (TD64: 64, the
+// LLaMA-style small heads and the Q-Former; TD96: 96, the ViT's 88; TD: 128)
+#if TD64
+const NJ: u32 = 4u;
+#endif
+#if TD96
+const NJ: u32 = 6u;
+#endif
+#if !TD64
+#if !TD96
+const NJ: u32 = 8u;
+#endif
+#endif
+// A V chunk holds VW vec4s per (key, dim % 16) and KS keys (the 256 vec4s of t_kv)
+const VW: u32 = (NJ + 3u) / 4u;
+const KS: u32 = 16u / VW;
 
 // The query tile times p.scale, [dim][row / 4] (zero past the head and the last row).
 var<workgroup> t_q: array<vec4<f32>, 512>;
@@ -515,8 +534,8 @@ fn attention_tiled(ids: Ids, grp: Grp) {
     var m_row = vec4<f32>(NEG_BIG);
     var l_row = vec4<f32>(0.0);
     // o[j][a]: row 4 rr + a, dim kk + 16 j (zeroed by hand, see v_sum)
-    var o: array<vec4<f32>, 8>;
-    for (var j = 0u; j < 8u; j++) {
+    var o: array<vec4<f32>, NJ>;
+    for (var j = 0u; j < NJ; j++) {
         o[j] = vec4<f32>(0.0);
     }
     for (var j0 = 0u; j0 < kv_len; j0 += TC) {
@@ -527,14 +546,36 @@ fn attention_tiled(ids: Ids, grp: Grp) {
         }
         for (var d0 = 0u; d0 < p.d; d0 += 16u) {
             workgroupBarrier();
-            for (var e = lid; e < 16u * TC; e += WG) {
-                let key = e / 16u;
-                let dd = e % 16u;
-                var val = 0.0;
-                if (j0 + key < kv_len && d0 + dd < p.d) {
-                    val = k_at(p.k_off + (j0 + key) * p.k_stride + kvh * p.d + d0 + dd);
+            if (by8()) {
+                // eight dims of a key per load: keys e / 2, dims d0 + 8 (e % 2) ..
+                for (var e = lid; e < 2u * TC; e += WG) {
+                    let key = e / 2u;
+                    let dd = 8u * (e % 2u);
+                    var kv8 = H8(vec4<f32>(0.0), vec4<f32>(0.0));
+                    if (j0 + key < kv_len && d0 + dd < p.d) {
+                        kv8 = k8(p.k_off + (j0 + key) * p.k_stride + kvh * p.d + d0 + dd);
+                    }
+                    let at = dd * 16u + key % 16u;
+                    let c = key / 16u;
+                    t_kv[at][c] = kv8.lo.x;
+                    t_kv[at + 16u][c] = kv8.lo.y;
+                    t_kv[at + 32u][c] = kv8.lo.z;
+                    t_kv[at + 48u][c] = kv8.lo.w;
+                    t_kv[at + 64u][c] = kv8.hi.x;
+                    t_kv[at + 80u][c] = kv8.hi.y;
+                    t_kv[at + 96u][c] = kv8.hi.z;
+                    t_kv[at + 112u][c] = kv8.hi.w;
                 }
-                t_kv[dd * 16u + key % 16u][key / 16u] = val;
+            } else {
+                for (var e = lid; e < 16u * TC; e += WG) {
+                    let key = e / 16u;
+                    let dd = e % 16u;
+                    var val = 0.0;
+                    if (j0 + key < kv_len && d0 + dd < p.d) {
+                        val = k_at(p.k_off + (j0 + key) * p.k_stride + kvh * p.d + d0 + dd);
+                    }
+                    t_kv[dd * 16u + key % 16u][key / 16u] = val;
+                }
             }
             workgroupBarrier();
             for (var dd = 0u; dd < 16u; dd++) {
@@ -583,34 +624,61 @@ fn attention_tiled(ids: Ids, grp: Grp) {
             t_p[(kk + 16u * b) * 4u + rr] = sc[b];
         }
         // 3. rescale, then add P . V (the first barrier below makes the weights visible)
-        for (var j = 0u; j < 8u; j++) {
+        for (var j = 0u; j < NJ; j++) {
             o[j] *= corr;
         }
         let cnt = min(TC, kv_len - j0);
-        for (var c0 = 0u; c0 < cnt; c0 += 8u) {
+        for (var c0 = 0u; c0 < cnt; c0 += KS) {
             workgroupBarrier();
-            for (var e = lid; e < 8u * TD; e += WG) {
-                let key = e / TD;
-                let dim = e % TD;
-                var val = 0.0;
-                if (c0 + key < cnt && dim < p.d) {
-                    val = v_at(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.d + dim);
+            if (by8()) {
+                // eight dims of a value per load: key e / (2 NJ), dims 8 (e % (2 NJ)) ..
+                for (var e = lid; e < 2u * NJ * KS; e += WG) {
+                    let key = e / (2u * NJ);
+                    let dim = 8u * (e % (2u * NJ));
+                    var kv8 = H8(vec4<f32>(0.0), vec4<f32>(0.0));
+                    if (c0 + key < cnt && dim < p.d) {
+                        kv8 = v8(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.d + dim);
+                    }
+                    // dims dim .. dim + 7 share dim / 16, dim / 64; dim % 16 is 0 or 8
+                    let at = (key * 16u + dim % 16u) * VW + dim / 64u;
+                    let c = (dim / 16u) % 4u;
+                    t_kv[at][c] = kv8.lo.x;
+                    t_kv[at + VW][c] = kv8.lo.y;
+                    t_kv[at + 2u * VW][c] = kv8.lo.z;
+                    t_kv[at + 3u * VW][c] = kv8.lo.w;
+                    t_kv[at + 4u * VW][c] = kv8.hi.x;
+                    t_kv[at + 5u * VW][c] = kv8.hi.y;
+                    t_kv[at + 6u * VW][c] = kv8.hi.z;
+                    t_kv[at + 7u * VW][c] = kv8.hi.w;
                 }
-                t_kv[(key * 16u + dim % 16u) * 2u + dim / 64u][(dim / 16u) % 4u] = val;
+            } else {
+                for (var e = lid; e < 16u * NJ * KS; e += WG) {
+                    let key = e / (16u * NJ);
+                    let dim = e % (16u * NJ);
+                    var val = 0.0;
+                    if (c0 + key < cnt && dim < p.d) {
+                        val = v_at(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.d + dim);
+                    }
+                    t_kv[(key * 16u + dim % 16u) * VW + dim / 64u][(dim / 16u) % 4u] = val;
+                }
             }
             workgroupBarrier();
-            for (var c = 0u; c < 8u; c++) {
+            for (var c = 0u; c < KS; c++) {
                 let pw = t_p[(c0 + c) * 4u + rr];
-                let va = t_kv[(c * 16u + kk) * 2u];
-                let vb = t_kv[(c * 16u + kk) * 2u + 1u];
+                let va = t_kv[(c * 16u + kk) * VW];
                 o[0] += pw * va.x;
                 o[1] += pw * va.y;
                 o[2] += pw * va.z;
                 o[3] += pw * va.w;
+#if !TD64
+                let vb = t_kv[(c * 16u + kk) * VW + 1u];
                 o[4] += pw * vb.x;
                 o[5] += pw * vb.y;
+#if !TD96
                 o[6] += pw * vb.z;
                 o[7] += pw * vb.w;
+#endif
+#endif
             }
         }
         workgroupBarrier();
@@ -618,7 +686,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
     for (var a = 0u; a < 4u; a++) {
         let row = t0 + 4u * rr + a;
         if (row < p.t) {
-            for (var j = 0u; j < 8u; j++) {
+            for (var j = 0u; j < NJ; j++) {
                 let dim = kk + 16u * j;
                 if (dim < p.d) {
                     out[p.o_off + row * p.o_stride + h * p.d + dim] = o[j][a] / l_row[a];

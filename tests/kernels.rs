@@ -1595,7 +1595,9 @@ fn attention_prefill_decode_cross_and_gqa() {
 #[test]
 fn tiled_attention_for_many_rows() {
     // from ATTN_TILED_FROM query rows and up to ATTN_TILE_DIM dims: tiles of ATTN_TILE_ROWS
-    // rows, keys 64 per tile, dims 16 per chunk
+    // rows, keys 64 per tile, dims 16 per chunk; heads of up to 64, 96 and 128 dims each take
+    // their own form (TD64, TD96, neither), as do heads whose dims and offsets go by eight
+    // (eight halves or floats per load) and those that do not
     assert_eq!(
         (ATTN_TILED_FROM, ATTN_TILE_ROWS, ATTN_TILE_DIM),
         (8, 16, 128)
@@ -1610,6 +1612,8 @@ fn tiled_attention_for_many_rows() {
                 (17, 17, 3, 3, 88, false),   // a second row tile of one row; the ViT's head
                 (20, 50, 4, 1, 64, true),    // prefill after 30 cached tokens
                 (40, 150, 2, 2, 100, true),  // three key tiles, the last partial; 100 dims
+                (24, 30, 2, 1, 90, true),    // 90 dims: six groups of 16 (TD96), not by 8
+                (18, 37, 3, 1, 56, true),    // 56 dims: four groups (TD64), keys 16 per step
                 (12, 12, 1, 1, 3, false),    // a head narrower than a chunk
                 (70, 70, 2, 1, 16, true),    // keys of the second tile only for late rows
                 (257, 257, 2, 2, 88, false), // the ViT's rows

@@ -1413,10 +1413,17 @@ impl Recorder<'_> {
         // many query rows (the ViT, the Q-Former, prefill): tiles of keys staged once for
         // ATTN_TILE_ROWS rows
         if a.t >= ATTN_TILED_FROM && a.head_dim <= ATTN_TILE_DIM {
+            // each invocation's dims of the head: 4, 6 or 8 groups of 16
+            let mut flags = kv_flags.to_vec();
+            match a.head_dim {
+                ..=64 => flags.push("TD64"),
+                65..=96 => flags.push("TD96"),
+                _ => {}
+            }
             return self.dispatch(
                 "attention",
                 "attention_tiled",
-                kv_flags,
+                &flags,
                 &params(1),
                 &bufs,
                 grid(u(a.t.div_ceil(ATTN_TILE_ROWS) * a.heads)),

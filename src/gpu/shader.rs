@@ -158,6 +158,10 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
             &["KV_F16", "HEADS3", "Q_UNIFORM"],
             &["HEADS4", "Q_UNIFORM"],
             &["KV_F16", "HEADS4", "Q_UNIFORM"],
+            &["TD64"],
+            &["KV_F16", "TD64"],
+            &["TD96"],
+            &["KV_F16", "TD96"],
         ],
     ),
     (
