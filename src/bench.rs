@@ -10,6 +10,8 @@
 //! - decode attention (one query row over an f16 KV cache, as the LLM's layers read it) GB/s
 //!   of the cache and % of the copy bandwidth, at SmolLM2's and the Vicunas' heads and three
 //!   context lengths, split-K where the model splits;
+//! - attention over many query rows (prefill, the ViT, the Q-Former: the tiled kernel) ms per
+//!   layer and GFLOP/s;
 //! - GEMM (prefill, ViT) GFLOP/s;
 //! - end to end on synthetic weights at the real dimensions (`--synthetic vicuna0-7b|vicuna0-13b`,
 //!   `--layers N` when the machine is too small for all): ViT-g + Q-Former image encode, prefill
@@ -432,6 +434,105 @@ fn attention(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
                 "time": stats(t),
             }));
         }
+    }
+    Ok(Value::from(out))
+}
+
+/// A many-row attention case: (name, query rows, key rows, query heads, KV heads, head_dim,
+/// causal, key/value dtype).
+type AttnRowsCase = (&'static str, usize, usize, usize, usize, usize, bool, DType);
+
+fn attention_rows_cases(tiny: bool) -> Vec<AttnRowsCase> {
+    if tiny {
+        vec![
+            ("tiny prefill", 20, 20, 4, 2, 64, true, DType::F16),
+            ("tiny vit", 17, 17, 2, 2, 88, false, DType::F32),
+        ]
+    } else {
+        vec![
+            ("smollm2-135m prefill", 98, 98, 9, 3, 64, true, DType::F16),
+            ("smollm2-135m prefill", 512, 512, 9, 3, 64, true, DType::F16),
+            ("vicuna0-7b prefill", 98, 98, 32, 32, 128, true, DType::F16),
+            ("vit-g", 257, 257, 16, 16, 88, false, DType::F32),
+            ("qformer self", 32, 32, 12, 12, 64, false, DType::F32),
+            ("qformer cross", 32, 257, 12, 12, 64, false, DType::F32),
+        ]
+    }
+}
+
+/// Attention over many query rows (`attention_tiled`): prefill over an f16 KV cache laid out
+/// as `Llama` keeps it (keys and values interleaved per position), the ViT's and the
+/// Q-Former's over f32 keys and values, the queries a row-major activation. Compute-bound, so
+/// timed on warm buffers: ms per call (one layer's attention) and GFLOP/s, counting 4 flops
+/// per (query row, visible key, head dim, head): q·k and the weighted sum of v.
+fn attention_rows(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
+    use crate::gpu::{AttnShape, HeadView};
+    const REPS: usize = 2;
+    let mut out = Vec::new();
+    for (name, t, s, hq, hkv, d, causal, kv_dtype) in attention_rows_cases(a.tiny) {
+        eprintln!("bench: attention {name}: {t} rows over {s} keys, {hq}/{hkv} heads × {d}");
+        let (qd, kv) = (hq * d, hkv * d);
+        let fill = |n: usize, salt: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i + salt) * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.5)
+                .collect()
+        };
+        let q = Tensor::upload(gpu, "attn_rows.q", &[t, qd], DType::F32, &fill(t * qd, 1))?;
+        let kvs = Tensor::upload(
+            gpu,
+            "attn_rows.kv",
+            &[s, 2 * kv],
+            kv_dtype,
+            &fill(s * 2 * kv, 2),
+        )?;
+        let o = Tensor::zeros(gpu, "attn_rows.out", &[t, qd])?;
+        let run_attn = || -> Result<()> {
+            let mut rec = Recorder::new(gpu);
+            for _ in 0..REPS {
+                rec.attention(
+                    HeadView::whole(&q),
+                    HeadView {
+                        t: &kvs,
+                        offset: 0,
+                        stride: 2 * kv,
+                    },
+                    HeadView {
+                        t: &kvs,
+                        offset: kv,
+                        stride: 2 * kv,
+                    },
+                    HeadView::whole(&o),
+                    AttnShape {
+                        t,
+                        s,
+                        heads: hq,
+                        kv_heads: hkv,
+                        head_dim: d,
+                        causal,
+                        scale: 1.0 / (d as f32).sqrt(),
+                    },
+                )?;
+            }
+            pollster::block_on(rec.submit())?;
+            gpu.wait();
+            Ok(())
+        };
+        let tm = time_kernels(gpu, a.runs, run_attn)?;
+        // visible (row, key) pairs: a causal row i sees the s - t keys before the rows and
+        // i + 1 of theirs
+        let pairs = if causal {
+            (0..t).map(|i| s - t + i + 1).sum::<usize>()
+        } else {
+            t * s
+        };
+        let flops = 4.0 * (pairs * d * hq) as f64;
+        out.push(json!({
+            "case": name, "rows": t, "keys": s, "heads": hq, "kv_heads": hkv, "head_dim": d,
+            "causal": causal, "kv_dtype": kv_dtype.to_string(),
+            "ms_per_call": tm.0 / REPS as f64 * 1e3,
+            "gflop_per_s": flops * REPS as f64 / tm.0 / 1e9,
+            "time": stats(tm),
+        }));
     }
     Ok(Value::from(out))
 }
@@ -1146,6 +1247,7 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     }
     if want("attention") {
         report["attention"] = attention(gpu, a)?;
+        report["attention_rows"] = attention_rows(gpu, a)?;
     }
     if want("sampling") {
         report["sampling"] = sampling(gpu, a)?;
@@ -1330,6 +1432,26 @@ pub fn human(r: &Value) -> String {
                 e["percent_of_copy_min"].as_f64().unwrap_or(0.0),
                 e["percent_of_copy_max"].as_f64().unwrap_or(0.0),
                 e["us_per_layer"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
+    if let Some(at) = r["attention_rows"].as_array() {
+        s += "\nAttention over many rows (tiled)                             ms per layer   GFLOP/s\n";
+        for e in at {
+            let case = format!(
+                "{}: {} rows × {} keys, {}/{} heads × {}{}",
+                e["case"].as_str().unwrap_or(""),
+                e["rows"],
+                e["keys"],
+                e["heads"],
+                e["kv_heads"],
+                e["head_dim"],
+                if e["causal"] == true { ", causal" } else { "" },
+            );
+            s += &format!(
+                "  {case:<58} {:>12.2} {:>9.2}\n",
+                e["ms_per_call"].as_f64().unwrap_or(0.0),
+                e["gflop_per_s"].as_f64().unwrap_or(0.0),
             );
         }
     }

@@ -657,6 +657,29 @@ fn bench_tiny_reports_every_part() {
             assert!(pos(&e[k]), "{k}: {e}");
         }
     }
+    // attention over many rows: a causal prefill over an f16 cache and a ViT-like head of 88
+    // over f32 keys, each with its time and rate
+    let rows = r["attention_rows"].as_array().unwrap();
+    let cases: Vec<(&str, bool, &str)> = rows
+        .iter()
+        .map(|e| {
+            (
+                e["case"].as_str().unwrap(),
+                e["causal"] == true,
+                e["kv_dtype"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        cases,
+        [("tiny prefill", true, "f16"), ("tiny vit", false, "f32")],
+        "{rows:?}"
+    );
+    for e in rows {
+        for k in ["ms_per_call", "gflop_per_s"] {
+            assert!(pos(&e[k]), "{k}: {e}");
+        }
+    }
     // a token's pick on the GPU over a vocabulary under the top-k's single pass and one over
     let sampling = r["sampling"].as_array().unwrap();
     let vocabs: Vec<u64> = sampling
