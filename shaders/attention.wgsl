@@ -461,9 +461,10 @@ fn attention_combine(ids: Ids, grp: Grp) {
 
 // ---- Tiled attention for many query rows (the ViT, the Q-Former, prefill) ----
 //
-// `attention_tiled`: one workgroup per (tile of TR query rows, head), head_dim up to TD. The
-// row kernel above reloads every key and value for each query row; here a tile of TC keys is
-// staged once in workgroup memory and serves TR rows, and each invocation keeps a 4 x 4 block
+// `attention_tiled`: one workgroup per (tile of TR query rows, head), head_dim up to 128
+// (`ATTN_TILE_DIM`, the size of the t_q tile). The row kernel above reloads every key and
+// value for each query row; here a tile of TC keys is staged once in workgroup memory and
+// serves TR rows, and each invocation keeps a 4 x 4 block
 // of scores and a 4 x NJ block of outputs in registers (rows x keys, rows x dims), so every
 // workgroup-memory load feeds several multiply-adds, as in the tiled GEMM. NJ follows the
 // head (TD64, TD96 or neither), so a 64-dim head does not stage or multiply 128 dims' worth.
@@ -480,9 +481,8 @@ fn attention_combine(ids: Ids, grp: Grp) {
 #if !Q_UNIFORM
 const TR: u32 = 16u; // query rows per workgroup: rows 4 rr .. 4 rr + 3 per invocation
 const TC: u32 = 64u; // keys per tile: keys kk + 16 b (b < 4) per invocation
-const TD: u32 = 128u; // largest head_dim
 // NJ: dims kk + 16 j (j < NJ) per invocation, for heads of up to 16 NJ dims (TD64: 64, the
-// LLaMA-style small heads and the Q-Former; TD96: 96, the ViT's 88; TD: 128)
+// LLaMA-style small heads and the Q-Former; TD96: 96, the ViT's 88; neither: 128)
 #if TD64
 const NJ: u32 = 4u;
 #endif

@@ -472,19 +472,9 @@ fn attention_rows(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
     for (name, t, s, hq, hkv, d, causal, kv_dtype) in attention_rows_cases(a.tiny) {
         eprintln!("bench: attention {name}: {t} rows over {s} keys, {hq}/{hkv} heads × {d}");
         let (qd, kv) = (hq * d, hkv * d);
-        let fill = |n: usize, salt: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i + salt) * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.5)
-                .collect()
-        };
-        let q = Tensor::upload(gpu, "attn_rows.q", &[t, qd], DType::F32, &fill(t * qd, 1))?;
-        let kvs = Tensor::upload(
-            gpu,
-            "attn_rows.kv",
-            &[s, 2 * kv],
-            kv_dtype,
-            &fill(s * 2 * kv, 2),
-        )?;
+        // small finite pseudo-random values, as the synthetic weights get
+        let q = random_weight(gpu, "attn_rows.q", &[t, qd], DType::F32, 1)?;
+        let kvs = random_weight(gpu, "attn_rows.kv", &[s, 2 * kv], kv_dtype, 2)?;
         let o = Tensor::zeros(gpu, "attn_rows.out", &[t, qd])?;
         let run_attn = || -> Result<()> {
             let mut rec = Recorder::new(gpu);
