@@ -477,6 +477,15 @@ fn attention_combine(ids: Ids, grp: Grp) {
 //   3. the outputs are rescaled by exp(old max - new max) and take P . V, V staged KS keys
 //      at a time (16 with TD64, 8 otherwise).
 // Workgroup memory: 8 + 4 + 4 KiB, the portable 16 KiB.
+// With ROWS_SG (subgroup variants on CPU drivers: see `rows_subgroup_fits`), the inner loops'
+// row operands (a query dim of the invocation's 4 rows, a key's weights for them), which the
+// 16 invocations of a row group all read, are loaded once per 8 steps, each of 8 lanes
+// loading one, and handed round by subgroupBroadcast from constant lanes. On CPU drivers
+// every lane's workgroup-memory load is a gather, same address or not; a broadcast is a
+// register shuffle. It relies on each subgroup lying within one row group: subgroups of 8 or
+// 16 consecutive invocations, as llvmpipe runs them (SIMD chunks in invocation order). A
+// check inside the kernel with the plain loops as a fallback cost the whole gain on
+// llvmpipe (the branch around the inner loops), so the condition is the host's.
 // Defined without Q_UNIFORM (the rows are read from storage when staged).
 #if !Q_UNIFORM
 const TR: u32 = 16u; // query rows per workgroup: rows 4 rr .. 4 rr + 3 per invocation
@@ -506,6 +515,32 @@ var<workgroup> t_kv: array<vec4<f32>, 256>;
 // The invocations' partial maxima, then the tile's softmax weights: [key][row / 4].
 var<workgroup> t_p: array<vec4<f32>, 256>;
 
+// One step of the scores: rows' q times p.scale at a dim (qa) times keys kk + 16 b there (kb).
+fn qk_step(sc: ptr<function, array<vec4<f32>, 4>>, qa: vec4<f32>, kb: vec4<f32>) {
+    (*sc)[0] += qa * kb.x;
+    (*sc)[1] += qa * kb.y;
+    (*sc)[2] += qa * kb.z;
+    (*sc)[3] += qa * kb.w;
+}
+
+// One step of P . V: rows' weights of key c of the V chunk (pw) times its dims kk + 16 j.
+fn pv_step(o: ptr<function, array<vec4<f32>, NJ>>, pw: vec4<f32>, c: u32, kk: u32) {
+    let va = t_kv[(c * 16u + kk) * VW];
+    (*o)[0] += pw * va.x;
+    (*o)[1] += pw * va.y;
+    (*o)[2] += pw * va.z;
+    (*o)[3] += pw * va.w;
+#if !TD64
+    let vb = t_kv[(c * 16u + kk) * VW + 1u];
+    (*o)[4] += pw * vb.x;
+    (*o)[5] += pw * vb.y;
+#if !TD96
+    (*o)[6] += pw * vb.z;
+    (*o)[7] += pw * vb.w;
+#endif
+#endif
+}
+
 @compute @workgroup_size(64)
 fn attention_tiled(ids: Ids, grp: Grp) {
     let g = group_index(grp);
@@ -518,6 +553,10 @@ fn attention_tiled(ids: Ids, grp: Grp) {
     let kvh = h / (p.hq / p.hkv);
     let rr = lid / 16u;
     let kk = lid % 16u;
+#if ROWS_SG
+    // (every invocation is active here and in the loops below)
+    let lane = subgroupExclusiveAdd(1u);
+#endif
     let dpad = (p.d + 15u) / 16u * 16u;
     for (var e = lid; e < dpad * TR; e += WG) {
         let r = e / dpad;
@@ -578,14 +617,23 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                 }
             }
             workgroupBarrier();
-            for (var dd = 0u; dd < 16u; dd++) {
-                let qa = t_q[(d0 + dd) * 4u + rr];
-                let kb = t_kv[dd * 16u + kk];
-                sc[0] += qa * kb.x;
-                sc[1] += qa * kb.y;
-                sc[2] += qa * kb.z;
-                sc[3] += qa * kb.w;
+#if ROWS_SG
+            for (var dd = 0u; dd < 16u; dd += 8u) {
+                let ql = t_q[(d0 + dd + lane % 8u) * 4u + rr];
+                qk_step(&sc, subgroupBroadcast(ql, 0u), t_kv[(dd + 0u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 1u), t_kv[(dd + 1u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 2u), t_kv[(dd + 2u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 3u), t_kv[(dd + 3u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 4u), t_kv[(dd + 4u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 5u), t_kv[(dd + 5u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 6u), t_kv[(dd + 6u) * 16u + kk]);
+                qk_step(&sc, subgroupBroadcast(ql, 7u), t_kv[(dd + 7u) * 16u + kk]);
             }
+#else
+            for (var dd = 0u; dd < 16u; dd++) {
+                qk_step(&sc, t_q[(d0 + dd) * 4u + rr], t_kv[dd * 16u + kk]);
+            }
+#endif
         }
         // 2. online softmax: invisible keys at NEG_BIG; each row's maximum and sum over the
         //    tile gathered from the 16 invocations holding its scores (partials in t_p, then
@@ -663,23 +711,24 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                 }
             }
             workgroupBarrier();
-            for (var c = 0u; c < KS; c++) {
-                let pw = t_p[(c0 + c) * 4u + rr];
-                let va = t_kv[(c * 16u + kk) * VW];
-                o[0] += pw * va.x;
-                o[1] += pw * va.y;
-                o[2] += pw * va.z;
-                o[3] += pw * va.w;
-#if !TD64
-                let vb = t_kv[(c * 16u + kk) * VW + 1u];
-                o[4] += pw * vb.x;
-                o[5] += pw * vb.y;
-#if !TD96
-                o[6] += pw * vb.z;
-                o[7] += pw * vb.w;
-#endif
-#endif
+#if ROWS_SG
+            // (KS is 16 or 8)
+            for (var c = 0u; c < KS; c += 8u) {
+                let pl = t_p[(c0 + c + lane % 8u) * 4u + rr];
+                pv_step(&o, subgroupBroadcast(pl, 0u), c + 0u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 1u), c + 1u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 2u), c + 2u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 3u), c + 3u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 4u), c + 4u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 5u), c + 5u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 6u), c + 6u, kk);
+                pv_step(&o, subgroupBroadcast(pl, 7u), c + 7u, kk);
             }
+#else
+            for (var c = 0u; c < KS; c++) {
+                pv_step(&o, t_p[(c0 + c) * 4u + rr], c, kk);
+            }
+#endif
         }
         workgroupBarrier();
     }

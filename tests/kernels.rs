@@ -1539,6 +1539,23 @@ fn check_attention(
         path.split.then_some(&part),
     )
     .unwrap();
+    // the tiled kernel shares its row operands through the subgroup where the variant and the
+    // subgroup sizes allow
+    if t_ >= ATTN_TILED_FROM && d <= ATTN_TILE_DIM {
+        let kernels = rec.kernels();
+        let shared = v.subgroups && minigpt4::gpu::rows_subgroup_fits(gpu);
+        assert_eq!(kernels.len(), 1, "{kernels:?}");
+        assert!(
+            kernels[0].starts_with("attention::attention_tiled"),
+            "{kernels:?}"
+        );
+        assert_eq!(
+            kernels[0].contains("ROWS_SG"),
+            shared,
+            "{kernels:?} in {}",
+            v.name()
+        );
+    }
     run(rec);
     assert_close(
         &format!(

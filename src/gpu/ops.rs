@@ -264,6 +264,21 @@ pub fn x_subgroup_fits(gpu: &Gpu, invocations: u32) -> bool {
     gpu.best_variant.subgroups && min >= 8 && max >= min && invocations.is_multiple_of(max)
 }
 
+/// Whether the tiled attention can share its row operands through subgroups (`ROWS_SG` in
+/// `attention.wgsl`): subgroup kernels on a CPU driver whose subgroups hold 8 or 16
+/// invocations. The kernel needs each subgroup inside one row group of 16 consecutive
+/// invocations; llvmpipe's subgroups are its SIMD chunks in invocation order, while WebGPU
+/// and Vulkan leave the order to the driver, so GPUs (subgroups of 32 or 64 besides) keep
+/// the plain kernel.
+pub fn rows_subgroup_fits(gpu: &Gpu) -> bool {
+    let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    gpu.best_variant.subgroups
+        && gpu.info.device_type == wgpu::DeviceType::Cpu
+        && min >= 8
+        && max >= min
+        && max <= 16
+}
+
 /// Lane counts also tried with 16-invocation workgroups ([`GEMV_WG16`]).
 const GEMV_WG16_LANES: [u32; 2] = [1, 4];
 
@@ -1419,6 +1434,9 @@ impl Recorder<'_> {
                 ..=64 => flags.push("TD64"),
                 65..=96 => flags.push("TD96"),
                 _ => {}
+            }
+            if self.variant.subgroups && rows_subgroup_fits(self.gpu) {
+                flags.push("ROWS_SG");
             }
             return self.dispatch(
                 "attention",

@@ -162,6 +162,12 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
             &["KV_F16", "TD64"],
             &["TD96"],
             &["KV_F16", "TD96"],
+            &["ROWS_SG"],
+            &["KV_F16", "ROWS_SG"],
+            &["TD64", "ROWS_SG"],
+            &["KV_F16", "TD64", "ROWS_SG"],
+            &["TD96", "ROWS_SG"],
+            &["KV_F16", "TD96", "ROWS_SG"],
         ],
     ),
     (
@@ -200,12 +206,16 @@ fn source(name: &str) -> Result<&'static str> {
 /// asked for one of them is its f32 form).
 pub const F16_ONLY_FLAGS: &[&str] = &["GEMM_HALF"];
 
+/// Op flags that need subgroup operations: kept only for a subgroup variant.
+pub const SUBGROUP_ONLY_FLAGS: &[&str] = &["ROWS_SG"];
+
 /// Expands `#include` and `#if` lines of `shaders/<name>.wgsl` for the given flags.
 pub fn preprocess(name: &str, variant: Variant, flags: &[&str], web: bool) -> Result<String> {
     let mut all: Vec<&str> = flags
         .iter()
         .copied()
         .filter(|f| variant.f16 || !F16_ONLY_FLAGS.contains(f))
+        .filter(|f| variant.subgroups || !SUBGROUP_ONLY_FLAGS.contains(f))
         .collect();
     if variant.f16 {
         all.push("F16");
