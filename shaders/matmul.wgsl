@@ -67,7 +67,13 @@ const TK: u32 = 16u;
 // - GEMM_HALF (with F16): the tiles held as f16 and each 16-deep step of the tile multiplied
 //   and summed in f16, added to f32 accumulators once per step: half the workgroup memory
 //   traffic and packed f16 arithmetic where GPUs have it, at f16 precision for x and the
-//   products (the precision MiniGPT-4 itself runs its ViT and LLM in).
+//   products (the precision MiniGPT-4 itself runs its ViT and LLM in);
+// - ROWS_SG (f32 tiles, subgroup variants on CPU drivers: `rows_subgroup_fits`): the inner
+//   loop's x vec4s, which the 16 invocations of a row (l.y) all read, loaded once per 8 steps
+//   by 8 lanes and handed round by subgroupBroadcast from constant lanes (on llvmpipe every
+//   lane's workgroup-memory load is a gather, same address or not; a broadcast is a register
+//   shuffle). It relies on a subgroup lying within one row of invocations (see
+//   attention.wgsl's attention_tiled).
 // TM rows per tile; invocations: 16 x WGY, each loading 4 consecutive k of a tile row, so RP
 // tile rows per pass
 #if GEMM_SHORT
@@ -141,6 +147,24 @@ fn acc_add(c: ptr<function, Acc>, s: Blk) {
 alias Acc = Blk;
 #endif
 
+// One step (kk) of the inner loop: the x vec4s a (rows 4 l.y ..) and a2 (64 rows further,
+// GEMM_TALL) times the weight vec4s of columns 4 lx .. (and 64 columns further, GEMM_WIDE).
+fn tile_step(s_a: ptr<function, Blk>, s_b: ptr<function, Blk>, s_c: ptr<function, Blk>,
+             s_d: ptr<function, Blk>, a: T4, a2: T4, kk: u32, lx: u32) {
+    let b = ws4[kk * WV + lx];
+    blk_fma(s_a, a, b);
+#if GEMM_WIDE
+    let b2 = ws4[kk * WV + 16u + lx];
+    blk_fma(s_b, a, b2);
+#endif
+#if GEMM_TALL
+    blk_fma(s_c, a2, b);
+#if GEMM_WIDE
+    blk_fma(s_d, a2, b2);
+#endif
+#endif
+}
+
 // Workgroup (x, y) computes output columns x*TN.. and rows y*TM..; each invocation the 4x4
 // block at rows m0 + 4 l.y .., columns n0 + 4 l.x .., and with GEMM_WIDE / GEMM_TALL the
 // blocks 64 columns / 64 rows further, held in registers.
@@ -150,6 +174,10 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
         @builtin(workgroup_id) wg: vec3<u32>) {
     let n0 = wg.x * TN;
     let m0 = wg.y * TM;
+#if ROWS_SG
+    // (every invocation runs to the end: the broadcasts see the whole subgroup)
+    let lane = subgroupExclusiveAdd(1u);
+#endif
     // blocks: a (rows +0, cols +0), b (cols +64), c (rows +64), d (both)
     var acc_a = Acc();
     var acc_b = Acc();
@@ -213,22 +241,42 @@ fn gemm(@builtin(local_invocation_id) l: vec3<u32>,
         let s_c = &acc_c;
         let s_d = &acc_d;
 #endif
-        for (var kk = 0u; kk < TK; kk++) {
-            let a = xs4[kk * XV + l.y];
-            let b = ws4[kk * WV + l.x];
-            blk_fma(s_a, a, b);
-#if GEMM_WIDE
-            let b2 = ws4[kk * WV + 16u + l.x];
-            blk_fma(s_b, a, b2);
+#if ROWS_SG
+        // x's vec4s at 8 steps loaded by 8 lanes, taken by the others from constant lanes
+        for (var k8 = 0u; k8 < TK; k8 += 8u) {
+            let al = xs4[(k8 + lane % 8u) * XV + l.y];
+#if GEMM_TALL
+            let al2 = xs4[(k8 + lane % 8u) * XV + 16u + l.y];
+#else
+            let al2 = al;
 #endif
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 0u), subgroupBroadcast(al2, 0u),
+                      k8 + 0u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 1u), subgroupBroadcast(al2, 1u),
+                      k8 + 1u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 2u), subgroupBroadcast(al2, 2u),
+                      k8 + 2u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 3u), subgroupBroadcast(al2, 3u),
+                      k8 + 3u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 4u), subgroupBroadcast(al2, 4u),
+                      k8 + 4u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 5u), subgroupBroadcast(al2, 5u),
+                      k8 + 5u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 6u), subgroupBroadcast(al2, 6u),
+                      k8 + 6u, l.x);
+            tile_step(s_a, s_b, s_c, s_d, subgroupBroadcast(al, 7u), subgroupBroadcast(al2, 7u),
+                      k8 + 7u, l.x);
+        }
+#else
+        for (var kk = 0u; kk < TK; kk++) {
 #if GEMM_TALL
             let a2 = xs4[kk * XV + 16u + l.y];
-            blk_fma(s_c, a2, b);
-#if GEMM_WIDE
-            blk_fma(s_d, a2, b2);
+#else
+            let a2 = T4();
 #endif
-#endif
+            tile_step(s_a, s_b, s_c, s_d, xs4[kk * XV + l.y], a2, kk, l.x);
         }
+#endif
 #if GEMM_HALF
         acc_add(&acc_a, t_a);
 #if GEMM_WIDE

@@ -323,7 +323,9 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
         kernels
             .iter()
             .find(|s| s.starts_with("matmul::gemm "))
-            .cloned()
+            // (the f32 forms' subgroup sharing, where the adapter allows it, is checked in
+            // gemm_every_form_dtype_and_variant)
+            .map(|s| s.replace(",ROWS_SG", ""))
             .unwrap_or_else(|| panic!("no GEMM among {kernels:?}"))
     };
     assert_eq!(gemm_flags(40, n), "matmul::gemm W_F16,GEMM_WIDE");
@@ -359,7 +361,7 @@ fn gemm_forms_tuned_per_shape_are_the_forms_that_run() {
 fn gemm_every_form_dtype_and_variant() {
     let gpu = gpu();
     let mut seed = 900;
-    // (the GEMM has no subgroup code: the variants that differ for it)
+    // (the variants without subgroups: those with them differ only in ROWS_SG, below)
     for v in gpu.variants().into_iter().filter(|v| !v.subgroups) {
         for form in (0..12u32).chain([GEMM_ROWS]) {
             assert!(is_gemm_form(form));
@@ -384,6 +386,41 @@ fn gemm_every_form_dtype_and_variant() {
                     check_matmul(&gpu, v, dt, path, m, n, k, bias, seed % 3 == 0, seed);
                 }
             }
+        }
+    }
+    // the f32 tile forms in the subgroup variants: where the adapter allows it
+    // (`rows_subgroup_fits`: a CPU driver with subgroups of 8 or 16) x's vec4s are shared
+    // through the subgroup (ROWS_SG), the f16 tile forms keep plain loads
+    for v in gpu.variants().into_iter().filter(|v| v.subgroups) {
+        let shared = minigpt4::gpu::rows_subgroup_fits(&gpu);
+        for form in 0..12u32 {
+            let dt = [DType::F16, DType::Q4M, DType::F32][form as usize % 3];
+            let (m, n, k) = [(65, 130, 96), (130, 70, 64), (200, 257, 160)][form as usize % 3];
+            let path = MatmulPath::GemmForm(form);
+            let (kernels, _) = recorded_matmul(&gpu, v, path, (m, n, k), dt);
+            let want = shared && form & GEMM_HALF == 0;
+            assert!(
+                kernels.iter().all(|k| k.starts_with("matmul::gemm ")),
+                "{kernels:?}"
+            );
+            assert!(
+                kernels.iter().all(|k| k.contains("ROWS_SG") == want),
+                "{kernels:?} form {form} in {}",
+                v.name()
+            );
+            seed += 1;
+            check_matmul(
+                &gpu,
+                v,
+                dt,
+                path,
+                m,
+                n,
+                k,
+                form % 2 == 0,
+                seed % 3 == 0,
+                seed,
+            );
         }
     }
     // the untiled form's own code per dtype (four rows of x per dispatch: a ragged last

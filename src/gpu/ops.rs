@@ -264,12 +264,12 @@ pub fn x_subgroup_fits(gpu: &Gpu, invocations: u32) -> bool {
     gpu.best_variant.subgroups && min >= 8 && max >= min && invocations.is_multiple_of(max)
 }
 
-/// Whether the tiled attention can share its row operands through subgroups (`ROWS_SG` in
-/// `attention.wgsl`): subgroup kernels on a CPU driver whose subgroups hold 8 or 16
-/// invocations. The kernel needs each subgroup inside one row group of 16 consecutive
-/// invocations; llvmpipe's subgroups are its SIMD chunks in invocation order, while WebGPU
-/// and Vulkan leave the order to the driver, so GPUs (subgroups of 32 or 64 besides) keep
-/// the plain kernel.
+/// Whether the tiled attention and the tiled GEMM's f32 forms can share their row operands
+/// through subgroups (`ROWS_SG` in `attention.wgsl` and `matmul.wgsl`): subgroup kernels on
+/// a CPU driver whose subgroups hold 8 or 16 invocations. The kernels need each subgroup
+/// inside one row group of 16 consecutive invocations; llvmpipe's subgroups are its SIMD
+/// chunks in invocation order, while WebGPU and Vulkan leave the order to the driver, so GPUs
+/// (subgroups of 32 or 64 besides) keep the plain kernels.
 pub fn rows_subgroup_fits(gpu: &Gpu) -> bool {
     let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
     gpu.best_variant.subgroups
@@ -1039,6 +1039,9 @@ impl Recorder<'_> {
                     if form & GEMM_HALF != 0 {
                         // (the f32 form where the recorder's variant has no f16)
                         gemm_flags.push("GEMM_HALF");
+                    } else if self.variant.subgroups && rows_subgroup_fits(self.gpu) {
+                        // f32 tiles: x's vec4s shared through the subgroup
+                        gemm_flags.push("ROWS_SG");
                     }
                     // a tuned GEMM leaves a few rows past its whole tiles (the ViT's 257 =
                     // 2 · 128 + 1) to the block GEMV, instead of a tile row mostly empty

@@ -89,6 +89,10 @@ pub const FAMILIES: &[(&str, &[&[&str]])] = &[
             &["W_F32", "GEMM_WIDE", "GEMM_TALL", "GEMM_HALF"],
             &["W_F16", "GEMM_SHORT", "BIAS"],
             &["W_Q4", "GEMM_SHORT", "GEMM_WIDE", "GEMM_HALF", "OUT_MUL"],
+            &["W_F16", "ROWS_SG"],
+            &["W_F16", "GEMM_WIDE", "GEMM_TALL", "ROWS_SG", "BIAS"],
+            &["W_Q4M", "GEMM_TALL", "ROWS_SG", "OUT_MUL"],
+            &["W_F32", "GEMM_SHORT", "GEMM_WIDE", "ROWS_SG"],
         ],
     ),
     (
