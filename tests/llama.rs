@@ -527,9 +527,23 @@ fn small_weights_have_their_gemm_forms_tuned_per_shape() {
             assert!(!plain.has_gemm_form_at(rows, w.rows(), w.cols(), w.dtype));
         }
     }
+    // the same logits: to f32 rounding where every tuned form has f32 tiles (or is the
+    // untiled form), to f16 rounding where the measurement picked an f16 form for some shape
+    // (timing decides; the f16 forms' own accuracy is checked against the CPU in the kernel
+    // tests)
+    let half = m1.decode_matrices().iter().any(|w| {
+        prefill_rows.iter().any(|&rows| {
+            tuned.gemm_form_at(rows, w.rows(), w.cols(), w.dtype) & minigpt4::gpu::GEMM_HALF != 0
+        })
+    });
+    let tol = if half { 3e-2 } else { 1e-3 };
     let vocab = m1.cfg.vocab as u32;
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % vocab).collect();
     let a = pollster::block_on(m0.forward(&plain, Input::Ids(&ids), true)).unwrap();
     let b = pollster::block_on(m1.forward(&tuned, Input::Ids(&ids), true)).unwrap();
-    assert!(max_abs(&a, &b) < 1e-3, "max-abs {}", max_abs(&a, &b));
+    assert!(
+        max_abs(&a, &b) < tol,
+        "max-abs {} (f16 forms tuned: {half})",
+        max_abs(&a, &b)
+    );
 }
