@@ -272,8 +272,34 @@ fn w8(wb: WB, j: u32) -> W8 {
 }
 #endif
 
-#if W_F16 || W_F32
-// Unquantised blocks are read as they are used: the block index stands for the data.
+#if W_F16
+// A block's 32 halves as loaded: four 16-byte loads (eight weights each).
+struct WB {
+    a: vec4<u32>,
+    b: vec4<u32>,
+    c: vec4<u32>,
+    d: vec4<u32>,
+}
+
+fn wload(second: bool, blk: u32) -> WB {
+#if GLU
+    if (second) {
+        return WB(w2[4u * blk], w2[4u * blk + 1u], w2[4u * blk + 2u], w2[4u * blk + 3u]);
+    }
+#endif
+    return WB(w[4u * blk], w[4u * blk + 1u], w[4u * blk + 2u], w[4u * blk + 3u]);
+}
+
+// Weights 8j .. 8j + 7 of a loaded block (j a constant where it is called).
+fn w8(wb: WB, j: u32) -> W8 {
+    let v = select(select(wb.a, wb.b, j == 1u), select(wb.c, wb.d, j == 3u), j >= 2u);
+    return W8(vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)),
+              vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w)));
+}
+#endif
+
+#if W_F32
+// f32 blocks are read as they are used: the block index stands for the data.
 alias WB = u32;
 
 fn wload(second: bool, blk: u32) -> WB {
@@ -281,21 +307,9 @@ fn wload(second: bool, blk: u32) -> WB {
 }
 
 fn w8(blk: WB, j: u32) -> W8 {
-#if W_F16
-    let i = blk * 16u + 4u * j;
-#if F16
-    return W8(vec4<f32>(vec2<f32>(w[i]), vec2<f32>(w[i + 1u])),
-              vec4<f32>(vec2<f32>(w[i + 2u]), vec2<f32>(w[i + 3u])));
-#else
-    return W8(vec4<f32>(unpack2x16float(w[i]), unpack2x16float(w[i + 1u])),
-              vec4<f32>(unpack2x16float(w[i + 2u]), unpack2x16float(w[i + 3u])));
-#endif
-#endif
-#if W_F32
     let e = blk * 32u + 8u * j;
     return W8(vec4<f32>(w[e], w[e + 1u], w[e + 2u], w[e + 3u]),
               vec4<f32>(w[e + 4u], w[e + 5u], w[e + 6u], w[e + 7u]));
-#endif
 }
 #endif
 

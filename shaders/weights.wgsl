@@ -16,28 +16,21 @@ fn w4_at(i: u32) -> vec4<f32> {
 #endif
 
 #if W_F16
-#if F16
-// shader-f16: the same bytes read as native halves.
-@group(0) @binding(2) var<storage, read> w: array<vec2<f16>>;
+// Eight elements per 16-byte load, unpacked to f32 (also in the f16 variants: the kernels
+// compute in f32 or convert to f16 themselves): memory-bound kernels are bound by the number
+// of loads on CPU drivers (each is a gather across the SIMD lanes), and wide loads are what
+// GPUs coalesce best.
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 
 fn w_at(i: u32) -> f32 {
-    return f32(w[i >> 1u][i & 1u]);
+    return unpack2x16float(w[i >> 3u][(i >> 1u) & 3u])[i & 1u];
 }
 
 fn w4_at(i: u32) -> vec4<f32> {
-    return vec4<f32>(vec2<f32>(w[i >> 1u]), vec2<f32>(w[(i >> 1u) + 1u]));
+    let v = w[i >> 3u];
+    let h = select(v.xy, v.zw, (i & 4u) != 0u);
+    return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y));
 }
-#else
-@group(0) @binding(2) var<storage, read> w: array<u32>;
-
-fn w_at(i: u32) -> f32 {
-    return unpack2x16float(w[i >> 1u])[i & 1u];
-}
-
-fn w4_at(i: u32) -> vec4<f32> {
-    return vec4<f32>(unpack2x16float(w[i >> 1u]), unpack2x16float(w[(i >> 1u) + 1u]));
-}
-#endif
 #endif
 
 #if W_Q8
