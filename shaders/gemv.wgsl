@@ -299,7 +299,8 @@ fn w8(wb: WB, j: u32) -> W8 {
 #endif
 
 #if W_F32
-// f32 blocks are read as they are used: the block index stands for the data.
+// f32 blocks are read as they are used (two 16-byte loads per eight weights): the block
+// index stands for the data.
 alias WB = u32;
 
 fn wload(second: bool, blk: u32) -> WB {
@@ -307,9 +308,7 @@ fn wload(second: bool, blk: u32) -> WB {
 }
 
 fn w8(blk: WB, j: u32) -> W8 {
-    let e = blk * 32u + 8u * j;
-    return W8(vec4<f32>(w[e], w[e + 1u], w[e + 2u], w[e + 3u]),
-              vec4<f32>(w[e + 4u], w[e + 5u], w[e + 6u], w[e + 7u]));
+    return W8(w[blk * 8u + 2u * j], w[blk * 8u + 2u * j + 1u]);
 }
 #endif
 

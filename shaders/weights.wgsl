@@ -4,14 +4,15 @@
 // i .. i + 3 (i a multiple of 4) with one data load and at most one scale load.
 
 #if W_F32
-@group(0) @binding(2) var<storage, read> w: array<f32>;
+// Four elements per 16-byte load (why: see W_F16 below).
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 
 fn w_at(i: u32) -> f32 {
-    return w[i];
+    return w[i >> 2u][i & 3u];
 }
 
 fn w4_at(i: u32) -> vec4<f32> {
-    return vec4<f32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
+    return w[i >> 2u];
 }
 #endif
 
