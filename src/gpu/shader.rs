@@ -14,7 +14,8 @@ use crate::gpu::context::Gpu;
 /// Run-time kernel variant: which optional adapter features a kernel may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Variant {
-    /// Read f16 weights as `vec2<f16>` (needs `shader-f16`); arithmetic stays f32.
+    /// f16 arithmetic where a kernel asks for it (the tiled GEMM's `GEMM_HALF` forms; needs
+    /// `shader-f16`). f16 weights are read as words and unpacked to f32 in every variant.
     pub f16: bool,
     /// Reductions with `subgroupAdd` / `subgroupMax` (needs subgroups).
     pub subgroups: bool,
