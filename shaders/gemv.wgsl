@@ -281,12 +281,8 @@ struct WB {
     d: vec4<u32>,
 }
 
+// (`second` is GLU's up projection, which runs on quantised weights only: see glu_lanes.)
 fn wload(second: bool, blk: u32) -> WB {
-#if GLU
-    if (second) {
-        return WB(w2[4u * blk], w2[4u * blk + 1u], w2[4u * blk + 2u], w2[4u * blk + 3u]);
-    }
-#endif
     return WB(w[4u * blk], w[4u * blk + 1u], w[4u * blk + 2u], w[4u * blk + 3u]);
 }
 
