@@ -3,8 +3,10 @@
 // Decode over a long cache splits the keys (`attention_split`); many query rows take tiles
 // of rows and keys (`attention_tiled`, at the end).
 //
-// q row t, head h at q[q_off + t * q_stride + h * d]; keys/values likewise with the kv head
-// h / (hq / hkv) (grouped-query attention). With causal != 0, query t sees keys 0 ..= t + past
+// q row t, head h at q[q_off + t * q_stride + h * d]; key j of kv head g = h / (hq / hkv)
+// (grouped-query attention) at k[k_off + j * k_stride + g * k_hs], values likewise (k_hs = d:
+// heads side by side in a row; a head-major KV cache has k_stride = d, k_hs = ctx * d, so
+// that a head's keys are contiguous). With causal != 0, query t sees keys 0 ..= t + past
 // (past = tokens already in the KV cache). out[o_off + t * o_stride + h * d + i].
 // score = (q . k) * scale; softmax in f32.
 //
@@ -33,6 +35,8 @@ struct Params {
     past: u32,
     scale: f32,
     hr: u32, // query heads per workgroup
+    k_hs: u32, // elements between KV heads h and h + 1 of keys (d: side by side in a row)
+    v_hs: u32, // and of values
 }
 
 // Per-head values of the heads in hand (RED: a vector with HEADS2/3/4, an f32 otherwise).
@@ -202,7 +206,7 @@ fn load_query(qb: u32, mul: f32, lid: u32) {
 // Whether heads are read eight elements at a time: head_dim and every offset and stride of K
 // and V multiples of 8 (always for LLaMA, the ViT and the Q-Former).
 fn by8() -> bool {
-    return (p.d | p.k_off | p.k_stride | p.v_off | p.v_stride) % 8u == 0u;
+    return (p.d | p.k_off | p.k_stride | p.k_hs | p.v_off | p.v_stride | p.v_hs) % 8u == 0u;
 }
 
 // q . k of each head in hand for the key whose first element is kb.
@@ -307,7 +311,7 @@ fn chunk_weights(j0: u32, j1: u32, per: u32, kvh: u32, mul: f32, m_prev: HV, ids
         let jj = ids.lid + i * WG;
         var sc = HV(NEG_BIG);
         if (j0 + jj < j1) {
-            sc = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.d) * mul;
+            sc = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.k_hs) * mul;
         }
         pw[jj] = sc;
         mx = max(mx, sc);
@@ -354,7 +358,7 @@ fn attention(ids: Ids, grp: Grp) {
         let corr = exp(m_run - st.m);
         l_run = l_run * corr + st.l;
         let cnt = min(per * WG, kv_len - base);
-        let chunk = v_sum(p.v_off + base * p.v_stride + kvh * p.d, cnt, ids.lid);
+        let chunk = v_sum(p.v_off + base * p.v_stride + kvh * p.v_hs, cnt, ids.lid);
         for (var i = 0u; i < 4u; i++) {
             acc[i] = acc[i] * corr + chunk[i];
         }
@@ -413,7 +417,7 @@ fn attention_split(ids: Ids, grp: Grp) {
     let j1 = min(j0 + CH, visible(ti));
     let st = chunk_weights(j0, j1, CH / WG, kvh, 1.0, HV(NEG_BIG), ids);
     let cnt = select(0u, j1 - j0, j1 > j0);
-    let sums = v_sum(p.v_off + j0 * p.v_stride + kvh * p.d, cnt, ids.lid);
+    let sums = v_sum(p.v_off + j0 * p.v_stride + kvh * p.v_hs, cnt, ids.lid);
     for (var r = 0u; r < p.hr; r++) {
         let pb = ((ti * p.hq + h + r) * ns + c) * (p.d + 2u);
         for (var i = 0u; i < 4u; i++) {
@@ -592,7 +596,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                     let dd = 8u * (e % 2u);
                     var kv8 = H8(vec4<f32>(0.0), vec4<f32>(0.0));
                     if (j0 + key < kv_len && d0 + dd < p.d) {
-                        kv8 = k8(p.k_off + (j0 + key) * p.k_stride + kvh * p.d + d0 + dd);
+                        kv8 = k8(p.k_off + (j0 + key) * p.k_stride + kvh * p.k_hs + d0 + dd);
                     }
                     let at = dd * 16u + key % 16u;
                     let c = key / 16u;
@@ -611,7 +615,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                     let dd = e % 16u;
                     var val = 0.0;
                     if (j0 + key < kv_len && d0 + dd < p.d) {
-                        val = k_at(p.k_off + (j0 + key) * p.k_stride + kvh * p.d + d0 + dd);
+                        val = k_at(p.k_off + (j0 + key) * p.k_stride + kvh * p.k_hs + d0 + dd);
                     }
                     t_kv[dd * 16u + key % 16u][key / 16u] = val;
                 }
@@ -685,7 +689,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                     let dim = 8u * (e % (2u * NJ));
                     var kv8 = H8(vec4<f32>(0.0), vec4<f32>(0.0));
                     if (c0 + key < cnt && dim < p.d) {
-                        kv8 = v8(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.d + dim);
+                        kv8 = v8(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.v_hs + dim);
                     }
                     // dims dim .. dim + 7 share dim / 16, dim / 64; dim % 16 is 0 or 8
                     let at = (key * 16u + dim % 16u) * VW + dim / 64u;
@@ -705,7 +709,7 @@ fn attention_tiled(ids: Ids, grp: Grp) {
                     let dim = e % (16u * NJ);
                     var val = 0.0;
                     if (c0 + key < cnt && dim < p.d) {
-                        val = v_at(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.d + dim);
+                        val = v_at(p.v_off + (j0 + c0 + key) * p.v_stride + kvh * p.v_hs + dim);
                     }
                     t_kv[(key * 16u + dim % 16u) * VW + dim / 64u][(dim / 16u) % 4u] = val;
                 }

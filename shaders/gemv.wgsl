@@ -21,8 +21,8 @@
 // With ROPE (one row of x), the GEMV is a LLaMA layer's fused QKV projection and also does
 // what `rope_kv` in rope.wgsl does after it: an invocation's four weight rows are the
 // columns of two rotation pairs (see quad_rows), which it rotates before storing; q goes to
-// the output rotated, k and v as computed, and the rotated k with v into the KV cache row of
-// the position. One dispatch per layer fewer in decode.
+// the output rotated, k and v as computed, and the rotated k with v into the KV cache at the
+// position. One dispatch per layer fewer in decode.
 //
 // LANES (1, 4, 8, 16, 32 or 64) is chosen per adapter by measurement (src/gpu/tune.rs): wide
 // for GPUs, whose neighbouring invocations should read neighbouring blocks; 1 suits CPU
@@ -99,7 +99,7 @@ var<private> sumsq: vec4<f32>;
 #if ROPE
 // The rotation table of rope.wgsl: table[(pos * half + i) * 2 + {0, 1}] = (cos, sin).
 @group(0) @binding(9) var<storage, read> table: array<f32>;
-// The layer's KV cache, rows [k (rope_kv values), v (rope_kv values)]; f16 pairs with KV_F16.
+// The layer's KV cache, head-major as rope_kv writes it; f16 pairs with KV_F16.
 #if KV_F16
 @group(0) @binding(10) var<storage, read_write> cache: array<u32>;
 #else
@@ -123,7 +123,7 @@ fn quad_rows(u: u32) -> vec4<u32> {
 }
 
 // Stores quad u's totals t (of columns quad_rows(u)): q rotated, k and v as they are, and the
-// rotated k with v into the cache row of position rope_pos. Each rotated value is the same f32
+// rotated k with v into the cache at position rope_pos. Each rotated value is the same f32
 // expression rope_kv computes from the stored values.
 fn store_rope(u: u32, t: vec4<f32>) {
     if (u >= p.n / 4u) {
@@ -160,8 +160,11 @@ fn store_rope(u: u32, t: vec4<f32>) {
     if (q) {
         return;
     }
-    // k rotated or v as it is, at its place in the cache row [k, v]
-    let c = p.rope_pos * 2u * p.rope_kv + (r - vec4<u32>(p.rope_q));
+    // k rotated or v as it is, at position rope_pos of its head's block of the cache (column
+    // cc of [k, v]: block cc / head_dim; the quad lies in one head, its pairs side by side)
+    let cc = r - vec4<u32>(p.rope_q);
+    let hd = vec4<u32>(p.rope_hd);
+    let c = (cc / hd) * (p.rope_ctx * p.rope_hd) + p.rope_pos * p.rope_hd + cc % hd;
 #if KV_F16
     cache[c.x / 2u] = pack2x16float(v.xy);
     cache[c.z / 2u] = pack2x16float(v.zw);

@@ -18,12 +18,14 @@ struct Params {
     row0: u32,
 #if ROPE
     // the rotary step fused into a QKV GEMV (gemv.wgsl): the position, the widths of q and of
-    // k (= of v) in columns, the head dim and the pairing (0 rotate-half, 1 interleaved)
+    // k (= of v) in columns, the head dim, the pairing (0 rotate-half, 1 interleaved) and the
+    // KV cache's positions (its head-major blocks' rows)
     rope_pos: u32,
     rope_q: u32,
     rope_kv: u32,
     rope_hd: u32,
     rope_mode: u32,
+    rope_ctx: u32,
 #endif
 }
 

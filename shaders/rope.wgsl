@@ -15,6 +15,7 @@ struct Params {
     pos0: u32,
     mode: u32,
     kv_heads: u32, // rope_kv only
+    ctx: u32, // rope_kv only: the cache's positions
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -54,8 +55,9 @@ fn rotate_pair(base: u32, i: u32, pos: u32) {
 
 // A LLaMA layer's rotary step and KV-cache write in one pass. x holds rows of the fused
 // projection [q (heads), k (kv_heads), v (kv_heads)] (p.stride apart, from p.offset); row t
-// has position pos0 + t. q is rotated in place; k is rotated and written with v into cache
-// row pos0 + t, laid out [k, v] (2 kv_heads head_dim values; f16 pairs with KV_F16). Every
+// has position pos0 + t. q is rotated in place; k is rotated and written with v into the
+// cache at position pos0 + t. The cache is head-major: 2 kv_heads blocks (the k heads, then
+// the v heads) of ctx positions of head_dim values (f16 pairs with KV_F16). Every
 // value is the same f32 expression the separate rotation computes, so both paths agree bit
 // for bit. Work items per row: one per q rotation pair, one per pair of adjacent k values and
 // one per pair of v values.
@@ -103,7 +105,7 @@ fn rope_kv(ids: Ids, grp: Grp) {
         rotate_pair(row + (u / half) * p.head_dim, u % half, pos);
         return;
     }
-    // c: the first of two adjacent values of the cache row [k, v] (head_dim is even)
+    // c: the first of two adjacent values of [k, v] (head_dim is even: both in one head)
     let c = 2u * (u - p.heads * half);
     let q_width = p.heads * p.head_dim;
     var v0: f32;
@@ -117,7 +119,7 @@ fn rope_kv(ids: Ids, grp: Grp) {
         v0 = x[row + q_width + c];
         v1 = x[row + q_width + c + 1u];
     }
-    let o = pos * 2u * kv + c;
+    let o = (c / p.head_dim) * p.ctx * p.head_dim + pos * p.head_dim + c % p.head_dim;
 #if KV_F16
     cache[o / 2u] = pack2x16float(vec2<f32>(v0, v1));
 #else

@@ -364,13 +364,14 @@ fn attention_cases(tiny: bool) -> Vec<AttnCase> {
 }
 
 /// Decode attention as the LLM's layers run it: one query row (an activation, so read as a
-/// uniform where the kernel can) over an f16 KV cache of `context` positions, keys and values
-/// interleaved per position as `Llama` keeps them, split-K from [`ATTN_SPLIT`] keys on (the
+/// uniform where the kernel can) over an f16 KV cache of `context` positions, head-major as
+/// `Llama` keeps it ([`crate::gpu::kv_cache_shape`]), split-K from [`ATTN_SPLIT`] keys on (the
 /// model's rule). Each run walks through enough copies of the cache that it comes from memory,
 /// as the layers' caches do, and is timed next to a copy-kernel run (the percentage is the
 /// median of the pairs' ratios of cache bytes per second to copy bytes per second).
 fn attention(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
-    use crate::gpu::{attention_partials, AttnShape, HeadView, ATTN_SPLIT};
+    use crate::gpu::ATTN_SPLIT;
+    use crate::gpu::{attention_partials, kv_cache_shape, kv_cache_views, AttnShape, HeadView};
     let copy = CopyKernel::new(gpu, a, 1)?;
     let mut out = Vec::new();
     for (model, hq, hkv, d, contexts) in attention_cases(a.tiny) {
@@ -386,25 +387,19 @@ fn attention(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         for &s in contexts {
             eprintln!("bench: attention {model} ({hq} heads, {hkv} KV heads × {d}) at {s}");
             let bytes = DType::F16.bytes(s * 2 * kv);
-            let caches = cold_copies(gpu, "attn.kv", &[s, 2 * kv], DType::F16, cold_bytes(a.tiny))?;
+            let shape = kv_cache_shape(hkv, s, d);
+            let caches = cold_copies(gpu, "attn.kv", &shape, DType::F16, cold_bytes(a.tiny))?;
             let split = s > ATTN_SPLIT;
             let part = Tensor::zeros(gpu, "attn.part", &[attention_partials(1, hq, s, d)])?;
             let reps = caches.len().max(2);
             let run_attn = || -> Result<()> {
                 let mut rec = Recorder::new(gpu);
                 for c in caches.iter().cycle().take(reps) {
+                    let (keys, values) = kv_cache_views(c)?;
                     rec.attention_with(
                         HeadView::whole(&q),
-                        HeadView {
-                            t: c,
-                            offset: 0,
-                            stride: 2 * kv,
-                        },
-                        HeadView {
-                            t: c,
-                            offset: kv,
-                            stride: 2 * kv,
-                        },
+                        keys,
+                        values,
                         HeadView::whole(&o),
                         AttnShape {
                             t: 1,
@@ -461,36 +456,29 @@ fn attention_rows_cases(tiny: bool) -> Vec<AttnRowsCase> {
 }
 
 /// Attention over many query rows (`attention_tiled`): prefill over an f16 KV cache laid out
-/// as `Llama` keeps it (keys and values interleaved per position), the ViT's and the
+/// as `Llama` keeps it (head-major), the ViT's and the
 /// Q-Former's over f32 keys and values, the queries a row-major activation. Compute-bound, so
 /// timed on warm buffers: ms per call (one layer's attention) and GFLOP/s, counting 4 flops
 /// per (query row, visible key, head dim, head): q·k and the weighted sum of v.
 fn attention_rows(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
-    use crate::gpu::{AttnShape, HeadView};
+    use crate::gpu::{kv_cache_shape, kv_cache_views, AttnShape, HeadView};
     const REPS: usize = 2;
     let mut out = Vec::new();
     for (name, t, s, hq, hkv, d, causal, kv_dtype) in attention_rows_cases(a.tiny) {
         eprintln!("bench: attention {name}: {t} rows over {s} keys, {hq}/{hkv} heads × {d}");
-        let (qd, kv) = (hq * d, hkv * d);
+        let qd = hq * d;
         // small finite pseudo-random values, as the synthetic weights get
         let q = random_weight(gpu, "attn_rows.q", &[t, qd], DType::F32, 1)?;
-        let kvs = random_weight(gpu, "attn_rows.kv", &[s, 2 * kv], kv_dtype, 2)?;
+        let kvs = random_weight(gpu, "attn_rows.kv", &kv_cache_shape(hkv, s, d), kv_dtype, 2)?;
+        let (keys, values) = kv_cache_views(&kvs)?;
         let o = Tensor::zeros(gpu, "attn_rows.out", &[t, qd])?;
         let run_attn = || -> Result<()> {
             let mut rec = Recorder::new(gpu);
             for _ in 0..REPS {
                 rec.attention(
                     HeadView::whole(&q),
-                    HeadView {
-                        t: &kvs,
-                        offset: 0,
-                        stride: 2 * kv,
-                    },
-                    HeadView {
-                        t: &kvs,
-                        offset: kv,
-                        stride: 2 * kv,
-                    },
+                    keys,
+                    values,
                     HeadView::whole(&o),
                     AttnShape {
                         t,

@@ -9,10 +9,10 @@ mod common;
 use common::{assert_close, gpu, gpu_with, Rng};
 use minigpt4::cpu;
 use minigpt4::gpu::{
-    attention_partials, gemm_form_for, is_gemm_form, AttnShape, Gpu, GpuOptions, HeadView, Ids,
-    MatmulPath, Recorder, RopeKv, RopeMode, RopeTable, Tensor, Variant, ATTN_TILED_FROM,
-    ATTN_TILE_DIM, ATTN_TILE_ROWS, GEMM_HALF, GEMM_ROWS, GEMM_TALL, GEMM_WIDE, GEMV_LANES,
-    GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16, GEMV_X_SUBGROUP,
+    attention_partials, gemm_form_for, is_gemm_form, kv_cache_shape, AttnShape, Gpu, GpuOptions,
+    HeadView, Ids, MatmulPath, Recorder, RopeKv, RopeMode, RopeTable, Tensor, Variant,
+    ATTN_TILED_FROM, ATTN_TILE_DIM, ATTN_TILE_ROWS, GEMM_HALF, GEMM_ROWS, GEMM_TALL, GEMM_WIDE,
+    GEMV_LANES, GEMV_SUBGROUP, GEMV_UNIFORM_X, GEMV_WG16, GEMV_X_SUBGROUP,
 };
 use minigpt4::quant::{self, DType};
 
@@ -1169,33 +1169,24 @@ fn rope_kv_matches_rope_then_cache_copy_bit_for_bit() {
                 let ctx = pos0 + rows + 2;
                 // the fused kernel
                 let qkv1 = t(&gpu, "qkv", &[rows, width], &x);
-                let cache1 = Tensor::empty(&gpu, "cache", &[ctx, 2 * kv], dt).unwrap();
+                let shape = kv_cache_shape(kv_heads, ctx, d);
+                let cache1 = Tensor::empty(&gpu, "cache", &shape, dt).unwrap();
                 let mut rec = Recorder::new(&gpu);
                 rec.rope_kv(&qkv1, rows, heads, kv_heads, &table, pos0, mode, &cache1)
                     .unwrap();
                 run(rec);
-                // rotation of q and k, then a copy of k and v
+                // rotation of q and k, then a copy of each k and v head into its block
                 let qkv2 = t(&gpu, "qkv", &[rows, width], &x);
-                let cache2 = Tensor::empty(&gpu, "cache", &[ctx, 2 * kv], dt).unwrap();
-                let view = HeadView {
-                    t: &qkv2,
-                    offset: 0,
-                    stride: width,
-                };
+                let cache2 = Tensor::empty(&gpu, "cache", &shape, dt).unwrap();
+                let view = HeadView::rows(&qkv2, 0, width);
                 let mut rec = Recorder::new(&gpu);
                 rec.rope(view, rows, heads + kv_heads, &table, pos0, mode)
                     .unwrap();
-                rec.copy_rows(
-                    &qkv2,
-                    q,
-                    width,
-                    &cache2,
-                    pos0 * 2 * kv,
-                    2 * kv,
-                    rows,
-                    2 * kv,
-                )
-                .unwrap();
+                for b in 0..2 * kv_heads {
+                    let to = (b * ctx + pos0) * d;
+                    rec.copy_rows(&qkv2, q + b * d, width, &cache2, to, d, rows, d)
+                        .unwrap();
+                }
                 run(rec);
                 let (a, b) = (read(&gpu, &qkv1), read(&gpu, &qkv2));
                 for row in 0..rows {
@@ -1203,6 +1194,7 @@ fn rope_kv_matches_rope_then_cache_copy_bit_for_bit() {
                     assert_eq!(&a[s.clone()], &b[s], "{what}: q of row {row}");
                 }
                 let words = ctx * 2 * kv * if dt == DType::F16 { 1 } else { 2 } / 2;
+                assert_eq!(cache_values(&gpu, &cache1).len(), ctx * 2 * kv);
                 let w1 = pollster::block_on(minigpt4::gpu::tensor::read_words(
                     &gpu,
                     cache1.buffer(),
@@ -1218,19 +1210,24 @@ fn rope_kv_matches_rope_then_cache_copy_bit_for_bit() {
                 ))
                 .unwrap();
                 assert_eq!(w1, w2, "{what}: cache");
-                // rows were written where the positions say, and only there
-                let per_row = words / ctx;
-                assert!(w1[pos0 * per_row..(pos0 + rows) * per_row]
-                    .iter()
-                    .any(|&w| w != 0));
-                assert!(
-                    w1[(pos0 + rows) * per_row..].iter().all(|&w| w == 0),
-                    "{what}"
-                );
+                // every head's block got the rows' positions, and nothing else
+                let vals = cache_values(&gpu, &cache1);
+                for (e, &v) in vals.iter().enumerate() {
+                    let (b, p) = (e / (ctx * d), e / d % ctx);
+                    if !(pos0..pos0 + rows).contains(&p) {
+                        assert_eq!(v, 0.0, "{what}: block {b} position {p}");
+                    }
+                }
+                for b in 0..2 * kv_heads {
+                    for p in pos0..pos0 + rows {
+                        let head = &vals[(b * ctx + p) * d..][..d];
+                        assert!(head.iter().any(|&v| v != 0.0), "{what}: {b} {p}");
+                    }
+                }
             }
         }
     }
-    // a cache of the wrong width is refused with both shapes
+    // a cache of the wrong shape (here rows of [k, v]) is refused with both shapes
     let table = RopeTable::new(&gpu, 8, 4, 10000.0).unwrap();
     let qkv = Tensor::zeros(&gpu, "qkv", &[1, 32]).unwrap();
     let cache = Tensor::empty(&gpu, "cache", &[4, 8], DType::F16).unwrap();
@@ -1239,7 +1236,7 @@ fn rope_kv_matches_rope_then_cache_copy_bit_for_bit() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("cache") && err.contains("16") && err.contains("[4, 8]"),
+        err.contains("cache") && err.contains("[2, >= 1, 8]") && err.contains("[4, 8]"),
         "{err}"
     );
 }
@@ -1329,8 +1326,8 @@ fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
                 let mut outs = Vec::new();
                 for fused in [true, false] {
                     let qkv = Tensor::zeros(&gpu, "qkv", &[1, width]).unwrap();
-                    let cache =
-                        Tensor::empty(&gpu, "cache", &[ctx, 2 * kv_heads * d], kv_dt).unwrap();
+                    let shape = kv_cache_shape(kv_heads, ctx, d);
+                    let cache = Tensor::empty(&gpu, "cache", &shape, kv_dt).unwrap();
                     let mut rec = Recorder::with_variant(&gpu, v);
                     if fused {
                         let rope = RopeKv {
@@ -1362,10 +1359,12 @@ fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
                 let (a, b) = (&outs[0], &outs[1]);
                 assert_close(&format!("qkv, {what}"), &a.0, &b.0, 1e-5, 1e-5);
                 assert_close(&format!("cache, {what}"), &a.1, &b.1, 1e-5, 1e-5);
-                // the position's row was written, and no other
-                let row = 2 * kv_heads * d;
-                assert!(a.1[pos0 * row..(pos0 + 1) * row].iter().any(|&v| v != 0.0));
-                let rest = a.1.iter().enumerate().filter(|(e, _)| e / row != pos0);
+                // the position was written in every head's block, and nothing else
+                for b in 0..2 * kv_heads {
+                    let head = &a.1[(b * ctx + pos0) * d..][..d];
+                    assert!(head.iter().any(|&v| v != 0.0), "{what}: block {b}");
+                }
+                let rest = a.1.iter().enumerate().filter(|(e, _)| e / d % ctx != pos0);
                 assert!(rest.clone().all(|(_, &v)| v == 0.0), "{what}");
             }
         }
@@ -1387,7 +1386,8 @@ fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
         let mut outs = Vec::new();
         for fused in [true, false] {
             let qkv = Tensor::zeros(&gpu, "qkv", &[rows, width]).unwrap();
-            let cache = Tensor::empty(&gpu, "cache", &[8, 2 * kv_heads * d], DType::F16).unwrap();
+            let shape = kv_cache_shape(kv_heads, 8, d);
+            let cache = Tensor::empty(&gpu, "cache", &shape, DType::F16).unwrap();
             let mut rec = Recorder::new(&gpu);
             let mode = RopeMode::Half;
             if fused {
@@ -1416,7 +1416,7 @@ fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
         }
         assert_eq!(outs[0], outs[1], "rows {rows} head dim {d}");
     }
-    // a cache of the wrong width is refused before anything is recorded
+    // a cache of the wrong shape is refused before anything is recorded
     let table = RopeTable::new(&gpu, 8, 4, 10000.0).unwrap();
     let (x, norm) = (
         act(&gpu, "x", &[1, 32], &[1.0; 32]),
@@ -1440,7 +1440,7 @@ fn qkv_projection_with_the_rotary_step_fused_matches_the_steps_apart() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("layer0.cache") && err.contains("16") && err.contains("[4, 8]"),
+        err.contains("layer0.cache") && err.contains("[2, >= 1, 8]") && err.contains("[4, 8]"),
         "{err}"
     );
     assert!(rec.is_empty());
@@ -1469,11 +1469,7 @@ fn rope_both_pairings_with_strided_views() {
             let bt = t(&gpu, "qkv", &[big.len()], &big);
             let mut rec = Recorder::new(&gpu);
             rec.rope(
-                HeadView {
-                    t: &bt,
-                    offset: 5,
-                    stride,
-                },
+                HeadView::rows(&bt, 5, stride),
                 rows,
                 heads,
                 &table,
@@ -1509,6 +1505,17 @@ struct AttnPath {
     /// q in an activation buffer at whole vec4s, so the kernels read it as a uniform
     /// (`Q_UNIFORM`, where the head dim allows); a small unaligned storage buffer otherwise.
     q_uniform: bool,
+    /// Keys and values head-major (`[kv heads, capacity, head_dim]`, as `Llama` keeps its
+    /// cache): heads `capacity * head_dim` apart, rows `head_dim`; else rows of heads.
+    head_major: bool,
+}
+
+/// Keys or values `[capacity, kv heads * head_dim]` as rows of heads, or head-major.
+fn kv_view(t: &Tensor, head_major: bool, cap: usize, d: usize) -> HeadView<'_> {
+    match head_major {
+        true => HeadView::head_major(t, 0, d, cap * d),
+        false => HeadView::whole(t),
+    }
 }
 
 fn check_attention(
@@ -1542,8 +1549,18 @@ fn check_attention(
     let cap = s + 5;
     let mut kc = vec![0f32; cap * hkv * d];
     let mut vc = vec![0f32; cap * hkv * d];
-    kc[..k.len()].copy_from_slice(&k);
-    vc[..vv.len()].copy_from_slice(&vv);
+    if path.head_major {
+        for j in 0..s {
+            for g in 0..hkv {
+                let (from, to) = ((j * hkv + g) * d, (g * cap + j) * d);
+                kc[to..to + d].copy_from_slice(&k[from..from + d]);
+                vc[to..to + d].copy_from_slice(&vv[from..from + d]);
+            }
+        }
+    } else {
+        kc[..k.len()].copy_from_slice(&k);
+        vc[..vv.len()].copy_from_slice(&vv);
+    }
     let (qt, kt, vt) = (
         match path.q_uniform {
             true => act(gpu, "q", &[qbuf.len()], &qbuf),
@@ -1556,13 +1573,9 @@ fn check_attention(
     let part = Tensor::zeros(gpu, "part", &[attention_partials(t_, hq, s, d)]).unwrap();
     let mut rec = Recorder::with_variant(gpu, v);
     rec.attention_with(
-        HeadView {
-            t: &qt,
-            offset: qoff,
-            stride: qs,
-        },
-        HeadView::whole(&kt),
-        HeadView::whole(&vt),
+        HeadView::rows(&qt, qoff, qs),
+        kv_view(&kt, path.head_major, cap, d),
+        kv_view(&vt, path.head_major, cap, d),
         HeadView::whole(&out),
         AttnShape {
             t: t_,
@@ -1639,6 +1652,7 @@ fn attention_prefill_decode_cross_and_gqa() {
                     split: false,
                     kv: DType::F32,
                     q_uniform,
+                    head_major: seed % 4 >= 2,
                 };
                 check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
             }
@@ -1678,6 +1692,7 @@ fn tiled_attention_for_many_rows() {
                     split: false,
                     kv,
                     q_uniform: seed % 2 == 0,
+                    head_major: seed % 4 >= 2,
                 };
                 check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
             }
@@ -1708,6 +1723,7 @@ fn split_k_decode_attention_and_f16_kv_cache() {
                             split,
                             kv,
                             q_uniform,
+                            head_major: seed % 4 >= 2,
                         };
                         check_attention(&gpu, v, path, t_, s, hq, hkv, d, causal, seed);
                     }
@@ -2169,6 +2185,33 @@ fn bad_arguments_are_errors_not_panics() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("kv_heads"), "{e}");
+    // head-major keys: the last head's last row must lie inside the tensor (2 heads of 40
+    // rows of 16 need 1280 elements; 64 of [1, 64] are there), and the queries' heads must be
+    // side by side
+    let shape = AttnShape {
+        t: 1,
+        s: 40,
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 16,
+        causal: true,
+        scale: 1.0,
+    };
+    let kv = HeadView::head_major(&q, 0, 16, 40 * 16);
+    let e = rec
+        .attention(HeadView::whole(&q), kv, kv, HeadView::whole(&out), shape)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("keys") && e.contains("1280"), "{e}");
+    let cache = Tensor::zeros(&gpu, "cache", &kv_cache_shape(2, 40, 16)).unwrap();
+    let (k, v) = minigpt4::gpu::kv_cache_views(&cache).unwrap();
+    let e = rec
+        .attention(k, k, v, HeadView::whole(&out), shape)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cache") && e.contains("head stride 640"), "{e}");
+    let e = minigpt4::gpu::kv_cache_views(&q).err().unwrap().to_string();
+    assert!(e.contains("q") && e.contains("[1, 64]"), "{e}");
     assert!(rec.is_empty());
 }
 

@@ -457,6 +457,34 @@ pub struct RopeKv<'a> {
     pub cache: &'a Tensor,
 }
 
+/// The shape of a LLaMA layer's KV cache of `ctx` positions: head-major,
+/// `[2 * kv_heads, ctx, head_dim]`, the keys of KV head g in block g and its values in block
+/// `kv_heads + g`, position p at row p of a block. Each head's keys (and values) are then
+/// contiguous: attention reads a head's run of positions as one stream (neighbouring
+/// invocations, neighbouring keys), where rows of `[k heads, v heads]` per position would put
+/// each key's slice of a head on a memory page of its own.
+pub fn kv_cache_shape(kv_heads: usize, ctx: usize, head_dim: usize) -> [usize; 3] {
+    [2 * kv_heads, ctx, head_dim]
+}
+
+/// The keys and the values of a cache of [`kv_cache_shape`] as attention reads them.
+pub fn kv_cache_views(cache: &Tensor) -> Result<(HeadView<'_>, HeadView<'_>)> {
+    match cache.shape[..] {
+        [blocks, ctx, d] if blocks % 2 == 0 => {
+            let hs = ctx * d;
+            Ok((
+                HeadView::head_major(cache, 0, d, hs),
+                HeadView::head_major(cache, blocks / 2 * hs, d, hs),
+            ))
+        }
+        _ => Err(Error::tensor(
+            &cache.name,
+            "a KV cache [2 * kv_heads, ctx, head_dim]",
+            format!("{:?}", cache.shape),
+        )),
+    }
+}
+
 /// Checks `rows` rows of `qkv` and `rope` as [`Recorder::rope_kv`] needs them; whether the
 /// cache is f16 (else f32).
 fn check_rope_kv(qkv: &Tensor, rows: usize, rope: &RopeKv) -> Result<bool> {
@@ -470,7 +498,7 @@ fn check_rope_kv(qkv: &Tensor, rows: usize, rope: &RopeKv) -> Result<bool> {
     } = *rope;
     need_f32(qkv)?;
     let d = table.head_dim;
-    let (width, kv) = ((heads + 2 * kv_heads) * d, 2 * kv_heads * d);
+    let width = (heads + 2 * kv_heads) * d;
     qkv.expect(None, &[rows, width])?;
     let f16 = match cache.dtype {
         DType::F16 if cache.parts.len() == 1 => true,
@@ -483,10 +511,12 @@ fn check_rope_kv(qkv: &Tensor, rows: usize, rope: &RopeKv) -> Result<bool> {
             ))
         }
     };
-    if cache.cols() != kv || pos0 + rows > cache.rows() {
+    let fits = matches!(cache.shape[..], [blocks, ctx, hd]
+        if blocks == 2 * kv_heads && hd == d && ctx >= pos0 + rows);
+    if !fits {
         return Err(Error::tensor(
             &cache.name,
-            format!("a KV cache [>= {}, {kv}]", pos0 + rows),
+            format!("a KV cache [{}, >= {}, {d}]", 2 * kv_heads, pos0 + rows),
             format!("{:?}", cache.shape),
         ));
     }
@@ -500,22 +530,58 @@ fn check_rope_kv(qkv: &Tensor, rows: usize, rope: &RopeKv) -> Result<bool> {
     Ok(f16)
 }
 
-/// A strided view of rows of heads inside an f32 tensor: element (t, h, i) at
-/// `offset + t * stride + h * head_dim + i`.
+/// A strided view of rows of heads inside a tensor: element (t, h, i) at
+/// `offset + t * stride + h * head_stride + i`, where `head_stride` is `head_dim` (the heads
+/// of a row side by side) unless given: a head-major KV cache (`[heads, ctx, head_dim]`, each
+/// head's keys contiguous) has stride `head_dim` and head stride `ctx * head_dim`.
 #[derive(Clone, Copy)]
 pub struct HeadView<'a> {
     pub t: &'a Tensor,
     pub offset: usize,
     pub stride: usize,
+    pub head_stride: Option<usize>,
 }
 
 impl<'a> HeadView<'a> {
     /// A contiguous `[rows, heads * head_dim]` tensor.
     pub fn whole(t: &'a Tensor) -> Self {
+        Self::rows(t, 0, t.cols())
+    }
+
+    /// Rows `stride` apart from `offset`, each holding its heads side by side.
+    pub fn rows(t: &'a Tensor, offset: usize, stride: usize) -> Self {
         HeadView {
             t,
-            offset: 0,
-            stride: t.cols(),
+            offset,
+            stride,
+            head_stride: None,
+        }
+    }
+
+    /// Heads `head_stride` apart from `offset`, each holding its rows `stride` apart.
+    pub fn head_major(t: &'a Tensor, offset: usize, stride: usize, head_stride: usize) -> Self {
+        HeadView {
+            t,
+            offset,
+            stride,
+            head_stride: Some(head_stride),
+        }
+    }
+
+    /// Elements between heads for heads of `head_dim` values.
+    fn head_step(&self, head_dim: usize) -> usize {
+        self.head_stride.unwrap_or(head_dim)
+    }
+
+    /// Refuses a view whose heads are not side by side (where a kernel assumes they are).
+    fn need_heads_side_by_side(&self, what: &str, head_dim: usize) -> Result<()> {
+        match self.head_stride {
+            Some(hs) if hs != head_dim => Err(Error::tensor(
+                &self.t.name,
+                format!("{what} with heads side by side (head stride {head_dim})"),
+                format!("head stride {hs}"),
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -762,6 +828,7 @@ impl Recorder<'_> {
             u(rope.kv_heads * d),
             u(d),
             (rope.mode == RopeMode::Interleaved) as u32,
+            u(rope.cache.shape[1]),
         ];
         let part = &w.parts[0];
         let mut bufs = vec![
@@ -1221,6 +1288,7 @@ impl Recorder<'_> {
     ) -> Result<()> {
         need_f32(x.t)?;
         let d = table.head_dim;
+        x.need_heads_side_by_side("rope rows", d)?;
         if rows > 0 && pos0 + rows > table.max_pos {
             return Err(Error::tensor(
                 "rope_table",
@@ -1257,9 +1325,9 @@ impl Recorder<'_> {
     /// A LLaMA layer's rotation and cache write in one dispatch (`rope_kv` in `rope.wgsl`).
     /// `qkv` holds `rows` rows `[q (heads), k (kv_heads), v (kv_heads)]` of `head_dim` values
     /// each; row r has position `pos0 + r`. q is rotated in place; the rotated k and v are
-    /// written to `cache` rows `pos0 ..`, laid out `[k, v]` (f32 or f16). The same as
-    /// [`Recorder::rope`] over q and k followed by [`Recorder::copy_rows`] of k and v, with
-    /// one dispatch instead of two.
+    /// written to position `pos0 + r` of every head's block of `cache` ([`kv_cache_shape`],
+    /// f32 or f16). The same as [`Recorder::rope`] over q and k followed by a copy of each k
+    /// and v head into its block, in one dispatch.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_kv(
         &mut self,
@@ -1313,6 +1381,7 @@ impl Recorder<'_> {
                 u(rope.pos0),
                 (rope.mode == RopeMode::Interleaved) as u32,
                 u(kv_heads),
+                u(rope.cache.shape[1]),
             ],
             &[
                 (1, qkv.buffer()),
@@ -1385,8 +1454,13 @@ impl Recorder<'_> {
                 a.s,
             ));
         }
+        q.need_heads_side_by_side("queries", a.head_dim)?;
+        out.need_heads_side_by_side("attention output", a.head_dim)?;
         let span = |view: &HeadView, rows: usize, heads: usize| {
-            view.offset + (rows - 1) * view.stride + heads * a.head_dim
+            view.offset
+                + (rows - 1) * view.stride
+                + (heads - 1) * view.head_step(a.head_dim)
+                + a.head_dim
         };
         need_len(q.t, "queries", span(&q, a.t, a.heads))?;
         need_len(k.t, "keys", span(&k, a.s, a.kv_heads))?;
@@ -1420,6 +1494,8 @@ impl Recorder<'_> {
                 u(a.s - a.t.min(a.s)),
                 f(a.scale),
                 u(hr),
+                u(k.head_step(a.head_dim)),
+                u(v.head_step(a.head_dim)),
             ]
         };
         let bufs = [

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::gpu::ops::{topk_words, MatmulPath, SampleParams, GEMV_MAX_ROWS, TOPK_KEEP};
 use crate::gpu::tensor::{map_for_read, read_mapped, read_words, Mapping};
 use crate::gpu::{
-    attention_partials, AttnShape, Gpu, HeadView, Ids, Plan, Recorder, Requirements, RopeKv,
-    RopeMode, RopeTable, Tensor, ATTN_SPLIT,
+    attention_partials, kv_cache_shape, kv_cache_views, AttnShape, Gpu, HeadView, Ids, Plan,
+    Recorder, Requirements, RopeKv, RopeMode, RopeTable, Tensor, ATTN_SPLIT,
 };
 use crate::loader::gguf::{self, GgmlType, GgufFile};
 use crate::loader::safetensors::{index_shards, SafetensorsFile, Sharded};
@@ -629,7 +629,7 @@ struct Layer {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
-    /// `[ctx, 2 * kv]`: row p holds position p's key, then its value (one write per token).
+    /// Head-major ([`kv_cache_shape`]): each KV head's keys, then its values, by position.
     kv_cache: Tensor,
 }
 
@@ -912,7 +912,7 @@ impl Llama {
                 kv_cache: Tensor::empty(
                     gpu,
                     &format!("{l}.kv_cache"),
-                    &[ctx, 2 * kv],
+                    &kv_cache_shape(cfg.kv_heads, ctx, cfg.head_dim),
                     policy.kv_dtype(),
                 )?,
             });
@@ -1449,22 +1449,11 @@ impl Llama {
                     cache: &l.kv_cache,
                 },
             )?;
+            let (keys, values) = kv_cache_views(&l.kv_cache)?;
             rec.attention_with(
-                HeadView {
-                    t: &s.qkv,
-                    offset: 0,
-                    stride: qkv_stride,
-                },
-                HeadView {
-                    t: &l.kv_cache,
-                    offset: 0,
-                    stride: 2 * kv,
-                },
-                HeadView {
-                    t: &l.kv_cache,
-                    offset: kv,
-                    stride: 2 * kv,
-                },
+                HeadView::rows(&s.qkv, 0, qkv_stride),
+                keys,
+                values,
                 HeadView::whole(&s.attn),
                 AttnShape {
                     t,

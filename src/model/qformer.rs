@@ -279,21 +279,9 @@ impl QFormer {
                 rec.matmul(&h, w, Some(b), &qkv, false)?;
             }
             rec.attention(
-                HeadView {
-                    t: &qkv,
-                    offset: 0,
-                    stride: 3 * d,
-                },
-                HeadView {
-                    t: &qkv,
-                    offset: d,
-                    stride: 3 * d,
-                },
-                HeadView {
-                    t: &qkv,
-                    offset: 2 * d,
-                    stride: 3 * d,
-                },
+                HeadView::rows(&qkv, 0, 3 * d),
+                HeadView::rows(&qkv, d, 3 * d),
+                HeadView::rows(&qkv, 2 * d, 3 * d),
                 HeadView::whole(&attn),
                 AttnShape {
                     t: n,
@@ -314,16 +302,8 @@ impl QFormer {
                 }
                 rec.attention(
                     HeadView::whole(&q),
-                    HeadView {
-                        t: &kv,
-                        offset: 0,
-                        stride: 2 * d,
-                    },
-                    HeadView {
-                        t: &kv,
-                        offset: d,
-                        stride: 2 * d,
-                    },
+                    HeadView::rows(&kv, 0, 2 * d),
+                    HeadView::rows(&kv, d, 2 * d),
                     HeadView::whole(&attn),
                     AttnShape {
                         t: n,

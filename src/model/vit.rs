@@ -275,21 +275,9 @@ impl Vit {
             rec.layer_norm(&x, &b.norm1_w, &b.norm1_b, c.eps, &h)?;
             rec.matmul(&h, &b.qkv_w, Some(&b.qkv_b), &qkv, false)?;
             rec.attention(
-                HeadView {
-                    t: &qkv,
-                    offset: 0,
-                    stride: 3 * w,
-                },
-                HeadView {
-                    t: &qkv,
-                    offset: w,
-                    stride: 3 * w,
-                },
-                HeadView {
-                    t: &qkv,
-                    offset: 2 * w,
-                    stride: 3 * w,
-                },
+                HeadView::rows(&qkv, 0, 3 * w),
+                HeadView::rows(&qkv, w, 3 * w),
+                HeadView::rows(&qkv, 2 * w, 3 * w),
                 HeadView::whole(&attn),
                 shape,
             )?;
