@@ -751,10 +751,13 @@ fn gemv_sg(ids: Ids, grp: Grp) {
 #if LANES1
 // Four rows of x at a time (prefill on CPU drivers, where the tiled GEMM's workgroup memory
 // and barriers cost most: a tuned GEMM form, GEMM_ROWS in ops.rs). Each invocation takes four
-// weight rows as the decode path does and meets every weight it unpacks with rows
-// row0 .. row0 + 3 of x, so a weight is loaded and unpacked once per four rows of x, and
-// every x load is the same for all invocations. Rows of x past p.m repeat the last and are
-// not stored.
+// weight rows as the decode path does and meets every weight it unpacks with four rows of x,
+// so a weight is loaded and unpacked once per four rows of x, and every x load is the same
+// for all invocations. One dispatch covers all p.m rows: workgroup g takes row group
+// g % groups of four (rows row0 + 4 (g % groups) ..) and column group g / groups, so the
+// workgroups that run one after another (or side by side) share one column group's weights
+// while they are in the cache, and walk the rows of x. Rows of x past p.m repeat the last and
+// are not stored.
 fn dot8(q: W8, xj: X8) -> f32 {
     return dot(q.lo, xj.lo) + dot(q.hi, xj.hi);
 }
@@ -826,9 +829,28 @@ fn x8_sg3(xl: vec4<f32>) -> X8 {
 // a block's 8 x vec4s per row of x and the rest come by subgroupBroadcast, as in the decode
 // path: 4 x loads per block instead of 32. Every invocation then runs to the end (columns past
 // p.n repeat the last weight row and store nothing), so the broadcasts see the whole subgroup.
+// Stores the totals of an invocation's four weight rows (t[r]: column n + r ROWS, one vec4
+// over the rows m0 .. m0 + cnt - 1 of x).
+fn store_rows4(n: u32, m0: u32, cnt: u32, t: array<vec4<f32>, 4>) {
+    for (var r = 0u; r < CPI; r++) {
+        let c = n + r * ROWS;
+        if (c >= p.n) {
+            break;
+        }
+        for (var m = 0u; m < cnt; m++) {
+            store(m0 + m, c, t[r][m]);
+        }
+    }
+}
+
 @compute @workgroup_size(GW)
 fn gemv_rows4(ids: Ids, grp: Grp) {
-    let n = group_index(grp) * COLS + ids.lid;
+    let groups = (p.m + 3u) / 4u;
+    let g = group_index(grp);
+    // this workgroup's rows of x: m0 .. m0 + cnt - 1 (of the dispatch's p.m)
+    let m0 = 4u * (g % groups);
+    let cnt = min(p.m - m0, 4u);
+    let n = (g / groups) * COLS + ids.lid;
 #if X_SG
     sg_lane = subgroupExclusiveAdd(1u);
 #else
@@ -838,10 +860,10 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
 #endif
     let blocks = p.k / 32u;
     let base = min(n + vec4<u32>(0u, 1u, 2u, 3u) * ROWS, vec4<u32>(p.n - 1u)) * blocks;
-    let last = p.m - 1u;
-    let m1 = min(1u, last);
-    let m2 = min(2u, last);
-    let m3 = min(3u, last);
+    let last = m0 + cnt - 1u;
+    let m1 = min(m0 + 1u, last);
+    let m2 = min(m0 + 2u, last);
+    let m3 = min(m0 + 3u, last);
     // acc_m: row m of x against the four weight rows
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -856,7 +878,7 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
                     vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
 #if X_SG
         let e = sg_lane & 7u;
-        let l0 = xv(0u, b, e);
+        let l0 = xv(m0, b, e);
         let l1 = xv(m1, b, e);
         let l2 = xv(m2, b, e);
         let l3 = xv(m3, b, e);
@@ -865,10 +887,10 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
         acc44(&r, c0, c1, c2, c3, x8_sg2(l0), x8_sg2(l1), x8_sg2(l2), x8_sg2(l3), 2u);
         acc44(&r, c0, c1, c2, c3, x8_sg3(l0), x8_sg3(l1), x8_sg3(l2), x8_sg3(l3), 3u);
 #else
-        acc44(&r, c0, c1, c2, c3, x8(0u, b, 0u), x8(m1, b, 0u), x8(m2, b, 0u), x8(m3, b, 0u), 0u);
-        acc44(&r, c0, c1, c2, c3, x8(0u, b, 1u), x8(m1, b, 1u), x8(m2, b, 1u), x8(m3, b, 1u), 1u);
-        acc44(&r, c0, c1, c2, c3, x8(0u, b, 2u), x8(m1, b, 2u), x8(m2, b, 2u), x8(m3, b, 2u), 2u);
-        acc44(&r, c0, c1, c2, c3, x8(0u, b, 3u), x8(m1, b, 3u), x8(m2, b, 3u), x8(m3, b, 3u), 3u);
+        acc44(&r, c0, c1, c2, c3, x8(m0, b, 0u), x8(m1, b, 0u), x8(m2, b, 0u), x8(m3, b, 0u), 0u);
+        acc44(&r, c0, c1, c2, c3, x8(m0, b, 1u), x8(m1, b, 1u), x8(m2, b, 1u), x8(m3, b, 1u), 1u);
+        acc44(&r, c0, c1, c2, c3, x8(m0, b, 2u), x8(m1, b, 2u), x8(m2, b, 2u), x8(m3, b, 2u), 2u);
+        acc44(&r, c0, c1, c2, c3, x8(m0, b, 3u), x8(m1, b, 3u), x8(m2, b, 3u), x8(m3, b, 3u), 3u);
 #endif
         let d0 = dm1(false, base.x + b);
         let d1 = dm1(false, base.y + b);
@@ -879,10 +901,10 @@ fn gemv_rows4(ids: Ids, grp: Grp) {
         acc2 += finish4(r.t2, r.s2, d0, d1, d2, d3);
         acc3 += finish4(r.t3, r.s3, d0, d1, d2, d3);
     }
-    // per weight row, a vec4 over the rows of x, as the decode path stores them
-    store_cols(n, vec4<f32>(acc0.x, acc1.x, acc2.x, acc3.x),
-               vec4<f32>(acc0.y, acc1.y, acc2.y, acc3.y),
-               vec4<f32>(acc0.z, acc1.z, acc2.z, acc3.z),
-               vec4<f32>(acc0.w, acc1.w, acc2.w, acc3.w));
+    // per weight row, a vec4 over the rows of x
+    store_rows4(n, m0, cnt, array<vec4<f32>, 4>(vec4<f32>(acc0.x, acc1.x, acc2.x, acc3.x),
+                                               vec4<f32>(acc0.y, acc1.y, acc2.y, acc3.y),
+                                               vec4<f32>(acc0.z, acc1.z, acc2.z, acc3.z),
+                                               vec4<f32>(acc0.w, acc1.w, acc2.w, acc3.w)));
 }
 #endif

@@ -151,8 +151,9 @@ pub const GEMM_HALF: u32 = 2;
 pub const GEMM_SHORT: u32 = 8;
 
 /// A GEMM form of its own, not a bit to combine: no tiles, the block GEMV's kernel taking
-/// four rows of x at a time (`gemv_rows4` in `gemv.wgsl`, one dispatch per four rows), each
-/// weight loaded and unpacked once per four rows, with no workgroup memory and no barrier.
+/// four rows of x at a time (`gemv_rows4` in `gemv.wgsl`, a workgroup per four rows and
+/// column group, one dispatch for all rows), each weight loaded and unpacked once per four
+/// rows, with no workgroup memory and no barrier.
 /// What CPU drivers run fastest (their barriers are coroutine switches); a GPU's tuning keeps
 /// the tiles. Needs K a multiple of 32; other widths run the 64×64 tiles.
 pub const GEMM_ROWS: u32 = 16;
@@ -1075,16 +1076,14 @@ impl Recorder<'_> {
                     }
                     if form == GEMM_ROWS {
                         if k.is_multiple_of(32) {
-                            // four rows of x per dispatch, x as a uniform where it fits, in
-                            // workgroups of 16 (more of them to spread over a CPU's threads),
-                            // x shared through the subgroup where it can be
+                            // four rows of x per workgroup, all rows in one dispatch, x as a
+                            // uniform where it fits (one row), in workgroups of 16 (more of
+                            // them to spread over a CPU's threads), x shared through the
+                            // subgroup where it can be
                             let lanes = 1 | GEMV_UNIFORM_X | GEMV_WG16 | GEMV_X_SUBGROUP;
-                            for row0 in (0..m).step_by(4) {
-                                let rows = (m - row0).min(4);
-                                let p = params(row0, rows);
-                                let gemv = (Some("gemv_rows4"), lanes, row0, rows);
-                                self.gemv_rows(gemv, x, &flags, &p, &bufs, part.rows)?;
-                            }
+                            let gemv = (Some("gemv_rows4"), lanes, 0, m);
+                            let p = params(0, m);
+                            self.gemv_rows(gemv, x, &flags, &p, &bufs, part.rows)?;
                             continue;
                         }
                         form = gemm_form_for(0, m, part.rows, w.dtype);
@@ -1133,7 +1132,7 @@ impl Recorder<'_> {
     }
 
     /// A block-GEMV dispatch over rows `row0 .. row0 + rows` of x for a matmul's weight part
-    /// of `weight_rows` rows: a tuned GEMM's tail, or a step of its untiled form. `gemv` is
+    /// of `weight_rows` rows: a tuned GEMM's tail, or its untiled form. `gemv` is
     /// (entry point, `None` for the lanes' own; lanes; row0; rows), `flags` the matmul's
     /// (the lanes' form is added), `params` those of the rows.
     fn gemv_rows(
@@ -1145,12 +1144,18 @@ impl Recorder<'_> {
         bufs: &[(u32, &wgpu::Buffer)],
         weight_rows: usize,
     ) -> Result<()> {
-        // gemv_rows4 shares the x of all its rows through the subgroup, the decode GEMV one row's
-        let sg_rows = if entry == Some("gemv_rows4") { 4 } else { 1 };
-        let (form, own_entry, per_group) = self.gemv_form(lanes, sg_rows, x, row0, rows, None)?;
+        // gemv_rows4 shares the x of a workgroup's (up to) four rows through the subgroup, in
+        // a workgroup per four rows and column group; the decode GEMV one row's
+        let (sg_rows, row_groups) = match entry {
+            Some("gemv_rows4") => (4, rows.div_ceil(4)),
+            _ => (1, 1),
+        };
+        let form_rows = rows.min(sg_rows);
+        let (form, own_entry, per_group) =
+            self.gemv_form(lanes, sg_rows, x, row0, form_rows, None)?;
         let mut all = flags.to_vec();
         all.extend(form);
-        let groups = grid(u(weight_rows.div_ceil(per_group)));
+        let groups = grid(u(weight_rows.div_ceil(per_group) * row_groups));
         self.dispatch(
             "gemv",
             entry.unwrap_or(own_entry),

@@ -233,8 +233,9 @@ pub struct GemmTrial {
 /// The GEMM shape the forms are tuned at first (m, n, k, f16 weights): the ViT's and
 /// prefill's kind of work at a size that costs well under a second on a CPU driver
 /// (0.27 GFLOP). K is of the models' own order (768 to 11008): at K = 512 the untiled form's
-/// dispatch per four rows of x weighs more than at any real shape, and on lavapipe that form
-/// tied with the tiles there while it ran the ViT's f16 GEMMs at twice their rate.
+/// dispatch per four rows of x (as it then was) weighed more than at any real shape, and on
+/// lavapipe that form tied with the tiles there while it ran the ViT's f16 GEMMs at twice
+/// their rate.
 pub const GEMM_TUNE_SHAPE: (usize, usize, usize) = (128, 1024, 1024);
 
 /// The shape a fast device's forms are tuned at next, and chosen by: the ViT's fc1 (257 rows
