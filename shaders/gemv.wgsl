@@ -799,6 +799,20 @@ fn acc44(r: ptr<function, R44>, c0: WB, c1: WB, c2: WB, c3: WB, x0: X8, x1: X8, 
     (*r).s3 += x3.sum;
 }
 
+// Stores the totals of an invocation's four weight rows (t[r]: column n + r ROWS, one vec4
+// over the rows m0 .. m0 + cnt - 1 of x).
+fn store_rows4(n: u32, m0: u32, cnt: u32, t: array<vec4<f32>, 4>) {
+    for (var r = 0u; r < CPI; r++) {
+        let c = n + r * ROWS;
+        if (c >= p.n) {
+            break;
+        }
+        for (var m = 0u; m < cnt; m++) {
+            store(m0 + m, c, t[r][m]);
+        }
+    }
+}
+
 #if X_SG
 // x8 of one row from this invocation's share of a block's x (xv of lane sg_lane & 7): pairs
 // (0, 1), (2, 3), (4, 5), (6, 7) for j = 0 .. 3. Four functions, not one taking j:
@@ -829,20 +843,6 @@ fn x8_sg3(xl: vec4<f32>) -> X8 {
 // a block's 8 x vec4s per row of x and the rest come by subgroupBroadcast, as in the decode
 // path: 4 x loads per block instead of 32. Every invocation then runs to the end (columns past
 // p.n repeat the last weight row and store nothing), so the broadcasts see the whole subgroup.
-// Stores the totals of an invocation's four weight rows (t[r]: column n + r ROWS, one vec4
-// over the rows m0 .. m0 + cnt - 1 of x).
-fn store_rows4(n: u32, m0: u32, cnt: u32, t: array<vec4<f32>, 4>) {
-    for (var r = 0u; r < CPI; r++) {
-        let c = n + r * ROWS;
-        if (c >= p.n) {
-            break;
-        }
-        for (var m = 0u; m < cnt; m++) {
-            store(m0 + m, c, t[r][m]);
-        }
-    }
-}
-
 @compute @workgroup_size(GW)
 fn gemv_rows4(ids: Ids, grp: Grp) {
     let groups = (p.m + 3u) / 4u;
