@@ -512,8 +512,8 @@ fn check_rope_kv(qkv: &Tensor, rows: usize, rope: &RopeKv) -> Result<bool> {
             ))
         }
     };
-    let fits = matches!(cache.shape[..], [blocks, ctx, hd]
-        if blocks == 2 * kv_heads && hd == d && ctx >= pos0 + rows);
+    let fits = matches!(cache.shape[..], [_, ctx, _]
+        if cache.shape[..] == kv_cache_shape(kv_heads, ctx, d) && ctx >= pos0 + rows);
     if !fits {
         return Err(Error::tensor(
             &cache.name,
