@@ -171,15 +171,6 @@ fn qv(r: u32, i: u32) -> vec4<f32> {
 #endif
 }
 
-// q . (8 key elements) for each head in hand, the elements being 4i .. 4i + 7 of the row.
-fn qdot8(i: u32, kk: H8) -> HV {
-    var a: array<f32, NH>;
-    for (var r = 0u; r < NH; r++) {
-        a[r] = dot(qv(r, i), kk.lo) + dot(qv(r, i + 1u), kk.hi);
-    }
-    return hv(a);
-}
-
 // Query element d of each head in hand.
 fn qe(d: u32) -> HV {
     var a: array<f32, NH>;
@@ -209,17 +200,12 @@ fn by8() -> bool {
     return (p.d | p.k_off | p.k_stride | p.k_hs | p.v_off | p.v_stride | p.v_hs) % 8u == 0u;
 }
 
-// q . k of each head in hand for the key whose first element is kb.
+// q . k of each head in hand for the key whose first element is kb, element by element (head
+// dims or offsets that are not multiples of 8; see qk_keys).
 fn qk(kb: u32) -> HV {
     var s = HV(0.0);
-    if (by8()) {
-        for (var d = 0u; d < p.d; d += 8u) {
-            s += qdot8(d / 4u, k8(kb + d));
-        }
-    } else {
-        for (var d = 0u; d < p.d; d++) {
-            s += qe(d) * k_at(kb + d);
-        }
+    for (var d = 0u; d < p.d; d++) {
+        s += qe(d) * k_at(kb + d);
     }
     return s;
 }
@@ -301,17 +287,59 @@ struct Chunk {
     l: HV, // sum over the chunk of exp(score - m)
 }
 
+// q . k of each head in hand for keys j0 + lid + i WG, i < per (at most CH / WG = 4): with
+// by8 in one pass over the head's dims, so that each query load serves every key of the
+// invocation (q is re-read per key otherwise: on CPU drivers a read of the uniform at an
+// address that follows the loop counter is a load per SIMD lane, like the key's own). Keys
+// from j1 on read key j1 - 1 instead (any key in the buffer would do: their scores are
+// dropped by the caller).
+fn qk_keys(j0: u32, j1: u32, per: u32, kvh: u32, lid: u32) -> array<HV, 4> {
+    var s: array<HV, 4>;
+    var kb: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        s[i] = HV(0.0);
+        let j = min(j0 + lid + i * WG, max(j1, 1u) - 1u);
+        kb[i] = p.k_off + j * p.k_stride + kvh * p.k_hs;
+    }
+    if (!by8()) {
+        for (var i = 0u; i < per; i++) {
+            s[i] = qk(kb[i]);
+        }
+        return s;
+    }
+    for (var d = 0u; d < p.d; d += 8u) {
+        var qa: array<vec4<f32>, NH>;
+        var qb: array<vec4<f32>, NH>;
+        for (var r = 0u; r < NH; r++) {
+            qa[r] = qv(r, d / 4u);
+            qb[r] = qv(r, d / 4u + 1u);
+        }
+        for (var i = 0u; i < 4u; i++) {
+            if (i < per) {
+                let kk = k8(kb[i] + d);
+                var a: array<f32, NH>;
+                for (var r = 0u; r < NH; r++) {
+                    a[r] = dot(qa[r], kk.lo) + dot(qb[r], kk.hi);
+                }
+                s[i] += hv(a);
+            }
+        }
+    }
+    return s;
+}
+
 // Scores (times mul) of keys j0 + lid + i WG, i < per, those below j1, for the query row in
 // hand; leaves exp(score - m) in pw (0 for keys from j1 on), m the larger of m_prev and the
 // chunk's highest score. Called by the whole workgroup in uniform control flow; every pw
 // write is visible after it returns (wg_sum starts with a barrier).
 fn chunk_weights(j0: u32, j1: u32, per: u32, kvh: u32, mul: f32, m_prev: HV, ids: Ids) -> Chunk {
+    let scores = qk_keys(j0, j1, per, kvh, ids.lid);
     var mx = HV(NEG_BIG);
     for (var i = 0u; i < per; i++) {
         let jj = ids.lid + i * WG;
         var sc = HV(NEG_BIG);
         if (j0 + jj < j1) {
-            sc = qk(p.k_off + (j0 + jj) * p.k_stride + kvh * p.k_hs) * mul;
+            sc = scores[i] * mul;
         }
         pw[jj] = sc;
         mx = max(mx, sc);
