@@ -596,7 +596,7 @@ impl Gpu {
         }
     }
 
-    /// The lanes for an `[n, k]` weight of `dtype`: tuned for its shape (small matrices, see
+    /// The lanes for an `[n, k]` weight of `dtype`: tuned for its shape (few or short rows, see
     /// [`crate::gpu::tune::tune_shapes`]), else the adapter's.
     pub fn gemv_lanes_for(&self, n: usize, k: usize, dtype: DType) -> u32 {
         self.gemv_shapes

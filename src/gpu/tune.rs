@@ -7,10 +7,11 @@
 //! tile shape and f16 arithmetic, [`measure_gemm`]), the kernel of prefill and the ViT. Each
 //! GEMV candidate runs a 4-bit 4096×4096 GEMV (the size of a 7B attention projection) a few
 //! times and the fastest wins. Weights with fewer
-//! than [`SMALL_ROWS`] rows (small models) are then tuned shape by shape when a model first
-//! runs ([`tune_shapes`]): with few workgroups, how they spread over the device decides, and
-//! no single shape predicts that (SmolLM2's 576-row matrices want 4 lanes on lavapipe where a
-//! 1024-row one wants 1). On a fast device the GEMM's form is tuned shape by shape too, for
+//! than [`SMALL_ROWS`] rows or rows shorter than [`SHORT_ROWS`] (small models) are then tuned
+//! shape by shape when a model first runs ([`tune_shapes`]): with few workgroups, how they
+//! spread over the device decides, and no single shape predicts that (SmolLM2's 576-row
+//! matrices want 4 lanes on lavapipe where a 1024-row one wants 1); with short rows, what a
+//! workgroup costs besides its weights does. On a fast device the GEMM's form is tuned shape by shape too, for
 //! the same reason ([`tune_gemm_shapes`]). The choices are stored under a key naming the
 //! adapter, driver, backend, kernel variant and kernel sources, so later runs skip the
 //! measurement: natively in `<cache dir>/tune.json`, in the page by the worker
@@ -44,6 +45,19 @@ pub fn default_gemv_lanes(info: &wgpu::AdapterInfo) -> u32 {
 
 /// Weights with fewer output rows than this get lanes tuned for their own shape.
 pub const SMALL_ROWS: usize = 2048;
+
+/// Weights whose rows are shorter than this (K, the input width) get lanes tuned for their own
+/// shape too: a small model's LM head has the many rows of a 7B one and a fraction of its
+/// row length, and the 4096×4096 tuning does not predict it (SmolLM2's 49152×576 q8 head on
+/// lavapipe: 61–62 % of copy in workgroups of 64, 48–53 % in the workgroups of 16 that the
+/// 4096×4096 GEMV chose, where both forms read at 86–88 %).
+pub const SHORT_ROWS: usize = 2048;
+
+/// Whether an `[n, k]` weight's GEMV lanes are measured for its own shape ([`tune_shapes`]):
+/// fewer than [`SMALL_ROWS`] rows or rows shorter than [`SHORT_ROWS`], K in whole blocks.
+pub fn tuned_by_shape(n: usize, k: usize) -> bool {
+    n > 0 && k > 0 && k.is_multiple_of(32) && (n < SMALL_ROWS || k < SHORT_ROWS)
+}
 
 /// Seconds on a monotonic clock (the page's clock in the browser).
 pub fn now_s() -> f64 {
@@ -182,11 +196,18 @@ async fn measure_candidates<C: Copy>(
     .await
 }
 
+/// A candidate more than this many times slower than the fastest one in the first round is
+/// not timed again: it cannot win, and on a slow device (a CPU driver, the page on
+/// SwiftShader) the slow candidates' runs are most of a measurement's time (the block GEMV at
+/// 64 lanes reads 6 times slower than at 1 on lavapipe).
+pub const PRUNE_SLOWER: f64 = 2.0;
+
 /// Times every candidate once per round, `runs` rounds (at least one), and returns each
 /// candidate's (median, fastest) time. Round by round, not candidate by candidate: a busy spell
 /// on the machine (another process, a CI job beside it) that lasts several runs then slows
 /// every candidate alike instead of all the runs of one, which the choice would then be made
-/// against and the cache would keep.
+/// against and the cache would keep. After the first round, candidates more than
+/// [`PRUNE_SLOWER`] times slower than its fastest drop out (their one time stands).
 pub async fn interleaved_rounds<C: Copy, F, Fut>(
     candidates: &[C],
     runs: usize,
@@ -197,8 +218,15 @@ where
     Fut: std::future::Future<Output = Result<f64>>,
 {
     let mut times = vec![Vec::with_capacity(runs.max(1)); candidates.len()];
-    for _ in 0..runs.max(1) {
+    for round in 0..runs.max(1) {
+        let best = times
+            .iter()
+            .filter_map(|t| t.first().copied())
+            .fold(f64::INFINITY, f64::min);
         for (t, &c) in times.iter_mut().zip(candidates) {
+            if round > 0 && t[0] > PRUNE_SLOWER * best {
+                continue;
+            }
             t.push(time(c).await?);
         }
     }
@@ -940,17 +968,15 @@ pub async fn measure_fuse_norm(
     ))
 }
 
-/// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` with
-/// fewer than [`SMALL_ROWS`] rows (and `k` a multiple of 32) that has none yet: from the
+/// Tunes the block GEMV's lanes for each `[n, k]` weight shape and dtype of `shapes` that
+/// [`tuned_by_shape`] names and that has none yet: from the
 /// tuning cache when it holds the shape, else by measuring every lane count (a few
 /// milliseconds per shape) and caching the result. `MINIGPT4_GEMV_LANES` turns it off.
 pub async fn tune_shapes(gpu: &Gpu, shapes: &[(usize, usize, DType)]) -> Result<()> {
     let mut todo: Vec<(usize, usize, DType)> = shapes
         .iter()
         .copied()
-        .filter(|&(n, k, dt)| {
-            n < SMALL_ROWS && n > 0 && k.is_multiple_of(32) && !gpu.has_gemv_lanes_for(n, k, dt)
-        })
+        .filter(|&(n, k, dt)| tuned_by_shape(n, k) && !gpu.has_gemv_lanes_for(n, k, dt))
         .collect();
     todo.sort_by_key(|&(n, k, dt)| (n, k, dt.name()));
     todo.dedup();
@@ -1011,6 +1037,26 @@ mod tests {
         .unwrap();
         assert_eq!(calls, "ababababab".chars().collect::<Vec<_>>());
         assert_eq!(timed, vec![('a', 1.0, 1.0), ('b', 1.2, 1.2)]);
+        // a candidate more than twice as slow as the first round's fastest is timed once; one
+        // at twice or less stays (here the busy first round makes c look 3.6 / 2 = 1.8 times
+        // slower than a: it stays; d is 2.5 times slower: it drops out)
+        let mut calls = Vec::new();
+        let timed = pollster::block_on(interleaved_rounds(&['a', 'c', 'd'], 3, |x| {
+            calls.push(x);
+            let busy = if calls.len() == 1 { 2.0 } else { 1.0 };
+            let cost = match x {
+                'a' => 1.0,
+                'c' => 3.6,
+                _ => 5.0,
+            };
+            async move { Ok(cost * busy) }
+        }))
+        .unwrap();
+        assert_eq!(calls, "acdacac".chars().collect::<Vec<_>>());
+        assert_eq!(
+            timed,
+            vec![('a', 1.0, 1.0), ('c', 3.6, 3.6), ('d', 5.0, 5.0)]
+        );
         // an error stops the measurement and is returned
         let failed = pollster::block_on(interleaved_rounds(&[1u32, 2], 3, |c| async move {
             if c == 2 {
@@ -1023,6 +1069,38 @@ mod tests {
         // no candidates: nothing timed
         let none = pollster::block_on(interleaved_rounds(&[] as &[u32], 3, |_| async { Ok(1.0) }));
         assert!(none.unwrap().is_empty());
+    }
+
+    #[test]
+    fn small_models_matrices_and_short_rows_are_tuned_by_shape() {
+        // SmolLM2-135M: its layer matrices (few rows) and its LM head (short rows)
+        for (n, k) in [
+            (576, 576),
+            (960, 576),
+            (1536, 576),
+            (576, 1536),
+            (49152, 576),
+        ] {
+            assert!(tuned_by_shape(n, k), "{n}x{k}");
+        }
+        // Vicuna 7B / 13B and Llama-2 7B: every matrix takes the 4096×4096 tuning
+        for (n, k) in [
+            (4096, 4096),
+            (12288, 4096),
+            (22016, 4096),
+            (4096, 11008),
+            (32001, 4096),
+            (5120, 5120),
+            (27648, 5120),
+            (5120, 13824),
+            (32001, 5120),
+        ] {
+            assert!(!tuned_by_shape(n, k), "{n}x{k}");
+        }
+        // no whole blocks, or nothing to measure
+        assert!(!tuned_by_shape(576, 100));
+        assert!(!tuned_by_shape(0, 576));
+        assert!(!tuned_by_shape(576, 0));
     }
 
     #[test]
