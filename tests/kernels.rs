@@ -2253,15 +2253,19 @@ fn argmax_first_maximum() {
 fn small_weights_get_lanes_tuned_for_their_shape() {
     // a device of its own: the per-shape choices belong to one `Gpu`
     let gpu = gpu_with(GpuOptions::default());
-    let (small, large, odd) = (
+    // few rows; many short rows (a small model's LM head); a 7B projection; K off the blocks
+    let (small, short, large, odd) = (
         (576, 576, DType::Q4M),
         (4096, 64, DType::Q4),
+        (4096, 4096, DType::Q4),
         (100, 40, DType::F16),
     );
-    pollster::block_on(minigpt4::gpu::tune::tune_shapes(&gpu, &[small, large, odd])).unwrap();
-    assert!(gpu.has_gemv_lanes_for(small.0, small.1, small.2));
-    assert!(minigpt4::gpu::gemv_candidates(&gpu)
-        .contains(&gpu.gemv_lanes_for(small.0, small.1, small.2)));
+    let shapes = [small, short, large, odd];
+    pollster::block_on(minigpt4::gpu::tune::tune_shapes(&gpu, &shapes)).unwrap();
+    for s in [small, short] {
+        assert!(gpu.has_gemv_lanes_for(s.0, s.1, s.2), "{s:?}");
+        assert!(minigpt4::gpu::gemv_candidates(&gpu).contains(&gpu.gemv_lanes_for(s.0, s.1, s.2)));
+    }
     // large weights keep the adapter's lanes; widths off the block size take no block GEMV
     assert!(!gpu.has_gemv_lanes_for(large.0, large.1, large.2));
     assert_eq!(
