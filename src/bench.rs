@@ -1272,7 +1272,109 @@ pub fn run(gpu: &Gpu, a: &BenchArgs) -> Result<Value> {
         }
     }
     report["kernel_clock"] = kernel_clock(gpu).into();
+    report["targets"] = targets(&report);
     Ok(report)
+}
+
+/// The share of the copy bandwidth the q4 GEMV must reach at every real decode shape.
+const GEMV_TARGET_PERCENT: f64 = 80.0;
+/// The share of its GEMV prediction a real LLaMA's decode must reach (within 20 % of it).
+const DECODE_TARGET_PERCENT: f64 = 80.0;
+/// The memory budget a Vicuna-7B q4 with a 2048-token cache must fit (bytes).
+const MEMORY_TARGET_BYTES: u64 = 6_000_000_000;
+
+/// The speed and memory targets (see the README's Speed section) that this report holds the
+/// figures for, each judged from this run alone: the q4 GEMV's share of the copy bandwidth at
+/// its worst real shape, decode on `--llm` against what the run's GEMV rates predict for its
+/// bytes, and Vicuna-7B's q4 weights plus a 2048-token cache against 6 GB. A figure the run
+/// did not measure leaves its target out; a tiny run's shapes are not the real ones, so its
+/// GEMV and decode targets are listed with `met: null` (not judged).
+fn targets(r: &Value) -> Value {
+    let judged = r["tiny"] != true;
+    let verdict = |ok: bool| if judged { Value::Bool(ok) } else { Value::Null };
+    let mut out = Vec::new();
+    let q4: Vec<&Value> = r["gemv"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["dtype"] == "q4")
+        .collect();
+    let worst = q4
+        .iter()
+        .filter_map(|g| Some((g["percent_of_copy"].as_f64()?, *g)))
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((pc, g)) = worst {
+        let best = q4
+            .iter()
+            .filter_map(|g| g["percent_of_copy"].as_f64())
+            .fold(f64::MIN, f64::max);
+        out.push(json!({
+            "target": "q4 GEMV at every real decode shape, % of the copy bandwidth",
+            "measured": pc, "at_least": GEMV_TARGET_PERCENT, "met": verdict(pc >= GEMV_TARGET_PERCENT),
+            "detail": format!("worst {}×{} {pc:.1} %, best {best:.1} %, over {} shapes", g["n"], g["k"], q4.len()),
+        }));
+    }
+    let d = &r["llm_decode"];
+    if let Some(pc) = d["percent_of_prediction"].as_f64() {
+        out.push(json!({
+            "target": "decode on --llm, % of what the GEMV rates predict for its weight bytes",
+            "measured": pc, "at_least": DECODE_TARGET_PERCENT,
+            "met": verdict(pc >= DECODE_TARGET_PERCENT),
+            "detail": format!(
+                "{}: {:.1} tok/s at context {} against {:.1} predicted; {:.1} with the dispatch floor",
+                d["model"].as_str().unwrap_or(""),
+                d["decode_tok_per_s_ctx_short"].as_f64().unwrap_or(0.0),
+                d["ctx_short"],
+                d["predicted_tok_per_s"].as_f64().unwrap_or(0.0),
+                d["predicted_tok_per_s_with_dispatches"].as_f64().unwrap_or(0.0),
+            ),
+        }));
+    }
+    let mem = r["llm_memory"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["model"] == "vicuna0-7b" && m["llm_quant"] == "q4");
+    if let Some(total) = mem.and_then(|m| m["total"].as_u64()) {
+        // computed from the tensor lists, the same at any size of run
+        out.push(json!({
+            "target": "Vicuna-7B q4 with a 2048-token KV cache, GB of GPU memory",
+            "measured": total as f64 / 1e9, "at_most": MEMORY_TARGET_BYTES as f64 / 1e9,
+            "met": total <= MEMORY_TARGET_BYTES,
+            "detail": format!("weights {:.2} GB, KV cache {:.2} GB",
+                mem.and_then(|m| m["weights"].as_u64()).unwrap_or(0) as f64 / 1e9,
+                mem.and_then(|m| m["kv_cache"].as_u64()).unwrap_or(0) as f64 / 1e9),
+        }));
+    }
+    Value::from(out)
+}
+
+/// The targets' lines of the human report.
+fn target_lines(t: &Value) -> String {
+    let items = t.as_array().map(Vec::as_slice).unwrap_or_default();
+    if items.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("\ntargets, each judged from this run:\n");
+    for e in items {
+        let bound = match (e["at_least"].as_f64(), e["at_most"].as_f64()) {
+            (Some(b), _) => format!("≥ {b}"),
+            (_, Some(b)) => format!("≤ {b}"),
+            _ => String::new(),
+        };
+        let verdict = match e["met"].as_bool() {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "not judged (tiny shapes)",
+        };
+        s += &format!(
+            "  {}: {:.1} (target {bound}): {verdict}; {}\n",
+            e["target"].as_str().unwrap_or(""),
+            e["measured"].as_f64().unwrap_or(0.0),
+            e["detail"].as_str().unwrap_or(""),
+        );
+    }
+    s
 }
 
 /// A block GEMV lane value as printed: the subgroup form (lanes 0) as "subgroups", the bits
@@ -1645,6 +1747,7 @@ pub fn human(r: &Value) -> String {
             s += "\n";
         }
     }
+    s += &target_lines(&r["targets"]);
     s
 }
 
@@ -1672,5 +1775,61 @@ mod tests {
         a.tiny = true;
         assert_eq!(decode_contexts(&a, 2048), (16, 48));
         assert_eq!(decode_contexts(&a, 40), (16, 34));
+    }
+
+    fn gemv_row(dtype: &str, n: usize, pc: f64) -> Value {
+        json!({"dtype": dtype, "n": n, "k": 4096, "percent_of_copy": pc})
+    }
+
+    #[test]
+    fn targets_judge_the_worst_q4_shape_the_llm_decode_and_the_7b_memory() {
+        let mut r = json!({
+            "tiny": false,
+            "gemv": [gemv_row("q4", 4096, 85.0), gemv_row("q4", 11008, 79.5),
+                     gemv_row("q8", 4096, 10.0), gemv_row("q4", 32001, 92.0)],
+            "llm_decode": {"model": "m.gguf", "percent_of_prediction": 81.0,
+                           "decode_tok_per_s_ctx_short": 40.5, "ctx_short": 128,
+                           "predicted_tok_per_s": 50.0},
+            "llm_memory": [
+                {"model": "vicuna0-7b", "llm_quant": "q4", "total": 5_120_000_000u64,
+                 "weights": 4_050_000_000u64, "kv_cache": 1_070_000_000u64},
+                {"model": "vicuna0-13b", "llm_quant": "q4", "total": 9_320_000_000u64},
+            ],
+        });
+        let t = targets(&r);
+        let t = t.as_array().unwrap();
+        assert_eq!(t.len(), 3);
+        // the worst q4 shape decides (the q8 row is another format)
+        assert_eq!(t[0]["measured"], 79.5);
+        assert_eq!(t[0]["met"], false);
+        assert!(t[0]["detail"].as_str().unwrap().contains("11008×4096"));
+        assert!(t[0]["detail"].as_str().unwrap().contains("best 92.0 %"));
+        assert_eq!(t[1]["met"], true);
+        assert_eq!(t[2]["met"], true);
+        assert_eq!(t[2]["measured"], 5.12);
+        let lines = target_lines(&json!(t));
+        assert!(lines.contains("79.5 (target ≥ 80): NOT met"), "{lines}");
+        assert!(lines.contains("5.1 (target ≤ 6): met"), "{lines}");
+
+        r["gemv"] = json!([gemv_row("q4", 4096, 80.0)]);
+        r["llm_decode"]["percent_of_prediction"] = json!(79.9);
+        r["llm_memory"][0]["total"] = json!(6_000_000_001u64);
+        let t = targets(&r);
+        assert_eq!(t[0]["met"], true);
+        assert_eq!(t[1]["met"], false);
+        assert_eq!(t[2]["met"], false);
+
+        // a tiny run's shapes are not judged; the memory (computed) still is
+        r["tiny"] = json!(true);
+        let t = targets(&r);
+        assert_eq!(t[0]["met"], Value::Null);
+        assert_eq!(t[1]["met"], Value::Null);
+        assert_eq!(t[2]["met"], false);
+        assert!(target_lines(&t).contains("not judged (tiny shapes)"));
+
+        // figures the run did not take leave their targets out
+        let t = targets(&json!({"tiny": false}));
+        assert_eq!(t, json!([]));
+        assert_eq!(target_lines(&t), "");
     }
 }

@@ -782,6 +782,21 @@ fn bench_tiny_reports_every_part() {
     // the 6 GB check of the issue: Vicuna-7B q4 with a 2k cache
     assert_eq!(r["llm_memory"][0]["model"], "vicuna0-7b");
     assert!(r["llm_memory"][0]["total"].as_f64().unwrap() < 6e9);
+    // the targets the run has figures for, in order; a tiny run's shapes are not judged, the
+    // memory (computed from the tensor lists) is
+    let t = r["targets"].as_array().unwrap();
+    let judged: Vec<&serde_json::Value> = t.iter().map(|e| &e["met"]).collect();
+    assert_eq!(
+        judged,
+        [
+            &serde_json::Value::Null,
+            &serde_json::Value::Null,
+            &serde_json::json!(true)
+        ],
+        "{t:?}"
+    );
+    assert!(t.iter().all(|e| pos(&e["measured"])), "{t:?}");
+    assert_eq!(t[1]["measured"], l["percent_of_prediction"], "{t:?}");
     // each GEMV against copy runs timed next to its own: the median ratio within its spread
     assert!(gemv.iter().all(|g| pos(&g["gb_per_s"])
         && pos(&g["copy_gb_per_s"])

@@ -135,6 +135,9 @@ if e:
           f"prefill {e['prefill_tok_per_s']:.0f} tok/s, decode {e['decode_tok_per_s_ctx_short']:.1f} tok/s at "
           f"{e['ctx_short']} and {e['decode_tok_per_s_ctx_long']:.1f} at {e['ctx_long']}, first token "
           f"{e['time_to_first_token_s']:.3f} s, GPU memory {e['gpu_memory_bytes']['total'] / 1e9:.2f} GB")
+for t in r.get("targets", []):
+    met = {True: "met", False: "NOT met", None: "not judged"}[t["met"]]
+    print(f"target: {t['target']}: {t['measured']:.1f}: {met}; {t['detail']}")
 EOF
 [ "$mode" = --tiny ] || layers=(--layers 4)
 MINIGPT4_PROFILE=1 step profile 60 "$bin/minigpt4" bench --runs 1 --synthetic vicuna0-7b "${layers[@]}" --parts e2e,decode
